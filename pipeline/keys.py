@@ -1,0 +1,62 @@
+"""Cache keys: explicit SHA-256 hashes of everything that changes a stage's output.
+
+Never a path string, never a Prefect run id. Bump a ``*_CODE_VERSION`` whenever our own code for that
+stage changes what it produces, so old artifacts stop matching.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import lru_cache
+from importlib import metadata
+from typing import Any
+
+IMPORT_CODE_VERSION = "1"
+BUILD_CODE_VERSION = "1"
+EXPORT_CODE_VERSION = "1"
+
+
+@lru_cache(maxsize=None)
+def tvm_version() -> str:
+    """The installed TVM and TVM-FFI versions (read from package metadata: no ``import tvm``)."""
+    versions = []
+    for dist in ("apache-tvm", "apache-tvm-ffi"):
+        try:
+            versions.append(f"{dist}=={metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{dist} missing")
+    return ";".join(versions)
+
+
+def digest_json(obj: Any) -> str:
+    """SHA-256 hex of the canonical JSON of ``obj`` (sorted keys, no whitespace)."""
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def import_inputs(model_digest: str) -> dict[str, Any]:
+    """What determines the imported Relax module."""
+    return {"stage": "import-model", "model": model_digest, "tvm": tvm_version(), "code": IMPORT_CODE_VERSION}
+
+
+def build_inputs(model_digest: str, target: str, opt_level: int) -> dict[str, Any]:
+    """What determines a compiled build: model content, canonical target, opt_level, TVM and our code."""
+    return {
+        "stage": "build",
+        "model": model_digest,
+        "target": target,
+        "opt_level": int(opt_level),
+        "tvm": tvm_version(),
+        "code": f"import={IMPORT_CODE_VERSION},build={BUILD_CODE_VERSION}",
+    }
+
+
+def export_inputs(build_key: str, toolchain: str) -> dict[str, Any]:
+    """What determines the linked library: the build and the linker that links it."""
+    return {"stage": "export-library", "build": build_key, "toolchain": toolchain, "code": EXPORT_CODE_VERSION}
+
+
+def key_of(inputs: dict[str, Any]) -> str:
+    """The artifact key of a stage's inputs."""
+    return digest_json(inputs)

@@ -1,0 +1,323 @@
+"""A content-addressed artifact store: ``<root>/<key[:2]>/<key[2:]>/`` holds files and a ``manifest.json``.
+
+The key is a 64-hex SHA-256 of everything that determines the artifact (see :mod:`pipeline.keys`). The
+manifest records what produced the artifact and the SHA-256 and size of every file in it. An artifact is
+only returned by :meth:`ArtifactStore.get` if its manifest parses and every file still has its recorded
+digest; otherwise it is treated as absent (and rebuilt by the caller).
+
+Writes are atomic: :meth:`ArtifactStore.put` fills a temporary directory under ``<root>/.tmp`` and renames
+it into place, so a crash or a kill never leaves a partial artifact at a key's path. :meth:`ArtifactStore.lock`
+is an inter-process lock per key (``fcntl.flock``), so concurrent runs build a key once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from pipeline.errors import StoreError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+ENV_VAR = "TVMRP_ARTIFACTS"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_ROOT = REPO_ROOT / "artifacts"
+
+_KEY_RE = re.compile(r"^[0-9a-f]{64}$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_CHUNK = 1 << 20
+
+
+def check_key(key: str) -> str:
+    """Return ``key`` if it is 64 lower-case hex digits, else raise :class:`StoreError` (no path tricks)."""
+    if not isinstance(key, str) or not _KEY_RE.match(key):
+        raise StoreError(f"invalid artifact key {key!r}: expected 64 hex digits")
+    return key
+
+
+def file_digest(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def default_root() -> Path:
+    """The store root: ``$TVMRP_ARTIFACTS`` if set, else ``artifacts/`` at the repository root."""
+    env = os.environ.get(ENV_VAR)
+    return Path(env).expanduser().resolve() if env else DEFAULT_ROOT
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One file of an artifact."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A small reference to a verified artifact: what tasks pass to each other.
+
+    Attributes:
+        key: the content key (64 hex).
+        kind: what it holds, e.g. ``"relax-ir"``, ``"build"``, ``"library"``.
+        files: the artifact's files with their digests, sorted by name.
+        inputs: what produced it (copied from the manifest).
+    """
+
+    key: str
+    kind: str
+    files: tuple[FileEntry, ...]
+    inputs: dict[str, Any]
+
+    def digest_of(self, name: str) -> str:
+        """The recorded SHA-256 of file ``name``."""
+        for entry in self.files:
+            if entry.name == name:
+                return entry.sha256
+        raise KeyError(name)
+
+    @property
+    def size(self) -> int:
+        """Total bytes of the artifact's files."""
+        return sum(f.size for f in self.files)
+
+
+def _store_error(action: str, root: Path, exc: OSError) -> StoreError:
+    hint = {
+        errno.ENOSPC: "the disk is full: free space",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
+        errno.EDQUOT: "the disk quota is exceeded: free space",
+    }.get(exc.errno or 0, exc.strerror or str(exc))
+    return StoreError(
+        f"cannot {action} in the artifact store {root} ({hint}). "
+        f"Fix that, or choose another store with --artifacts DIR or {ENV_VAR}=DIR"
+    )
+
+
+class ArtifactStore:
+    """A directory of content-addressed artifacts. Safe for concurrent use by several processes."""
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).expanduser().resolve() if root else default_root()
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({str(self.root)!r})"
+
+    def path(self, key: str) -> Path:
+        """The directory of ``key`` (which may not exist)."""
+        check_key(key)
+        return self.root / key[:2] / key[2:]
+
+    def file(self, artifact: Artifact, name: str) -> Path:
+        """The path of file ``name`` of ``artifact``."""
+        if name not in {f.name for f in artifact.files}:
+            raise KeyError(f"{name} is not a file of artifact {artifact.key}")
+        return self.path(artifact.key) / name
+
+    @property
+    def prefect_dir(self) -> Path:
+        """Where Prefect keeps its cache records for this store (so they move with the artifacts)."""
+        return self.root / ".prefect"
+
+    # -- reading -------------------------------------------------------------------------------------
+
+    def check(self, key: str) -> tuple[Artifact | None, str]:
+        """Verify the artifact at ``key``.
+
+        Returns:
+            ``(artifact, "ok")`` when the manifest parses and every file matches its digest, else
+            ``(None, reason)`` with a short reason ("missing", "corrupt: ...").
+        """
+        directory = self.path(key)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            return None, "missing"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("version") != MANIFEST_VERSION or manifest.get("key") != key:
+                return None, "corrupt: manifest does not belong to this key"
+            entries = tuple(
+                FileEntry(str(name), str(meta["sha256"]), int(meta["size"]))
+                for name, meta in sorted(manifest["files"].items())
+            )
+            kind = str(manifest["kind"])
+            inputs = dict(manifest.get("inputs", {}))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            return None, f"corrupt: unreadable manifest ({exc})"
+        if not entries:
+            return None, "corrupt: manifest lists no files"
+        for entry in entries:
+            if not _NAME_RE.match(entry.name) or entry.name == MANIFEST:
+                return None, f"corrupt: bad file name {entry.name!r} in manifest"
+            path = directory / entry.name
+            try:
+                if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:
+                    return None, f"corrupt: {entry.name} is missing or has the wrong size"
+                if file_digest(path) != entry.sha256:
+                    return None, f"corrupt: {entry.name} does not match its digest"
+            except OSError as exc:
+                return None, f"corrupt: cannot read {entry.name} ({exc.strerror})"
+        return Artifact(key=key, kind=kind, files=entries, inputs=inputs), "ok"
+
+    def get(self, key: str) -> Artifact | None:
+        """The verified artifact at ``key``, or None if it is missing or fails verification."""
+        artifact, reason = self.check(key)
+        if artifact is None and reason != "missing":
+            log.warning("artifact %s is %s; it will be rebuilt", key, reason)
+        return artifact
+
+    # -- writing -------------------------------------------------------------------------------------
+
+    def put(
+        self,
+        key: str,
+        kind: str,
+        produce: Callable[[Path], None],
+        inputs: dict[str, Any] | None = None,
+    ) -> Artifact:
+        """Create the artifact ``key`` atomically.
+
+        Args:
+            key: the content key.
+            kind: what the artifact holds.
+            produce: writes the artifact's files (flat, regular files) into the directory it is given.
+            inputs: what produced the artifact, recorded in the manifest (JSON-serialisable).
+
+        Returns:
+            The verified artifact.
+
+        Raises:
+            StoreError: the store cannot be written (read-only, disk full...); the store is left unchanged.
+            Whatever ``produce`` raises, after removing the temporary directory.
+        """
+        final = self.path(key)
+        tmp_root = self.root / ".tmp"
+        try:
+            tmp_root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(os.path.join(tmp_root, f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"))
+            tmp.mkdir()
+        except OSError as exc:
+            raise _store_error("write", self.root, exc) from None
+        try:
+            produce(tmp)
+            files = {}
+            for path in sorted(tmp.iterdir()):
+                if not path.is_file() or path.is_symlink() or not _NAME_RE.match(path.name) or path.name == MANIFEST:
+                    raise StoreError(f"artifact {key}: {path.name!r} is not a plain file with a safe name")
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+                files[path.name] = {"sha256": file_digest(path), "size": path.stat().st_size}
+            manifest = {
+                "version": MANIFEST_VERSION,
+                "key": key,
+                "kind": kind,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "files": files,
+                "inputs": inputs or {},
+            }
+            with open(tmp / MANIFEST, "w") as f:
+                json.dump(manifest, f, indent=2, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            final.parent.mkdir(parents=True, exist_ok=True)
+            if final.exists():
+                existing, _ = self.check(key)
+                if existing is not None:
+                    return existing
+                self._discard_dir(final)
+            try:
+                os.rename(tmp, final)
+            except OSError as exc:
+                # Another process put the same key between our check and the rename: its copy wins.
+                existing, _ = self.check(key) if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) else (None, "")
+                if existing is None:
+                    raise
+                return existing
+            _fsync_dir(final.parent)
+        except OSError as exc:
+            raise _store_error("write", self.root, exc) from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        artifact, reason = self.check(key)
+        if artifact is None:
+            raise StoreError(f"artifact {key} failed verification right after it was written ({reason})")
+        return artifact
+
+    def discard(self, key: str) -> None:
+        """Remove the artifact at ``key`` if present (moved aside first, so readers never see half of it)."""
+        path = self.path(key)
+        if path.exists():
+            self._discard_dir(path)
+
+    def _discard_dir(self, path: Path) -> None:
+        trash = self.root / ".trash"
+        trash.mkdir(parents=True, exist_ok=True)
+        aside = trash / f"{path.parent.name}{path.name}.{uuid.uuid4().hex[:8]}"
+        os.rename(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+
+    @contextlib.contextmanager
+    def lock(self, key: str, timeout: float = 3600.0, poll: float = 0.2) -> Iterator[None]:
+        """Hold an exclusive inter-process lock on ``key`` (``fcntl.flock``, released if the holder dies).
+
+        Raises:
+            StoreError: the lock could not be taken within ``timeout`` seconds, or the store is unwritable.
+        """
+        check_key(key)
+        try:
+            lock_dir = self.root / ".locks"
+            lock_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise _store_error("take a lock", self.root, exc) from None
+        try:
+            deadline = time.monotonic() + timeout
+            logged = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StoreError(
+                            f"another run has held the lock on artifact {key} for more than {timeout:.0f} s; "
+                            f"if no other run is building it, remove {lock_dir / (key + '.lock')}"
+                        ) from None
+                    if not logged:
+                        log.info("waiting for another run that is building artifact %s", key[:12])
+                        logged = True
+                    time.sleep(poll)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the flock
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

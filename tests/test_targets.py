@@ -1,0 +1,97 @@
+"""Target parsing: what users type -> a TVM 0.27 Target and its canonical string."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from pipeline.errors import ExportError, TargetError
+from pipeline.targets import check_opt_level, host_arch, parse_target, target_dict, toolchain_for
+
+
+def test_target_dict__cli_forms():
+    assert target_dict("llvm") == {"kind": "llvm"}
+    assert target_dict("llvm -mtriple=aarch64-linux-gnu -mattr=+neon") == {
+        "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
+    assert target_dict("llvm -target=x86_64-pc-linux-gnu") == {"kind": "llvm", "mtriple": "x86_64-pc-linux-gnu"}
+    assert target_dict("llvm -mattr=+avx2,+fma -num-cores=2") == {"kind": "llvm", "mattr": ["+avx2", "+fma"], "num-cores": 2}
+
+
+def test_parse_target__seed_string():
+    info = parse_target("llvm -target=x86_64-pc-linux-gnu")
+    assert json.loads(info.canonical)["mtriple"] == "x86_64-pc-linux-gnu"
+    assert info.arch == "x86_64" and info.kind == "llvm"
+
+
+def test_parse_target__aarch64_cli_and_json_agree():
+    cli = parse_target("llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
+    js = parse_target('{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}')
+    assert cli == js
+    assert cli.arch == "aarch64" and cli.triple == "aarch64-linux-gnu"
+    assert cli.tvm_target().kind.name == "llvm"
+
+
+def test_parse_target__plain_llvm_gets_tvm_default_triple():
+    info = parse_target("llvm")
+    assert info.arch == host_arch()
+    assert info.triple
+
+
+def test_parse_target__native_cpu_becomes_host_cpu():
+    import tvm
+
+    info = parse_target("llvm -mcpu=native")
+    assert json.loads(info.canonical)["mcpu"] == tvm.target.codegen.llvm_get_system_cpu()
+
+
+def test_parse_target__canonical_is_stable_and_distinguishes_targets():
+    assert parse_target("llvm").canonical == parse_target('{"kind": "llvm"}').canonical
+    assert parse_target("llvm").canonical != parse_target("llvm -mtriple=aarch64-linux-gnu").canonical
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("", "empty"),
+        ("llvm mtriple", "options are -key=value"),
+        ("llvm -bogus=1", "Unknown config option"),
+        ("notakind", "cannot use target"),
+        ("{bad json", "JSON is invalid"),
+        ('{"mtriple": "x"}', "kind"),
+        ("llvm -mcpu=not-a-cpu", "does not know the CPU"),
+        ("c", "not supported"),
+    ],
+)
+def test_parse_target__invalid_is_target_error_with_examples(text, match):
+    with pytest.raises(TargetError, match=match):
+        parse_target(text)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2, 3])
+def test_check_opt_level__valid(level):
+    assert check_opt_level(level) == level
+
+
+@pytest.mark.parametrize("level", [-1, 4, True, "3"])
+def test_check_opt_level__invalid_lists_choices(level):
+    with pytest.raises(TargetError, match="0, 1, 2, 3"):
+        check_opt_level(level)
+
+
+def test_toolchain_for__host_and_cross():
+    host = toolchain_for(parse_target("llvm"))
+    assert not host.cross and host.compiler == "g++" and "g++" in host.identity
+    aarch64 = parse_target("llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
+    if shutil.which("aarch64-linux-gnu-gcc"):
+        tc = toolchain_for(aarch64)
+        assert tc.cross and tc.compiler == "aarch64-linux-gnu-gcc"
+    else:  # pragma: no cover - scripts/setup --dev installs it
+        with pytest.raises(ExportError, match="gcc-aarch64-linux-gnu"):
+            toolchain_for(aarch64)
+
+
+def test_toolchain_for__missing_cross_compiler_names_package():
+    with pytest.raises(ExportError, match="apt-get install gcc-riscv64-linux-gnu"):
+        toolchain_for(parse_target("llvm -mtriple=riscv64-linux-gnu"))
