@@ -1,0 +1,352 @@
+"""Tests of pipeline.device: spec validation (unit) and real rpc_server / rpc_tracker processes on 127.0.0.1.
+
+Every server runs in its own process group; tests check that stopping one leaves no process of it. An
+rpc_server serves one session at a time, so every test closes its sessions before the next one opens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline import device
+from pipeline.device import (
+    DeviceSpec,
+    EmbeddedServer,
+    RemoteSession,
+    TrackerProcess,
+    device_triple,
+    open_session,
+    start_tracker,
+)
+from pipeline.errors import DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax  # noqa: E402
+from tvm.script import ir as I  # noqa: E402
+from tvm.script import relax as R  # noqa: E402
+
+KEY = "test-device"
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+@I.ir_module
+class TinyModule:
+    @R.function
+    def main(x: R.Tensor((2, 3), "float32"), w: R.Tensor((3, 4), "float32")) -> R.Tensor((2, 4), "float32"):
+        with R.dataflow():
+            y = R.matmul(x, w)
+            z = R.nn.relu(y)
+            R.output(z)
+        return z
+
+
+@pytest.fixture(scope="module")
+def tiny_lib(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[np.ndarray], np.ndarray]:
+    """The tiny module built for llvm and exported as a .so, its inputs, and its output run locally."""
+    executable = tvm.compile(TinyModule, tvm.target.Target({"kind": "llvm"}))
+    path = tmp_path_factory.mktemp("lib") / "tiny.so"
+    executable.export_library(str(path))
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((2, 3)).astype("float32"), rng.standard_normal((3, 4)).astype("float32")]
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    expected = vm["main"](*(tvm.runtime.tensor(a, tvm.cpu()) for a in inputs)).numpy()
+    return path, inputs, expected
+
+
+def run_remote(session: RemoteSession, lib: Path, inputs: list[np.ndarray]) -> np.ndarray:
+    """Uploads, loads and runs the library on the session's device; every remote object dies on return."""
+    name = session.upload(lib)
+    rlib = session.call("load", session.remote.load_module, name)
+    dev = session.device()
+    vm = session.call("load", relax.VirtualMachine, rlib, dev)
+    tensors = [session.call("set_input", tvm.runtime.tensor, a, dev) for a in inputs]
+    session.call("set_input", vm.set_input, "main", *tensors)
+    session.call("run", vm.invoke_stateful, "main")
+    return session.call("get_outputs", lambda: vm.get_outputs("main").numpy())
+
+
+def assert_group_gone(pgid: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"process group {pgid} still has processes {within} s after stop()")
+
+
+def unused_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Stack:
+    server: EmbeddedServer
+    tracker: TrackerProcess
+    registered: EmbeddedServer
+    victim: EmbeddedServer
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    """The servers of this module, started together so that their start-ups (~4 s each) overlap.
+
+    ``server`` takes direct connections; ``registered`` is registered with ``tracker`` under KEY (started
+    once the tracker is ready: a server that cannot reach its tracker gives up after 60 s); ``victim`` is
+    for the SIGSTOP test. Tests wait for what they use. Stopping them must leave no process of their groups.
+    """
+    tracker = start_tracker()
+    server = EmbeddedServer()
+    victim = EmbeddedServer()
+    registered = None
+    try:
+        server.start()
+        victim.start()
+        tracker.wait_ready()
+        registered = EmbeddedServer(tracker=tracker.spec_address, key=KEY)
+        registered.start()
+        yield Stack(server, tracker, registered, victim)
+    finally:
+        processes = [process for process in (victim, registered, server, tracker) if process is not None]
+        groups = [process.pgid for process in processes if process.pgid is not None]
+        for process in processes:
+            process.stop()
+        for pgid in groups:
+            assert_group_gone(pgid)
+
+
+@pytest.fixture()
+def server(stack: Stack) -> EmbeddedServer:
+    stack.server.wait_ready()
+    return stack.server
+
+
+@pytest.fixture()
+def tracked(stack: Stack) -> tuple[TrackerProcess, EmbeddedServer]:
+    """A tracker and a server registered with it under KEY."""
+    stack.registered.wait_ready()
+    return stack.tracker, stack.registered
+
+
+# ------------------------------------------------------------------------------------ DeviceSpec
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (DeviceSpec(host="10.0.0.2"), "needs --port"),
+        (DeviceSpec(host=" ", port=9090), "--host is empty"),
+        (DeviceSpec(port=9090), "needs --host"),
+        (DeviceSpec(host="10.0.0.2", port=70000), "1 to 65535"),
+        (DeviceSpec(tracker="10.0.0.2", key="k"), "not HOST:PORT"),
+        (DeviceSpec(tracker="10.0.0.2:port", key="k"), "not HOST:PORT"),
+        (DeviceSpec(tracker=":9190", key="k"), "not HOST:PORT"),
+        (DeviceSpec(tracker="10.0.0.2:9190"), "needs --key"),
+        (DeviceSpec(key="k"), "needs --tracker"),
+        (DeviceSpec(host="10.0.0.2", port=9090, tracker="10.0.0.2:9190", key="k"), "not both"),
+        (DeviceSpec(call_timeout=0), "call_timeout"),
+        (DeviceSpec(connect_timeout=-1), "connect_timeout"),
+        (DeviceSpec(request_timeout=math.nan), "request_timeout"),
+        (DeviceSpec(call_timeout=math.inf), "call_timeout"),
+        (DeviceSpec(session_timeout=-1), "session_timeout"),
+        (DeviceSpec(connect_timeout="10"), "connect_timeout"),  # type: ignore[arg-type]
+    ],
+)
+def test_validate__bad_spec(spec: DeviceSpec, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        spec.validate()
+
+
+@pytest.mark.parametrize(
+    ("spec", "kind", "description"),
+    [
+        (DeviceSpec(), "local", "embedded rpc_server"),
+        (DeviceSpec(host="127.0.0.1", port=9090), "host", "127.0.0.1:9090"),
+        (DeviceSpec(tracker="127.0.0.1:9190", key="xyz"), "tracker", "tracker 127.0.0.1:9190 key=xyz"),
+        (DeviceSpec(tracker="[::1]:9190", key="xyz", session_timeout=0), "tracker", "tracker [::1]:9190 key=xyz"),
+    ],
+)
+def test_validate__good_spec(spec: DeviceSpec, kind: str, description: str) -> None:
+    spec.validate()
+    assert spec.kind == kind
+    assert spec.describe() == description
+
+
+def test_tracker_address__ipv6_brackets() -> None:
+    assert DeviceSpec(tracker="[::1]:9190", key="k").tracker_address == ("::1", 9190)
+
+
+def test_embedded_server__tracker_needs_key() -> None:
+    with pytest.raises(UsageError):
+        EmbeddedServer(tracker="127.0.0.1:9190")
+
+
+def test_open_session__local_without_server() -> None:
+    with pytest.raises(UsageError, match="No device given"):
+        open_session(DeviceSpec())
+
+
+# ------------------------------------------------------------------------------- server processes
+
+
+def test_embedded_server__dead_child_reports_log(tmp_path: Path) -> None:
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'boom: no tvm here' >&2\nexit 3\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    dead = EmbeddedServer(python=fake)
+    with pytest.raises(DeviceUnavailable, match=r"(?s)exited with code 3.*boom: no tvm here"):
+        dead.wait_ready(timeout=10)
+    log_path = dead.log_path
+    dead.stop()
+    assert log_path is not None and "boom" in log_path.read_text()  # kept: the message names it
+    log_path.unlink()
+
+
+def test_embedded_server__lifecycle_retries_taken_port(
+    monkeypatch: pytest.MonkeyPatch, tiny_lib: tuple[Path, list[np.ndarray], np.ndarray]
+) -> None:
+    """A taken port is retried; a session works; stop() ends the whole group, twice without harm."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        ports = iter([taken.getsockname()[1]])
+        real_free_port = device._free_port
+        monkeypatch.setattr(device, "_free_port", lambda host: next(ports, None) or real_free_port(host))
+        embedded = EmbeddedServer()
+        try:
+            started = time.monotonic()
+            embedded.start()
+            host, port = embedded.wait_ready(timeout=60)
+            print(f"rpc_server ready after {time.monotonic() - started:.1f} s (with one port retry)")
+            assert port != taken.getsockname()[1]
+            assert embedded.alive()
+            lib, inputs, expected = tiny_lib
+            with open_session(DeviceSpec(), embedded) as session:
+                assert session.description == f"embedded {host}:{port}"
+                np.testing.assert_allclose(run_remote(session, lib, inputs), expected, rtol=1e-5, atol=1e-6)
+            pgid = embedded.pgid
+            assert pgid is not None
+        finally:
+            embedded.stop()
+    assert_group_gone(pgid)
+    assert not embedded.alive()
+    embedded.stop()
+
+
+# --------------------------------------------------------------------------------------- sessions
+
+
+def test_open_session__host_runs_and_reports_triple(
+    server: EmbeddedServer, tiny_lib: tuple[Path, list[np.ndarray], np.ndarray]
+) -> None:
+    host, port = server.address
+    lib, inputs, expected = tiny_lib
+    with open_session(DeviceSpec(host=host, port=port)) as session:
+        assert session.description == f"{host}:{port}"
+        assert device_triple(session) == tvm.get_global_func("target.llvm_get_system_triple")()
+        np.testing.assert_allclose(run_remote(session, lib, inputs), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_call__remote_error_is_remote_run_error(server: EmbeddedServer) -> None:
+    host, port = server.address
+    with open_session(DeviceSpec(host=host, port=port)) as session:
+        with pytest.raises(RemoteRunError, match=rf"load on {host}:{port} failed: cannot find file .*missing\.so"):
+            session.call("load", session.remote.load_module, "missing.so")
+        with pytest.raises(UsageError):
+            session.upload(__file__, "../escape.so")
+    with pytest.raises(DeviceUnavailable, match="closed"):
+        session.call("load", lambda: None)
+
+
+def test_open_session__nothing_listening() -> None:
+    port = unused_port()
+    started = time.monotonic()
+    with pytest.raises(DeviceUnavailable, match=f"127.0.0.1:{port}"):
+        open_session(DeviceSpec(host="127.0.0.1", port=port))
+    assert time.monotonic() - started < 10
+
+
+def test_open_session__tracker_hands_out_registered_server(
+    tracked: tuple[TrackerProcess, EmbeddedServer], tiny_lib: tuple[Path, list[np.ndarray], np.ndarray]
+) -> None:
+    tracker, _ = tracked
+    lib, inputs, expected = tiny_lib
+    spec = DeviceSpec(tracker=tracker.spec_address, key=KEY, request_timeout=10)
+    assert device._tracker_summary(*tracker.address, timeout=5)["server_info"][0]["key"] == f"server:{KEY}"
+    with open_session(spec) as session:
+        assert session.description == f"tracker {tracker.spec_address} key={KEY}"
+        np.testing.assert_allclose(run_remote(session, lib, inputs), expected, rtol=1e-5, atol=1e-6)
+    # close() must free the one-session server although TVM leaks the get_outputs tensor (and its session).
+    with open_session(spec) as session:
+        assert device_triple(session)
+
+
+def test_open_session__tracker_unknown_key_lists_keys(tracked: tuple[TrackerProcess, EmbeddedServer]) -> None:
+    tracker, _ = tracked
+    spec = DeviceSpec(tracker=tracker.spec_address, key="no-such-device", request_timeout=3)
+    started = time.monotonic()
+    with pytest.raises(DeviceUnavailable) as caught:
+        open_session(spec)
+    elapsed = time.monotonic() - started
+    print(f"unknown key refused after {elapsed:.1f} s: {caught.value}")
+    assert 3 <= elapsed < 8
+    assert "'no-such-device'" in str(caught.value)
+    assert KEY in str(caught.value)
+
+
+def test_open_session__tracker_not_listening() -> None:
+    port = unused_port()
+    started = time.monotonic()
+    with pytest.raises(DeviceUnavailable, match=f"tracker 127.0.0.1:{port} is not reachable"):
+        open_session(DeviceSpec(tracker=f"127.0.0.1:{port}", key=KEY))
+    assert time.monotonic() - started < 10
+
+
+def test_call__stopped_server_times_out(stack: Stack) -> None:
+    """A call blocked inside TVM against a SIGSTOPped server ends at its timeout (TVM releases the GIL)."""
+    stopped = stack.victim
+    host, port = stopped.wait_ready()
+    pgid = stopped.pgid
+    assert pgid is not None
+    try:
+        session = open_session(DeviceSpec(call_timeout=3, connect_timeout=1), stopped)
+        os.killpg(pgid, signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            expected = rf"device_triple on embedded {host}:{port} did not answer within 3 s"
+            with pytest.raises(DeviceTimeout, match=expected):
+                device_triple(session)
+            elapsed = time.monotonic() - started
+            print(f"DeviceTimeout after {elapsed:.2f} s")
+            assert 3 <= elapsed < 4.5
+            assert session.broken
+            with pytest.raises(DeviceUnavailable, match="was not tried"):
+                device_triple(session)
+            started = time.monotonic()
+            with pytest.raises(DeviceUnavailable, match="no RPC handshake within 1 s"):
+                open_session(DeviceSpec(host=host, port=port, connect_timeout=1))
+            assert time.monotonic() - started < 2.5
+        finally:
+            os.killpg(pgid, signal.SIGCONT)
+        started = time.monotonic()
+        session.close()
+        assert time.monotonic() - started < 4
+    finally:
+        stopped.stop()
+    assert_group_gone(pgid)
