@@ -1,0 +1,261 @@
+"""The ``resnet_remote`` flow: compile a model with TVM once, run it on a TVM RPC device every time.
+
+    import-model -> build -> export-library -> upload -> load -> set-input -> run -> postprocess
+
+The first three stages are cached by explicit content keys in the artifact store; the device stages always
+run. Run ``python -m flows.resnet_remote --help`` for the command line; the flow itself is
+``flows/resnet_remote.py:resnet_remote`` for Prefect deployments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import warnings
+from typing import Any, Sequence
+
+from prefect import flow
+
+from pipeline import keys
+from pipeline.device import EmbeddedServer, open_session
+from pipeline.errors import PipelineError, UsageError
+from pipeline.models import MODEL_NAMES
+from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
+from pipeline.store import ENV_VAR, ArtifactStore
+from pipeline.targets import toolchain_for
+from tasks._cache import Built, store_cache_options
+from tasks._sessions import registered
+from tasks.build import build_task
+from tasks.export_library import LIBRARY_FILE, export_library_task
+from tasks.import_model import import_model_task
+from tasks.load import load_task
+from tasks.postprocess import format_report, postprocess_task
+from tasks.run import run_task
+from tasks.set_input import set_input_task
+from tasks.upload import upload_task
+
+log = logging.getLogger("flows.resnet_remote")
+
+STAGES = ("import-model", "build", "export-library", "upload", "load", "set-input", "run", "postprocess")
+
+
+def _cached_stage(stage_task: Any, store: ArtifactStore, key: str, refresh: bool, **params: Any) -> tuple[Built, str]:
+    """Run a cached stage; return its result and ``"cached"`` or ``"ran"``.
+
+    Prefect is asked to refresh its record whenever the store's copy is missing or fails its digest check,
+    so a cached reference to deleted or corrupted files is never returned.
+    """
+    stale = refresh or store.get(key) is None
+    state = stage_task.with_options(**store_cache_options(store, stale))(
+        **params, store_root=str(store.root), key=key, refresh=refresh, return_state=True
+    )
+    built: Built = state.result()  # raises the stage's exception if it failed
+    return built, "cached" if state.name == "Cached" or not built.built else "ran"
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    if p.get("tracker"):
+        device = f"{p.get('key')}@{p['tracker']}"
+    elif p.get("host"):
+        device = f"{p['host']}:{p.get('port')}"
+    else:
+        device = "embedded"
+    return f"{p.get('model', DEFAULT_MODEL)}@{p.get('target', DEFAULT_TARGET)} on {device}"
+
+
+@flow(name="resnet-remote", flow_run_name=_run_name, log_prints=False)
+def resnet_remote(
+    model: str = DEFAULT_MODEL,
+    weights: str = "pretrained",
+    seed: int = 0,
+    target: str = DEFAULT_TARGET,
+    opt_level: int = 3,
+    host: str | None = None,
+    port: int | None = None,
+    tracker: str | None = None,
+    key: str | None = None,
+    connect_timeout: float = 10.0,
+    request_timeout: float = 30.0,
+    call_timeout: float = 300.0,
+    image: str | None = None,
+    number: int = 1,
+    repeat: int = 5,
+    artifacts: str | None = None,
+    refresh: bool = False,
+) -> dict[str, Any]:
+    """Import, compile (cached), export (cached), upload, load, set the input, run and time a model.
+
+    Returns:
+        The run summary (see ``--json`` in the README): model, digests, keys, stages ran/cached, top-5, latency.
+    """
+    req = resolve(RunRequest(**{name: value for name, value in locals().items()}))
+    server = EmbeddedServer() if req.device.kind == "local" else None
+    if server is not None:
+        server.start()  # TVM's import in the server takes seconds: let it start while we compile
+    try:
+        return _pipeline(req, server)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def _pipeline(req: ResolvedRequest, server: EmbeddedServer | None) -> dict[str, Any]:
+    store, model, target = req.store, req.model, req.target
+    stages: dict[str, str] = {}
+
+    import_key = keys.key_of(keys.import_inputs(model.digest))
+    imported, stages["import-model"] = _cached_stage(import_model_task, store, import_key, req.refresh, model=model)
+
+    toolchain = toolchain_for(target)  # fail before compiling if the cross compiler is missing
+    build_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, req.opt_level))
+    built, stages["build"] = _cached_stage(
+        build_task, store, build_key, req.refresh,
+        module=imported.artifact, model_digest=model.digest, target=target, opt_level=req.opt_level,
+    )
+
+    library_key = keys.key_of(keys.export_inputs(build_key, toolchain.identity))
+    library, stages["export-library"] = _cached_stage(
+        export_library_task, store, library_key, req.refresh,
+        build=built.artifact, target=target, toolchain=toolchain,
+    )
+
+    with open_session(req.device, server) as session, registered(session) as ref:
+        uploaded = upload_task(ref, library.artifact, str(store.root), target.arch)
+        load_task(ref)
+        set_input_task(ref, req.input)
+        result = run_task(ref, req.number, req.repeat)
+        stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
+    prediction = postprocess_task(model, result.output, result.latency)
+    stages["postprocess"] = "ran"
+
+    notes = list(model.notes)
+    return {
+        "model": model.name,
+        "model_digest": model.digest,
+        "weights": model.spec.weights if model.kind == "resnet18_v2" else None,
+        "target": target.canonical,
+        "opt_level": req.opt_level,
+        "import_key": import_key,
+        "build_key": build_key,
+        "library_key": library_key,
+        "artifact": str(store.file(library.artifact, LIBRARY_FILE)),
+        "device": ref.description,
+        "image": str(req.image),
+        "stages": {name: stages[name] for name in STAGES},
+        "top5": [entry.as_dict() for entry in prediction.top],
+        "latency_ms": prediction.latency.as_dict(),
+        "timing": {"number": req.number, "repeat": req.repeat},
+        "upload": {"bytes": uploaded.bytes, "seconds": uploaded.seconds, "mb_per_s": uploaded.mb_per_s},
+        "notes": notes,
+    }
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse's default prints usage + "error:"; we print "Error:"
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m flows.resnet_remote``."""
+    p = _Parser(
+        prog="python -m flows.resnet_remote",
+        description="Compile a model with TVM (cached) and run it on a TVM RPC device; print its top-5 and latency.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"one of {', '.join(MODEL_NAMES)}, or a path to an .onnx file, a torch.export .pt2 file, "
+                        f"or MXNet export files (PREFIX-symbol.json with PREFIX-0000.params) (default: %(default)s)")
+    m.add_argument("--weights", default="pretrained",
+                   help="resnet18_v2 only: pretrained (MXNet model store; downloads when online), random (seeded; "
+                        "the labels then mean nothing), or a path to a Gluon .params file (default: %(default)s)")
+    m.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: %(default)s)")
+    b = p.add_argument_group("build")
+    b.add_argument("--target", default=DEFAULT_TARGET,
+                   help='TVM target: "llvm", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", '
+                        '"llvm -target=x86_64-pc-linux-gnu", or JSON \'{"kind": "llvm", "mcpu": "znver4"}\'; '
+                        "-mcpu=native means this host's CPU (default: %(default)s)")
+    b.add_argument("--opt-level", type=int, default=3, choices=range(4), metavar="{0,1,2,3}",
+                   help="TVM PassContext opt_level (default: %(default)s)")
+    b.add_argument("--artifacts", default=None,
+                   help=f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)")
+    b.add_argument("--refresh", action="store_true", help="rebuild import-model, build and export-library")
+    d = p.add_argument_group("device (default: an embedded TVM RPC server on 127.0.0.1, started for the run)")
+    d.add_argument("--host", help="a running TVM RPC server (python -m tvm.exec.rpc_server)")
+    d.add_argument("--port", type=int, help="its port (with --host)")
+    d.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker to request a device from")
+    d.add_argument("--key", help="the device key to request from the tracker")
+    d.add_argument("--connect-timeout", type=float, default=10.0, help="seconds to open a session (default: %(default)s)")
+    d.add_argument("--request-timeout", type=float, default=30.0,
+                   help="seconds to wait for the tracker to hand out a device (default: %(default)s)")
+    d.add_argument("--call-timeout", type=float, default=300.0,
+                   help="seconds any one remote call (upload, load, run...) may take (default: %(default)s)")
+    r = p.add_argument_group("input and output")
+    r.add_argument("--image", help="image to classify (default: the cat photo in data/cat.png)")
+    r.add_argument("--number", type=int, default=1, help="time_evaluator: runs per measurement (default: %(default)s)")
+    r.add_argument("--repeat", type=int, default=5, help="time_evaluator: measurements (default: %(default)s)")
+    r.add_argument("--json", action="store_true", help="print the run summary as one JSON object on the last line")
+    r.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return p
+
+
+class _NoExpectedTracebacks(logging.Filter):
+    """Drop tracebacks of our own errors from console logs: the CLI prints them as ``Error: ...``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_console() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_NoExpectedTracebacks())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage failed)."""
+    verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
+    # No network here or on many devices' hosts: keep Prefect's (ephemeral) server from phoning home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's deprecation chatter
+    try:
+        args = vars(build_parser().parse_args(argv))
+        as_json, verbose = args.pop("json"), args.pop("verbose")
+        resolve(RunRequest(**args))  # fail fast on bad input, before Prefect starts
+        if not verbose:
+            _quiet_console()
+        summary = resnet_remote(**args)
+    except PipelineError as exc:
+        if verbose:
+            logging.getLogger(__name__).exception("run failed")
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+    print(format_report(summary))
+    if as_json:
+        print(json.dumps(summary, sort_keys=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

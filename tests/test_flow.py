@@ -1,0 +1,148 @@
+"""The flow end to end: the CLI in separate processes against a real Prefect server and real RPC devices."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+
+import pytest
+
+from conftest import make_tiny_onnx, run_cli
+from pipeline.device import EmbeddedServer, start_tracker
+from pipeline.store import ArtifactStore
+
+COMPILE = ("import-model", "build", "export-library")
+DEVICE = ("upload", "load", "set-input", "run", "postprocess")
+KEYS = {"model", "model_digest", "target", "opt_level", "build_key", "artifact", "device", "stages", "top5", "latency_ms"}
+
+
+def cli_json(prefect_api, store_root, *args, expect=0):
+    proc = run_cli(*args, "--artifacts", str(store_root), "--json", "--repeat", "2",
+                   env={"PREFECT_API_URL": prefect_api})
+    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if expect == 0 else proc
+
+
+def statuses(summary, names):
+    return {summary["stages"][n] for n in names}
+
+
+def test_flow__second_run_in_new_process_is_cached_but_device_stages_run(prefect_api, store_root, tiny_onnx):
+    first = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
+    assert KEYS <= first.keys()
+    assert list(first["stages"]) == [*COMPILE, *DEVICE]
+    assert statuses(first, COMPILE + DEVICE) == {"ran"}
+    assert len(first["top5"]) == 5 and {"class", "label", "prob"} <= first["top5"][0].keys()
+    assert set(first["latency_ms"]) == {"mean", "median", "min", "max", "std"}
+    assert first["artifact"].startswith(str(store_root)) and first["artifact"].endswith("model.so")
+    assert first["device"].startswith("embedded 127.0.0.1:")
+
+    second = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
+    assert statuses(second, COMPILE) == {"cached"}
+    assert statuses(second, DEVICE) == {"ran"}
+    assert second["build_key"] == first["build_key"] and second["top5"] == first["top5"]
+
+
+def test_flow__what_changes_rebuilds(prefect_api, store_root, tmp_path):
+    model = make_tiny_onnx(tmp_path / "m.onnx", seed=3)
+    base = cli_json(prefect_api, store_root, "--model", str(model))
+
+    opt2 = cli_json(prefect_api, store_root, "--model", str(model), "--opt-level", "2")
+    assert opt2["stages"]["import-model"] == "cached" and opt2["stages"]["build"] == "ran"
+    assert opt2["build_key"] != base["build_key"]
+
+    seed_target = cli_json(prefect_api, store_root, "--model", str(model), "--target", "llvm -target=x86_64-pc-linux-gnu")
+    assert seed_target["stages"]["build"] == "ran" and '"mtriple":"x86_64-pc-linux-gnu"' in seed_target["target"]
+
+    # Same bytes at another path: same model, nothing rebuilt. New bytes at the same path: rebuilt.
+    copy = tmp_path / "copy" / "m.onnx"
+    copy.parent.mkdir()
+    shutil.copy(model, copy)
+    moved = cli_json(prefect_api, store_root, "--model", str(copy))
+    assert statuses(moved, COMPILE) == {"cached"} and moved["model_digest"] == base["model_digest"]
+    make_tiny_onnx(model, seed=4)
+    changed = cli_json(prefect_api, store_root, "--model", str(model))
+    assert statuses(changed, COMPILE) == {"ran"} and changed["model_digest"] != base["model_digest"]
+
+
+def test_flow__deleted_or_corrupted_artifacts_are_rebuilt(prefect_api, store_root, tiny_onnx):
+    first = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
+    store = ArtifactStore(store_root)
+    shutil.rmtree(store.path(first["library_key"]))
+    after_delete = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
+    assert after_delete["stages"]["export-library"] == "ran"
+    assert after_delete["stages"]["build"] == "cached"
+
+    tar = store.path(first["build_key"]) / "build.tar"
+    tar.write_bytes(b"corrupt" + tar.read_bytes()[7:])
+    after_corrupt = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
+    assert after_corrupt["stages"]["build"] == "ran"
+    assert store.get(first["build_key"]) is not None
+
+    refreshed = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--refresh")
+    assert statuses(refreshed, COMPILE) == {"ran"}
+
+    shutil.rmtree(store_root)  # the whole store gone: everything rebuilt
+    fresh = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
+    assert statuses(fresh, COMPILE) == {"ran"}
+
+
+def test_flow__host_port_device(prefect_api, store_root, tiny_onnx):
+    with EmbeddedServer() as server:
+        host, port = server.address
+        summary = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--host", host, "--port", str(port))
+    assert summary["device"] == f"{host}:{port}"
+    assert statuses(summary, DEVICE) == {"ran"}
+
+
+def test_flow__tracker_device(prefect_api, store_root, tiny_onnx):
+    with start_tracker() as tracker:
+        th, tp = tracker.address
+        with EmbeddedServer(tracker=f"{th}:{tp}", key="tiny-x86"):
+            summary = cli_json(prefect_api, store_root, "--model", str(tiny_onnx),
+                               "--tracker", f"{th}:{tp}", "--key", "tiny-x86")
+    assert "tiny-x86" in summary["device"]
+    assert statuses(summary, DEVICE) == {"ran"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["--model", "alexnet"], 2, "efficientnet_lite0"),
+        (["--model", "/nonexistent/model.onnx"], 2, "/nonexistent/model.onnx"),
+        (["--target", "llvm -mcpu"], 2, "-key=value"),
+        (["--target", "cuda"], 2, "llvm"),
+        (["--opt-level", "7"], 2, "0, 1, 2, 3"),
+        (["--image", "/nonexistent/cat.jpg"], 2, "/nonexistent/cat.jpg"),
+        (["--number", "0"], 2, "at least 1"),
+        (["--host", "127.0.0.1"], 2, "--port"),
+        (["--bogus"], 2, "unrecognized arguments"),
+    ],
+)
+def test_cli__bad_usage_exits_2_with_error_line(args, code, message, store_root):
+    proc = run_cli(*args, "--artifacts", str(store_root), timeout=120)
+    assert proc.returncode == code, proc.stderr
+    assert "Error: " in proc.stderr and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli__image_that_is_not_an_image_exits_2(tmp_path, store_root):
+    bad = tmp_path / "notes.png"
+    bad.write_text("not a picture")
+    proc = run_cli("--image", str(bad), "--artifacts", str(store_root), timeout=120)
+    assert proc.returncode == 2 and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_cli__device_not_listening_exits_1_naming_it(prefect_api, store_root, tiny_onnx):
+    port = _free_port()
+    proc = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--host", "127.0.0.1", "--port", str(port),
+                    expect=1)
+    assert f"127.0.0.1:{port}" in proc.stderr and "Error: " in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,143 @@
+"""Each stage's plain function, on a tiny real ONNX model, a real store and a real TVM RPC server."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from pipeline import keys
+from pipeline.device import DeviceSpec, EmbeddedServer, open_session
+from pipeline.errors import ArchMismatch, DeviceError, StoreError
+from pipeline.models import ModelSpec, reference_forward, resolve_model
+from pipeline.store import ArtifactStore
+from pipeline.targets import parse_target, toolchain_for
+from tasks._sessions import registered
+from tasks.build import OBJECTS_FILE, build
+from tasks.export_library import LIBRARY_FILE, export_library
+from tasks.import_model import MODULE_FILE, import_model
+from tasks.load import load
+from tasks.postprocess import postprocess, probabilities
+from tasks.run import Latency, run
+from tasks.set_input import set_input
+from tasks.upload import upload
+
+
+def compile_all(model, store_root, target_text="llvm", opt_level=3):
+    target = parse_target(target_text)
+    toolchain = toolchain_for(target)
+    ik = keys.key_of(keys.import_inputs(model.digest))
+    imported = import_model(model, str(store_root), ik)
+    bk = keys.key_of(keys.build_inputs(model.digest, target.canonical, opt_level))
+    built = build(imported.artifact, model.digest, target, opt_level, str(store_root), bk)
+    lk = keys.key_of(keys.export_inputs(bk, toolchain.identity))
+    library = export_library(built.artifact, target, toolchain, str(store_root), lk)
+    return target, imported, built, library
+
+
+@pytest.fixture(scope="module")
+def server():
+    with EmbeddedServer() as srv:
+        yield srv
+
+
+def test_compile_stages__produce_verified_artifacts_and_reuse_them(tiny_onnx, store_root):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, imported, built, library = compile_all(model, store_root)
+    store = ArtifactStore(store_root)
+    assert imported.built and built.built and library.built
+    assert {f.name for f in imported.artifact.files} == {MODULE_FILE}
+    assert {f.name for f in built.artifact.files} == {OBJECTS_FILE}
+    assert {f.name for f in library.artifact.files} == {LIBRARY_FILE}
+    assert built.artifact.inputs["opt_level"] == 3 and built.artifact.inputs["target"] == target.canonical
+    so = store.file(library.artifact, LIBRARY_FILE)
+    assert so.read_bytes()[:4] == b"\x7fELF"
+    # A second pass finds everything in the store and builds nothing.
+    _, imported2, built2, library2 = compile_all(model, store_root)
+    assert not (imported2.built or built2.built or library2.built)
+    assert library2.artifact == library.artifact
+
+
+def test_build__refresh_rebuilds(tiny_onnx, store_root):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, imported, built, _ = compile_all(model, store_root)
+    again = build(imported.artifact, model.digest, target, 3, str(store_root), built.artifact.key, refresh=True)
+    assert again.built
+
+
+@pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"), reason="scripts/setup --dev installs the cross compiler")
+def test_export_library__cross_compiled_aarch64_elf(tiny_onnx, store_root):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    _, _, built, library = compile_all(model, store_root, "llvm -mtriple=aarch64-linux-gnu -mattr=+neon")
+    so = ArtifactStore(store_root).file(library.artifact, LIBRARY_FILE)
+    header = so.read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and header[4] == 2  # 64-bit
+    assert int.from_bytes(header[18:20], "little") == 183  # e_machine EM_AARCH64
+    host = compile_all(model, store_root, "llvm")[2]
+    assert host.artifact.key != built.artifact.key  # cached separately from the host build
+
+
+def test_device_stages__match_reference_on_real_server(tiny_onnx, store_root, server):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, _, _, library = compile_all(model, store_root)
+    x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
+    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+        up = upload(ref, library.artifact, str(store_root), target.arch)
+        assert up.bytes == library.artifact.size and up.remote_name.endswith(".so")
+        load(ref)
+        assert set_input(ref, x).shape == model.input_shape
+        result = run(ref, number=2, repeat=3)
+    np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
+    lat = result.latency
+    assert 0 < lat.min <= lat.median <= lat.max and lat.min <= lat.mean <= lat.max and lat.std >= 0
+    assert (lat.number, lat.repeat) == (2, 3)
+
+
+def test_upload__refuses_corrupt_library(tiny_onnx, store_root, server):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, _, _, library = compile_all(model, store_root)
+    so = ArtifactStore(store_root).file(library.artifact, LIBRARY_FILE)
+    data = bytearray(so.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    so.write_bytes(bytes(data))
+    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+        with pytest.raises(StoreError, match="not uploaded"):
+            upload(ref, library.artifact, str(store_root), target.arch)
+
+
+def test_upload__refuses_library_for_another_architecture(tiny_onnx, store_root, server):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, _, _, library = compile_all(model, store_root)
+    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+        with pytest.raises(ArchMismatch, match="built for riscv64"):
+            upload(ref, library.artifact, str(store_root), "riscv64")
+
+
+def test_device_stages__out_of_order_is_a_clear_error(server):
+    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+        with pytest.raises(DeviceError, match="run the upload stage first"):
+            load(ref)
+        with pytest.raises(DeviceError, match="run the load stage first"):
+            run(ref)
+
+
+def test_postprocess__top5_from_logits():
+    from pipeline.models import Preprocess, ResolvedModel
+
+    model = ResolvedModel(
+        spec=ModelSpec("x.onnx"), name="x.onnx", kind="onnx", digest="0" * 64, files=(), input_name="data",
+        input_shape=(1, 3, 32, 32), preprocess=Preprocess(), labels="index",
+    )
+    logits = np.array([[0.0, 5.0, 1.0, 3.0, 2.0, 4.0, -1.0]], dtype=np.float32)
+    lat = Latency(1.0, 1.0, 0.5, 1.5, 0.1, 1, 5)
+    pred = postprocess(model, logits, lat)
+    assert [t.index for t in pred.top] == [1, 5, 3, 4, 2]
+    assert pred.top[0].label == "class 1"
+    assert abs(sum(probabilities(logits)) - 1.0) < 1e-9
+    assert pred.top[0].prob == pytest.approx(np.exp(5) / np.exp(logits[0].astype(np.float64)).sum())
+
+
+def test_probabilities__keeps_a_probability_vector():
+    probs = np.array([[0.1, 0.7, 0.2]])
+    np.testing.assert_allclose(probabilities(probs), probs[0])
