@@ -146,3 +146,34 @@ def test_cli__device_not_listening_exits_1_naming_it(prefect_api, store_root, ti
                     expect=1)
     assert f"127.0.0.1:{port}" in proc.stderr and "Error: " in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_flow__loads_from_its_deployment_entrypoint_without_side_effects():
+    from prefect.flows import load_flow_from_entrypoint
+
+    loaded = load_flow_from_entrypoint("flows/resnet_remote.py:resnet_remote")
+    assert loaded.name == "resnet-remote"
+    assert {"model", "target", "opt_level", "host", "port", "tracker", "key", "artifacts"} <= set(loaded.parameters.properties)
+
+
+def test_flow__concurrent_runs_of_one_key_build_once(prefect_api, store_root, tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    model = make_tiny_onnx(tmp_path / "c.onnx", seed=7)
+    env = {**__import__("os").environ, "PREFECT_API_URL": prefect_api}
+    args = [sys.executable, "-m", "flows.resnet_remote", "--model", str(model), "--artifacts", str(store_root),
+            "--json", "--repeat", "1"]
+    procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for stage in COMPILE:
+        assert sorted(s["stages"][stage] for s in summaries) == ["cached", "cached", "ran"], stage
+    assert len({s["build_key"] for s in summaries}) == 1
+    store = ArtifactStore(store_root)
+    assert store.get(summaries[0]["build_key"]) is not None
+    assert not list((store_root / ".tmp").iterdir())
