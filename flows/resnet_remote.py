@@ -20,11 +20,11 @@ from typing import Any, Sequence
 from prefect import flow
 
 from pipeline import keys
-from pipeline.device import EmbeddedServer, open_session
-from pipeline.errors import PipelineError, UsageError
+from pipeline.device import Device
+from pipeline.errors import DeviceLost, PipelineError, UsageError
 from pipeline.models import MODEL_NAMES
 from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
-from pipeline.store import ENV_VAR, ArtifactStore
+from pipeline.store import ENV_VAR, Artifact, ArtifactStore
 from pipeline.targets import toolchain_for
 from tasks._cache import Built, store_cache_options
 from tasks._sessions import registered
@@ -33,9 +33,10 @@ from tasks.export_library import LIBRARY_FILE, export_library_task
 from tasks.import_model import import_model_task
 from tasks.load import load_task
 from tasks.postprocess import format_report, postprocess_task
-from tasks.run import run_task
+from tasks.report import publish_run_artifacts
+from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
-from tasks.upload import upload_task
+from tasks.upload import Uploaded, upload_task
 
 log = logging.getLogger("flows.resnet_remote")
 
@@ -83,6 +84,7 @@ def resnet_remote(
     connect_timeout: float = 10.0,
     request_timeout: float = 30.0,
     call_timeout: float = 300.0,
+    device_retries: int = 1,
     image: str | None = None,
     number: int = 1,
     repeat: int = 5,
@@ -95,17 +97,32 @@ def resnet_remote(
         The run summary (see ``--json`` in the README): model, digests, keys, stages ran/cached, top-5, latency.
     """
     req = resolve(RunRequest(**{name: value for name, value in locals().items()}))
-    server = EmbeddedServer() if req.device.kind == "local" else None
-    if server is not None:
-        server.start()  # TVM's import in the server takes seconds: let it start while we compile
-    try:
-        return _pipeline(req, server)
-    finally:
-        if server is not None:
-            server.stop()
+    with Device(req.device) as device:  # the embedded server starts now and imports TVM while we compile
+        return _pipeline(req, device)
 
 
-def _pipeline(req: ResolvedRequest, server: EmbeddedServer | None) -> dict[str, Any]:
+def _on_device(req: ResolvedRequest, device: Device, library: Artifact) -> tuple[Uploaded, RunResult, str]:
+    """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost."""
+    for attempt in range(1, req.device_retries + 2):
+        try:
+            with device.session() as session, registered(session) as ref:
+                uploaded = upload_task(ref, library, str(req.store.root), req.target.arch)
+                load_task(ref)
+                set_input_task(ref, req.input)
+                return uploaded, run_task(ref, req.number, req.repeat), ref.description
+        except DeviceLost as exc:
+            if attempt > req.device_retries:
+                raise DeviceLost(
+                    f"{exc}. Gave up after {attempt} attempt(s): check that the device is up and stable "
+                    f"(or allow more with --device-retries)"
+                ) from exc
+            log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)",
+                        exc, attempt + 1, req.device_retries + 1)
+            device.recover()
+    raise AssertionError("unreachable")
+
+
+def _pipeline(req: ResolvedRequest, device: Device) -> dict[str, Any]:
     store, model, target = req.store, req.model, req.target
     stages: dict[str, str] = {}
 
@@ -125,17 +142,13 @@ def _pipeline(req: ResolvedRequest, server: EmbeddedServer | None) -> dict[str, 
         build=built.artifact, target=target, toolchain=toolchain,
     )
 
-    with open_session(req.device, server) as session, registered(session) as ref:
-        uploaded = upload_task(ref, library.artifact, str(store.root), target.arch)
-        load_task(ref)
-        set_input_task(ref, req.input)
-        result = run_task(ref, req.number, req.repeat)
-        stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
+    uploaded, result, device_name = _on_device(req, device, library.artifact)
+    stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
     prediction = postprocess_task(model, result.output, result.latency)
     stages["postprocess"] = "ran"
 
     notes = list(model.notes)
-    return {
+    summary = {
         "model": model.name,
         "model_digest": model.digest,
         "weights": model.spec.weights if model.kind == "resnet18_v2" else None,
@@ -145,7 +158,7 @@ def _pipeline(req: ResolvedRequest, server: EmbeddedServer | None) -> dict[str, 
         "build_key": build_key,
         "library_key": library_key,
         "artifact": str(store.file(library.artifact, LIBRARY_FILE)),
-        "device": ref.description,
+        "device": device_name,
         "image": str(req.image),
         "stages": {name: stages[name] for name in STAGES},
         "top5": [entry.as_dict() for entry in prediction.top],
@@ -154,6 +167,8 @@ def _pipeline(req: ResolvedRequest, server: EmbeddedServer | None) -> dict[str, 
         "upload": {"bytes": uploaded.bytes, "seconds": uploaded.seconds, "mb_per_s": uploaded.mb_per_s},
         "notes": notes,
     }
+    publish_run_artifacts(summary)
+    return summary
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -199,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the tracker to hand out a device (default: %(default)s)")
     d.add_argument("--call-timeout", type=float, default=300.0,
                    help="seconds any one remote call (upload, load, run...) may take (default: %(default)s)")
+    d.add_argument("--device-retries", type=int, default=1,
+                   help="fresh sessions to try when the device is lost mid-run; the embedded device is "
+                        "restarted (default: %(default)s)")
     r = p.add_argument_group("input and output")
     r.add_argument("--image", help="image to classify (default: the cat photo in data/cat.png)")
     r.add_argument("--number", type=int, default=1, help="time_evaluator: runs per measurement (default: %(default)s)")

@@ -24,6 +24,7 @@ import collections
 import contextlib
 import dataclasses
 import functools
+import ipaddress
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
-from pipeline.errors import DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError
+from pipeline.errors import DeviceLost, DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError
 
 if TYPE_CHECKING:
     import tvm
@@ -477,6 +478,11 @@ class EmbeddedServer(_ProcessGroup):
         self.tracker = tracker
         self.key = key
         self._tracker_address = None if tracker is None else _split_host_port(tracker)
+        if not _is_loopback(host):
+            logger.warning(
+                "the embedded TVM RPC server listens on %s: anyone who can reach it can upload and run code "
+                "on this machine; use 127.0.0.1 unless the network is trusted", host,
+            )
         super().__init__(host, port, log_path, python)
 
     def _extra_args(self) -> list[str]:
@@ -555,6 +561,13 @@ def start_tracker(
     tracker = TrackerProcess(host, port, log_path=log_path, python=python)
     tracker.start()
     return tracker
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _free_port(host: str) -> int:
@@ -679,6 +692,10 @@ def _tvm_message(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# What TVM says when the other end of the session went away mid-call.
+_LOST_SIGNS = ("kShutdown", "Broken pipe", "Connection reset", "connection reset", "Connection closed", "EOF")
+
+
 def _is_session_expiry(exc: BaseException) -> bool:
     return any(cls.__name__ == "RPCSessionTimeoutError" for cls in type(exc).__mro__)
 
@@ -782,7 +799,12 @@ class RemoteSession:
                     f"timeout expired ({_tvm_message(exc)}). Raise the session timeout, or set it to 0."
                 ) from exc
             if _is_tvm_error(exc):
-                raise RemoteRunError(f"{what} on {self.description} failed: {_tvm_message(exc)}") from exc
+                message = _tvm_message(exc)
+                if any(sign in message for sign in _LOST_SIGNS):
+                    raise DeviceLost(
+                        f"{what} on {self.description} failed: the connection was lost ({message})"
+                    ) from exc
+                raise RemoteRunError(f"{what} on {self.description} failed: {message}") from exc
             raise
 
     def device(self) -> tvm.runtime.Device:
@@ -1118,3 +1140,40 @@ def device_triple(session: RemoteSession) -> str | None:
         return None
 
     return session.call("device_triple", lookup, session.remote)
+
+
+class Device:
+    """The device of one run: opens sessions to it and, for the embedded device, owns its server.
+
+    For kind ``local`` the embedded server is started on entry (so its start-up overlaps compilation) and
+    stopped on exit, also on failure; :meth:`recover` replaces it with a fresh one after it died or its
+    listener broke (TVM leaves the port bound with a dead listener when a session is killed). For the other
+    kinds :meth:`recover` does nothing: the next session simply reconnects.
+    """
+
+    def __init__(self, spec: DeviceSpec) -> None:
+        spec.validate()
+        self.spec = spec
+        self.server: EmbeddedServer | None = None
+
+    def __enter__(self) -> Device:
+        if self.spec.kind == "local":
+            self.server = EmbeddedServer()
+            self.server.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+
+    def session(self) -> RemoteSession:
+        """A new session (see :func:`open_session`)."""
+        return open_session(self.spec, self.server)
+
+    def recover(self) -> None:
+        """Get ready for a fresh session after the device was lost: restart the embedded server."""
+        if self.server is not None:
+            logger.warning("restarting the embedded rpc_server (%s)", self.spec.describe(self.server))
+            self.server.stop()
+            self.server = EmbeddedServer()
+            self.server.start()

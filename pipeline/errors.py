@@ -13,14 +13,18 @@ are wrapped at the boundary with a message that says what to do.
     +-- BuildError                import/compile failed
     +-- ExportError               linking the library failed (e.g. missing cross compiler)
     +-- StoreError                artifact store unwritable, corrupt beyond repair
+    +-- CheckFailed               the compiled model's output differs from its framework's beyond the thresholds
     +-- DeviceError               anything on the device side
         +-- DeviceUnavailable     cannot connect / tracker has no device for the key
         +-- DeviceTimeout         a remote call exceeded its timeout
         +-- ArchMismatch          library built for another architecture than the device
         +-- RemoteRunError        the device answered with an error
+            +-- DeviceLost        the connection died mid-call (device killed, rebooted, network cut)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 
 class PipelineError(Exception):
@@ -59,6 +63,25 @@ class StoreError(PipelineError):
     """The artifact store cannot be read or written."""
 
 
+class CheckFailed(PipelineError):
+    """The compiled model's output broke the accuracy thresholds against its own framework's output.
+
+    Attributes:
+        check: the check's figures (``tasks.check.CheckResult.as_dict()``), when known.
+        summary: the run's summary, when the run got that far (the CLI still prints it, then the error).
+    """
+
+    def __init__(
+        self, message: str, check: dict[str, Any] | None = None, summary: dict[str, Any] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.check = check
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the attributes through pickling (Prefect persists states)
+        return type(self), (str(self), self.check, self.summary)
+
+
 class DeviceError(PipelineError):
     """Something failed on, or on the way to, the remote device."""
 
@@ -77,3 +100,7 @@ class ArchMismatch(DeviceError):
 
 class RemoteRunError(DeviceError):
     """The device answered a call with an error."""
+
+
+class DeviceLost(RemoteRunError):
+    """The connection to the device died during a call: transient, the flow retries on a fresh session."""

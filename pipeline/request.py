@@ -39,6 +39,7 @@ class RunRequest:
     connect_timeout: float = 10.0
     request_timeout: float = 30.0
     call_timeout: float = 300.0
+    device_retries: int = 1
     image: str | None = None
     number: int = 1
     repeat: int = 5
@@ -60,6 +61,7 @@ class ResolvedRequest:
     number: int
     repeat: int
     refresh: bool
+    device_retries: int
 
 
 def resolve(request: RunRequest) -> ResolvedRequest:
@@ -70,6 +72,8 @@ def resolve(request: RunRequest) -> ResolvedRequest:
     """
     if request.number < 1 or request.repeat < 1:
         raise UsageError(f"--number and --repeat must be at least 1 (got {request.number}, {request.repeat})")
+    if not 0 <= request.device_retries <= 10:
+        raise UsageError(f"--device-retries must be 0-10 (got {request.device_retries})")
     opt_level = check_opt_level(request.opt_level)
     device = DeviceSpec(
         host=request.host,
@@ -96,4 +100,5 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         number=request.number,
         repeat=request.repeat,
         refresh=request.refresh,
+        device_retries=request.device_retries,
     )

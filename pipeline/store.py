@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -40,6 +41,8 @@ DEFAULT_ROOT = REPO_ROOT / "artifacts"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
+# Temporary directories are named KEY.HOST.PID.RANDOM so that dead writers' leftovers can be swept.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 
 
 def check_key(key: str) -> str:
@@ -216,7 +219,8 @@ class ArtifactStore:
         tmp_root = self.root / ".tmp"
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(os.path.join(tmp_root, f"{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}"))
+            self._sweep_tmp(tmp_root)
+            tmp = tmp_root / f"{key}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
         except OSError as exc:
             raise _store_error("write", self.root, exc) from None
@@ -265,6 +269,46 @@ class ArtifactStore:
         if artifact is None:
             raise StoreError(f"artifact {key} failed verification right after it was written ({reason})")
         return artifact
+
+    @staticmethod
+    def _sweep_tmp(tmp_root: Path) -> None:
+        """Remove temporary directories left by writers on this host that died mid-put (killed builds)."""
+        for entry in tmp_root.iterdir():
+            parts = entry.name.split(".")
+            if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+                continue
+            try:
+                os.kill(int(parts[2]), 0)
+            except ProcessLookupError:
+                shutil.rmtree(entry, ignore_errors=True)
+            except PermissionError:
+                pass  # alive, owned by someone else
+
+    def ensure(
+        self,
+        key: str,
+        kind: str,
+        produce: Callable[[Path], None],
+        inputs: dict[str, Any] | None = None,
+        refresh: bool = False,
+    ) -> tuple[Artifact, bool]:
+        """Return the verified artifact ``key``, producing it if needed: at most once across processes.
+
+        Concurrent callers for one key serialise on :meth:`lock`; the first produces, the others then find
+        its copy and reuse it.
+
+        Args:
+            refresh: produce it even if a valid copy exists.
+
+        Returns:
+            ``(artifact, produced)``: ``produced`` is False when a valid copy was reused.
+        """
+        if not refresh and (artifact := self.get(key)) is not None:
+            return artifact, False
+        with self.lock(key):
+            if not refresh and (artifact := self.get(key)) is not None:
+                return artifact, False
+            return self.put(key, kind, produce, inputs), True
 
     def discard(self, key: str) -> None:
         """Remove the artifact at ``key`` if present (moved aside first, so readers never see half of it)."""

@@ -63,16 +63,11 @@ def ensure_artifact(
     produce: Callable[[Path], None],
     refresh: bool = False,
 ) -> Built:
-    """Return the verified artifact ``key``, producing it (once, under the store's lock) if needed.
+    """Return the verified artifact ``key``, producing it (once across processes) if needed.
 
     Args:
         refresh: rebuild even if a valid copy exists.
     """
-    if not refresh and (artifact := store.get(key)) is not None:
-        return Built(artifact, built=False, seconds=0.0)
-    with store.lock(key):
-        if not refresh and (artifact := store.get(key)) is not None:
-            return Built(artifact, built=False, seconds=0.0)
-        start = time.perf_counter()
-        artifact = store.put(key, kind, produce, inputs)
-        return Built(artifact, built=True, seconds=time.perf_counter() - start)
+    start = time.perf_counter()
+    artifact, produced = store.ensure(key, kind, produce, inputs, refresh)
+    return Built(artifact, built=produced, seconds=time.perf_counter() - start if produced else 0.0)
