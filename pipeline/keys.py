@@ -15,6 +15,17 @@ from typing import Any
 IMPORT_CODE_VERSION = "1"
 BUILD_CODE_VERSION = "1"
 EXPORT_CODE_VERSION = "1"
+TUNE_CODE_VERSION = "1"
+REFERENCE_CODE_VERSION = "1"
+
+#: The package whose forward pass is the reference for each model kind (see ``pipeline.models.reference_forward``).
+REFERENCE_FRAMEWORKS = {
+    "efficientnet_lite0": "torch",
+    "torch": "torch",
+    "resnet18_v2": "mxnet",
+    "mxnet": "mxnet",
+    "onnx": "onnxruntime",
+}
 
 
 @lru_cache(maxsize=None)
@@ -40,9 +51,25 @@ def import_inputs(model_digest: str) -> dict[str, Any]:
     return {"stage": "import-model", "model": model_digest, "tvm": tvm_version(), "code": IMPORT_CODE_VERSION}
 
 
-def build_inputs(model_digest: str, target: str, opt_level: int) -> dict[str, Any]:
-    """What determines a compiled build: model content, canonical target, opt_level, TVM and our code."""
+def tune_inputs(model_digest: str, target: str, trials: int, num_cores: int, space: str) -> dict[str, Any]:
+    """What determines a tuning database: model content, canonical target, trial budget, the cores the
+    schedules are made for, the schedule space searched, TVM and our code."""
     return {
+        "stage": "tune",
+        "model": model_digest,
+        "target": target,
+        "trials": int(trials),
+        "num_cores": int(num_cores),
+        "space": space,
+        "tvm": tvm_version(),
+        "code": f"import={IMPORT_CODE_VERSION},tune={TUNE_CODE_VERSION}",
+    }
+
+
+def build_inputs(model_digest: str, target: str, opt_level: int, tuning: str | None = None) -> dict[str, Any]:
+    """What determines a compiled build: model content, canonical target, opt_level, TVM and our code, and
+    the key of the tuning database it applies (absent without one, so untuned keys are unchanged)."""
+    inputs = {
         "stage": "build",
         "model": model_digest,
         "target": target,
@@ -50,11 +77,34 @@ def build_inputs(model_digest: str, target: str, opt_level: int) -> dict[str, An
         "tvm": tvm_version(),
         "code": f"import={IMPORT_CODE_VERSION},build={BUILD_CODE_VERSION}",
     }
+    if tuning is not None:
+        inputs["tuning"] = tuning
+    return inputs
 
 
 def export_inputs(build_key: str, toolchain: str) -> dict[str, Any]:
     """What determines the linked library: the build and the linker that links it."""
     return {"stage": "export-library", "build": build_key, "toolchain": toolchain, "code": EXPORT_CODE_VERSION}
+
+
+def framework_version(kind: str) -> str:
+    """The installed version of the framework that computes ``kind``'s reference output, e.g. ``torch==2.13.0``."""
+    dist = REFERENCE_FRAMEWORKS.get(kind, kind)
+    try:
+        return f"{dist}=={metadata.version(dist)}"
+    except metadata.PackageNotFoundError:
+        return f"{dist} missing"
+
+
+def reference_inputs(model_digest: str, input_digest: str, framework: str) -> dict[str, Any]:
+    """What determines a reference output: the model's content, the input's content, the framework that ran it."""
+    return {
+        "stage": "reference",
+        "model": model_digest,
+        "input": input_digest,
+        "framework": framework,
+        "code": REFERENCE_CODE_VERSION,
+    }
 
 
 def key_of(inputs: dict[str, Any]) -> str:

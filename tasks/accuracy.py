@@ -1,0 +1,68 @@
+"""Stage ``accuracy``: top-1 / top-5 accuracy of a model's outputs on labelled images.
+
+Used by ``python -m flows.accuracy`` for the compiled model's outputs and for the reference framework's, on
+the labelled set in ``data/labelled/`` (see :mod:`pipeline.labelled`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Where one image's label ranks in one output."""
+
+    top5: tuple[int, ...]
+    top1_hit: bool
+    top5_hit: bool
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 and top-5 hits over ``count`` labelled images."""
+
+    count: int
+    top1: int
+    top5: int
+
+    @property
+    def top1_rate(self) -> float:
+        return self.top1 / self.count if self.count else 0.0
+
+    @property
+    def top5_rate(self) -> float:
+        return self.top5 / self.count if self.count else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count, "top1": self.top1, "top5": self.top5,
+            "top1_accuracy": self.top1_rate, "top5_accuracy": self.top5_rate,
+        }
+
+
+def hit(output: np.ndarray, label: int, k: int = 5) -> Hit:
+    """Whether ``label`` is the top-1 / in the top-``k`` classes of ``output`` (first row; ties: lower index first)."""
+    row = np.asarray(output, dtype=np.float64).reshape(-1, np.asarray(output).shape[-1])[0]
+    top = tuple(int(i) for i in np.argsort(-row, kind="stable")[:k])
+    return Hit(top, top[0] == label, label in top)
+
+
+def accuracy(outputs: Sequence[np.ndarray], labels: Sequence[int], k: int = 5) -> Accuracy:
+    """Top-1 and top-``k`` accuracy of ``outputs`` (logits or probabilities, one per image) against ``labels``.
+
+    Raises:
+        ValueError: ``outputs`` and ``labels`` differ in length.
+    """
+    if len(outputs) != len(labels):
+        raise ValueError(f"{len(outputs)} outputs for {len(labels)} labels")
+    hits = [hit(output, label, k) for output, label in zip(outputs, labels)]
+    return Accuracy(len(hits), sum(h.top1_hit for h in hits), sum(h.top5_hit for h in hits))
+
+
+accuracy_task = task(name="accuracy", task_run_name="accuracy", cache_policy=NO_CACHE, persist_result=False)(accuracy)
