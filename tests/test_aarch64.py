@@ -1,0 +1,153 @@
+"""Cross-compiled models on a real foreign architecture: an aarch64 TVM RPC server under qemu-user.
+
+``scripts/aarch64-device`` provisions the emulated device (Debian's arm64 Python 3.11 and TVM's aarch64
+wheels, cached in ``.cache/aarch64``; ~15 s cold when the registries are near, instant warm) and starts it
+on 127.0.0.1 under a tracker of its own. The library is built with
+``llvm -mtriple=aarch64-linux-gnu -mattr=+neon``, linked by ``aarch64-linux-gnu-gcc``, uploaded through the
+tracker, loaded and run by aarch64 code, and its output compared with the host's reference forward.
+
+The device's processes are recorded in a temporary run directory, so a device a developer started with the
+script is never touched; the fixture stops what it started (process groups). Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_tiny_onnx
+from pipeline import keys
+from pipeline.device import DeviceSpec, device_triple, open_session
+from pipeline.errors import ArchMismatch
+from pipeline.models import ModelSpec, reference_forward, resolve_model
+from pipeline.targets import parse_target
+from tasks._sessions import live, registered
+from tasks.load import load
+from tasks.run import run
+from tasks.set_input import set_input
+from tasks.upload import upload
+from test_flow import cli_json
+from test_stages import compile_all
+
+AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
+KEY = "aarch64-qemu"
+SCRIPT = REPO / "scripts" / "aarch64_device.py"
+PROVISION_TIMEOUT_S = 600  # cold: apt lists + ~130 MB of downloads + one emulated `import tvm`
+START_TIMEOUT_S = 300  # the server imports TVM twice under emulation (~20 s here)
+# Emulation is slow: generous, bounded waits for the device.
+DEVICE_ARGS = ("--connect-timeout", "60", "--request-timeout", "120", "--call-timeout", "600")
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"),
+                       reason="scripts/setup --dev installs the aarch64 cross compiler"),
+    pytest.mark.skipif(
+        not (shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64") or os.geteuid() == 0),
+        reason="qemu-user is missing (scripts/setup --dev installs qemu-user-static)",
+    ),
+]
+
+
+def device_script(*args: str, env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    command = " ".join(args)
+    assert proc.returncode == 0, f"aarch64-device {command}: exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def aarch64_device(tmp_path_factory):
+    """The emulated aarch64 device, registered under :data:`KEY` with a tracker of its own; yields its info."""
+    env = {**os.environ, "TVMRP_AARCH64_RUN_DIR": str(tmp_path_factory.mktemp("aarch64-run"))}
+    started = time.monotonic()
+    device_script("provision", env=env, timeout=PROVISION_TIMEOUT_S)
+    provisioned = time.monotonic()
+    try:
+        out = device_script("start", "--key", KEY, "--json", env=env, timeout=START_TIMEOUT_S).stdout
+        info = json.loads(out.strip().splitlines()[-1])
+        print(f"aarch64 device: provision {provisioned - started:.1f} s, start {time.monotonic() - provisioned:.1f} s")
+        assert info["registered"] and info["key"] == KEY and info["tracker"].startswith("127.0.0.1:")
+        status = json.loads(device_script("status", "--json", env=env, timeout=60).stdout)
+        assert status["registered"] and status["tracker"] == info["tracker"]
+        yield info
+    finally:
+        device_script("stop", env=env, timeout=120)
+    assert json.loads(subprocess.run([sys.executable, str(SCRIPT), "status", "--json"], cwd=REPO, env=env,
+                                     capture_output=True, text=True, timeout=60).stdout)["server_pid"] is None
+
+
+@pytest.fixture(scope="module")
+def spec(aarch64_device) -> DeviceSpec:
+    return DeviceSpec(tracker=aarch64_device["tracker"], key=KEY, connect_timeout=60, request_timeout=120,
+                      call_timeout=600)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return resolve_model(ModelSpec(str(make_tiny_onnx(tmp_path_factory.mktemp("model") / "tiny.onnx"))))
+
+
+def test_aarch64_device__reports_its_architecture(spec):
+    with open_session(spec) as session:
+        triple = device_triple(session)
+        assert KEY in session.description
+    assert triple is not None and triple.startswith("aarch64-"), triple
+
+
+def test_flow__cross_compiled_model_runs_on_emulated_aarch64(prefect_api, store_root, aarch64_device, model):
+    summary = cli_json(prefect_api, store_root, "--model", str(model.spec.source), "--target", AARCH64,
+                       "--tracker", aarch64_device["tracker"], "--key", KEY, *DEVICE_ARGS)
+    for stage in ("import-model", "build", "export-library", "upload", "load", "set-input", "run", "postprocess"):
+        assert summary["stages"][stage] == "ran", summary["stages"]
+    assert '"mtriple":"aarch64-linux-gnu"' in summary["target"]
+    assert KEY in summary["device"] and aarch64_device["tracker"] in summary["device"]
+    assert len(summary["top5"]) == 5 and summary["upload"]["bytes"] > 0
+    if "check" in summary:  # the flow's own comparison with the reference framework, where it has one
+        assert summary["check"]["passed"], summary["check"]
+    x86_build = keys.key_of(keys.build_inputs(model.digest, parse_target("llvm").canonical, 3))
+    assert summary["build_key"] != x86_build  # cached separately from the host build
+
+
+def test_device_stages__aarch64_output_matches_host_reference(tmp_path, spec, model):
+    target, _, built, library = compile_all(model, tmp_path, AARCH64)
+    assert target.arch == "aarch64"
+    host_built = compile_all(model, tmp_path, "llvm")[2]
+    assert host_built.artifact.key != built.artifact.key
+    x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
+    with open_session(spec) as session, registered(session) as ref:
+        uploaded = upload(ref, library.artifact, str(tmp_path), target.arch)
+        assert uploaded.bytes == library.artifact.size
+        load(ref)
+        set_input(ref, x)
+        result = run(ref, number=1, repeat=2)
+    np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=0)
+    assert result.latency.repeat == 2 and result.latency.min > 0
+
+
+def test_upload__x86_library_refused_by_aarch64_device_before_upload(tmp_path, spec, model):
+    target, _, _, library = compile_all(model, tmp_path, "llvm")
+    assert target.arch == "x86_64"
+    with open_session(spec) as session, registered(session) as ref:
+        started = time.monotonic()
+        with pytest.raises(ArchMismatch) as refused:
+            upload(ref, library.artifact, str(tmp_path), target.arch)
+        assert "remote_name" not in live(ref).state  # nothing was sent
+    assert time.monotonic() - started < 30
+    message = str(refused.value)
+    assert "x86_64" in message and "aarch64" in message and KEY in message
+
+
+def test_flow__x86_build_on_aarch64_device_is_a_clear_error(prefect_api, store_root, aarch64_device, model):
+    proc = cli_json(prefect_api, store_root, "--model", str(model.spec.source), "--target", "llvm",
+                    "--tracker", aarch64_device["tracker"], "--key", KEY, *DEVICE_ARGS, expect=1)
+    error = [line for line in proc.stderr.splitlines() if line.startswith("Error:")]
+    assert error and "x86_64" in error[-1] and "aarch64" in error[-1], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
