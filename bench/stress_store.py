@@ -14,7 +14,6 @@ Exit status 1 if any violation was found.
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess

@@ -18,6 +18,7 @@ from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.models import ModelSpec, ResolvedModel, resolve_model
 from pipeline.store import ArtifactStore
 from pipeline.targets import TargetInfo, check_opt_level, parse_target
+from pipeline.thresholds import Thresholds, thresholds_for
 
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_TARGET = "llvm"
@@ -45,6 +46,8 @@ class RunRequest:
     repeat: int = 5
     artifacts: str | None = None
     refresh: bool = False
+    check: bool = True
+    max_abs_diff: float | None = None
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,8 @@ class ResolvedRequest:
     repeat: int
     refresh: bool
     device_retries: int
+    check: bool
+    thresholds: Thresholds
 
 
 def resolve(request: RunRequest) -> ResolvedRequest:
@@ -75,6 +80,7 @@ def resolve(request: RunRequest) -> ResolvedRequest:
     if not 0 <= request.device_retries <= 10:
         raise UsageError(f"--device-retries must be 0-10 (got {request.device_retries})")
     opt_level = check_opt_level(request.opt_level)
+    thresholds = thresholds_for("float32", request.max_abs_diff)
     device = DeviceSpec(
         host=request.host,
         port=request.port,
@@ -101,4 +107,6 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         repeat=request.repeat,
         refresh=request.refresh,
         device_retries=request.device_retries,
+        check=request.check,
+        thresholds=thresholds,
     )

@@ -11,6 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.models import ResolvedModel, label_for
+from tasks.check import format_check
 from tasks.run import Latency
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,8 @@ def format_report(summary: dict[str, Any]) -> str:
     lines.append("Top-5      class  probability  label")
     for rank, entry in enumerate(summary["top5"], 1):
         lines.append(f"  {rank}.       {entry['class']:>5}  {entry['prob']:11.4f}  {entry['label']}")
+    if "check" in summary:
+        lines.append(format_check(summary["check"]))
     lat = summary["latency_ms"]
     lines.append(
         f"Latency    mean {lat['mean']:.3f} ms  median {lat['median']:.3f} ms  min {lat['min']:.3f} ms  "

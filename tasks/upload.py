@@ -43,10 +43,12 @@ def upload(session: SessionRef, library: Artifact, store_root: str, target_arch:
     """
     live_session = live(session)
     triple = device_triple(live_session.session)
-    if triple and normalise_arch(triple.split("-")[0]) != target_arch:
+    device_arch = normalise_arch(triple.split("-")[0]) if triple else None
+    if device_arch and device_arch != target_arch:
+        suggestion = f"llvm -mtriple={device_arch}-linux-gnu" + (" -mattr=+neon" if device_arch == "aarch64" else "")
         raise ArchMismatch(
-            f"the library is built for {target_arch} but {session.description} is {triple}: "
-            f"build for the device with --target \"llvm -mtriple={triple}\" or pick a {target_arch} device"
+            f"the library is built for {target_arch} but {session.description} is {device_arch} ({triple}): "
+            f"build for the device with --target \"{suggestion}\" or pick a {target_arch} device"
         )
     store = ArtifactStore(store_root)
     if store.get(library.key) is None:

@@ -17,11 +17,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO, make_tiny_onnx
+from conftest import REPO
 from pipeline.device import EmbeddedServer, start_tracker
 from pipeline.errors import StoreError
 from pipeline.store import ArtifactStore
-from test_flow import COMPILE, cli_json
+from test_flow import cli_json
 
 LONG_RUN = ("--number", "2000000", "--repeat", "1")  # ~40 s of tiny-model invocations in one remote call
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,8 @@ from pipeline.store import ArtifactStore
 
 COMPILE = ("import-model", "build", "export-library")
 DEVICE = ("upload", "load", "set-input", "run", "postprocess")
+STAGES = ("import-model", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
+          "postprocess")
 KEYS = {"model", "model_digest", "target", "opt_level", "build_key", "artifact", "device", "stages", "top5", "latency_ms"}
 
 
@@ -31,7 +34,8 @@ def statuses(summary, names):
 def test_flow__second_run_in_new_process_is_cached_but_device_stages_run(prefect_api, store_root, tiny_onnx):
     first = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
     assert KEYS <= first.keys()
-    assert list(first["stages"]) == [*COMPILE, *DEVICE]
+    assert list(first["stages"]) == list(STAGES)
+    assert first["check"]["passed"] and first["check"]["max_abs_diff"] <= 1e-4
     assert statuses(first, COMPILE + DEVICE) == {"ran"}
     assert len(first["top5"]) == 5 and {"class", "label", "prob"} <= first["top5"][0].keys()
     assert set(first["latency_ms"]) == {"mean", "median", "min", "max", "std"}
@@ -177,3 +181,24 @@ def test_flow__concurrent_runs_of_one_key_build_once(prefect_api, store_root, tm
     store = ArtifactStore(store_root)
     assert store.get(summaries[0]["build_key"]) is not None
     assert not list((store_root / ".tmp").iterdir())
+
+
+def test_flow__check_fails_when_the_library_holds_other_weights(prefect_api, store_root, tmp_path):
+    right = cli_json(prefect_api, store_root, "--model", str(make_tiny_onnx(tmp_path / "a.onnx", seed=0)))
+    wrong = cli_json(prefect_api, store_root, "--model", str(make_tiny_onnx(tmp_path / "b.onnx", seed=1)))
+    store = ArtifactStore(store_root)
+    impostor = Path(wrong["artifact"]).read_bytes()
+    inputs = store.get(right["library_key"]).inputs
+    store.discard(right["library_key"])
+    store.put(right["library_key"], "library", lambda d: (d / "model.so").write_bytes(impostor), inputs)
+
+    proc = cli_json(prefect_api, store_root, "--model", str(tmp_path / "a.onnx"), expect=1)
+    assert "Error: check failed" in proc.stderr and "max abs diff" in proc.stderr and "--no-check" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])  # the run's figures are still reported
+    assert summary["check"]["passed"] is False and summary["check"]["max_abs_diff"] > 1e-4
+    assert "Check      FAILED" in proc.stdout
+
+    skipped = cli_json(prefect_api, store_root, "--model", str(tmp_path / "a.onnx"), "--no-check")
+    assert skipped["check"] is None
+    assert skipped["stages"]["reference"] == skipped["stages"]["check"] == "skipped"

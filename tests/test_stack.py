@@ -1,0 +1,139 @@
+"""The real local stack: Prefect server + process worker + TVM tracker/device (scripts/stack), the nightly
+deployment run twice through the worker, its states and artifacts read back through the Prefect API, and
+``down`` leaving no process behind. Fixtures: tests/stack_harness.py."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import socket
+from pathlib import Path
+
+import psutil
+
+from conftest import REPO
+
+pytest_plugins = ["stack_harness"]
+
+STAGES = ["import-model", "build", "export-library", "upload", "load", "set-input", "run", "postprocess"]
+COMPILE = STAGES[:3]
+DEVICE = STAGES[3:]
+KEY = re.compile(r"^[a-z0-9-]+$")
+
+
+def _task_states(client, flow_run_id) -> dict[str, str]:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    states = {r.name: r.state.name for r in runs}
+    assert len(states) == len(runs), "one task run per stage"
+    return states
+
+
+def _artifacts(client, flow_run_id) -> dict[str, object]:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
+    found = client.read_artifacts(artifact_filter=by_run)
+    return {a.key.rsplit("-", 1)[0]: a for a in found}  # "latency-trend-tiny-onnx-<hash>" -> "latency-trend-tiny-onnx"
+
+
+def test_stack__up_is_idempotent_and_status_reports_everything(stack):
+    before = stack.records()
+    assert set(before) == {"server", "worker", "tracker", "device"}
+    again = stack.cli("up", "--with-device")
+    assert again.returncode == 0, again.stderr
+    assert "already running" in again.stdout and "already registered" in again.stdout
+    assert stack.records() == before  # nothing restarted
+
+    status = stack.cli("status", timeout=60)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert "healthy" in status.stdout and "online" in status.stdout and "registered" in status.stdout
+
+    worker_env = psutil.Process(before["worker"]["pid"]).environ()
+    assert worker_env["PREFECT_API_URL"] == stack.api_url
+    assert worker_env["TVMRP_ARTIFACTS"] == str(stack.artifacts)
+    assert worker_env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and worker_env["DO_NOT_TRACK"] == "1"
+    assert psutil.Process(before["worker"]["pid"]).cwd() == str(REPO)
+
+
+def test_stack__nightly_deployment_is_scheduled_on_the_process_pool(stack, nightly_runs):
+    with stack.client() as client:
+        deployment = client.read_deployment(nightly_runs.deployment_id)
+    assert deployment.entrypoint == "flows/resnet_remote.py:resnet_remote"
+    assert deployment.work_pool_name == "process"
+    (schedule,) = deployment.schedules
+    assert schedule.active and schedule.schedule.cron == "0 2 * * *"
+    assert schedule.schedule.timezone == "Europe/Berlin"
+    assert deployment.parameters["tracker"] == "127.0.0.1:9190" and deployment.parameters["key"] == "local-x86"
+    assert deployment.pull_steps == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}
+    ]
+
+
+def test_stack__nightly_runs_on_the_worker_and_second_run_is_cached(stack, nightly_runs):
+    with stack.client() as client:
+        first, second = (client.read_flow_run(i) for i in (nightly_runs.first, nightly_runs.second))
+        for run in (first, second):
+            assert run.state.is_completed(), run.state
+            assert str(run.deployment_id) == nightly_runs.deployment_id
+            assert run.work_pool_name == "process"
+            assert run.name.startswith(f"{Path(nightly_runs.parameters['model']).name}@llvm on ") and stack.device_key in run.name
+        first_states, second_states = _task_states(client, first.id), _task_states(client, second.id)
+
+    assert set(STAGES) <= set(first_states) and set(first_states) == set(second_states)
+    assert set(first_states.values()) == {"Completed"}, first_states  # everything built
+    assert all(second_states[s] == "Cached" for s in COMPILE), second_states  # skipped
+    assert all(second_states[s] == "Completed" for s in DEVICE), second_states  # the device always runs
+
+
+def test_stack__run_artifacts_are_readable_through_the_api(stack, nightly_runs):
+    with stack.client() as client:
+        first, second = _artifacts(client, nightly_runs.first), _artifacts(client, nightly_runs.second)
+    ours = {"summary-tiny-onnx", "top5-tiny-onnx", "latency-tiny-onnx", "latency-trend-tiny-onnx"}
+    assert ours <= set(second) and ours <= set(first)
+    assert all(KEY.match(second[name].key) for name in ours)
+
+    summary = second["summary-tiny-onnx"]
+    assert summary.type == "markdown"
+    text = summary.data
+    assert "tiny.onnx" in text and f"key={stack.device_key}" in text and "opt_level | 3" in text
+    assert "Cached (not rebuilt): import-model, build, export-library" in text
+    assert "Cached (not rebuilt): none." in first["summary-tiny-onnx"].data
+    assert all(f"| {stage} | **cached** |" in text for stage in COMPILE)
+    assert "against the median of the previous 1 run(s)" in text
+    assert "](data:image/png;base64," in text  # the chart, rendered inside the markdown
+
+    top5 = json.loads(second["top5-tiny-onnx"].data)
+    assert second["top5-tiny-onnx"].type == "table" and [row["rank"] for row in top5] == [1, 2, 3, 4, 5]
+    latency = {row["statistic"]: row["ms"] for row in json.loads(second["latency-tiny-onnx"].data)}
+    assert set(latency) == {"mean", "median", "min", "max", "std"} and latency["median"] > 0
+
+    trend = second["latency-trend-tiny-onnx"]
+    assert trend.type == "image" and "last 2 runs" in trend.description
+    url = json.loads(trend.data) if trend.data.startswith('"') else trend.data
+    assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stack__down_leaves_no_process_and_up_keeps_the_history(stack, nightly_runs):
+    records = stack.records()
+    procs = []
+    for record in records.values():
+        proc = psutil.Process(record["pid"])
+        procs += [proc, *proc.children(recursive=True)]
+    down = stack.cli("down", timeout=120)
+    assert down.returncode == 0, down.stderr
+    assert "stopped worker, device, tracker, server" in down.stdout  # the worker first, the server last
+    alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    for port in (stack.port, stack.tracker_port):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", port)) != 0, f"port {port} still answers"
+    assert not list((stack.home / "run").glob("*.json"))
+    assert stack.cli("status", timeout=60).returncode == 3
+    assert "nothing was running" in stack.cli("down").stdout  # idempotent
+
+    stack.ensure_up()  # the same database: the runs are still there
+    with stack.client() as client:
+        assert client.read_flow_run(nightly_runs.second).state.is_completed()
