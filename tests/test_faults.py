@@ -210,7 +210,10 @@ def test_tiny_image__resized_by_preprocessing(prefect_api, store_root, tiny_onnx
 
     small = tmp_path / "small.png"
     Image.new("RGB", (5, 7), (200, 30, 30)).save(small)
-    summary = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--image", str(small))
+    # A flat image through the tiny random net differs from onnxruntime by ~1.2e-4 (float32 rounding on
+    # logits of ~4): loosen the check, which tests/test_check.py covers; the subject here is the resize.
+    summary = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--image", str(small),
+                       "--max-abs-diff", "1e-3")
     assert summary["image"] == str(small) and len(summary["top5"]) == 5
 
 
