@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from flows._cli import Parser
 from pipeline import keys
 from pipeline.device import EmbeddedServer, open_session
 from pipeline.errors import CheckFailed, PipelineError, UsageError
@@ -41,6 +42,7 @@ from tasks.check import CheckResult, Thresholds, check, failure_message, thresho
 from tasks.export_library import LIBRARY_FILE, export_library
 from tasks.import_model import import_model
 from tasks.load import load
+from tasks.postprocess import header_lines
 from tasks.reference import load_reference, reference, reference_key
 from tasks.run import run
 from tasks.set_input import set_input
@@ -186,11 +188,7 @@ def _short(text: str, width: int) -> str:
 def format_accuracy_report(summary: dict[str, Any]) -> str:
     """The human-readable report: one row per image, then the accuracy of the compiled model and the reference."""
     lines = [
-        f"Model      {summary['model']}  (digest {summary['model_digest'][:16]})",
-        f"Target     {summary['target']}  opt_level {summary['opt_level']}",
-        f"Build      {summary['build_key'][:16]}  library {summary['artifact']}",
-        f"Device     {summary['device']}",
-        "Stages     " + ", ".join(f"{name} {status}" for name, status in summary["stages"].items()),
+        *header_lines(summary),
         f"{'image':<18} {'label':<24} {'TVM top-1':<24} {'reference top-1':<24} {'top-5 hit':<10} "
         f"{'max abs diff':>12}  check",
     ]
@@ -225,15 +223,9 @@ def format_accuracy_report(summary: dict[str, Any]) -> str:
 # -- command line ------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        self.print_usage(sys.stderr)
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flows.accuracy``."""
-    p = _Parser(
+    p = Parser(
         prog="python -m flows.accuracy",
         description="Top-1/top-5 accuracy of the compiled model on a device vs its own framework, on labelled images.",
     )

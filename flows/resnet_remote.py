@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 from prefect import flow
 
+from flows._cli import Parser
 from pipeline import keys
 from pipeline.device import Device
-from pipeline.errors import CheckFailed, DeviceLost, PipelineError, UsageError
+from pipeline.errors import CheckFailed, DeviceLost, PipelineError
 from pipeline.models import MODEL_NAMES
 from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
 from pipeline.store import ENV_VAR, Artifact, ArtifactStore
@@ -201,15 +202,9 @@ def _pipeline(req: ResolvedRequest, device: Device) -> dict[str, Any]:
 # -- command line ------------------------------------------------------------------------------------
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # argparse's default prints usage + "error:"; we print "Error:"
-        self.print_usage(sys.stderr)
-        raise UsageError(message)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m flows.resnet_remote``."""
-    p = _Parser(
+    p = Parser(
         prog="python -m flows.resnet_remote",
         description="Compile a model with TVM (cached) and run it on a TVM RPC device; print its top-5 and latency.",
     )

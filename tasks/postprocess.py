@@ -63,15 +63,20 @@ def postprocess(model: ResolvedModel, output: np.ndarray, latency: Latency, k: i
 postprocess_task = task(name="postprocess", task_run_name="postprocess", cache_policy=NO_CACHE, persist_result=False)(postprocess)
 
 
-def format_report(summary: dict[str, Any]) -> str:
-    """The human-readable report of a run summary (the dict the flow returns)."""
-    lines = [
+def header_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's first lines: model, target, build, device and what each stage did."""
+    return [
         f"Model      {summary['model']}  (digest {summary['model_digest'][:16]})",
         f"Target     {summary['target']}  opt_level {summary['opt_level']}",
         f"Build      {summary['build_key'][:16]}  library {summary['artifact']}",
         f"Device     {summary['device']}",
         "Stages     " + ", ".join(f"{name} {status}" for name, status in summary["stages"].items()),
     ]
+
+
+def format_report(summary: dict[str, Any]) -> str:
+    """The human-readable report of a run summary (the dict the flow returns)."""
+    lines = header_lines(summary)
     lines += [f"Note       {note}" for note in summary.get("notes", [])]
     lines.append("Top-5      class  probability  label")
     for rank, entry in enumerate(summary["top5"], 1):
