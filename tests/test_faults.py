@@ -5,6 +5,7 @@ Every wait here is bounded; only processes these tests started (or their descend
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -59,7 +60,12 @@ class Cli:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            # The CLI's embedded rpc_server has a process group of its own: end it too, or it outlives the test.
+            servers = descendant_servers(self.proc.pid)
             os.killpg(self.proc.pid, signal.SIGKILL)
+            for server in servers:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(server.pid, signal.SIGKILL)
         self.proc.communicate(timeout=30)
 
 
