@@ -13,6 +13,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import warnings
 from typing import Any, Sequence
@@ -275,12 +276,18 @@ def _quiet_console() -> None:
                 handler.addFilter(_NoExpectedTracebacks())
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage failed)."""
     verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
     # No network here or on many devices' hosts: keep Prefect's (ephemeral) server from phoning home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's deprecation chatter
+    # SIGTERM (a cancelled run, `kill`) unwinds like Ctrl-C, so the embedded device is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         args = vars(build_parser().parse_args(argv))
         as_json, verbose = args.pop("json"), args.pop("verbose")
@@ -300,8 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             logging.getLogger(__name__).exception("run failed")
         print(f"Error: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("Error: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"Error: interrupted{f' ({exc})' if str(exc) else ''}; the embedded device was stopped", file=sys.stderr)
         return 130
     print(format_report(summary))
     if as_json:

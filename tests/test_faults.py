@@ -274,3 +274,20 @@ def test_stress_script__small_run_finds_no_corrupt_artifacts(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "result: OK, 0 corrupt or partial artifacts" in proc.stdout
     assert "killed_mid_write     0" not in proc.stdout
+
+
+def test_cli_terminated__embedded_device_is_stopped_not_orphaned(prefect_api, store_root, tiny_onnx):
+    cli = Cli(prefect_api, "--model", str(tiny_onnx), "--artifacts", str(store_root), *LONG_RUN)
+    try:
+        cli.wait_for_line("Task run 'set-input' - Finished")
+        servers = descendant_servers(cli.proc.pid)
+        assert servers
+        cli.proc.send_signal(signal.SIGTERM)
+        code, _, err = cli.finish(timeout=60)
+    finally:
+        cli.kill()
+    assert code == 130 and "Error: interrupted" in err
+    deadline = time.monotonic() + 15
+    while any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in servers) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in servers), "rpc_server orphaned"
