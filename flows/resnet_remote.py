@@ -23,7 +23,7 @@ from prefect import flow
 from flows._cli import Parser
 from pipeline import keys
 from pipeline.device import Device
-from pipeline.errors import CheckFailed, DeviceLost, PipelineError
+from pipeline.errors import CheckFailed, DeviceLost, PipelineError, UsageError
 from pipeline.models import MODEL_NAMES
 from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
 from pipeline.store import ENV_VAR, Artifact, ArtifactStore
@@ -40,17 +40,19 @@ from tasks.check import check_task, raise_if_failed
 from tasks.reference import load_reference, reference_key, reference_task
 from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
+from tasks.tune import LOCAL_RUNNER, tracker_runner, tune_key, tune_task
 from tasks.upload import Uploaded, upload_task
 
 log = logging.getLogger("flows.resnet_remote")
 
 UNTUNED_NOTE = (
-    "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far "
-    "above what the CPU can do (ResNet-18 measured here: ~1.5 s untuned vs 19 ms with onnxruntime)"
+    "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far above what "
+    "the CPU can do (ResNet-18 v2 here: 815 ms untuned, 31 ms after --tune-trials 1024, 9 ms with onnxruntime; "
+    "see bench/RESULTS.md)"
 )
 
 STAGES = (
-    "import-model", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check", "postprocess",
+    "import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check", "postprocess",
 )
 
 
@@ -104,6 +106,8 @@ def resnet_remote(
     refresh: bool = False,
     check: bool = True,
     max_abs_diff: float | None = None,
+    tune_trials: int = 0,
+    tune_on: str = "host",
 ) -> dict[str, Any]:
     """Import, compile (cached), export (cached), upload, load, set the input, run and time a model.
 
@@ -136,6 +140,15 @@ def _on_device(req: ResolvedRequest, device: Device, library: Artifact) -> tuple
     raise AssertionError("unreachable")
 
 
+def _tuning_runner(req: ResolvedRequest) -> str:
+    """Where tuning measures: here, or on the run's device when it comes from a tracker and --tune-on device."""
+    if req.tune_on == "device":
+        if req.device.kind != "tracker":
+            raise UsageError("--tune-on device measures through a TVM tracker: give --tracker HOST:PORT --key KEY")
+        return tracker_runner(str(req.device.tracker), str(req.device.key))
+    return LOCAL_RUNNER
+
+
 def _pipeline(req: ResolvedRequest, device: Device) -> dict[str, Any]:
     store, model, target = req.store, req.model, req.target
     stages: dict[str, str] = {}
@@ -144,10 +157,22 @@ def _pipeline(req: ResolvedRequest, device: Device) -> dict[str, Any]:
     imported, stages["import-model"] = _cached_stage(import_model_task, store, import_key, req.refresh, model=model)
 
     toolchain = toolchain_for(target)  # fail before compiling if the cross compiler is missing
-    build_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, req.opt_level))
+    tuning = None
+    if req.tune_trials > 0:
+        tuned, stages["tune"] = _cached_stage(
+            # --refresh does not retune (minutes to hours); a missing or corrupt tuning is still redone.
+            tune_task, store, tune_key(model.digest, target, req.tune_trials), False,
+            module=imported.artifact, model_digest=model.digest, target=target, trials=req.tune_trials,
+            runner=_tuning_runner(req),
+        )
+        tuning = tuned.artifact
+    build_key = keys.key_of(
+        keys.build_inputs(model.digest, target.canonical, req.opt_level, tuning.key if tuning else None)
+    )
     built, stages["build"] = _cached_stage(
         build_task, store, build_key, req.refresh,
         module=imported.artifact, model_digest=model.digest, target=target, opt_level=req.opt_level,
+        tuning=tuning,
     )
 
     library_key = keys.key_of(keys.export_inputs(build_key, toolchain.identity))
@@ -173,13 +198,15 @@ def _pipeline(req: ResolvedRequest, device: Device) -> dict[str, Any]:
     prediction = postprocess_task(model, result.output, result.latency)
     stages["postprocess"] = "ran"
 
-    notes = [*model.notes, UNTUNED_NOTE]
+    notes = [*model.notes, *([] if tuning else [UNTUNED_NOTE])]
     summary = {
         "model": model.name,
         "model_digest": model.digest,
         "weights": model.spec.weights if model.kind == "resnet18_v2" else None,
         "target": target.canonical,
         "opt_level": req.opt_level,
+        "tune_trials": req.tune_trials,
+        "tuning_key": tuning.key if tuning else None,
         "import_key": import_key,
         "build_key": build_key,
         "library_key": library_key,
@@ -224,6 +251,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "-mcpu=native means this host's CPU (default: %(default)s)")
     b.add_argument("--opt-level", type=int, default=3, choices=range(4), metavar="{0,1,2,3}",
                    help="TVM PassContext opt_level (default: %(default)s)")
+    b.add_argument("--tune-trials", type=int, default=0,
+                   help="MetaSchedule tuning budget (trials); 0 = no tuning. Tuned once per (model, target, "
+                        "budget) and cached like the build (default: %(default)s)")
+    b.add_argument("--tune-on", choices=("host", "device"), default="host",
+                   help="measure tuning candidates on this host, or on the --tracker/--key device (default: %(default)s)")
     b.add_argument("--artifacts", default=None,
                    help=f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)")
     b.add_argument("--refresh", action="store_true", help="rebuild import-model, build and export-library")

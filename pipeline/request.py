@@ -48,6 +48,8 @@ class RunRequest:
     refresh: bool = False
     check: bool = True
     max_abs_diff: float | None = None
+    tune_trials: int = 0
+    tune_on: str = "host"
 
 
 @dataclass(frozen=True)
@@ -67,6 +69,8 @@ class ResolvedRequest:
     device_retries: int
     check: bool
     thresholds: Thresholds
+    tune_trials: int
+    tune_on: str
 
 
 def resolve(request: RunRequest) -> ResolvedRequest:
@@ -79,6 +83,10 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         raise UsageError(f"--number and --repeat must be at least 1 (got {request.number}, {request.repeat})")
     if not 0 <= request.device_retries <= 10:
         raise UsageError(f"--device-retries must be 0-10 (got {request.device_retries})")
+    if not 0 <= request.tune_trials <= 100_000:
+        raise UsageError(f"--tune-trials must be 0 (no tuning) to 100000 (got {request.tune_trials})")
+    if request.tune_on not in ("host", "device"):
+        raise UsageError(f"--tune-on must be host or device (got {request.tune_on!r})")
     opt_level = check_opt_level(request.opt_level)
     thresholds = thresholds_for("float32", request.max_abs_diff)
     device = DeviceSpec(
@@ -109,4 +117,6 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         device_retries=request.device_retries,
         check=request.check,
         thresholds=thresholds,
+        tune_trials=request.tune_trials,
+        tune_on=request.tune_on,
     )

@@ -30,8 +30,13 @@ def build(
     store_root: str,
     key: str,
     refresh: bool = False,
+    tuning: Artifact | None = None,
 ) -> Built:
     """Compile the imported module and store the target's object files under ``key``.
+
+    Args:
+        tuning: a ``tune`` artifact whose MetaSchedule database is applied before compiling; its key is
+            then part of the build key (``keys.build_inputs(..., tuning=tuning.key)``).
 
     Raises:
         BuildError: TVM failed to compile the module for the target.
@@ -45,8 +50,14 @@ def build(
             raise StoreError(f"the imported module {module.key} vanished from the store; run again")
         mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
         try:
+            if tuning is not None:
+                from tasks.tune import apply_tuning
+
+                mod = apply_tuning(mod, tuning, store)
             with tvm.transform.PassContext(opt_level=opt_level):
                 executable = tvm.compile(mod, target=target.tvm_target())
+        except StoreError:
+            raise
         except Exception as exc:
             raise BuildError(
                 f"TVM failed to compile for {target.canonical} at opt_level {opt_level}: "
@@ -55,7 +66,9 @@ def build(
         executable.export_library(str(directory / OBJECTS_FILE))
 
     return ensure_artifact(
-        store, key, "build", keys.build_inputs(model_digest, target.canonical, opt_level), produce, refresh
+        store, key, "build",
+        keys.build_inputs(model_digest, target.canonical, opt_level, tuning.key if tuning is not None else None),
+        produce, refresh,
     )
 
 

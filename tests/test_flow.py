@@ -15,8 +15,8 @@ from pipeline.store import ArtifactStore
 
 COMPILE = ("import-model", "build", "export-library")
 DEVICE = ("upload", "load", "set-input", "run", "postprocess")
-STAGES = ("import-model", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
-          "postprocess")
+STAGES = ("import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run",
+          "check", "postprocess")
 KEYS = {"model", "model_digest", "target", "opt_level", "build_key", "artifact", "device", "stages", "top5", "latency_ms"}
 
 
@@ -35,6 +35,7 @@ def test_flow__second_run_in_new_process_is_cached_but_device_stages_run(prefect
     first = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
     assert KEYS <= first.keys()
     assert list(first["stages"]) == list(STAGES)
+    assert first["stages"]["tune"] == "skipped" and first["tuning_key"] is None
     assert first["check"]["passed"] and first["check"]["max_abs_diff"] <= 1e-4
     assert statuses(first, COMPILE + DEVICE) == {"ran"}
     assert len(first["top5"]) == 5 and {"class", "label", "prob"} <= first["top5"][0].keys()
@@ -202,3 +203,18 @@ def test_flow__check_fails_when_the_library_holds_other_weights(prefect_api, sto
     skipped = cli_json(prefect_api, store_root, "--model", str(tmp_path / "a.onnx"), "--no-check")
     assert skipped["check"] is None
     assert skipped["stages"]["reference"] == skipped["stages"]["check"] == "skipped"
+
+
+def test_flow__tuned_build_is_cached_and_a_new_budget_retunes(prefect_api, store_root, tmp_path):
+    model = make_tiny_onnx(tmp_path / "t.onnx", seed=5)
+    untuned = cli_json(prefect_api, store_root, "--model", str(model))
+    first = cli_json(prefect_api, store_root, "--model", str(model), "--tune-trials", "4")
+    assert first["stages"]["tune"] == "ran" and first["stages"]["build"] == "ran"
+    assert first["build_key"] != untuned["build_key"] and first["check"]["passed"]
+    assert not any("untuned" in note for note in first["notes"])
+    assert any("untuned" in note for note in untuned["notes"])
+    second = cli_json(prefect_api, store_root, "--model", str(model), "--tune-trials", "4")
+    assert second["stages"]["tune"] == second["stages"]["build"] == "cached"
+    assert second["tuning_key"] == first["tuning_key"]
+    other = cli_json(prefect_api, store_root, "--model", str(model), "--tune-trials", "8")
+    assert other["stages"]["tune"] == "ran" and other["tuning_key"] != first["tuning_key"]

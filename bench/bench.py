@@ -1,0 +1,637 @@
+"""One run, one machine: what the pipeline costs against plain TVM, and how fast the compiled model is.
+
+    .venv/bin/python bench/bench.py [--repeats 5] [--budgets 64,256] [--out bench/RESULTS.md]
+
+Four measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken in this one process:
+
+1. warm flow vs plain script: ``resnet_remote`` (all builds cached, a persistent Prefect server that this
+   script starts on a free 127.0.0.1 port with its own PREFECT_HOME, and stops at the end) against a plain
+   TVM function doing the same device steps (connect, upload, load, set-input, run, fetch) on the same
+   rpc_server. Model: efficientnet_lite0 (the demo; real weights shipped offline), target ``llvm``.
+2. cold ``build`` + ``export-library`` as Prefect tasks inside a flow (fresh store each time) against plain
+   ``tvm.compile`` + ``export_library``. Model: resnet18_v2 (random weights), untuned.
+3. inference latency of ResNet-18 v2 (random weights, seed 0): TVM default build, TVM tuned with each
+   budget (tuned artifacts are reused from the store; the tuning time is the one recorded in the tuning
+   artifact), onnxruntime on the same ONNX graph and weights, torch (the same architecture written in torch,
+   random weights), as ratios to onnxruntime. TVM runs in this process on ``tvm.cpu()``.
+4. upload: the tuned library uploaded to the rpc_server (MB/s) against a plain loopback socket copy of the
+   same bytes, and the same bytes sent as one tensor (what "weights out of the library" would pay).
+
+Nothing here asserts timings. The machine has other users: only ratios from one run mean anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import platform
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+FLOW_MODEL = "efficientnet_lite0"
+FLOW_TARGET = "llvm"
+RESNET = "resnet18_v2"
+TUNED_TARGET = "llvm -mcpu=native"
+SERVER_START_S = 120.0
+log = logging.getLogger("bench")
+
+
+# ---------------------------------------------------------------------------------------------- stats
+
+
+def summary(samples: list[float]) -> dict[str, float]:
+    """Median, min and max of ``samples`` (seconds or any unit)."""
+    return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
+
+
+def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
+    return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})"
+
+
+def machine_line() -> str:
+    """CPU model, cores and the SIMD flags that matter, LLVM's CPU name, versions."""
+    model, flags = platform.processor() or "unknown CPU", []
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("", "unknown CPU", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            if line.startswith("flags"):
+                flags = line.split(":", 1)[1].split()
+                break
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
+    import psutil
+    import tvm
+    from importlib import metadata
+
+    versions = ", ".join(
+        f"{d} {metadata.version(d)}" for d in ("apache-tvm", "apache-tvm-ffi", "onnxruntime", "torch", "prefect")
+    )
+    return (
+        f"{model}; {psutil.cpu_count(logical=False)} cores / {psutil.cpu_count()} threads; "
+        f"LLVM cpu {tvm.target.codegen.llvm_get_system_cpu()}; flags: {' '.join(f for f in wanted if f in flags)}; "
+        f"{platform.system()} {platform.release()}, Python {platform.python_version()}; {versions}"
+    )
+
+
+# ------------------------------------------------------------------------------------ prefect server
+
+
+@contextlib.contextmanager
+def prefect_server(home: Path) -> Iterator[str]:
+    """A persistent Prefect server on a free 127.0.0.1 port, in its own process group; yields the API URL."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    env.pop("PREFECT_API_URL", None)
+    logf = open(home / "server.log", "wb")
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + SERVER_START_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"prefect server exited ({proc.returncode}); see {home / 'server.log'}")
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(url + "/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"prefect server not healthy after {SERVER_START_S:.0f} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=15)
+        logf.close()
+
+
+# ----------------------------------------------------------------------------------- pipeline pieces
+
+
+def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0) -> dict[str, Any]:
+    """import -> (tune) -> build -> export with the plain stage functions; everything cached in the store."""
+    from pipeline import keys
+    from pipeline.targets import parse_target, toolchain_for
+    from tasks.build import build
+    from tasks.export_library import LIBRARY_FILE, export_library
+    from tasks.import_model import import_model
+    from tasks.tune import read_report, tune, tune_key
+
+    target = parse_target(target_text)
+    toolchain = toolchain_for(target)
+    imported = import_model(model, store_root, keys.key_of(keys.import_inputs(model.digest)))
+    tuning, report = None, None
+    if trials:
+        tuned = tune(imported.artifact, model.digest, target, trials, store_root, tune_key(model.digest, target, trials))
+        tuning, report = tuned.artifact, read_report(tuned.artifact, store_root)
+    bk = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3, tuning.key if tuning else None))
+    built = build(imported.artifact, model.digest, target, 3, store_root, bk, tuning=tuning)
+    lk = keys.key_of(keys.export_inputs(bk, toolchain.identity))
+    library = export_library(built.artifact, target, toolchain, store_root, lk)
+    from pipeline.store import ArtifactStore
+
+    return {
+        "target": target, "imported": imported.artifact, "build_key": bk, "report": report,
+        "library": ArtifactStore(store_root).file(library.artifact, LIBRARY_FILE),
+    }
+
+
+def resnet_onnx(model: Any, path: Path) -> Path:
+    """The same ONNX graph and weights that the pipeline imports for resnet18_v2 (MXNet -> mx2onnx)."""
+    import mxnet as mx
+
+    from pipeline.models import _mxnet
+
+    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
+        work = Path(tmp)
+        net = _mxnet._resnet(model)
+        net.hybridize()
+        net(mx.nd.zeros(_mxnet.INPUT_SHAPE))
+        net.export(str(work / "r"))
+        graph = _mxnet._load_symbol_json(work / "r-symbol.json")
+        params = _mxnet._load_params(work / "r-0000.params")
+        _mxnet._fix_gamma_to_one(graph, params)
+        mx.onnx.export_model(
+            mx.sym.load(str(work / "r-symbol.json")), {k.split(":", 1)[-1]: v for k, v in params.items()},
+            [_mxnet.INPUT_SHAPE], [np.float32], str(path),
+        )
+    # mx2onnx also lists every weight as a graph input, which makes onnxruntime treat them as variables
+    # (no constant folding of BatchNorm, no prepacking): keep only the real input, as a fair baseline.
+    import onnx
+
+    graph = onnx.load(str(path))
+    weights = {init.name for init in graph.graph.initializer}
+    for value in [v for v in graph.graph.input if v.name in weights]:
+        graph.graph.input.remove(value)
+    onnx.save(graph, str(path))
+    return path
+
+
+def torch_resnet18_v2() -> Any:
+    """ResNet-18 v2 (pre-activation, as in MXNet's model zoo) in torch, random weights, eval mode."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.down = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
+
+        def forward(self, x: Any) -> Any:
+            a = torch.relu(self.bn1(x))
+            residual = self.down(a) if self.down is not None else x
+            return self.conv2(torch.relu(self.bn2(self.conv1(a)))) + residual
+
+    layers: list[nn.Module] = [nn.BatchNorm2d(3, affine=False), nn.Conv2d(3, 64, 7, 2, 3, bias=False),
+                               nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
+    cin = 64
+    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
+        cin = cout
+    layers += [nn.BatchNorm2d(512), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
+    torch.manual_seed(0)
+    return nn.Sequential(*layers).eval()
+
+
+def timed(fn: Callable[[], Any], repeats: int, number: int = 1, warmup: int = 1) -> dict[str, float]:
+    """Seconds per call: ``repeats`` measurements of the mean of ``number`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(number):
+            fn()
+        samples.append((time.perf_counter() - start) / number)
+    return summary(samples)
+
+
+def number_for(fn: Callable[[], Any], target_s: float = 0.2) -> int:
+    """Calls per measurement so that one measurement lasts about ``target_s``."""
+    start = time.perf_counter()
+    fn()
+    return max(1, min(50, round(target_s / max(time.perf_counter() - start, 1e-6))))
+
+
+# --------------------------------------------------------------------------------------- the sections
+
+
+def bench_latency(store_root: str, budgets: list[int], repeats: int) -> dict[str, Any]:
+    """Section 3: ResNet-18 v2 inference latency of each engine, in this process, 2 threads each."""
+    import onnxruntime as ort
+    import torch
+    import tvm
+    from tvm import relax
+
+    from pipeline.models import ModelSpec, resolve_model
+
+    model = resolve_model(ModelSpec(RESNET, weights="random"))
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    rows: dict[str, Any] = {}
+
+    with tempfile.TemporaryDirectory(prefix="bench-ort-") as tmp:
+        session = ort.InferenceSession(str(resnet_onnx(model, Path(tmp) / "r.onnx")), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        expected = session.run(None, {name: x})[0]
+        run_ort = lambda: session.run(None, {name: x})  # noqa: E731
+        rows["onnxruntime"] = {"latency": timed(run_ort, repeats, number_for(run_ort)), "diff": 0.0}
+
+    net = torch_resnet18_v2()
+    tx = torch.from_numpy(x)
+
+    def run_torch() -> Any:
+        with torch.inference_mode():
+            return net(tx)
+
+    rows["torch"] = {"latency": timed(run_torch, repeats, number_for(run_torch)), "note": f"{torch.get_num_threads()} threads"}
+
+    variants = [("TVM default (untuned)", 0, "llvm"), ("TVM default, -mcpu=native", 0, TUNED_TARGET)]
+    variants += [(f"TVM tuned, {b} trials", b, TUNED_TARGET) for b in budgets]
+    for label, trials, target_text in variants:
+        compiled = compile_model(model, target_text, store_root, trials)
+        vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled["library"])), tvm.cpu())
+        tx_tvm = tvm.runtime.tensor(x)
+        out = vm["main"](tx_tvm)
+        out = (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+        run_tvm = lambda: vm["main"](tx_tvm)  # noqa: E731
+        row = {"latency": timed(run_tvm, repeats, number_for(run_tvm), warmup=0),
+               "diff": float(np.abs(out - expected).max()), "target": target_text}
+        if compiled["report"]:
+            row["tuning_s"] = compiled["report"]["seconds"]
+            row["trials"] = trials
+        rows[label] = row
+        log.info("latency %s: %.2f ms", label, row["latency"]["median"] * 1e3)
+    return rows
+
+
+def _socket_copy(data: bytes) -> float:
+    """Seconds to send ``data`` over a loopback TCP socket to a thread that receives all of it and acks."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    received = bytearray()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            while len(received) < len(data):
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                received.extend(chunk)
+            conn.sendall(b"k")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    start = time.perf_counter()
+    with socket.create_connection(listener.getsockname(), timeout=60) as client:
+        client.sendall(data)
+        client.recv(1)
+    seconds = time.perf_counter() - start
+    thread.join(timeout=60)
+    listener.close()
+    assert len(received) == len(data)
+    return seconds
+
+
+def _one_session_transfers(host: str, port: int, library: Path, cached: str, repeats: int, rows: dict[str, Any]) -> None:
+    """Uploads and tensor copies in one session; leaves a copy of the library at the absolute path ``cached``.
+
+    A function of its own so that the session is closed on return: a remote Device (``dev._rpc_sess``), a
+    closure or a tensor that still refers to the session keeps it open, and the rpc_server serves one session
+    at a time.
+    """
+    import tvm
+    from tvm import rpc
+
+    remote = rpc.connect(host, port, session_timeout=600)
+
+    def upload() -> None:
+        remote.upload(str(library), f"bench-{time.perf_counter_ns()}.so")
+
+    rows["rpc upload (file)"] = timed(upload, repeats)
+    weights = np.frombuffer(library.read_bytes(), dtype=np.uint8)
+    dev = remote.cpu()
+    rows["rpc tensor copy"] = timed(lambda: tvm.runtime.tensor(weights, dev), repeats)
+    # The stock rpc_server joins an absolute name to nothing: the file outlives the session.
+    remote.upload(str(library), cached)
+
+
+def bench_upload(library: Path, repeats: int) -> dict[str, Any]:
+    """Section 4: rpc upload of the library vs a socket copy of the same bytes (and the bytes as a tensor)."""
+    from tvm import rpc
+
+    from pipeline.device import EmbeddedServer
+
+    size = library.stat().st_size
+    rows: dict[str, Any] = {"bytes": size}
+    with EmbeddedServer() as server, tempfile.TemporaryDirectory(prefix="bench-device-cache-") as cache:
+        host, port = server.address
+        cached = str(Path(cache) / f"{library.parent.name}.so")
+        _one_session_transfers(host, port, library, cached, repeats, rows)
+
+        def session_upload_load() -> None:
+            session = rpc.connect(host, port, session_timeout=600)
+            name = f"bench-{time.perf_counter_ns()}.so"
+            session.upload(str(library), name)
+            session.load_module(name)
+
+        def session_load_cached() -> None:
+            session = rpc.connect(host, port, session_timeout=600)
+            session.load_module(cached)
+
+        rows["new session: upload + load"] = timed(session_upload_load, repeats)
+        rows["new session: load the copy kept on the device"] = timed(session_load_cached, repeats)
+    rows["socket copy"] = summary([_socket_copy(library.read_bytes()) for _ in range(repeats)])
+    return rows
+
+
+def plain_device_steps(host: str, port: int, library: Path, x: np.ndarray) -> np.ndarray:
+    """What a plain TVM script does with a compiled library: connect, upload, load, set-input, run, fetch."""
+    import tvm
+    from tvm import relax, rpc
+
+    remote = rpc.connect(host, port, session_timeout=600)
+    remote.upload(str(library), "plain.so")
+    dev = remote.cpu()
+    vm = relax.VirtualMachine(remote.load_module("plain.so"), dev)
+    vm.set_input("main", tvm.runtime.tensor(x, dev))
+    vm.invoke_stateful("main")
+    vm.time_evaluator("invoke_stateful", dev, number=1, repeat=5)("main")  # what the flow measures
+    out = vm.get_outputs("main")
+    out = (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+    del vm, remote
+    return out
+
+
+def bench_flow(store_root: str, repeats: int) -> dict[str, Any]:
+    """Section 1: the warm flow (persistent Prefect server) vs the plain device steps, alternating."""
+    from flows.resnet_remote import resnet_remote
+    from pipeline.device import EmbeddedServer
+    from pipeline.request import RunRequest, resolve
+
+    common = dict(model=FLOW_MODEL, target=FLOW_TARGET, artifacts=store_root)
+    with EmbeddedServer() as server:
+        host, port = server.address
+        first = time.perf_counter()
+        summary0 = resnet_remote(**common, host=host, port=port)  # builds (or finds) everything
+        first_s = time.perf_counter() - first
+        library = Path(summary0["artifact"])
+        x = resolve(RunRequest(**common)).input
+        flow_s, plain_s = [], []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = resnet_remote(**common, host=host, port=port)
+            flow_s.append(time.perf_counter() - start)
+            assert all(result["stages"][s] == "cached" for s in ("import-model", "build", "export-library"))
+            start = time.perf_counter()
+            plain_device_steps(host, port, library, x)
+            plain_s.append(time.perf_counter() - start)
+    return {"flow": summary(flow_s), "plain": summary(plain_s), "first_s": first_s,
+            "stages": summary0["stages"], "library_bytes": library.stat().st_size}
+
+
+def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
+    """Section 2: build + export-library as Prefect tasks in a flow, in a fresh store, vs plain TVM."""
+    import tvm
+    from prefect import flow
+
+    from pipeline import keys
+    from pipeline.models import ModelSpec, resolve_model
+    from pipeline.store import ArtifactStore
+    from pipeline.targets import parse_target, toolchain_for
+    from tasks._cache import store_cache_options
+    from tasks.build import build_task
+    from tasks.export_library import export_library_task
+    from tasks.import_model import MODULE_FILE
+
+    model = resolve_model(ModelSpec(RESNET, weights="random"))
+    target = parse_target(FLOW_TARGET)
+    toolchain = toolchain_for(target)
+    imported = compile_model(model, FLOW_TARGET, store_root)["imported"]
+    source = ArtifactStore(store_root)
+    mod_text = source.file(imported, MODULE_FILE).read_text()
+
+    @flow(name="bench-cold-build", persist_result=False)
+    def cold_build(root: str) -> float:
+        store = ArtifactStore(root)
+        start = time.perf_counter()
+        bk = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3))
+        built = build_task.with_options(**store_cache_options(store, True))(
+            module=imported, model_digest=model.digest, target=target, opt_level=3, store_root=root, key=bk)
+        lk = keys.key_of(keys.export_inputs(bk, toolchain.identity))
+        export_library_task.with_options(**store_cache_options(store, True))(
+            build=built.artifact, target=target, toolchain=toolchain, store_root=root, key=lk)
+        return time.perf_counter() - start
+
+    def plain(work: Path) -> None:
+        mod = tvm.ir.load_json(mod_text)
+        with tvm.transform.PassContext(opt_level=3):
+            ex = tvm.compile(mod, target=target.tvm_target())
+        ex.export_library(str(work / "model.so"))
+
+    inside, whole, plain_s = [], [], []
+    for i in range(repeats + 1):  # the first pair warms both paths up (imports, Prefect's flow registration)
+        with tempfile.TemporaryDirectory(prefix="bench-cold-") as tmp:
+            root = Path(tmp) / "artifacts"
+            shutil.copytree(source.path(imported.key), ArtifactStore(root).path(imported.key))
+            start = time.perf_counter()
+            seconds = cold_build(str(root))
+            total = time.perf_counter() - start
+            start = time.perf_counter()
+            plain(Path(tmp))
+            plain_seconds = time.perf_counter() - start
+        if i:
+            inside.append(seconds)
+            whole.append(total)
+            plain_s.append(plain_seconds)
+    return {"inside": summary(inside), "whole": summary(whole), "plain": summary(plain_s)}
+
+
+# ------------------------------------------------------------------------------------------- report
+
+
+def render(results: dict[str, Any], command: str) -> str:
+    lat, up, fl, cb = results["latency"], results["upload"], results["flow"], results["cold"]
+    ort_ms = lat["onnxruntime"]["latency"]["median"]
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Generated by one run of `{command}` on {results['date']} ({results['seconds']:.0f} s).",
+        "",
+        f"**Machine**: {results['machine']}",
+        "",
+        f"Medians of {results['repeats']} repeats, (min–max). The machine is shared (2 cores, other users' tests "
+        "may run): compare only numbers of one run.",
+        "",
+        "| # | measurement | pipeline | plain | ratio | goal |",
+        "|---|---|---|---|---|---|",
+        f"| 1 | warm flow (cached builds, persistent Prefect server) vs plain TVM device steps, "
+        f"{FLOW_MODEL} @ `{FLOW_TARGET}`, s | {fmt(fl['flow'], 1, 2)} | {fmt(fl['plain'], 1, 2)} | "
+        f"{fl['flow']['median'] / fl['plain']['median']:.2f}x | ≤ 1.15x |",
+        f"| 2 | cold `build` + `export-library` as tasks in a flow vs `tvm.compile` + `export_library`, "
+        f"{RESNET} @ `{FLOW_TARGET}`, s | {fmt(cb['inside'], 1, 2)} | {fmt(cb['plain'], 1, 2)} | "
+        f"{cb['inside']['median'] / cb['plain']['median']:.2f}x | ≤ 1.05x |",
+    ]
+    tuned = [(k, v) for k, v in lat.items() if "tuned" in k]
+    if tuned:
+        best_label, best = min(tuned, key=lambda kv: kv[1]["latency"]["median"])
+        lines.append(
+            f"| 3 | inference, {best_label} vs onnxruntime, ms | {fmt(best['latency'], 1e3, 2)} | "
+            f"{fmt(lat['onnxruntime']['latency'], 1e3, 2)} | {best['latency']['median'] / ort_ms:.2f}x | ≤ 1.0x (moonshot) |"
+        )
+    rpc, sock = up["rpc upload (file)"], up["socket copy"]
+    mb = up["bytes"] / 1e6
+    lines += [
+        f"| 4 | upload of the {mb:.1f} MB tuned library vs loopback socket copy, MB/s | "
+        f"{mb / rpc['median']:.0f} ({mb / rpc['max']:.0f}–{mb / rpc['min']:.0f}) | "
+        f"{mb / sock['median']:.0f} ({mb / sock['max']:.0f}–{mb / sock['min']:.0f}) | "
+        f"{sock['median'] / rpc['median']:.2f}x | — |",
+        "",
+        "## 1. Warm flow vs plain script",
+        "",
+        f"`resnet_remote(model={FLOW_MODEL!r}, target={FLOW_TARGET!r}, host, port)` called in this process against "
+        "a Prefect server started by the script (its own PREFECT_HOME, 127.0.0.1), every compile stage cached "
+        f"(stages of the first call: {', '.join(f'{k} {v}' for k, v in fl['stages'].items())}; it took "
+        f"{fl['first_s']:.1f} s). The plain function does, on the same rpc_server: `rpc.connect`, `upload` "
+        f"({fl['library_bytes'] / 1e6:.1f} MB), `load_module`, `set_input`, `time_evaluator` (1 x 5 runs, as the "
+        "flow), `get_outputs`. The flow also preprocesses the image, checks the output against the cached "
+        "reference, and records its runs, task runs and artifacts in Prefect. Calls alternate flow / plain.",
+        "",
+        "## 2. Cold build + export",
+        "",
+        f"Per repeat a fresh store holding only the imported module; the flow calls `build_task` and "
+        f"`export_library_task` (refresh, store-keyed Prefect cache): {fmt(cb['inside'], 1, 2)} s inside the "
+        f"flow, {fmt(cb['whole'], 1, 2)} s for the whole flow call (flow run creation included). Plain: "
+        f"`tvm.compile` + `export_library('model.so')`: {fmt(cb['plain'], 1, 2)} s. The flow additionally writes "
+        "the objects (`build.tar`) and the library into the store with SHA-256 manifests and fsync.",
+        "",
+        "## 3. Inference latency, ResNet-18 v2 (random weights), batch 1, 2 threads",
+        "",
+        "| engine | target | ms per image | ratio to onnxruntime | max abs diff vs onnxruntime | tuning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in lat.items():
+        tuning = f"{row['trials']} trials, {row['tuning_s']:.0f} s" if "tuning_s" in row else ""
+        diff = f"{row['diff']:.1e}" if "diff" in row else "— (own random weights)"
+        lines.append(
+            f"| {label} | `{row.get('target', '')}` | {fmt(row['latency'], 1e3, 2)} | "
+            f"{row['latency']['median'] / ort_ms:.2f}x | {diff} | {tuning} |"
+        )
+    lines += [
+        "",
+        "TVM runs the stored library in this process (`tvm.cpu()`); onnxruntime runs the same ONNX graph and "
+        "weights that TVM imports (mx2onnx export of MXNet's ResNet-18 v2, weights removed from the graph inputs "
+        "so that onnxruntime may fold them); torch runs the same architecture "
+        "written in torch with its own random weights (same FLOPs). The tuning time is the one recorded in "
+        "the tuning artifact (`tuning.json`) when it was tuned; tuned artifacts are reused from the store.",
+        "",
+        "## 4. Upload",
+        "",
+        "| transfer | s | MB/s |",
+        "|---|---|---|",
+    ]
+    for label in ("rpc upload (file)", "rpc tensor copy", "socket copy", "new session: upload + load",
+                  "new session: load the copy kept on the device"):
+        s = up[label]
+        rate = f"{mb / s['median']:.0f}" if "session" not in label else "—"
+        lines.append(f"| {label} | {fmt(s, 1, 3)} | {rate} |")
+    lines += [
+        "",
+        f"The library ({mb:.1f} MB) is almost all weights. `rpc upload` is `RPCSession.upload` to a local "
+        "`python -m tvm.exec.rpc_server`; `rpc tensor copy` sends the same bytes as one uint8 tensor to the "
+        "device's memory (what keeping the weights out of the library would pay per session); `socket copy` "
+        "sends them over a plain 127.0.0.1 TCP socket to a thread of this process. The last two rows are what a "
+        "repeated run pays per session: today's upload + `load_module`, against `load_module` of a copy kept on "
+        "the device (the stock rpc_server writes an absolute upload name as is, outside its per-session temporary "
+        "directory that it deletes, so a content-addressed name such as `<library key>.so` survives the session).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5, help="measurements per number (>= 5; default 5)")
+    parser.add_argument("--budgets", default="64,256", help="tuning budgets (trials) of ResNet-18 (default 64,256)")
+    parser.add_argument("--artifacts", default=None, help="artifact store (default: $TVMRP_ARTIFACTS or artifacts/)")
+    parser.add_argument("--out", default=None, help="write the markdown report here (e.g. bench/RESULTS.md)")
+    parser.add_argument("--json", default=None, help="also write the raw numbers as JSON here")
+    args = parser.parse_args(argv)
+    if args.repeats < 5:
+        parser.error("--repeats must be 5 or more")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("prefect", "httpx", "tvm", "RPCServer", "pipeline", "tasks", "flows"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("tasks.tune").setLevel(logging.INFO)
+    from pipeline.store import default_root
+
+    store_root = str(Path(args.artifacts).resolve() if args.artifacts else default_root())
+    budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
+    command = "scripts/setup && .venv/bin/python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_line(), "repeats": args.repeats,
+                               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    log.info("machine: %s", results["machine"])
+    results["latency"] = bench_latency(store_root, budgets, args.repeats)
+    from pipeline.models import ModelSpec, resolve_model
+
+    best = compile_model(resolve_model(ModelSpec(RESNET, weights="random")), TUNED_TARGET, store_root, max(budgets))
+    results["upload"] = bench_upload(best["library"], args.repeats)
+    log.info("upload done")
+    with tempfile.TemporaryDirectory(prefix="bench-prefect-") as home:
+        with prefect_server(Path(home)) as api:
+            from prefect.settings import PREFECT_API_URL, PREFECT_LOGGING_LEVEL, temporary_settings
+
+            log.info("prefect server at %s", api)
+            with temporary_settings(updates={PREFECT_API_URL: api, PREFECT_LOGGING_LEVEL: "WARNING"}):
+                results["flow"] = bench_flow(store_root, args.repeats)
+                log.info("flow done")
+                results["cold"] = bench_cold_build(store_root, args.repeats)
+                log.info("cold build done")
+    results["seconds"] = time.perf_counter() - started
+    text = render(results, command.strip())
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+import numpy as np  # noqa: E402  (after sys.path is set up; used throughout)
+
+if __name__ == "__main__":
+    sys.exit(main())
