@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import psutil
+from _pidfile import PidRecord, read_record, write_record  # this directory is sys.path[0] when run as a script
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # pipeline.device, also without the editable install
@@ -135,39 +136,19 @@ class Config:
 
 
 @dataclasses.dataclass(frozen=True)
-class Record:
+class Record(PidRecord):
     """What ``up`` wrote about a process it started: enough to find it again and to never hit another."""
 
-    name: str
-    pid: int
-    create_time: float
     argv: list[str]
-
-    def process(self) -> psutil.Process | None:
-        """The live process, or None when it is gone or its pid now belongs to another process."""
-        try:
-            proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.5 or proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc
-        except psutil.Error:
-            return None
 
 
 def _read_record(cfg: Config, name: str) -> Record | None:
-    try:
-        return Record(**json.loads(cfg.pidfile(name).read_text()))
-    except (OSError, ValueError, TypeError):
-        return None
+    return read_record(Record, cfg.pidfile(name))
 
 
 def _write_record(cfg: Config, name: str, pid: int, argv: list[str]) -> Record:
     record = Record(name, pid, psutil.Process(pid).create_time(), argv)
-    path = cfg.pidfile(name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(record)))
-    tmp.replace(path)
+    write_record(cfg.pidfile(name), record)
     return record
 
 
