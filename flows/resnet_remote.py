@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import warnings
+from pathlib import Path
 from typing import Any, Sequence
 
 from prefect import flow
@@ -23,7 +24,7 @@ from prefect import flow
 from flows._cli import Parser
 from pipeline import keys
 from pipeline.device import Device
-from pipeline.errors import CheckFailed, DeviceLost, PipelineError, UsageError
+from pipeline.errors import CheckFailed, DeviceLost, PipelineError, StaleDeviceCopy, UsageError
 from pipeline.models import MODEL_NAMES
 from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
 from pipeline.store import ENV_VAR, Artifact, ArtifactStore
@@ -108,6 +109,7 @@ def resnet_remote(
     max_abs_diff: float | None = None,
     tune_trials: int = 0,
     tune_on: str = "host",
+    device_cache: str = "auto",
 ) -> dict[str, Any]:
     """Import, compile (cached), export (cached), upload, load, set the input, run and time a model.
 
@@ -120,24 +122,38 @@ def resnet_remote(
 
 
 def _on_device(req: ResolvedRequest, device: Device, library: Artifact) -> tuple[Uploaded, RunResult, str]:
-    """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost."""
-    for attempt in range(1, req.device_retries + 2):
+    """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost.
+
+    A library copy the device kept from an earlier run is used at most until it fails: a copy that does not
+    load, or a device lost while it was in use, makes the next attempt upload the library again.
+    """
+    if req.device_cache is not None and req.device.kind == "local":
+        Path(req.device_cache).mkdir(parents=True, exist_ok=True)  # the embedded server's cache, in the store
+    reuse, stale_retried = True, False
+    attempt = 1
+    while True:
         try:
             with device.session() as session, registered(session) as ref:
-                uploaded = upload_task(ref, library, str(req.store.root), req.target.arch)
+                uploaded = upload_task(ref, library, str(req.store.root), req.target.arch, req.device_cache, reuse)
                 load_task(ref)
                 set_input_task(ref, req.input)
                 return uploaded, run_task(ref, req.number, req.repeat), ref.description
+        except StaleDeviceCopy as exc:
+            if stale_retried:
+                raise
+            log.warning("%s", exc)
+            reuse, stale_retried = False, True
         except DeviceLost as exc:
             if attempt > req.device_retries:
                 raise DeviceLost(
                     f"{exc}. Gave up after {attempt} attempt(s): check that the device is up and stable "
                     f"(or allow more with --device-retries)"
                 ) from exc
+            attempt += 1
             log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)",
-                        exc, attempt + 1, req.device_retries + 1)
+                        exc, attempt, req.device_retries + 1)
+            reuse = False
             device.recover()
-    raise AssertionError("unreachable")
 
 
 def _tuning_runner(req: ResolvedRequest) -> str:
@@ -217,7 +233,7 @@ def _pipeline(req: ResolvedRequest, device: Device) -> dict[str, Any]:
         "top5": [entry.as_dict() for entry in prediction.top],
         "latency_ms": prediction.latency.as_dict(),
         "timing": {"number": req.number, "repeat": req.repeat},
-        "upload": {"bytes": uploaded.bytes, "seconds": uploaded.seconds, "mb_per_s": uploaded.mb_per_s},
+        "upload": uploaded.as_dict(),
         "check": checked.as_dict() if checked is not None else None,
         "notes": notes,
     }
@@ -269,6 +285,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds to wait for the tracker to hand out a device (default: %(default)s)")
     d.add_argument("--call-timeout", type=float, default=300.0,
                    help="seconds any one remote call (upload, load, run...) may take (default: %(default)s)")
+    d.add_argument("--device-cache", metavar="DIR|auto|off", default="auto",
+                   help="directory on the device that keeps uploaded libraries between runs, so an unchanged "
+                        "library is not sent again; it must exist there. auto: inside the artifact store for the "
+                        "embedded server, /tmp on other devices; off: upload every run (default: %(default)s)")
     d.add_argument("--device-retries", type=int, default=1,
                    help="fresh sessions to try when the device is lost mid-run; the embedded device is "
                         "restarted (default: %(default)s)")

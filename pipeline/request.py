@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.device import DeviceSpec
+from pipeline.device_cache import DeviceCache
 from pipeline.errors import UsageError
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.models import ModelSpec, ResolvedModel, resolve_model
@@ -50,6 +51,7 @@ class RunRequest:
     max_abs_diff: float | None = None
     tune_trials: int = 0
     tune_on: str = "host"
+    device_cache: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -71,6 +73,8 @@ class ResolvedRequest:
     thresholds: Thresholds
     tune_trials: int
     tune_on: str
+    device_cache: str | None
+    """Directory on the device that keeps libraries between runs; None: upload every run."""
 
 
 def resolve(request: RunRequest) -> ResolvedRequest:
@@ -99,6 +103,8 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         call_timeout=request.call_timeout,
     )
     device.validate()
+    store = ArtifactStore(request.artifacts)
+    device_cache = _device_cache_dir(request.device_cache, device, store)
     model = resolve_model(ModelSpec(source=request.model, weights=request.weights, seed=request.seed))
     target = parse_target(request.target)
     image = Path(request.image).expanduser() if request.image else DEFAULT_IMAGE
@@ -110,7 +116,7 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         device=device,
         image=image,
         input=data,
-        store=ArtifactStore(request.artifacts),
+        store=store,
         number=request.number,
         repeat=request.repeat,
         refresh=request.refresh,
@@ -119,4 +125,14 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         thresholds=thresholds,
         tune_trials=request.tune_trials,
         tune_on=request.tune_on,
+        device_cache=device_cache,
     )
+
+
+def _device_cache_dir(value: str, device: DeviceSpec, store: ArtifactStore) -> str | None:
+    """``--device-cache``: off, auto (the embedded server: inside the store; another device: its /tmp) or a path."""
+    if value == "off":
+        return None
+    if value == "auto":
+        return str(store.root / ".device") if device.kind == "local" else "/tmp"
+    return DeviceCache(value).directory  # validates

@@ -153,6 +153,50 @@ class ArtifactStore:
             ``(artifact, "ok")`` when the manifest parses and every file matches its digest, else
             ``(None, reason)`` with a short reason ("missing", "corrupt: ...").
         """
+        artifact, reason = self._manifest(key)
+        if artifact is None:
+            return None, reason
+        directory = self.path(key)
+        for entry in artifact.files:
+            path = directory / entry.name
+            try:
+                if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:
+                    return None, f"corrupt: {entry.name} is missing or has the wrong size"
+                if file_digest(path) != entry.sha256:
+                    return None, f"corrupt: {entry.name} does not match its digest"
+            except OSError as exc:
+                return None, f"corrupt: cannot read {entry.name} ({exc.strerror})"
+        return artifact, "ok"
+
+    def read_verified(self, key: str, name: str) -> tuple[bytes, str]:
+        """The bytes of file ``name`` of the artifact at ``key``, read once and checked against its manifest.
+
+        Returns:
+            The bytes and their sha256.
+
+        Raises:
+            StoreError: The artifact is missing, or the file is unreadable or does not match its digest.
+        """
+        artifact, reason = self._manifest(key)
+        if artifact is None:
+            raise StoreError(f"artifact {key} in {self.root} is {reason}")
+        path = self.path(key) / name
+        try:
+            expected = artifact.digest_of(name)
+            if path.is_symlink():
+                raise StoreError(f"artifact {key}: {name} is a symbolic link")
+            data = path.read_bytes()
+        except OSError as exc:
+            raise StoreError(f"artifact {key}: cannot read {name} ({exc.strerror})") from exc
+        except KeyError:
+            raise StoreError(f"artifact {key} has no file {name}") from None
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != expected:
+            raise StoreError(f"artifact {key}: {name} does not match its digest (corrupt)")
+        return data, digest
+
+    def _manifest(self, key: str) -> tuple[Artifact | None, str]:
+        """The artifact as its manifest describes it (files not read), or ``(None, reason)``."""
         directory = self.path(key)
         manifest_path = directory / MANIFEST
         if not manifest_path.is_file():
@@ -174,14 +218,6 @@ class ArtifactStore:
         for entry in entries:
             if not _NAME_RE.match(entry.name) or entry.name == MANIFEST:
                 return None, f"corrupt: bad file name {entry.name!r} in manifest"
-            path = directory / entry.name
-            try:
-                if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:
-                    return None, f"corrupt: {entry.name} is missing or has the wrong size"
-                if file_digest(path) != entry.sha256:
-                    return None, f"corrupt: {entry.name} does not match its digest"
-            except OSError as exc:
-                return None, f"corrupt: cannot read {entry.name} ({exc.strerror})"
         return Artifact(key=key, kind=kind, files=entries, inputs=inputs), "ok"
 
     def get(self, key: str) -> Artifact | None:

@@ -74,9 +74,20 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
     ]
 
 
+def format_upload(upload: dict[str, Any]) -> str:
+    """One line on how the library reached the device."""
+    size = f"{upload['bytes'] / 1e6:.1f} MB"
+    if upload.get("reused"):
+        return f"Upload     none: the device kept this library ({size}) from an earlier run, as {upload['remote_name']}"
+    return (f"Upload     {size} in {upload['seconds']:.2f} s ({upload['mb_per_s']:.0f} MB/s)"
+            + (f" to {upload['remote_name']}" if upload.get("remote_name") else ""))
+
+
 def format_report(summary: dict[str, Any]) -> str:
     """The human-readable report of a run summary (the dict the flow returns)."""
     lines = header_lines(summary)
+    if summary.get("upload"):
+        lines.append(format_upload(summary["upload"]))
     lines += [f"Note       {note}" for note in summary.get("notes", [])]
     lines.append("Top-5      class  probability  label")
     for rank, entry in enumerate(summary["top5"], 1):

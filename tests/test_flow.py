@@ -43,10 +43,25 @@ def test_flow__second_run_in_new_process_is_cached_but_device_stages_run(prefect
     assert first["artifact"].startswith(str(store_root)) and first["artifact"].endswith("model.so")
     assert first["device"].startswith("embedded 127.0.0.1:")
 
+    assert first["upload"]["reused"] is False and first["upload"]["mb_per_s"] > 0
+
     second = cli_json(prefect_api, store_root, "--model", str(tiny_onnx))
     assert statuses(second, COMPILE) == {"cached"}
     assert statuses(second, DEVICE) == {"ran"}
     assert second["build_key"] == first["build_key"] and second["top5"] == first["top5"]
+    # The embedded device kept the library (in the store's .device/): nothing was sent the second time.
+    assert second["upload"]["reused"] is True and second["upload"]["mb_per_s"] is None
+    assert second["upload"]["remote_name"] == first["upload"]["remote_name"]
+
+    # The kept copy vanished on the device: the load fails, the run says so, uploads again and passes.
+    Path(second["upload"]["remote_name"]).unlink()
+    proc = run_cli("--model", str(tiny_onnx), "--artifacts", str(store_root), "--json", "--repeat", "2",
+                   env={"PREFECT_API_URL": prefect_api})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    third = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "did not load" in proc.stderr and "upload it again" in proc.stderr
+    assert third["upload"]["reused"] is False and third["check"]["passed"]
+    assert Path(third["upload"]["remote_name"]).exists()
 
 
 def test_flow__what_changes_rebuilds(prefect_api, store_root, tmp_path):
@@ -93,12 +108,16 @@ def test_flow__deleted_or_corrupted_artifacts_are_rebuilt(prefect_api, store_roo
     assert statuses(fresh, COMPILE) == {"ran"}
 
 
-def test_flow__host_port_device(prefect_api, store_root, tiny_onnx):
+def test_flow__host_port_device(prefect_api, store_root, tiny_onnx, tmp_path):
+    device_dir = tmp_path / "on-device"
+    device_dir.mkdir()
     with EmbeddedServer() as server:
         host, port = server.address
-        summary = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--host", host, "--port", str(port))
+        summary = cli_json(prefect_api, store_root, "--model", str(tiny_onnx), "--host", host, "--port", str(port),
+                           "--device-cache", str(device_dir))
     assert summary["device"] == f"{host}:{port}"
     assert statuses(summary, DEVICE) == {"ran"}
+    assert Path(summary["upload"]["remote_name"]).parent == device_dir and not summary["upload"]["reused"]
 
 
 def test_flow__tracker_device(prefect_api, store_root, tiny_onnx):
@@ -109,6 +128,7 @@ def test_flow__tracker_device(prefect_api, store_root, tiny_onnx):
                                "--tracker", f"{th}:{tp}", "--key", "tiny-x86")
     assert "tiny-x86" in summary["device"]
     assert statuses(summary, DEVICE) == {"ran"}
+    assert summary["upload"]["remote_name"].startswith("/tmp/tvmrp-")  # a device's default cache: its /tmp
 
 
 def _free_port() -> int:
@@ -128,6 +148,7 @@ def _free_port() -> int:
         (["--image", "/nonexistent/cat.jpg"], 2, "/nonexistent/cat.jpg"),
         (["--number", "0"], 2, "at least 1"),
         (["--host", "127.0.0.1"], 2, "--port"),
+        (["--device-cache", "cache"], 2, "absolute directory on the device"),
         (["--bogus"], 2, "unrecognized arguments"),
     ],
 )

@@ -35,6 +35,25 @@ def test_put_then_get__returns_verified_artifact(tmp_path):
     assert not list((tmp_path / ".tmp").iterdir())
 
 
+def test_read_verified__one_read_checked_against_the_current_manifest(tmp_path):
+    import hashlib
+
+    store = ArtifactStore(tmp_path)
+    store.put(KEY, "library", write_two)
+    data, digest = store.read_verified(KEY, "a.bin")
+    assert data == b"alpha" * 1000 and digest == hashlib.sha256(data).hexdigest()
+    (store.path(KEY) / "a.bin").write_bytes(b"alpha" * 999 + b"alphX")
+    with pytest.raises(StoreError, match="does not match its digest"):
+        store.read_verified(KEY, "a.bin")
+    with pytest.raises(StoreError, match="no file c.bin"):
+        store.read_verified(KEY, "c.bin")
+    (store.path(KEY) / "b.txt").unlink()
+    with pytest.raises(StoreError, match="cannot read b.txt"):
+        store.read_verified(KEY, "b.txt")
+    with pytest.raises(StoreError, match="missing"):
+        store.read_verified(OTHER, "a.bin")
+
+
 def test_get__missing_key_is_none(tmp_path):
     assert ArtifactStore(tmp_path).get(KEY) is None
     assert ArtifactStore(tmp_path).check(KEY) == (None, "missing")
