@@ -10,6 +10,7 @@ run. Run ``python -m flows.resnet_remote --help`` for the command line; the flow
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from prefect import flow
 
@@ -328,6 +329,30 @@ def _quiet_console() -> None:
                 handler.addFilter(_NoExpectedTracebacks())
 
 
+_HEARTBEAT_VARS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+@contextlib.contextmanager
+def cli_prefect_settings() -> Iterator[None]:
+    """Prefect settings for a run started from the command line: no flow-run heartbeats unless asked for.
+
+    Heartbeats (Prefect's default: one every 180 s) let an automation mark a run whose process died as
+    crashed; a command line run has its user watching. Prefect's heartbeat thread sleeps in 1 s steps and the
+    engine waits for it when the run ends: 0.8 s of a 2.1 s warm run here (bench/RESULTS.md). Deployment
+    runs (a worker starts them, not this command) keep Prefect's setting; so does a command line run when
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set in the environment or the Prefect profile.
+    """
+    from prefect.context import get_settings_context
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    profile = {setting.name for setting in get_settings_context().profile.settings}
+    if any(name in os.environ or name in profile for name in _HEARTBEAT_VARS):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -346,7 +371,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         resolve(RunRequest(**args))  # fail fast on bad input, before Prefect starts
         if not verbose:
             _quiet_console()
-        summary = resnet_remote(**args)
+        with cli_prefect_settings():
+            summary = resnet_remote(**args)
     except CheckFailed as exc:  # the run completed: show what it measured, then why it failed
         if exc.summary is not None:
             print(format_report(exc.summary))

@@ -239,3 +239,19 @@ def test_flow__tuned_build_is_cached_and_a_new_budget_retunes(prefect_api, store
     assert second["tuning_key"] == first["tuning_key"]
     other = cli_json(prefect_api, store_root, "--model", str(model), "--tune-trials", "8")
     assert other["stages"]["tune"] == "ran" and other["tuning_key"] != first["tuning_key"]
+
+
+def test_cli_prefect_settings__no_heartbeats_unless_the_user_set_them(monkeypatch):
+    from prefect.settings import get_current_settings
+
+    from flows.resnet_remote import cli_prefect_settings
+
+    for name in ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY"):
+        monkeypatch.delenv(name, raising=False)
+    default = get_current_settings().flows.heartbeat_frequency
+    with cli_prefect_settings():
+        assert get_current_settings().flows.heartbeat_frequency is None
+    assert get_current_settings().flows.heartbeat_frequency == default
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "60")  # the user asked for them: left as they are
+    with cli_prefect_settings():
+        assert get_current_settings().flows.heartbeat_frequency == default is not None
