@@ -49,7 +49,7 @@ log = logging.getLogger("flows.resnet_remote")
 
 UNTUNED_NOTE = (
     "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far above what "
-    "the CPU can do (ResNet-18 v2 here: 815 ms untuned, 31 ms after --tune-trials 1024, 9 ms with onnxruntime; "
+    "the CPU can do (ResNet-18 v2 here: 782 ms untuned, 30 ms after --tune-trials 1024, 8.3 ms with onnxruntime; "
     "see bench/RESULTS.md)"
 )
 
