@@ -33,6 +33,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass
+from typing import Any, Callable
 
 from pipeline.device import RemoteSession
 from pipeline.errors import DeviceLost, RemoteRunError, UsageError
@@ -123,12 +124,9 @@ class DeviceCache:
             log.info("device cache %s: all %d slots were written in the last %.0f s; this copy is not kept",
                      self.directory, self.slots, GRACE_S)
             return copy
-        try:
-            session.call("device cache", session.remote.upload, bytearray(copy.as_json()), self.path(_MARKER.format(slot)))
-        except DeviceLost:
-            raise
-        except RemoteRunError as exc:
-            log.warning("device cache %s: cannot record the upload (%s); this copy is not kept", self.directory, exc)
+        _, refused = _call(session, session.remote.upload, bytearray(copy.as_json()), self.path(_MARKER.format(slot)))
+        if refused is not None:
+            log.warning("device cache %s: cannot record the upload (%s); this copy is not kept", self.directory, refused)
             return copy
         if replaced is not None and replaced.file != name:
             self._remove(session, replaced.file)
@@ -166,21 +164,23 @@ class DeviceCache:
         return (oldest.slot, oldest) if oldest is not None else (None, None)
 
     def _read_slot(self, session: RemoteSession, slot: int) -> DeviceCopy | None:
-        try:
-            raw = session.call("device cache", session.remote.download, self.path(_MARKER.format(slot)))
-        except DeviceLost:
-            raise
-        except RemoteRunError:
-            return None  # no marker
-        return _parse(bytes(raw), slot)
+        raw, refused = _call(session, session.remote.download, self.path(_MARKER.format(slot)))
+        return None if refused is not None else _parse(bytes(raw), slot)  # refused: no marker
 
     def _remove(self, session: RemoteSession, name: str) -> None:
-        try:
-            session.call("device cache", session.remote.remove, self.path(name))
-        except DeviceLost:
-            raise
-        except RemoteRunError as exc:
-            log.warning("device cache %s: cannot remove %s (%s)", self.directory, name, exc)
+        _, refused = _call(session, session.remote.remove, self.path(name))
+        if refused is not None:
+            log.warning("device cache %s: cannot remove %s (%s)", self.directory, name, refused)
+
+
+def _call(session: RemoteSession, fn: Callable[..., Any], *args: Any) -> tuple[Any, RemoteRunError | None]:
+    """``session.call`` for the cache's own calls: the device's refusal is returned, a lost device raised."""
+    try:
+        return session.call("device cache", fn, *args), None
+    except DeviceLost:
+        raise
+    except RemoteRunError as exc:
+        return None, exc
 
 
 def _parse(raw: bytes, slot: int) -> DeviceCopy | None:
