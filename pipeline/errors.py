@@ -28,6 +28,18 @@ from __future__ import annotations
 from typing import Any
 
 
+def clip(text: object, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters for echoing in a message, saying how long it was.
+
+    Untrusted input (a target string, a path, a framework's error) is echoed in messages; a 10 KB target
+    must not produce a 30 KB error. Quote the result with ``!r`` where control characters may occur.
+    """
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}... ({len(text)} characters)"
+
+
 class PipelineError(Exception):
     """Root of every error the pipeline reports to a user."""
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, UsageError, clip
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,37 @@ class ArtifactStore:
         if name not in {f.name for f in artifact.files}:
             raise KeyError(f"{name} is not a file of artifact {artifact.key}")
         return self.path(artifact.key) / name
+
+    def check_root(self) -> None:
+        """Check, before a run starts, that the root is or can become a writable directory (nothing is created).
+
+        Raises:
+            UsageError: the root exists and is not a directory, or the nearest existing directory on its
+                path (the root itself, or the ancestor it would be created in) is not writable or is a file.
+        """
+        where = f"Choose another store with --artifacts DIR or {ENV_VAR}=DIR"
+        existing = self.root
+        try:
+            while not existing.exists() and existing.parent != existing:
+                existing = existing.parent
+            is_dir = existing.is_dir()
+        except OSError as exc:  # e.g. a parent without search permission
+            raise UsageError(
+                f"cannot check the artifact store {clip(self.root)} ({exc.strerror or exc}). {where}"
+            ) from None
+        if existing == self.root and not is_dir:
+            raise UsageError(f"the artifact store {clip(self.root)} exists and is not a directory. {where}")
+        if not is_dir:
+            raise UsageError(
+                f"the artifact store {clip(self.root)} cannot be created: {clip(existing)} is a file, not a "
+                f"directory. {where}"
+            )
+        if not os.access(existing, os.W_OK | os.X_OK):
+            what = "is" if existing == self.root else f"cannot be created: {clip(existing)} is"
+            raise UsageError(
+                f"the artifact store {clip(self.root)} {what} not writable (permissions or a read-only file "
+                f"system). {where}"
+            )
 
     @property
     def prefect_dir(self) -> Path:

@@ -61,6 +61,9 @@ def test_parse_target__canonical_is_stable_and_distinguishes_targets():
         ("{bad json", "JSON is invalid"),
         ('{"mtriple": "x"}', "kind"),
         ("llvm -mcpu=not-a-cpu", "does not know the CPU"),
+        ("llvm -mattr=aaaa", "does not know the -mattr feature 'aaaa'"),
+        ("llvm -mattr=avx2", "needs a sign"),
+        ("llvm -mtriple=riscv64gc-linux-gnu", "no backend"),
         ("c", "not supported"),
     ],
 )

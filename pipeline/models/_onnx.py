@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
-from pipeline.errors import BuildError, ModelError
+from pipeline.errors import BuildError, ModelError, clip
 from pipeline.models._digest import ContentDigest
 from pipeline.models._files import describe, existing_file
 from pipeline.models._types import ModelSpec, Preprocess, ResolvedModel
@@ -20,15 +20,29 @@ FORMAT_TAG = "onnx"
 
 
 def _load_proto(path: Path, *, external_data: bool) -> "onnx.ModelProto":
+    """The parsed model.
+
+    Raises:
+        ModelError: The file is empty, does not parse, or parses (protobuf accepts many byte strings) into
+            something without an ONNX graph.
+    """
     import onnx
 
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is empty (0 bytes), not an ONNX model. Check the path; re-export the model.")
     try:
-        return onnx.load(str(path), load_external_data=external_data)
+        model = onnx.load(str(path), load_external_data=external_data)
     except Exception as e:  # protobuf DecodeError, missing external data, ...: all mean a bad file
         raise ModelError(
             f"{path} is not a readable ONNX model ({describe(e)}). "
             "Check that it is the right file and re-export it if it is damaged."
         ) from e
+    if not model.HasField("graph") or not model.graph.node:
+        raise ModelError(
+            f"{path} is not an ONNX model: it parses, but holds no graph nodes. "
+            "Check that it is the right file and re-export it if it is damaged."
+        )
+    return model
 
 
 def _external_files(model: "onnx.ModelProto", path: Path) -> list[tuple[str, Path]]:
@@ -45,7 +59,7 @@ def _graph_input(model: "onnx.ModelProto", path: Path) -> Any:
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if len(inputs) != 1:
-        names = ", ".join(i.name for i in inputs) or "none"
+        names = clip(", ".join(i.name for i in inputs) or "none")
         raise ModelError(
             f"ONNX model {path} has {len(inputs)} inputs ({names}); only single-input image "
             "classifiers are supported. Export the model with one NCHW image input."
@@ -102,21 +116,43 @@ def check_image_input(shape: tuple[int, ...], where: str) -> None:
         )
 
 
+def _single_output(model: "onnx.ModelProto", path: Path) -> Any:
+    """The graph's one output (the logits).
+
+    Raises:
+        ModelError: The graph has no output, or several: the pipeline takes one logits output and does
+            not guess which of several it is.
+    """
+    outputs = list(model.graph.output)
+    if len(outputs) != 1:
+        names = clip(", ".join(o.name for o in outputs) or "none")
+        raise ModelError(
+            f"ONNX model {path} has {len(outputs)} outputs ({names}); the pipeline takes exactly one output, "
+            "the logits, and does not guess which one that is. Re-export the model with only its logits output."
+        )
+    return outputs[0]
+
+
 def labels_for_classes(num_classes: int | None) -> str:
     """``"imagenet1k"`` for 1000 outputs, else ``"index"``."""
     return "imagenet1k" if num_classes == 1000 else "index"
 
 
 def resolve(spec: ModelSpec, path: Path) -> ResolvedModel:
-    """Resolves an ``*.onnx`` file: reads its signature and digests it with its external data."""
+    """Resolves an ``*.onnx`` file: reads its signature and digests it with its external data.
+
+    Raises:
+        ModelError: Empty or unreadable file, not exactly one float32 NCHW input, dynamic non-batch dims,
+            or not exactly one output (the logits).
+    """
     path = existing_file(path, "ONNX model")
     if spec.weights != "pretrained":
         raise ModelError(f"--weights applies to resnet18_v2 only; {path} carries its own weights.")
     model = _load_proto(path, external_data=False)
     name, shape, notes = _input_signature(model, path)
     check_image_input(shape, f"ONNX model {path}")
-    outputs = [_dims(o) for o in model.graph.output]
-    num_classes = outputs[0][1] if outputs and len(outputs[0]) == 2 else None
+    logits = _dims(_single_output(model, path))
+    num_classes = logits[1] if len(logits) == 2 else None
 
     digest = ContentDigest(FORMAT_TAG)
     digest.file("model", path)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.errors import BuildError, ModelError
+from pipeline.errors import BuildError, ModelError, clip
 from pipeline.models._digest import ContentDigest
 from pipeline.models._files import describe, existing_file
 from pipeline.models._onnx import check_image_input, labels_for_classes
@@ -93,6 +93,11 @@ def _load_efficientnet(model: ResolvedModel) -> "torch.nn.Module":
 def _load_pt2(path: Path) -> Any:
     import torch
 
+    if path.stat().st_size == 0:
+        raise ModelError(
+            f"{path} is empty (0 bytes), not a torch.export archive. Check the path; re-create it with "
+            "torch.export.save(torch.export.export(model, args), path)."
+        )
     if not zipfile.is_zipfile(path):  # else torch logs a traceback before raising
         raise ModelError(
             f"{path} is not a torch.export archive (a .pt2 is a zip file; this is not one). Check that it is the "
@@ -125,7 +130,8 @@ def resolve_pt2(spec: ModelSpec, path: Path) -> ResolvedModel:
     """Resolves a ``*.pt2`` archive: loads it for its signature and digests its bytes.
 
     Raises:
-        ModelError: Unreadable archive, not exactly one float32 NCHW user input, dynamic non-batch dims.
+        ModelError: Empty or unreadable archive, not exactly one float32 NCHW user input, dynamic non-batch
+            dims, or not exactly one output (the logits).
     """
     import torch
 
@@ -139,7 +145,7 @@ def resolve_pt2(spec: ModelSpec, path: Path) -> ResolvedModel:
     user_inputs = list(signature.user_inputs)
     if len(user_inputs) != 1:
         raise ModelError(
-            f"{path} takes {len(user_inputs)} inputs ({', '.join(map(str, user_inputs)) or 'none'}); only "
+            f"{path} takes {len(user_inputs)} inputs ({clip(', '.join(map(str, user_inputs)) or 'none')}); only "
             "single-input image classifiers are supported. Export a model whose forward takes one image tensor."
         )
     meta = _node_value(program, user_inputs[0])
@@ -160,11 +166,17 @@ def resolve_pt2(spec: ModelSpec, path: Path) -> ResolvedModel:
     shape = tuple(int(d) for d in dims)  # type: ignore[arg-type]
     check_image_input(shape, str(path))
 
+    user_outputs = list(signature.user_outputs)
+    if len(user_outputs) != 1:
+        names = clip(", ".join(map(str, user_outputs)) or "none")
+        raise ModelError(
+            f"{path} has {len(user_outputs)} outputs ({names}); the pipeline takes exactly one output, the "
+            "logits, and does not guess which one that is. Export a model whose forward returns only the logits."
+        )
     num_classes = None
-    if len(signature.user_outputs) == 1:
-        out = _node_value(program, signature.user_outputs[0])
-        if isinstance(out, torch.Tensor) and out.dim() == 2:
-            num_classes = _dim(out.shape[1])
+    out = _node_value(program, user_outputs[0])
+    if isinstance(out, torch.Tensor) and out.dim() == 2:
+        num_classes = _dim(out.shape[1])
     return ResolvedModel(
         spec=spec,
         name=path.name,
