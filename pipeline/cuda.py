@@ -1,0 +1,683 @@
+"""Compile for NVIDIA GPUs on a machine without a GPU, with the GPU machine code (cubin) in the library.
+
+TVM 0.27's CUDA codegen hands the kernels' CUDA C source to the CUDA module factory of
+``libtvm_runtime_cuda.so``, which compiles it with NVRTC at *build* time. That library links against the
+CUDA driver (``libcuda.so.1``) and the CUDA runtime (``libcudart.so.13``); when it cannot load (no driver on
+a build machine), TVM silently keeps the source and every device load pays a JIT compile (7.3 s for
+EfficientNet-Lite0 on an H200, and the device needs NVRTC, CUDA headers and TVM's compiler-side Python).
+
+This module makes the build machine produce the cubin:
+
+* :func:`cuda_toolchain` finds pip's NVRTC, CUDA headers (with CCCL) and ``libcudart.so.13`` (the optional
+  ``cuda`` extra: ``scripts/setup --cuda``), builds once a stub ``libcuda.so.1`` from ``cuda_stub.c`` whose
+  functions all fail with CUDA_ERROR_NO_DEVICE, and lays out a ``CUDA_PATH`` tree of symlinks where TVM's
+  ``tvm.support.nvcc`` looks for headers. Cached under ``<cache>/cuda/<digest>/`` (``$TVMRP_CACHE_DIR``,
+  else ``$XDG_CACHE_HOME/tvmrp``, else ``~/.cache/tvmrp``).
+* :func:`compile_cuda` runs the compile and export in a subprocess (``python -m pipeline.cuda_build``):
+  the runtime and the stub must be loaded *before* ``import tvm``, and the stub must never be seen by a
+  process that drives a real GPU. The stub is loaded only when no real ``libcuda.so.1`` can be.
+* :func:`library_gpu_code` tells from a library's bytes what GPU code it holds.
+* :func:`parse_cuda_target` turns ``cuda -arch=sm_90``, TVM's JSON form or a GPU name into a canonical
+  TVM target with a host.
+
+Nothing here imports TVM at module level.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import platform
+import re
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import BuildError, TargetError
+
+log = logging.getLogger(__name__)
+
+REPO = Path(__file__).resolve().parents[1]
+STUB_SOURCE = Path(__file__).with_name("cuda_stub.c")
+
+#: The pip packages of the ``cuda`` extra (requirements-cuda.txt): NVRTC 13.0 to match TVM 0.27's
+#: ``libtvm_runtime_cuda.so`` (``libcudart.so.13``) and drivers from 580 (CUDA 13.0) on.
+CUDA_PACKAGES = {
+    "cuda-bindings": "13.0.3",
+    "cuda-pathfinder": "1.9.1",
+    "nvidia-cuda-nvrtc": "13.0.88",
+    "nvidia-cuda-cccl": "13.0.85",
+    "nvidia-cuda-runtime": "13.0.96",
+}
+INSTALL_HINT = "run scripts/setup --cuda (pip install -r requirements-cuda.txt)"
+
+#: What ``compile_cuda`` writes (the same names as the CPU build and export stages).
+OBJECTS_FILE = "build.tar"
+LIBRARY_FILE = "model.so"
+
+#: CUDA 13's NVRTC compiles for Turing (sm_75) and newer only.
+MIN_SM = 75
+_ARCH_RE = re.compile(r"^sm_(\d+)([af]?)$")
+_GPU_DEFAULTS = {
+    "max_threads_per_block": 1024,
+    "max_shared_memory_per_block": 49152,
+    "thread_warp_size": 32,
+    "registers_per_block": 65536,
+}
+_JETSON_HOST = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "cortex-a78", "mattr": ["+neon"]}
+#: Names users type -> a TVM 0.27 tag (``tvm.target.list_tags()``) or our own config.
+GPU_NAMES: dict[str, str | dict[str, Any]] = {
+    "h100": "nvidia/nvidia-h100",
+    "h200": {"arch": "sm_90a", "l2_cache_size_bytes": 52428800},
+    "gh200": {"arch": "sm_90a", "l2_cache_size_bytes": 52428800},
+    "a100": "nvidia/nvidia-a100",
+    "a10": "nvidia/nvidia-a10",
+    "a10g": "nvidia/nvidia-a10g",
+    "l4": {"arch": "sm_89"},
+    "l40s": {"arch": "sm_89"},
+    "rtx4090": "nvidia/geforce-rtx-4090",
+    "rtx40xx": {"arch": "sm_89"},
+    "rtx30xx": {"arch": "sm_86"},
+    "rtx3090": {"arch": "sm_86"},
+    "t4": "nvidia/nvidia-t4",
+    "jetson-orin": {"arch": "sm_87", "host": _JETSON_HOST},
+    "jetson-orin-nano": {"arch": "sm_87", "host": _JETSON_HOST},
+    "jetson-agx-orin": "nvidia/jetson-agx-orin-32gb",
+}
+_EXAMPLES = '"cuda -arch=sm_90", "nvidia/h100", "jetson-orin", \'{"kind": "cuda", "arch": "sm_89"}\''
+
+_TIMEOUT_S = 3600.0
+_KILL_WAIT_S = 5.0
+
+
+class CudaToolchainMissing(BuildError):
+    """The optional NVRTC packages (or gcc, for the driver stub) are not installed."""
+
+
+# ------------------------------------------------------------------------------------------- toolchain
+
+
+@dataclass(frozen=True)
+class CudaToolchain:
+    """What the CUDA build subprocess needs.
+
+    Attributes:
+        cudart: pip's ``libcudart.so.13``.
+        nvrtc: pip's ``libnvrtc.so.13`` (cuda-bindings finds it by itself; kept for messages).
+        include: the CUDA headers directory (``cuda_runtime.h``, ``cccl/``).
+        cuda_path: a directory of symlinks laid out as TVM's ``find_cuda_path()`` expects; becomes ``CUDA_PATH``.
+        stub: the stub ``libcuda.so.1`` (loaded only when no real driver library loads).
+        versions: the installed versions of :data:`CUDA_PACKAGES`.
+        identity: what of the toolchain changes the compiled code (NVRTC, headers, bindings versions):
+            put it into the build key of a CUDA build.
+    """
+
+    cudart: Path
+    nvrtc: Path
+    include: Path
+    cuda_path: Path
+    stub: Path
+    versions: dict[str, str] = field(hash=False)
+    identity: str
+
+    def to_json(self) -> str:
+        return json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> CudaToolchain:
+        data = json.loads(text)
+        return cls(**{k: Path(v) if k in ("cudart", "nvrtc", "include", "cuda_path", "stub") else v
+                      for k, v in data.items()})
+
+
+def default_cache_dir() -> Path:
+    """``$TVMRP_CACHE_DIR``, else ``$XDG_CACHE_HOME/tvmrp``, else ``~/.cache/tvmrp``."""
+    if os.environ.get("TVMRP_CACHE_DIR"):
+        return Path(os.environ["TVMRP_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "tvmrp"
+
+
+def _package_file(dist: str, relative: str) -> Path | None:
+    try:
+        distribution = metadata.distribution(dist)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(distribution.locate_file(relative)))
+    return path if path.exists() else None
+
+
+def find_cuda_packages() -> dict[str, Any]:
+    """Locate the pip CUDA pieces, without loading any of them.
+
+    Returns:
+        ``{"cudart": Path, "nvrtc": Path, "include": Path, "versions": {dist: version}}``.
+
+    Raises:
+        CudaToolchainMissing: one line naming what is missing and what to run.
+    """
+    versions: dict[str, str] = {}
+    for dist in CUDA_PACKAGES:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions[dist] = metadata.version(dist)
+    found = {
+        "cudart": _package_file("nvidia-cuda-runtime", "nvidia/cu13/lib/libcudart.so.13"),
+        "nvrtc": _package_file("nvidia-cuda-nvrtc", "nvidia/cu13/lib/libnvrtc.so.13"),
+        "include": _package_file("nvidia-cuda-runtime", "nvidia/cu13/include"),
+    }
+    missing = [d for d in CUDA_PACKAGES if d not in versions]
+    if found["include"] is not None and not (found["include"] / "cuda_runtime.h").is_file():
+        missing.append("nvidia-cuda-runtime (headers)")
+    if found["include"] is not None and not (found["include"] / "cccl" / "cuda" / "std" / "cstdint").is_file():
+        if "nvidia-cuda-cccl" not in missing:
+            missing.append("nvidia-cuda-cccl (headers)")
+    for name, dist in (("cudart", "nvidia-cuda-runtime"), ("nvrtc", "nvidia-cuda-nvrtc"),
+                       ("include", "nvidia-cuda-runtime")):
+        if found[name] is None and dist not in missing:
+            missing.append(f"{dist} ({name})")
+    if missing:
+        raise CudaToolchainMissing(
+            f"compiling for CUDA needs NVIDIA's NVRTC and CUDA headers from pip, missing here: "
+            f"{', '.join(missing)}; {INSTALL_HINT}"
+        )
+    wrong = [f"{d}=={v} (want {CUDA_PACKAGES[d]})" for d, v in versions.items()
+             if d != "cuda-pathfinder" and v.split(".")[:2] != CUDA_PACKAGES[d].split(".")[:2]]
+    if wrong:
+        raise CudaToolchainMissing(
+            f"the CUDA packages installed do not match the CUDA 13.0 that TVM 0.27 is built for: "
+            f"{', '.join(wrong)}; {INSTALL_HINT}"
+        )
+    return {**found, "versions": versions}
+
+
+def _tvm_runtime_cuda() -> Path | None:
+    """``tvm/lib/libtvm_runtime_cuda.so`` of the installed TVM (found without importing TVM)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("tvm")
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(location) / "lib" / "libtvm_runtime_cuda.so"
+        if path.is_file():
+            return path
+    return None
+
+
+def _driver_symbols(library: Path | None) -> list[str]:
+    """The ``cu*`` driver functions ``library`` imports (``nm -D --undefined-only``); [] if unknown."""
+    if library is None or not shutil.which("nm"):
+        return []
+    try:
+        out = subprocess.run(["nm", "-D", "--undefined-only", str(library)], capture_output=True, text=True,
+                             timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    names = {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
+    return sorted(n for n in names if re.fullmatch(r"cu[A-Z]\w*", n))
+
+
+def stub_source(symbols: list[str] | None = None) -> str:
+    """``cuda_stub.c`` plus a failing stub for each of ``symbols`` it does not define yet."""
+    source = STUB_SOURCE.read_text()
+    defined = set(re.findall(r"\b(cu[A-Z]\w*)\s*\(", source)) | set(re.findall(r"TVMRP_NO_DEVICE\((\w+)\)", source))
+    extra = [s for s in (symbols or []) if s not in defined]
+    if extra:
+        source += "\n/* Added by pipeline/cuda.py for this libtvm_runtime_cuda.so. */\n"
+        source += "".join(f"TVMRP_NO_DEVICE({s})\n" for s in extra)
+    return source
+
+
+@lru_cache(maxsize=None)
+def _gcc_identity(compiler: str) -> str:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        out = ""
+    return out.splitlines()[0] if out else "unknown"
+
+
+def _cuda_triple_dir() -> str:
+    """The ``targets/<machine>-linux`` name TVM's nvcc.py probes on this machine."""
+    return f"{platform.machine()}-{platform.system().lower()}"
+
+
+def cuda_toolchain(cache_dir: str | os.PathLike[str] | None = None, compiler: str = "gcc") -> CudaToolchain:
+    """Find the pip CUDA pieces and prepare (once, cached) the driver stub and the ``CUDA_PATH`` tree.
+
+    Safe to call from several processes at once: each prepares in a temporary directory and renames it
+    into place; a loser of the race uses the winner's.
+
+    Raises:
+        CudaToolchainMissing: the pip packages or gcc are missing (one line: what to install).
+    """
+    packages = find_cuda_packages()
+    gcc = shutil.which(compiler)
+    if gcc is None:
+        raise CudaToolchainMissing(
+            f"compiling for CUDA on this machine needs a C compiler ({compiler}) to build the driver stub: "
+            f"apt-get install gcc"
+        )
+    source = stub_source(_driver_symbols(_tvm_runtime_cuda()))
+    include = Path(packages["include"]).resolve()
+    identity_of_dir = {
+        "stub": hashlib.sha256(source.encode()).hexdigest(),
+        "gcc": _gcc_identity(gcc),
+        "machine": platform.machine(),
+        "include": str(include),
+        "layout": "1",
+    }
+    digest = hashlib.sha256(json.dumps(identity_of_dir, sort_keys=True).encode()).hexdigest()[:16]
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    final = root / "cuda" / digest
+    if not (final / "ready").is_file():
+        _prepare(final, source, gcc, include)
+    versions = dict(packages["versions"])
+    return CudaToolchain(
+        cudart=Path(packages["cudart"]),
+        nvrtc=Path(packages["nvrtc"]),
+        include=include,
+        cuda_path=final / "cuda_path",
+        stub=final / "stub" / "libcuda.so.1",
+        versions=versions,
+        identity=";".join(f"{d}=={versions[d]}" for d in sorted(versions) if d != "cuda-pathfinder"),
+    )
+
+
+def _prepare(final: Path, source: str, gcc: str, include: Path) -> None:
+    parent = final.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=parent))
+        work.chmod(0o755)
+    except OSError as exc:
+        raise BuildError(f"cannot write the CUDA toolchain cache {parent}: {exc.strerror or exc}") from None
+    try:
+        (work / "stub").mkdir()
+        (work / "stub" / "cuda_stub.c").write_text(source)
+        cmd = [gcc, "-shared", "-fPIC", "-O2", "-Wall", "-Wl,-soname,libcuda.so.1",
+               "-o", str(work / "stub" / "libcuda.so.1"), str(work / "stub" / "cuda_stub.c")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise BuildError(f"building the CUDA driver stub failed: {(proc.stderr or proc.stdout).strip()[-400:]}")
+        tree = work / "cuda_path"
+        (tree / "targets" / _cuda_triple_dir()).mkdir(parents=True)
+        (tree / "include").symlink_to(include)
+        (tree / "targets" / _cuda_triple_dir() / "include").symlink_to(include)
+        (work / "ready").write_text(json.dumps({"include": str(include), "gcc": gcc}) + "\n")
+        try:
+            os.rename(work, final)
+        except OSError:
+            if not (final / "ready").is_file():  # not another process's finished copy: a stale one
+                shutil.rmtree(final, ignore_errors=True)
+                os.rename(work, final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------- inspection
+
+_EM_CUDA = 190
+_MODULE_KEY = struct.pack("<Q", 4) + b"cuda"
+_FORMATS = {"cubin": "cubin", "ptx": "ptx", "fatbin": "fatbin", "cu": "source", "cuda": "source"}
+
+
+def gpu_code_of_bytes(data: bytes) -> str:
+    """See :func:`library_gpu_code`; for bytes already read."""
+    kinds = []
+    start = 0
+    while (at := data.find(_MODULE_KEY, start)) >= 0:
+        start = at + len(_MODULE_KEY)
+        # A serialized CUDA module: u64 length + "cuda" (type key), u64 blob size, u64 length + format, ...
+        header = data[start:start + 16]
+        if len(header) < 16:
+            continue
+        size, fmt_len = struct.unpack("<QQ", header)
+        if not 0 < fmt_len <= 16 or size > len(data):
+            continue
+        fmt = data[start + 16:start + 16 + fmt_len].decode("ascii", "replace")
+        kind = _FORMATS.get(fmt)
+        if kind is None:
+            continue
+        if kind == "cubin":
+            blob = data[start + 8:start + 8 + size]
+            if not _has_cuda_elf(blob):
+                continue
+        kinds.append(kind)
+    for kind in ("source", "ptx", "fatbin", "cubin"):  # the worst one found wins
+        if kind in kinds:
+            return kind
+    if b"__global__" in data:
+        return "source"
+    if b".target sm_" in data and b".version" in data:
+        return "ptx"
+    return "none"
+
+
+def _has_cuda_elf(blob: bytes) -> bool:
+    start = 0
+    while (at := blob.find(b"\x7fELF", start)) >= 0:
+        start = at + 4
+        if len(blob) >= at + 20 and struct.unpack("<H", blob[at + 18:at + 20])[0] == _EM_CUDA:
+            return True
+    return False
+
+
+def library_gpu_code(path: str | os.PathLike[str]) -> str:
+    """What GPU code a TVM library (``.so``, or a ``.tar`` of objects) holds, from its bytes.
+
+    TVM serializes the CUDA module into the library as ``"cuda"`` + a format: ``cubin`` (NVRTC, machine
+    code for one architecture), ``fatbin`` (nvcc), ``ptx``, or ``cuda`` (the fallback that keeps CUDA C
+    source for the device to JIT-compile).
+
+    Returns:
+        ``"cubin"`` (an ELF for ``EM_CUDA`` is there), ``"fatbin"``, ``"ptx"``, ``"source"`` (CUDA C source,
+        compiled on every load), or ``"none"`` (no CUDA module). With several CUDA modules, the worst.
+    """
+    path = Path(path)
+    if tarfile.is_tarfile(path):
+        kinds = []
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                if member.isfile():
+                    stream = tar.extractfile(member)
+                    if stream is not None:
+                        kinds.append(gpu_code_of_bytes(stream.read()))
+        for kind in ("source", "ptx", "fatbin", "cubin"):
+            if kind in kinds:
+                return kind
+        return "none"
+    return gpu_code_of_bytes(path.read_bytes())
+
+
+# ------------------------------------------------------------------------------------------- targets
+
+
+@dataclass(frozen=True)
+class CudaTarget:
+    """A parsed CUDA target.
+
+    Attributes:
+        canonical: TVM's JSON rendering of the target, host included: hash it into the build key.
+        arch: the GPU architecture, e.g. ``"sm_90"``.
+        host_triple: the LLVM triple of the host code (the device machine's CPU).
+        host_arch: that triple's architecture (``x86_64``, ``aarch64``): picks the linker.
+    """
+
+    canonical: str
+    arch: str
+    host_triple: str
+    host_arch: str
+
+    def tvm_target(self) -> Any:
+        import tvm
+
+        return tvm.target.Target(json.loads(self.canonical))
+
+    def target_info(self) -> Any:
+        """The pipeline's :class:`pipeline.targets.TargetInfo` (``kind="cuda"``, the host's triple and arch),
+        for :func:`pipeline.targets.toolchain_for`."""
+        from pipeline.targets import TargetInfo
+
+        return TargetInfo(canonical=self.canonical, kind="cuda", triple=self.host_triple, arch=self.host_arch)
+
+    def __iter__(self):  # ``canonical, arch = parse_cuda_target(text)``
+        return iter((self.canonical, self.arch))
+
+
+def _normalise_name(text: str) -> str:
+    name = text.strip().lower().removeprefix("nvidia/").removeprefix("nvidia-").replace("_", "-")
+    return name.replace("geforce-", "").replace("rtx-", "rtx")
+
+
+def cuda_target_dict(text: str) -> dict[str, Any]:
+    """The user's CUDA target as TVM's dict form (no TVM needed), before defaults and validation.
+
+    Accepts ``cuda -arch=sm_90 [-max_threads_per_block=1024 ...] [-host=aarch64-linux-gnu]``, TVM's JSON
+    (``{"kind": "cuda", "arch": ..., "host": {...}}``), a TVM tag (``nvidia/nvidia-a100``), or a GPU name
+    (:data:`GPU_NAMES`: ``h100``, ``nvidia/h100``, ``a100``, ``l4``, ``rtx40xx``, ``t4``, ``jetson-orin``...).
+    """
+    text = (text or "").strip()
+    if not text:
+        raise TargetError(f"the CUDA target is empty. Examples: {_EXAMPLES}")
+    if text.startswith("{"):
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise TargetError(f"target JSON is invalid ({exc}). Examples: {_EXAMPLES}") from None
+        if not isinstance(config, dict) or config.get("kind") != "cuda":
+            raise TargetError(f'a CUDA target JSON needs "kind": "cuda". Examples: {_EXAMPLES}')
+        return dict(config)
+    words = text.split()
+    if words[0] == "cuda":
+        config: dict[str, Any] = {"kind": "cuda"}
+        for word in words[1:]:
+            if not word.startswith("-") or "=" not in word:
+                raise TargetError(f"cannot parse {word!r} in {text!r}: options are -key=value. Examples: {_EXAMPLES}")
+            key, value = word.lstrip("-").split("=", 1)
+            if key == "host":
+                config["host"] = {"kind": "llvm", "mtriple": value} if value != "llvm" else {"kind": "llvm"}
+            elif key in ("keys", "libs", "mattr"):
+                config[key] = [v for v in value.split(",") if v]
+            else:
+                config[key] = int(value) if value.isdigit() else value
+        return config
+    if len(words) == 1:
+        name = _normalise_name(text)
+        known = GPU_NAMES.get(name)
+        if known is None and text.startswith("nvidia/"):
+            known = text
+        if isinstance(known, dict):
+            return {"kind": "cuda", "keys": ["cuda", "gpu"], **_GPU_DEFAULTS, **known}
+        if isinstance(known, str):
+            return {"tag": known}
+    raise TargetError(
+        f"{text!r} is not a CUDA target this pipeline knows. Examples: {_EXAMPLES}; GPU names: "
+        f"{', '.join(sorted(GPU_NAMES))}, or a TVM tag (python -c 'import tvm; print(tvm.target.list_tags())')"
+    )
+
+
+def parse_cuda_target(text: str) -> CudaTarget:
+    """Parse a CUDA target (see :func:`cuda_target_dict`) into its canonical TVM form.
+
+    Missing limits get the values of TVM's NVIDIA tags (1024 threads, 48 KiB shared memory, warp 32); a
+    missing host becomes ``{"kind": "llvm"}`` (this machine's CPU architecture; Jetson names use aarch64).
+    Iterating gives ``(canonical, arch)``.
+
+    Raises:
+        TargetError: unknown name, no ``arch``, an arch CUDA 13 cannot compile for (before sm_75), or a
+            target TVM rejects.
+    """
+    import tvm
+
+    config = cuda_target_dict(text)
+    try:
+        if "tag" in config:
+            if config["tag"] not in tvm.target.list_tags():
+                raise TargetError(f"TVM does not know the target tag {config['tag']!r}. Examples: {_EXAMPLES}")
+            tagged = tvm.target.Target(config["tag"])
+            config = json.loads(str(tagged))
+            config.pop("tag", None)
+            if tagged.host is not None:
+                config["host"] = json.loads(str(tagged.host))
+        arch = str(config.get("arch", ""))
+        match = _ARCH_RE.match(arch)
+        if not match:
+            raise TargetError(
+                f"the CUDA target {text!r} needs an arch like sm_90 (got {arch or 'none'}): TVM would otherwise "
+                f"guess sm_50. Examples: {_EXAMPLES}"
+            )
+        if int(match.group(1)) < MIN_SM:
+            raise TargetError(
+                f"{arch} is too old for CUDA 13 (the NVRTC this pipeline uses compiles for sm_{MIN_SM} and newer)"
+            )
+        for key, value in _GPU_DEFAULTS.items():
+            config.setdefault(key, value)
+        host = config.pop("host", None) or {"kind": "llvm"}
+        if isinstance(host, str):
+            host = {"kind": "llvm", "mtriple": host} if host != "llvm" else {"kind": "llvm"}
+        target = tvm.target.Target(config, host=host)
+    except TargetError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TargetError(f"TVM cannot use the CUDA target {text!r}: {first}. Examples: {_EXAMPLES}") from None
+    triple = str(target.host.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
+    host_arch = triple.split("-")[0].lower()
+    host_arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(host_arch, host_arch)
+    return CudaTarget(canonical=str(target), arch=arch, host_triple=triple, host_arch=host_arch)
+
+
+# --------------------------------------------------------------------------------------------- build
+
+
+@dataclass(frozen=True)
+class CudaBuild:
+    """The result of :func:`compile_cuda`.
+
+    Attributes:
+        files: the files written into ``out_dir`` (``build.tar``, and ``model.so`` when linked).
+        gpu_code: what the objects hold (:func:`library_gpu_code`): always ``"cubin"`` on success.
+        stub: True when the stub driver was loaded (no real ``libcuda.so.1`` on this machine).
+        seconds: ``{"import_tvm", "compile", "export", "link", "total"}`` (``total`` includes the subprocess start).
+        toolchain: :attr:`CudaToolchain.identity`.
+    """
+
+    files: list[Path]
+    gpu_code: str
+    stub: bool
+    seconds: dict[str, float]
+    toolchain: str
+
+
+def child_environment(toolchain: CudaToolchain, base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of the build subprocess: ``CUDA_PATH``, NVRTC mode, no knob that changes the code."""
+    env = dict(os.environ if base is None else base)
+    for name in list(env):
+        if name.startswith(("TVM_CUDA_", "TVM_KERNEL_")):
+            del env[name]
+    env["CUDA_PATH"] = str(toolchain.cuda_path)
+    env["TVM_CUDA_COMPILE_MODE"] = "nvrtc"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def compile_cuda(
+    module_json: str | os.PathLike[str],
+    target_canonical: str,
+    opt_level: int,
+    out_dir: str | os.PathLike[str],
+    *,
+    link: str | None = None,
+    toolchain: CudaToolchain | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    python: str | os.PathLike[str] | None = None,
+    timeout: float = _TIMEOUT_S,
+) -> CudaBuild:
+    """Compile a saved Relax module (``tvm.ir.save_json``) for a CUDA target, in a subprocess.
+
+    Writes ``out_dir/build.tar``: the target's object files, uncompressed, as ``tasks/build.py`` writes them
+    (the export stage links it into ``model.so`` with the host's linker). With ``link`` (a compiler, e.g.
+    ``"g++"``) also ``out_dir/model.so``. The GPU code inside is a cubin for the target's arch.
+
+    Args:
+        module_json: the imported module (``module.json`` of the import stage).
+        target_canonical: :attr:`CudaTarget.canonical` (from :func:`parse_cuda_target`).
+        opt_level: TVM's ``PassContext(opt_level=...)``.
+        out_dir: an existing directory; only the files named above are written into it.
+        link: link ``model.so`` too, with this compiler (needs the host code's architecture).
+        toolchain: from :func:`cuda_toolchain` (found when not given).
+        python: the interpreter to run (this one by default; it must have TVM and the ``cuda`` extra).
+        timeout: seconds before the subprocess (its whole process group) is killed.
+
+    Raises:
+        CudaToolchainMissing: the ``cuda`` extra is not installed (``scripts/setup --cuda``).
+        BuildError: TVM failed, the subprocess died or timed out, or the library did not get a cubin.
+    """
+    started = time.perf_counter()
+    toolchain = toolchain or cuda_toolchain(cache_dir)
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise BuildError(f"the output directory {out} does not exist")
+    with tempfile.TemporaryDirectory(prefix="tvmrp-cuda-") as work:
+        result_path = Path(work) / "result.json"
+        log_path = Path(work) / "build.log"
+        argv = [
+            os.fspath(python or sys.executable), "-m", "pipeline.cuda_build",
+            "--module", os.fspath(module_json), "--target", target_canonical, "--opt-level", str(int(opt_level)),
+            "--out", str(out), "--result", str(result_path), "--toolchain", toolchain.to_json(),
+        ]
+        if link:
+            argv += ["--link", link]
+        with open(log_path, "wb") as log_file:
+            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                    env=child_environment(toolchain), cwd=str(REPO), start_new_session=True)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                raise BuildError(
+                    f"the CUDA build for {_arch_of(target_canonical)} took longer than {timeout:.0f} s and was stopped"
+                ) from None
+            except BaseException:
+                _kill_group(proc)
+                raise
+        text = log_path.read_text(errors="replace")
+        result = _read_result(result_path)
+        if proc.returncode != 0 or result is None or "error" in (result or {}):
+            message = (result or {}).get("error") or _last_line(text) or f"exit status {proc.returncode}"
+            if text.strip():
+                log.warning("CUDA build subprocess output:\n%s", text[-4000:])
+            cls = CudaToolchainMissing if (result or {}).get("kind") == "toolchain" else BuildError
+            raise cls(
+                f"TVM failed to compile for CUDA {_arch_of(target_canonical)} at opt_level {opt_level}: {message}"
+            )
+    seconds = {k: float(v) for k, v in result["seconds"].items()}
+    seconds["total"] = time.perf_counter() - started
+    return CudaBuild(
+        files=[out / name for name in result["files"]],
+        gpu_code=result["gpu_code"],
+        stub=bool(result["stub"]),
+        seconds=seconds,
+        toolchain=toolchain.identity,
+    )
+
+
+def _arch_of(canonical: str) -> str:
+    with contextlib.suppress(ValueError, TypeError, AttributeError):
+        return str(json.loads(canonical).get("arch", "?"))
+    return "?"
+
+
+def _read_result(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL the subprocess's group (it leads its own session) and reap the leader."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=_KILL_WAIT_S)

@@ -1,0 +1,250 @@
+"""scripts/device-bundle: a device that runs TVM's runtime only, from a .tar.xz, in a clean venv.
+
+The bundle is built for this machine (this Python, this CPU), unpacked into a temporary directory, its
+setup-device.sh makes a clean venv with the base interpreter (no apache-tvm: only the bundle's wheels,
+``--no-index``), its start-device.sh serves on 127.0.0.1, and a tiny model compiled here runs on it over
+RPC with the same output as a local run. Building the bundle downloads wheels with pip (its cache makes
+that fast). The CUDA variant (skipped without the ``cuda`` extra) checks the CUDA plumbing without a GPU:
+with the stub driver the device loads a cubin library that needs no compiler, and refuses CUDA source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import REPO, make_tiny_onnx
+
+SCRIPT = REPO / "scripts" / "device-bundle"
+START_TIMEOUT_S = 90.0
+
+
+def _load_script():
+    spec = importlib.util.spec_from_file_location("device_bundle", REPO / "scripts" / "device_bundle.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+device_bundle = _load_script()
+
+
+def _base_python() -> Path:
+    """This interpreter outside the repository's venv: the clean device venv is made from it."""
+    version = f"python{sys.version_info[0]}.{sys.version_info[1]}"
+    for candidate in (Path(sys.base_prefix) / "bin" / version, Path(sys.base_prefix) / "bin" / "python3"):
+        if candidate.is_file():
+            return candidate
+    pytest.skip(f"no base interpreter {version} under {sys.base_prefix}")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _build(out: Path, *args: str) -> dict:
+    proc = subprocess.run([str(SCRIPT), "--out", str(out), "--xz-level", "1", "--json", *args],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
+def _unpack(info: dict, where: Path) -> Path:
+    with tarfile.open(info["archive"]) as tar:
+        tar.extractall(where)
+    return where / info["name"]
+
+
+@contextlib.contextmanager
+def _device(root: Path, port: int, log: Path, env: dict[str, str] | None = None):
+    """start-device.sh in its own process group; stopped (the whole group) on exit."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(root / "start-device.sh"), "--host", "127.0.0.1", "--port", str(port)],
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, f"the device exited ({proc.returncode}): {log.read_text()[-2000:]}"
+            if "bind to 127.0.0.1" in log.read_text(errors="replace"):
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail(f"the device did not start in {START_TIMEOUT_S:.0f} s: {log.read_text()[-2000:]}")
+        yield proc
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # the popen_worker child too
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+
+
+def _setup(root: Path) -> None:
+    proc = subprocess.run([str(root / "setup-device.sh"), str(_base_python())], capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+
+def test_platform_helpers():
+    assert device_bundle.compatible_platforms("manylinux_2_28_aarch64")[:3] == [
+        "manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_26_aarch64"]
+    assert "manylinux2014_x86_64" in device_bundle.compatible_platforms("manylinux_2_28_x86_64")
+    assert device_bundle.bundle_name("3.12", "manylinux_2_28_x86_64", True) == "tvmrp-device-cp312-x86_64-cuda"
+    with pytest.raises(device_bundle.BundleError, match="not a Linux wheel platform"):
+        device_bundle.platform_arch("win_amd64")
+    with pytest.raises(device_bundle.BundleError, match="3.11 or 3.12"):
+        device_bundle.python_tag("3")
+
+
+def test_runtime_filter():
+    keep = device_bundle._keep
+    assert keep("lib/libtvm_runtime.so", cuda=False) and keep("runtime/vm.py", cuda=False)
+    assert not keep("lib/libtvm_compiler.so", cuda=True)
+    assert not keep("3rdparty/x.h", cuda=True) and not keep("include/tvm/x.h", cuda=True)
+    assert not keep("relax/__pycache__/a.cpython-311.pyc", cuda=True)
+    assert not keep("lib/libtvm_runtime_cuda.so", cuda=False) and keep("lib/libtvm_runtime_cuda.so", cuda=True)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def cpu_bundle(tmp_path_factory) -> tuple[dict, Path]:
+    work = tmp_path_factory.mktemp("bundle")
+    info = _build(work / "out")
+    root = _unpack(info, work / "device")
+    _setup(root)
+    return info, root
+
+
+def test_bundle_content(cpu_bundle):
+    info, root = cpu_bundle
+    names = {name.split("==")[0].replace("_", "-").lower() for name in info["requirements"]}
+    assert names == {"apache-tvm-ffi", "cloudpickle", "psutil", "typing-extensions", "numpy"}
+    assert not info["cuda"] and info["archive_bytes"] < 40e6
+    lib = root / "runtime" / "tvm" / "lib"
+    assert (lib / "libtvm_runtime.so").is_file()
+    assert not (lib / "libtvm_compiler.so").exists() and not (lib / "libtvm_runtime_cuda.so").exists()
+    for gone in ("3rdparty", "include", "src", "web"):
+        assert not (root / "runtime" / "tvm" / gone).exists()
+    assert "--load-library" not in (root / "start-device.sh").read_text().split("if [ \"$cuda\" = 1 ]")[0]
+
+
+def test_clean_venv_has_no_tvm(cpu_bundle):
+    _, root = cpu_bundle
+    python = root / "venv" / "bin" / "python"
+    listed = subprocess.run([str(python), "-m", "pip", "list", "--format", "json"], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "PIP_CONFIG_FILE": os.devnull})
+    installed = {p["name"].lower().replace("_", "-") for p in json.loads(listed.stdout)}
+    assert "apache-tvm" not in installed and "apache-tvm-ffi" in installed
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    assert subprocess.run([str(python), "-c", "import tvm"], capture_output=True, env=env, timeout=60).returncode != 0
+
+
+def test_device_from_bundle_runs_a_model(cpu_bundle, tmp_path):
+    """A tiny model compiled here runs on the bundle's device over RPC, with the output of a local run."""
+    import onnx
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.device import DeviceSpec, open_session
+
+    _, root = cpu_bundle
+    mod = from_onnx(onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx"))), keep_params_in_input=False)
+    executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    library = tmp_path / "tiny.so"
+    executable.export_library(str(library))
+    data = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype("float32")
+    local = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    expected = local["main"](tvm.runtime.tensor(data)).numpy()
+
+    port = _free_port()
+    with _device(root, port, tmp_path / "device.log"):
+        with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
+            name = session.upload(library)
+            remote_library = session.call("load", session.remote.load_module, name)
+            device = session.device()
+            vm = session.call("vm", tvm.runtime.vm.VirtualMachine, remote_library, device)
+            session.call("set_input", vm.set_input, "main", tvm.runtime.tensor(data, device))
+            session.call("run", vm.invoke_stateful, "main")
+            got = session.call("get_outputs", lambda: vm.get_outputs("main").numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    log = (tmp_path / "device.log").read_text()
+    assert "load_module" in log
+
+
+def test_cuda_bundle_loads_a_cubin_without_a_compiler(tmp_path_factory, tmp_path):
+    """The CUDA bundle's device (runtime only: no NVRTC, no TVM compiler) loads a cubin library.
+
+    There is no GPU here: the device sees the build stub as its driver (LD_LIBRARY_PATH), enough for
+    ``--load-library libtvm_runtime_cuda.so`` to register the CUDA loader. A library with CUDA source
+    instead would need NVRTC on the device and fails; running needs a real GPU.
+    """
+    from pipeline import cuda
+
+    try:
+        toolchain = cuda.cuda_toolchain(tmp_path_factory.mktemp("cuda-cache"))
+    except cuda.CudaToolchainMissing as exc:
+        pytest.skip(f"the optional CUDA packages are not installed ({exc})")
+    import onnx
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.device import DeviceSpec, open_session
+    from pipeline.errors import RemoteRunError
+
+    mod = from_onnx(onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx"))), keep_params_in_input=False)
+    (tmp_path / "module.json").write_text(tvm.ir.save_json(mod))
+    out = tmp_path / "build"
+    out.mkdir()
+    build = cuda.compile_cuda(tmp_path / "module.json", cuda.parse_cuda_target("h100").canonical, 3, out,
+                              link="g++", toolchain=toolchain)
+    assert build.gpu_code == "cubin"
+
+    work = tmp_path_factory.mktemp("cuda-bundle")
+    info = _build(work / "out", "--cuda")
+    root = _unpack(info, work / "device")
+    assert (root / "runtime" / "tvm" / "lib" / "libtvm_runtime_cuda.so").is_file()
+    _setup(root)
+    port = _free_port()
+    with _device(root, port, tmp_path / "device.log", env={"LD_LIBRARY_PATH": str(toolchain.stub.parent)}):
+        with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
+            name = session.upload(out / "model.so")
+            session.call("load", session.remote.load_module, name)
+        with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
+            source = tmp_path / "source.so"
+            from tvm.base import _LOADED_LIBS
+
+            if "tvm_runtime_cuda" not in _LOADED_LIBS:  # this process keeps CUDA source (no driver)
+                target = cuda.parse_cuda_target("h100").tvm_target()
+                with target, tvm.transform.PassContext(opt_level=3):
+                    tvm.compile(mod, target=target).export_library(str(source))
+                name = session.upload(source)
+                with pytest.raises(RemoteRunError, match="NVRTC|cuda-bindings|compile"):
+                    session.call("load", session.remote.load_module, name)
+    log = (tmp_path / "device.log").read_text()
+    assert "libtvm_runtime_cuda.so" in log
