@@ -141,29 +141,21 @@ def prefect_server(home: Path) -> Iterator[str]:
 
 def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0) -> dict[str, Any]:
     """import -> (tune) -> build -> export with the plain stage functions; everything cached in the store."""
-    from pipeline import keys
-    from pipeline.targets import parse_target, toolchain_for
-    from tasks.build import build
-    from tasks.export_library import LIBRARY_FILE, export_library
-    from tasks.import_model import import_model
-    from tasks.tune import read_report, tune, tune_key
+    from flows._stages import compile_chain, run_plain
+    from pipeline.plan import plan_build
+    from pipeline.store import ArtifactStore
+    from pipeline.targets import parse_target
+    from tasks.export_library import LIBRARY_FILE
+    from tasks.tune import read_report
 
     target = parse_target(target_text)
-    toolchain = toolchain_for(target)
-    imported = import_model(model, store_root, keys.key_of(keys.import_inputs(model.digest)))
-    tuning, report = None, None
-    if trials:
-        tuned = tune(imported.artifact, model.digest, target, trials, store_root, tune_key(model.digest, target, trials))
-        tuning, report = tuned.artifact, read_report(tuned.artifact, store_root)
-    bk = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3, tuning.key if tuning else None))
-    built = build(imported.artifact, model.digest, target, 3, store_root, bk, tuning=tuning)
-    lk = keys.key_of(keys.export_inputs(bk, toolchain.identity))
-    library = export_library(built.artifact, target, toolchain, store_root, lk)
-    from pipeline.store import ArtifactStore
-
+    plan = plan_build(model, target, 3, trials)
+    store = ArtifactStore(store_root)
+    compiled = compile_chain(plan, store, False, run=run_plain)
+    report = read_report(compiled.tuning, store_root) if compiled.tuning else None
     return {
-        "target": target, "imported": imported.artifact, "build_key": bk, "report": report,
-        "library": ArtifactStore(store_root).file(library.artifact, LIBRARY_FILE),
+        "target": target, "imported": compiled.module, "build_key": plan.build.key, "report": report,
+        "plan": plan, "library": store.file(compiled.library, LIBRARY_FILE),
     }
 
 
@@ -364,7 +356,7 @@ def bench_upload(library: Path, repeats: int) -> dict[str, Any]:
         host, port = server.address
         spec = DeviceSpec(host=host, port=port)
         _one_session_transfers(host, port, library, repeats, rows)
-        cache = DeviceCache(directory)
+        cache = DeviceCache(directory, b"bench-secret-32-bytes-long......")
         with open_session(spec) as session:
             cache.settle(session, cache.put(session, data))
 
@@ -411,7 +403,8 @@ def bench_flow(store_root: str, repeats: int) -> dict[str, Any]:
     ``cli_prefect_settings``) as by default (the device keeps the library, nothing is uploaded) and with
     ``device_cache="off"`` (uploads every run, like the plain script); and under Prefect's default settings.
     """
-    from flows.resnet_remote import cli_prefect_settings, resnet_remote
+    from flows._cli import cli_prefect_settings
+    from flows.resnet_remote import resnet_remote
     from pipeline.device import EmbeddedServer
     from pipeline.request import RunRequest, resolve
 
@@ -419,7 +412,7 @@ def bench_flow(store_root: str, repeats: int) -> dict[str, Any]:
     with EmbeddedServer() as server, tempfile.TemporaryDirectory(prefix="bench-device-cache-") as directory:
         host, port = server.address
         first = time.perf_counter()
-        summary0 = resnet_remote(**common, host=host, port=port, device_cache=directory)  # builds or finds all
+        summary0 = resnet_remote(**common, host=host, port=port, device_cache=directory).as_json()  # builds or finds all
         first_s = time.perf_counter() - first
         library = Path(summary0["artifact"])
         x = resolve(RunRequest(**common)).input
@@ -428,7 +421,7 @@ def bench_flow(store_root: str, repeats: int) -> dict[str, Any]:
         def flow(name: str, device_cache: str, cli: bool) -> dict[str, Any]:
             start = time.perf_counter()
             with cli_prefect_settings() if cli else contextlib.nullcontext():
-                result = resnet_remote(**common, host=host, port=port, device_cache=device_cache)
+                result = resnet_remote(**common, host=host, port=port, device_cache=device_cache).as_json()
             samples[name].append(time.perf_counter() - start)
             assert all(result["stages"][s] == "cached" for s in ("import-model", "build", "export-library"))
             return result
@@ -449,20 +442,19 @@ def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
     import tvm
     from prefect import flow
 
-    from pipeline import keys
+    from flows._cli import cli_prefect_settings
     from pipeline.models import ModelSpec, resolve_model
     from pipeline.store import ArtifactStore
-    from pipeline.targets import parse_target, toolchain_for
-    from tasks._cache import store_cache_options
+    from pipeline.targets import parse_target
+    from tasks._cache import run_cached
     from tasks.build import build_task
     from tasks.export_library import export_library_task
-    from flows.resnet_remote import cli_prefect_settings
     from tasks.import_model import MODULE_FILE
 
     model = resolve_model(ModelSpec(RESNET, weights="random"))
     target = parse_target(FLOW_TARGET)
-    toolchain = toolchain_for(target)
-    imported = compile_model(model, FLOW_TARGET, store_root)["imported"]
+    compiled = compile_model(model, FLOW_TARGET, store_root)
+    imported, plan = compiled["imported"], compiled["plan"]
     source = ArtifactStore(store_root)
     mod_text = source.file(imported, MODULE_FILE).read_text()
 
@@ -470,12 +462,8 @@ def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
     def cold_build(root: str) -> float:
         store = ArtifactStore(root)
         start = time.perf_counter()
-        bk = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3))
-        built = build_task.with_options(**store_cache_options(store, True))(
-            module=imported, model_digest=model.digest, target=target, opt_level=3, store_root=root, key=bk)
-        lk = keys.key_of(keys.export_inputs(bk, toolchain.identity))
-        export_library_task.with_options(**store_cache_options(store, True))(
-            build=built.artifact, target=target, toolchain=toolchain, store_root=root, key=lk)
+        built, _ = run_cached(build_task, store, plan.build, True, module=imported, target=target, opt_level=3)
+        run_cached(export_library_task, store, plan.library, True, build=built, target=target, toolchain=plan.toolchain)
         return time.perf_counter() - start
 
     def plain(work: Path) -> None:

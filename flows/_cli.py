@@ -1,11 +1,31 @@
-"""What the command lines share."""
+"""What the command lines share: parsers generated from the request type, and one way to run and fail.
+
+The run's parameters are declared once, as the fields of :class:`pipeline.request.RunRequest` (with their
+defaults, flags and help). :func:`add_request_arguments` builds the argparse options from them, and
+:func:`request_signature` gives the flow the same parameters (so a deployment's parameters stay flat:
+``--param key=rpi4``). :func:`run_command` is the command-line contract of every entry point: ``Error:
+<message>`` and the error's exit code (2 bad usage or input, 1 a stage failed, 130 interrupted), no
+traceback unless ``--verbose``, and no process of the run left behind, even when the CLI is killed.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
+import logging
+import os
+import signal
 import sys
+import types
+import typing
+import warnings
+from typing import Any, Callable, Iterator, Sequence
 
-from pipeline.errors import UsageError
+from pipeline.errors import CheckFailed, PipelineError, UsageError
+
+log = logging.getLogger("flows")
 
 
 class Parser(argparse.ArgumentParser):
@@ -14,3 +34,143 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.print_usage(sys.stderr)
         raise UsageError(message)
+
+
+def _arg_type(annotation: Any) -> Any:
+    """The argparse ``type`` of a field annotation: ``int | None`` -> int; ``str`` -> None (text)."""
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    return None if annotation is str else annotation
+
+
+def add_request_arguments(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None) -> None:
+    """Add an option for every field of the dataclass ``cls`` that has ``metadata["cli"]`` (see ``pipeline.request.arg``)."""
+    hints = typing.get_type_hints(cls)
+    groups: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        spec = dict(f.metadata.get("cli") or {})
+        if not spec or (only is not None and f.name not in only):
+            continue
+        group_name = spec.pop("group")
+        group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
+        flag = spec.pop("flag") or "--" + f.name.replace("_", "-")
+        help_text = spec.pop("help")
+        if "action" not in spec:
+            spec.setdefault("type", _arg_type(hints[f.name]))
+            if spec["type"] is None:
+                del spec["type"]
+            help_text += " (default: %(default)s)"
+        group.add_argument(flag, dest=f.name, default=f.default, help=help_text, **spec)
+
+
+def request_fields(namespace: argparse.Namespace, cls: type) -> dict[str, Any]:
+    """The values of ``cls``'s fields in a parsed namespace."""
+    return {f.name: getattr(namespace, f.name) for f in dataclasses.fields(cls) if hasattr(namespace, f.name)}
+
+
+def request_signature(cls: type, return_annotation: Any = inspect.Signature.empty) -> inspect.Signature:
+    """A keyword-only signature with ``cls``'s fields and defaults: a flow's parameters, declared once."""
+    hints = typing.get_type_hints(cls)
+    return inspect.Signature(
+        [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default, annotation=hints[f.name])
+         for f in dataclasses.fields(cls)],
+        return_annotation=return_annotation,
+    )
+
+
+class _NoExpectedTracebacks(logging.Filter):
+    """Drop tracebacks of our own errors from console logs: the CLI prints them as ``Error: ...``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
+            record.exc_info = None
+            record.exc_text = None
+        return True
+
+
+def _quiet_console() -> None:
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger()] + [
+        lg for lg in logging.Logger.manager.loggerDict.values() if isinstance(lg, logging.Logger)
+    ]
+    for logger in loggers:
+        for handler in logger.handlers:
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.addFilter(_NoExpectedTracebacks())
+
+
+_HEARTBEAT_VARS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
+
+
+@contextlib.contextmanager
+def cli_prefect_settings() -> Iterator[None]:
+    """Prefect settings for a run started from the command line: no flow-run heartbeats unless asked for.
+
+    Heartbeats (Prefect's default: one every 180 s) let an automation mark a run whose process died as
+    crashed; a command line run has its user watching. Prefect's heartbeat thread sleeps in 1 s steps and the
+    engine waits for it when the run ends: 0.8 s of a 2.1 s warm run here (bench/RESULTS.md). Deployment
+    runs (a worker starts them, not this command) keep Prefect's setting; so does a command line run when
+    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set in the environment or the Prefect profile.
+    """
+    from prefect.context import get_settings_context
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    profile = {setting.name for setting in get_settings_context().profile.settings}
+    if any(name in os.environ or name in profile for name in _HEARTBEAT_VARS):
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def run_command(
+    argv: Sequence[str] | None,
+    parser: argparse.ArgumentParser,
+    execute: Callable[[argparse.Namespace], Any],
+    show: Callable[[Any, bool], None],
+    uses_prefect: bool = True,
+) -> int:
+    """Parse ``argv``, run ``execute(args)`` and ``show(result, as_json)`` it; return the exit code.
+
+    ``execute`` raises :class:`PipelineError` for every failure a user can meet. A :class:`CheckFailed`
+    that carries the run's summary still shows it, then the error.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = "--verbose" in argv
+    # No network here or on many devices' hosts: keep Prefect's (ephemeral) server from phoning home.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's deprecation chatter
+    # SIGTERM (a cancelled run, `kill`) unwinds like Ctrl-C, so the embedded device is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, _interrupt)
+    as_json = False
+    try:
+        args = parser.parse_args(argv)
+        as_json = bool(getattr(args, "json", False))
+        if uses_prefect and not verbose:
+            _quiet_console()
+        with cli_prefect_settings() if uses_prefect else contextlib.nullcontext():
+            result = execute(args)
+    except CheckFailed as exc:  # the run completed: show what it measured, then why it failed
+        if exc.summary is not None:
+            show(exc.summary, as_json)
+        return _fail(exc, verbose)
+    except PipelineError as exc:
+        return _fail(exc, verbose)
+    except KeyboardInterrupt as exc:
+        print(f"Error: interrupted{f' ({exc})' if str(exc) else ''}; nothing of the run is left running", file=sys.stderr)
+        return 130
+    show(result, as_json)
+    return 0
+
+
+def _fail(exc: PipelineError, verbose: bool) -> int:
+    if verbose:
+        log.error("run failed", exc_info=exc)
+    sys.stdout.flush()
+    print(f"Error: {exc}", file=sys.stderr)
+    return exc.exit_code

@@ -14,41 +14,40 @@ Plain Python (no Prefect run): it is a measuring tool, run by hand or in CI.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
-import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from flows._cli import Parser
-from pipeline import keys
-from pipeline.device import EmbeddedServer, open_session
-from pipeline.errors import CheckFailed, PipelineError, UsageError
+from flows._cli import Parser, add_request_arguments, request_fields, run_command
+from flows._stages import compile_chain, run_plain
+from pipeline.device import Device
+from pipeline.errors import CheckFailed, UsageError
 from pipeline.image import load_image
 from pipeline.labelled import DEFAULT_LABELLED_DIR, LabelledImage, load_labelled_set
-from pipeline.models import MODEL_NAMES, ResolvedModel, label_for
-from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
-from pipeline.store import ENV_VAR
-from pipeline.targets import toolchain_for
-from tasks._cache import Built
-from tasks._sessions import registered
+from pipeline.latency import Timing
+from pipeline.models import ResolvedModel, label_for
+from pipeline.plan import plan_build, plan_reference
+from pipeline.request import ResolvedRequest, RunRequest, resolve
+from tasks._live import opened
 from tasks.accuracy import accuracy, hit
-from tasks.build import build
 from tasks.check import CheckResult, Thresholds, check, failure_message, thresholds_for
-from tasks.export_library import LIBRARY_FILE, export_library
-from tasks.import_model import import_model
+from tasks.export_library import LIBRARY_FILE
 from tasks.load import load
-from tasks.postprocess import header_lines
-from tasks.reference import load_reference, reference, reference_key
+from tasks.reference import load_reference, reference
+from tasks.report import header_lines
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
 
 log = logging.getLogger("flows.accuracy")
+
+#: The run options that apply to an accuracy run (the rest of RunRequest is about one image and timing).
+OPTIONS = ("model", "weights", "seed", "target", "opt_level", "artifacts", "refresh", "host", "port", "tracker",
+           "key", "connect_timeout", "request_timeout", "call_timeout", "max_abs_diff")
 
 
 @dataclass(frozen=True)
@@ -59,38 +58,13 @@ class Evaluation:
     checks: tuple[CheckResult, ...]
 
 
-@dataclass(frozen=True)
-class _Compiled:
-    build_key: str
-    library: Built
-    stages: dict[str, str]
-
-
-def _compile(req: ResolvedRequest) -> _Compiled:
-    """import-model -> build -> export-library, each reused from the store when there."""
-    model, target, root = req.model, req.target, str(req.store.root)
-    toolchain = toolchain_for(target)
-    import_key = keys.key_of(keys.import_inputs(model.digest))
-    imported = import_model(model, root, import_key, req.refresh)
-    build_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, req.opt_level))
-    built = build(imported.artifact, model.digest, target, req.opt_level, root, build_key, req.refresh)
-    library_key = keys.key_of(keys.export_inputs(build_key, toolchain.identity))
-    library = export_library(built.artifact, target, toolchain, root, library_key, req.refresh)
-    stages = {name: "ran" if b.built else "cached"
-              for name, b in (("import-model", imported), ("build", built), ("export-library", library))}
-    return _Compiled(build_key, library, stages)
-
-
-def _run_all(req: ResolvedRequest, server: EmbeddedServer | None, library: Built,
-             inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str]:
+def _run_all(req: ResolvedRequest, device: Device, library: Any, inputs: Sequence[np.ndarray]) -> tuple[list[np.ndarray], str]:
     """upload and load once, then set-input and run per input; the outputs and the device's description."""
-    outputs = []
-    with open_session(req.device, server) as session, registered(session) as ref:
-        upload(ref, library.artifact, str(req.store.root), req.target.arch)
-        load(ref)
+    outputs, root = [], str(req.store.root)
+    with device.session() as session, opened(session) as ref:
+        loaded = load(upload(ref, library, root, req.target.arch), root)
         for data in inputs:
-            set_input(ref, data)
-            outputs.append(run(ref, 1, 1).output)
+            outputs.append(run(set_input(loaded, data), Timing(repeat=1)).output)
         return outputs, ref.description
 
 
@@ -98,9 +72,9 @@ def _references(req: ResolvedRequest, inputs: Sequence[np.ndarray]) -> tuple[lis
     """The reference output of every input (stage ``reference``, cached) and the stage's status."""
     root, outputs, cached = str(req.store.root), [], 0
     for data in inputs:
-        built = reference(req.model, data, root, reference_key(req.model, data), req.refresh)
+        built = reference(req.model, data, plan_reference(req.model, data), root, req.refresh)
         cached += not built.built
-        outputs.append(load_reference(built, root))
+        outputs.append(load_reference(built.artifact, root))
     if cached == len(inputs):
         return outputs, "cached"
     return outputs, f"ran {len(inputs) - cached}, cached {cached}" if cached else "ran"
@@ -141,15 +115,10 @@ def evaluate(req: ResolvedRequest, images: Sequence[LabelledImage], thresholds: 
             "accuracy mode needs an ImageNet classifier"
         )
     inputs = [load_image(image.path, model.preprocess, model.input_shape) for image in images]
-    server = EmbeddedServer() if req.device.kind == "local" else None
-    if server is not None:
-        server.start()  # the server imports TVM while we compile
-    try:
-        compiled = _compile(req)
-        outputs, device = _run_all(req, server, compiled.library, inputs)
-    finally:
-        if server is not None:
-            server.stop()
+    plan = plan_build(model, req.target, req.opt_level)
+    with Device(req.device) as device:  # the embedded server imports TVM while we compile
+        compiled = compile_chain(plan, req.store, req.refresh, run=run_plain)
+        outputs, device_name = _run_all(req, device, compiled.library, inputs)
     references, reference_status = _references(req, inputs)
 
     checks = [check(output, expected, thresholds) for output, expected in zip(outputs, references)]
@@ -161,10 +130,10 @@ def evaluate(req: ResolvedRequest, images: Sequence[LabelledImage], thresholds: 
         "model_digest": model.digest,
         "target": req.target.canonical,
         "opt_level": req.opt_level,
-        "build_key": compiled.build_key,
-        "library_key": compiled.library.artifact.key,
-        "artifact": str(req.store.file(compiled.library.artifact, LIBRARY_FILE)),
-        "device": device,
+        "build_key": plan.build.key,
+        "library_key": compiled.library.key,
+        "artifact": str(req.store.file(compiled.library, LIBRARY_FILE)),
+        "device": device_name,
         "stages": {**compiled.stages, "reference": reference_status},
         "images": rows,
         "accuracy": {"tvm": accuracy(outputs, labels).as_dict(), "reference": accuracy(references, labels).as_dict()},
@@ -223,74 +192,46 @@ def format_accuracy_report(summary: dict[str, Any]) -> str:
 # -- command line ------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of ``python -m flows.accuracy``."""
+def build_parser() -> Parser:
+    """The command line of ``python -m flows.accuracy`` (the run options come from :class:`RunRequest`)."""
     p = Parser(
         prog="python -m flows.accuracy",
         description="Top-1/top-5 accuracy of the compiled model on a device vs its own framework, on labelled images.",
     )
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"an ImageNet classifier: {', '.join(MODEL_NAMES)}, or a model file (default: %(default)s)")
-    p.add_argument("--weights", default="pretrained", help="resnet18_v2 only: pretrained, random or a .params file")
-    p.add_argument("--seed", type=int, default=0, help="seed for --weights random (default: %(default)s)")
-    p.add_argument("--target", default=DEFAULT_TARGET,
-                   help="TVM target, as for flows.resnet_remote (default: %(default)s)")
-    p.add_argument("--opt-level", type=int, default=3, choices=range(4), metavar="{0,1,2,3}")
-    p.add_argument("--artifacts", default=None,
-                   help=f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)")
-    p.add_argument("--refresh", action="store_true", help="rebuild the compile stages and the references")
+    add_request_arguments(p, RunRequest, only=OPTIONS)
     p.add_argument("--images", default=None,
                    help=f"a directory with labels.json and its images (default: {DEFAULT_LABELLED_DIR})")
-    p.add_argument("--host", help="a running TVM RPC server (default: an embedded one on 127.0.0.1)")
-    p.add_argument("--port", type=int, help="its port (with --host)")
-    p.add_argument("--tracker", metavar="HOST:PORT", help="a TVM RPC tracker to request a device from")
-    p.add_argument("--key", help="the device key to request from the tracker")
-    p.add_argument("--max-abs-diff", type=float, default=None,
-                   help="check threshold on max |TVM - reference| (default: 1e-4 for float32)")
     p.add_argument("--no-check", action="store_true", help="report the check figures but do not fail on them")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on the last line")
     p.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage or the check failed)."""
-    verbose = "--verbose" in (argv if argv is not None else sys.argv[1:])
-    warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's deprecation chatter
-    try:
-        args = build_parser().parse_args(argv)
-        thresholds = thresholds_for("float32", args.max_abs_diff)
-        images = load_labelled_set(args.images)
-        req = resolve(RunRequest(
-            model=args.model, weights=args.weights, seed=args.seed, target=args.target, opt_level=args.opt_level,
-            host=args.host, port=args.port, tracker=args.tracker, key=args.key, artifacts=args.artifacts,
-            refresh=args.refresh,
-        ))
-        evaluation = evaluate(req, images, thresholds)
-    except PipelineError as exc:
-        if verbose:
-            log.exception("accuracy run failed")
-        print(f"Error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("Error: interrupted", file=sys.stderr)
-        return 130
-    summary = evaluation.summary
-    print(format_accuracy_report(summary))
-    if args.json:
-        print(json.dumps(summary))
-    failed = [(row, result) for row, result in zip(summary["images"], evaluation.checks) if not result.passed]
+def _execute(args: Any) -> Evaluation:
+    thresholds = thresholds_for("float32", args.max_abs_diff)
+    images = load_labelled_set(args.images)
+    evaluation = evaluate(resolve(RunRequest(**request_fields(args, RunRequest))), images, thresholds)
+    failed = [(row, result) for row, result in zip(evaluation.summary["images"], evaluation.checks) if not result.passed]
     if failed and not args.no_check:
         row, result = failed[0]
-        subject = f"{summary['model']} on {row['file']}"
-        error = CheckFailed(
+        subject = f"{evaluation.summary['model']} on {row['file']}"
+        raise CheckFailed(
             f"{len(failed)} of {len(evaluation.checks)} images failed the check; first, "
             + failure_message(result, subject),
-            result.as_dict(),
+            result.as_dict(), evaluation,
         )
-        print(f"Error: {error}", file=sys.stderr)
-        return error.exit_code
-    return 0
+    return evaluation
+
+
+def _show(evaluation: Evaluation, as_json: bool) -> None:
+    print(format_accuracy_report(evaluation.summary))
+    if as_json:
+        print(json.dumps(evaluation.summary))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage or the check failed)."""
+    return run_command(argv, build_parser(), _execute, _show, uses_prefect=False)
 
 
 if __name__ == "__main__":

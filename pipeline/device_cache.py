@@ -4,41 +4,54 @@ TVM's stock ``rpc_server`` deletes its session directory when a session ends, bu
 an absolute path is written there and kept. The server offers upload, download and remove: no listing, no
 rename, no checksum. The cache is built from those three calls alone:
 
-- a library is uploaded under a name of its own, ``tvmrp-<sha256[:16]>-<nonce>.so``, and never written
-  again, so no run can load a file while another rewrites it;
+- a library is uploaded under a fresh, unguessable name, ``tvmrp-<128 random bits>.so``, and never written
+  again, so no run can load a file while another rewrites it, and nobody can plant a file under a name a
+  later run will use;
 - only once that upload has returned (the server has written the whole file) does a *marker* name it:
-  ``tvmrp-slot-<i>.json`` holds the library's sha256, size, file name and upload time. A run killed
-  mid-upload leaves no marker, so its partial file is never loaded;
+  ``tvmrp-slot-<i>.json`` holds the library's sha256, size, file name, upload time and an HMAC-SHA256 of
+  all of these and the directory, keyed by a secret that never leaves this client's artifact store
+  (``<store>/.keys/device-cache.key``, mode 0600). A run killed mid-upload leaves no marker, so its partial
+  file is never loaded; a marker that does not authenticate (forged, copied from another directory,
+  damaged) is ignored and removed where the device lets us;
 - a run looks its library's sha256 up in the few (:data:`SLOTS`) markers, one small download each;
 - a new library takes the slot that held the same digest, else a free slot, else the oldest slot written
   more than :data:`GRACE_S` ago, and removes the file that slot named. When every slot is younger, nothing
   is evicted and this run's copy is not kept;
 - after loading, a run whose marker was overwritten by a concurrent run removes its own (already loaded)
-  copy, so racing runs leave no unreferenced file behind;
-- a copy that fails to load anyway (removed on the device, a racing eviction) raises
-  :class:`~pipeline.errors.StaleDeviceCopy`, and the flow uploads again.
+  copy, so racing runs leave no unreferenced file behind.
 
-Trust: whoever can write the directory on the device can make a run load their code. Anyone who can reach
-an ``rpc_server`` can run code on it anyway; on a device shared with other users, use a private directory
-or turn the cache off (``--device-cache DIR|off``).
+The protocol has one front door used by the ``upload`` and ``load`` stages: :func:`place` finds the kept
+copy or uploads, :func:`load_placed` loads it; a kept copy that does not load, or whose VM cannot be
+created, is forgotten, removed and uploaded again in the same session.
+
+Trust (docs/security.md): the device runs whatever library it loads. Someone who can write the cache
+directory on the device cannot make a run load their file (their markers do not authenticate, they cannot
+guess the next file name), but in a directory without the sticky bit they could replace a file we kept
+(between runs, after its marker was written): use a directory only the device's rpc_server user can write.
+The default for devices other than the embedded one is therefore ``off``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import logging
+import os
 import posixpath
 import re
+import secrets
 import time
-import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, TypeVar
 
 from pipeline.device import RemoteSession
-from pipeline.errors import DeviceLost, RemoteRunError, UsageError
+from pipeline.errors import DeviceLost, RemoteRunError, StoreError, UsageError, clip
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 SLOTS = 4
 """Libraries kept per device directory (ResNet-18: 4 x 47 MB)."""
@@ -46,14 +59,58 @@ SLOTS = 4
 GRACE_S = 600.0
 """A slot written less than this many seconds ago is not evicted: a concurrent run may be loading it."""
 
+SECRET_FILE = Path(".keys") / "device-cache.key"
 _MARKER = "tvmrp-slot-{}.json"
-_FORMAT = 1
+_FORMAT = 2
 _HEX = re.compile(r"[0-9a-f]{64}")
+_FILE = re.compile(r"tvmrp-[0-9a-f]{32}\.so")
+
+
+def check_directory(directory: str) -> str:
+    """``directory`` if it is an absolute POSIX path (a directory on the device), else UsageError."""
+    if not isinstance(directory, str) or not directory.startswith("/") or "\\" in directory or "\0" in directory:
+        raise UsageError(f"--device-cache must be an absolute directory on the device, auto or off (got {clip(repr(directory))})")
+    return directory
+
+
+def cache_secret(store_root: str | os.PathLike[str]) -> bytes:
+    """This client's secret for the device cache: 32 random bytes in ``<store>/.keys/device-cache.key`` (0600).
+
+    Created on first use (atomically; a racing process's file wins).
+
+    Raises:
+        StoreError: the file cannot be created or read, or other users can read or write it.
+    """
+    path = Path(store_root) / SECRET_FILE
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        info = path.stat()
+        if info.st_mode & 0o077 or info.st_uid != os.getuid():
+            raise StoreError(
+                f"{path} (the device cache's secret) is readable or writable by other users or not yours: "
+                f"remove it (a new one is made) or chmod 600 it"
+            )
+        secret = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot create or read the device cache's secret {path} ({exc.strerror})") from exc
+    if len(secret) < 32:  # a racing creator had not written it yet
+        time.sleep(0.1)
+        secret = path.read_bytes()
+    if len(secret) < 32:
+        raise StoreError(f"{path} (the device cache's secret) is damaged: remove it (a new one is made)")
+    return secret
 
 
 @dataclass(frozen=True)
 class DeviceCopy:
-    """A library copy on the device, as a slot's marker records it."""
+    """A library copy on the device, as an authenticated slot marker records it."""
 
     slot: int
     sha256: str
@@ -63,10 +120,6 @@ class DeviceCopy:
     time: float
     """When it was uploaded (the uploading host's clock, seconds since the epoch)."""
 
-    def as_json(self) -> bytes:
-        record = {"format": _FORMAT, "sha256": self.sha256, "bytes": self.size, "file": self.file, "time": self.time}
-        return json.dumps(record, sort_keys=True).encode()
-
 
 @dataclass(frozen=True)
 class DeviceCache:
@@ -74,15 +127,16 @@ class DeviceCache:
 
     Args:
         directory: Absolute path *on the device*; it must exist there (the server cannot create directories).
+        secret: The client's key that authenticates the markers (:func:`cache_secret`).
         slots: How many libraries it keeps.
     """
 
     directory: str
+    secret: bytes = field(repr=False)
     slots: int = SLOTS
 
     def __post_init__(self) -> None:
-        if not self.directory.startswith("/") or "\\" in self.directory:
-            raise UsageError(f"--device-cache must be an absolute directory on the device, or off (got {self.directory!r})")
+        check_directory(self.directory)
         if not 1 <= self.slots <= 64:
             raise UsageError(f"a device cache keeps 1-64 libraries (got {self.slots})")
 
@@ -91,11 +145,11 @@ class DeviceCache:
         return posixpath.join(self.directory, name)
 
     def copies(self, session: RemoteSession) -> list[DeviceCopy | None]:
-        """What each slot holds: None for an empty slot or an unreadable marker (a write in progress)."""
+        """What each slot holds: None for an empty slot or a marker that does not authenticate."""
         return [self._read_slot(session, slot) for slot in range(self.slots)]
 
     def find(self, session: RemoteSession, sha256: str, size: int) -> DeviceCopy | None:
-        """The complete copy of the library with digest ``sha256`` and ``size`` bytes, if the device keeps one."""
+        """The kept copy of the library with digest ``sha256`` and ``size`` bytes, if the device keeps one."""
         for copy in self.copies(session):
             if copy is not None and copy.sha256 == sha256 and copy.size == size:
                 return copy
@@ -108,14 +162,14 @@ class DeviceCache:
             sha256: The digest of ``data`` when the caller has checked it already.
 
         Returns:
-            The new copy; load it, then call :meth:`settle`.
+            The new copy (slot -1 when it is not kept); load it, then call :meth:`settle`.
 
         Raises:
             RemoteRunError: The directory cannot be written on the device (nothing was uploaded).
             DeviceTimeout, DeviceLost: As for :meth:`RemoteSession.call`.
         """
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
-        name = f"tvmrp-{sha256[:16]}-{uuid.uuid4().hex[:12]}.so"
+        name = f"tvmrp-{secrets.token_hex(16)}.so"
         session.call("upload", session.remote.upload, _as_bytearray(data), self.path(name))
         now = time.time()
         slot, replaced = self._choose_slot(session, sha256, now)
@@ -124,10 +178,10 @@ class DeviceCache:
             log.info("device cache %s: all %d slots were written in the last %.0f s; this copy is not kept",
                      self.directory, self.slots, GRACE_S)
             return copy
-        _, refused = _call(session, session.remote.upload, bytearray(copy.as_json()), self.path(_MARKER.format(slot)))
+        _, refused = _call(session, session.remote.upload, bytearray(self._marker(copy)), self.path(_MARKER.format(slot)))
         if refused is not None:
             log.warning("device cache %s: cannot record the upload (%s); this copy is not kept", self.directory, refused)
-            return copy
+            return replace(copy, slot=-1)
         if replaced is not None and replaced.file != name:
             self._remove(session, replaced.file)
         return copy
@@ -135,8 +189,7 @@ class DeviceCache:
     def settle(self, session: RemoteSession, copy: DeviceCopy) -> bool:
         """After ``copy`` (from :meth:`put`) is loaded: remove it unless its slot still names it.
 
-        A concurrent run may have taken the same slot, and a copy that no marker names would never be
-        removed. The server has the library loaded (mapped), so removing the file does not disturb it.
+        The server has the library loaded (mapped), so removing the file does not disturb it.
 
         Returns:
             Whether the copy is kept for later runs.
@@ -148,9 +201,33 @@ class DeviceCache:
 
     def forget(self, session: RemoteSession, copy: DeviceCopy) -> None:
         """Drop ``copy`` (one that would not load): its marker, if it still names it, and its file."""
-        if self._read_slot(session, copy.slot) == copy:
+        if copy.slot >= 0 and self._read_slot(session, copy.slot) == copy:
             self._remove(session, _MARKER.format(copy.slot))
         self._remove(session, copy.file)
+
+    def _mac(self, record: dict[str, Any]) -> str:
+        message = json.dumps({**record, "directory": self.directory}, sort_keys=True, separators=(",", ":"))
+        return hmac.new(self.secret, message.encode(), hashlib.sha256).hexdigest()
+
+    def _marker(self, copy: DeviceCopy) -> bytes:
+        record = {"format": _FORMAT, "sha256": copy.sha256, "bytes": copy.size, "file": copy.file, "time": copy.time}
+        return json.dumps({**record, "mac": self._mac(record)}, sort_keys=True).encode()
+
+    def _parse(self, raw: bytes, slot: int) -> DeviceCopy | None:
+        try:
+            record = json.loads(raw)
+            mac = str(record.pop("mac"))
+            copy = DeviceCopy(slot, str(record["sha256"]), int(record["bytes"]), str(record["file"]), float(record["time"]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None  # partly written, or not ours
+        valid = (
+            record.get("format") == _FORMAT
+            and set(record) == {"format", "sha256", "bytes", "file", "time"}
+            and _HEX.fullmatch(copy.sha256) is not None
+            and _FILE.fullmatch(copy.file) is not None
+            and hmac.compare_digest(mac, self._mac(record))
+        )
+        return copy if valid else None
 
     def _choose_slot(self, session: RemoteSession, sha256: str, now: float) -> tuple[int | None, DeviceCopy | None]:
         copies = self.copies(session)
@@ -165,12 +242,107 @@ class DeviceCache:
 
     def _read_slot(self, session: RemoteSession, slot: int) -> DeviceCopy | None:
         raw, refused = _call(session, session.remote.download, self.path(_MARKER.format(slot)))
-        return None if refused is not None else _parse(bytes(raw), slot)  # refused: no marker
+        if refused is not None:
+            return None  # no marker
+        copy = self._parse(bytes(raw), slot)
+        if copy is None and len(raw):
+            log.warning("device cache %s: slot %d holds a marker this client did not write; it is ignored",
+                        self.directory, slot)
+            self._remove(session, _MARKER.format(slot))
+        return copy
 
     def _remove(self, session: RemoteSession, name: str) -> None:
         _, refused = _call(session, session.remote.remove, self.path(name))
         if refused is not None:
-            log.warning("device cache %s: cannot remove %s (%s)", self.directory, name, refused)
+            log.info("device cache %s: cannot remove %s (%s)", self.directory, name, refused)
+
+
+# -- the protocol: place, then load ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The library on the device: where it is and how it got there.
+
+    Attributes:
+        remote_name: what ``load_module`` takes (a device path, or a name in the session's directory).
+        bytes: the library's size.
+        seconds: the time of finding or uploading it.
+        reused: the device already held it (nothing was sent).
+        copy: the cache entry it is (None: uploaded into the session's directory).
+    """
+
+    remote_name: str
+    bytes: int
+    seconds: float
+    reused: bool
+    copy: DeviceCopy | None = None
+
+
+def place(
+    session: RemoteSession, cache: DeviceCache | None, data: bytes | bytearray, sha256: str, *,
+    reuse: bool = True, session_name: str,
+) -> Placement:
+    """Make the library ``data`` (digest ``sha256``, checked by the caller) available on the device.
+
+    With a cache: its kept copy if ``reuse`` and it has one, else a fresh upload into it; a cache directory
+    the device refuses to write falls back (with a warning) to the session's directory, under ``session_name``.
+
+    Raises:
+        DeviceTimeout, DeviceLost, RemoteRunError: the upload failed.
+    """
+    start = time.perf_counter()
+    if cache is not None:
+        copy = cache.find(session, sha256, len(data)) if reuse else None
+        if copy is not None:
+            return Placement(cache.path(copy.file), len(data), time.perf_counter() - start, True, copy)
+        try:
+            copy = cache.put(session, data, sha256)
+            return Placement(cache.path(copy.file), len(data), time.perf_counter() - start, False, copy)
+        except DeviceLost:
+            raise
+        except RemoteRunError as exc:
+            log.warning("cannot write the device cache %s on %s (%s): uploading into the session's directory; "
+                        "give --device-cache an existing writable directory on the device, or off",
+                        cache.directory, session.description, exc)
+    session.call("upload", session.remote.upload, _as_bytearray(data), session_name)
+    return Placement(session_name, len(data), time.perf_counter() - start, False)
+
+
+def load_placed(
+    session: RemoteSession, cache: DeviceCache | None, placement: Placement, load: Callable[[str], T],
+    reread: Callable[[], bytes | bytearray],
+) -> tuple[T, Placement]:
+    """``load(placement.remote_name)``; settle a fresh copy, replace a kept copy that fails.
+
+    Args:
+        load: loads a device path and returns what the caller needs (module, VM); raises RemoteRunError
+            when the device refuses it.
+        reread: the library's bytes again (verified), for the upload that replaces a failed kept copy.
+
+    Returns:
+        What ``load`` returned and the final placement (a new one when the kept copy was replaced).
+
+    Raises:
+        DeviceTimeout, DeviceLost, RemoteRunError: loading a fresh upload failed.
+    """
+    try:
+        loaded = load(placement.remote_name)
+    except DeviceLost:
+        raise
+    except RemoteRunError as exc:
+        if not placement.reused or cache is None or placement.copy is None:
+            raise
+        cache.forget(session, placement.copy)
+        log.warning("the copy of the library that %s kept (%s) did not load (%s): it is forgotten and removed; "
+                    "upload it again (now, in this session)", session.description, placement.remote_name, exc)
+        data = reread()
+        fresh = place(session, cache, data, placement.copy.sha256, reuse=False, session_name=posixpath.basename(placement.remote_name))
+        loaded = load(fresh.remote_name)
+        placement = replace(fresh, seconds=placement.seconds + fresh.seconds)
+    if placement.copy is not None and not placement.reused and cache is not None:
+        cache.settle(session, placement.copy)  # the device holds the library loaded: its file may go
+    return loaded, placement
 
 
 def _call(session: RemoteSession, fn: Callable[..., Any], *args: Any) -> tuple[Any, RemoteRunError | None]:
@@ -181,20 +353,6 @@ def _call(session: RemoteSession, fn: Callable[..., Any], *args: Any) -> tuple[A
         raise
     except RemoteRunError as exc:
         return None, exc
-
-
-def _parse(raw: bytes, slot: int) -> DeviceCopy | None:
-    try:
-        record = json.loads(raw)
-        copy = DeviceCopy(slot, str(record["sha256"]), int(record["bytes"]), str(record["file"]), float(record["time"]))
-    except (ValueError, KeyError, TypeError):
-        return None  # partly written, or not ours
-    valid = (
-        record.get("format") == _FORMAT
-        and _HEX.fullmatch(copy.sha256) is not None
-        and re.fullmatch(rf"tvmrp-{copy.sha256[:16]}-[0-9a-f]{{12}}\.so", copy.file) is not None
-    )
-    return copy if valid else None
 
 
 def _as_bytearray(data: bytes | bytearray) -> bytearray:

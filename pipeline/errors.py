@@ -18,7 +18,6 @@ are wrapped at the boundary with a message that says what to do.
         +-- DeviceUnavailable     cannot connect / tracker has no device for the key
         +-- DeviceTimeout         a remote call exceeded its timeout
         +-- ArchMismatch          library built for another architecture than the device
-        +-- StaleDeviceCopy       the copy of a library kept on the device could not be loaded
         +-- RemoteRunError        the device answered with an error
             +-- DeviceLost        the connection died mid-call (device killed, rebooted, network cut)
 """
@@ -109,10 +108,6 @@ class DeviceTimeout(DeviceError):
 
 class ArchMismatch(DeviceError):
     """The library was built for a different architecture than the device's."""
-
-
-class StaleDeviceCopy(DeviceError):
-    """A library copy kept on the device from an earlier run cannot be loaded: upload the library again."""
 
 
 class RemoteRunError(DeviceError):

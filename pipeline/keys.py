@@ -107,6 +107,18 @@ def reference_inputs(model_digest: str, input_digest: str, framework: str) -> di
     }
 
 
+def input_digest(data: Any) -> str:
+    """SHA-256 of an array's content: its dtype and shape, then its bytes in C order."""
+    import numpy as np
+
+    array = np.ascontiguousarray(data)
+    header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}, sort_keys=True)
+    h = hashlib.sha256(header.encode())
+    h.update(b"\0")
+    h.update(array.tobytes())
+    return h.hexdigest()
+
+
 def key_of(inputs: dict[str, Any]) -> str:
     """The artifact key of a stage's inputs."""
     return digest_json(inputs)

@@ -1,22 +1,43 @@
-"""What the three cached stages share: the Prefect cache policy and the build-once-per-key helper.
+"""What the cached stages share: the store-backed build-once helper and a Prefect cache that never unpickles.
 
 Correctness lives in the artifact store, not in Prefect: a stage's result is an :class:`Artifact` reference
 whose files are verified by digest before use, and :func:`ensure_artifact` builds a key at most once across
-processes (store lock). Prefect's cache, keyed by the same explicit key, lets a run skip the task entirely
-(the UI shows it ``Cached``); the flow asks Prefect to refresh whenever the store copy is missing or corrupt,
-because Prefect would otherwise return a reference to files that are gone.
+processes (store lock). Prefect's cache, keyed by the same explicit key (the plan's :class:`StageKey`), lets
+a run skip the task entirely (the UI shows it ``Cached``); :func:`run_cached` asks Prefect to refresh
+whenever the store copy is missing or corrupt, because Prefect would otherwise return a reference to files
+that are gone, and it uses an artifact only as the store's own verified manifest describes it.
+
+The store is untrusted input (it may be shared between machines and users), and a Prefect cache record
+names the serializer that reads it back: Prefect's default, cloudpickle, would execute whatever a planted
+record holds. So the records are not kept in the store but in a directory of this user's
+(:func:`records_dir`: ``~/.cache/tvmrp/prefect-results/<store id>``, mode 0700, checked to be ours and
+private before every use), and they are written by :class:`ArtifactRefSerializer`: plain JSON (the
+artifact's key, kind, files and inputs). When that directory is not private, Prefect's cache is not used at
+all and the store alone decides (stages then show ``Completed`` in the UI, ``cached`` in the report).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from prefect.cache_policies import CacheKeyFnPolicy
+from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
+from prefect.serializers import Serializer
+from pydantic import Field
 
-from pipeline.store import Artifact, ArtifactStore
+from pipeline.errors import StoreError
+from pipeline.plan import StageKey
+from pipeline.store import Artifact, ArtifactStore, FileEntry, check_key
+
+log = logging.getLogger(__name__)
+
+SERIALIZER_TYPE = "tvmrp-artifact-ref"
 
 
 @dataclass(frozen=True)
@@ -34,40 +55,119 @@ class Built:
     seconds: float
 
 
+# -- Prefect's cache records: JSON only, in a private directory ---------------------------------------------------------------
+
+
+def _built_to_json(built: Built) -> dict[str, Any]:
+    a = built.artifact
+    return {
+        "key": a.key, "kind": a.kind, "inputs": a.inputs, "built": bool(built.built), "seconds": float(built.seconds),
+        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in a.files],
+    }
+
+
+def _built_from_json(data: Any) -> Built:
+    """The :class:`Built` a record holds; ValueError unless it has exactly the shape we write."""
+    if not isinstance(data, dict) or set(data) != {"key", "kind", "inputs", "built", "seconds", "files"}:
+        raise ValueError("not an artifact reference")
+    files = data["files"]
+    if not (isinstance(files, list) and all(isinstance(f, dict) and set(f) == {"name", "sha256", "size"} for f in files)):
+        raise ValueError("bad file list")
+    entries = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"])) for f in files)
+    if not isinstance(data["inputs"], dict) or not isinstance(data["built"], bool):
+        raise ValueError("bad fields")
+    artifact = Artifact(check_key(str(data["key"])), str(data["kind"]), entries, dict(data["inputs"]))
+    return Built(artifact, data["built"], float(data["seconds"]))
+
+
+class ArtifactRefSerializer(Serializer):
+    """Prefect serializer of a cached stage's result: the :class:`Built` reference as plain JSON."""
+
+    type: str = Field(default=SERIALIZER_TYPE, frozen=True)
+
+    def dumps(self, obj: Built) -> bytes:
+        return json.dumps(_built_to_json(obj), sort_keys=True).encode()
+
+    def loads(self, blob: bytes) -> Built:
+        return _built_from_json(json.loads(blob))
+
+
+def records_dir(store: ArtifactStore) -> Path | None:
+    """This user's private directory of Prefect cache records for ``store``; None when it is not private.
+
+    ``$TVMRP_PREFECT_RESULTS`` overrides the parent directory (default ``$XDG_CACHE_HOME`` or ``~/.cache``,
+    then ``tvmrp/prefect-results``).
+    """
+    base = os.environ.get("TVMRP_PREFECT_RESULTS") or str(
+        Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tvmrp" / "prefect-results"
+    )
+    directory = Path(base).expanduser() / hashlib.sha256(str(store.root).encode()).hexdigest()[:16]
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for path in (directory, directory.parent):
+            info = path.stat()
+            if info.st_uid != os.getuid() or info.st_mode & 0o022:
+                raise PermissionError(f"{path} is writable by other users or not owned by this user")
+    except OSError as exc:
+        log.warning("Prefect's cache is not used for %s (%s): the stages look their artifacts up in the store",
+                    store.root, exc)
+        return None
+    return directory
+
+
 def _explicit_key(_ctx: Any, parameters: dict[str, Any]) -> str:
-    return parameters["key"]
+    return parameters["stage"].key
 
 
 def store_cache_options(store: ArtifactStore, refresh: bool) -> dict[str, Any]:
-    """``Task.with_options`` arguments that key a stage by its explicit ``key`` parameter.
+    """``Task.with_options`` arguments that key a stage by its plan's ``stage`` parameter.
 
-    Records and results live in the store (``<root>/.prefect``), so every run and worker that shares the
-    store shares the cache. Concurrent runs of one key are serialised by the store's own lock in
+    Records live in this user's private :func:`records_dir`, so every run and worker of this user on this
+    machine shares the cache. Concurrent runs of one key are serialised by the store's own lock in
     :func:`ensure_artifact`, not by Prefect's SERIALIZABLE isolation: Prefect's FileSystemLockManager writes
     lock files without expiry, so a run killed mid-build would leave every later run waiting forever, while
     the store's ``flock`` is released by the kernel when its holder dies.
     """
+    directory = records_dir(store)
+    if directory is None:
+        return {"cache_policy": NO_CACHE, "persist_result": False}
     return {
         "cache_policy": CacheKeyFnPolicy(cache_key_fn=_explicit_key),
-        "result_storage": Path(store.prefect_dir / "results"),
+        "result_storage": directory,
+        "result_serializer": ArtifactRefSerializer(),
         "persist_result": True,
         "refresh_cache": refresh,
     }
 
 
+def run_cached(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: bool, **params: Any) -> tuple[Artifact, str]:
+    """Run a cached stage task; return its verified artifact and ``"cached"`` or ``"ran"``.
+
+    Prefect is asked to refresh its record whenever the store's copy is missing or fails its digest check,
+    so a cached reference to deleted or corrupted files is never returned; a record's artifact is used only
+    as the store's own manifest describes it.
+    """
+    stale = refresh or store.get(stage.key) is None
+    state = stage_task.with_options(**store_cache_options(store, stale))(
+        **params, stage=stage, store_root=str(store.root), refresh=refresh, return_state=True
+    )
+    built: Built = state.result()  # raises the stage's exception if it failed
+    artifact = built.artifact if built.built else store.get(stage.key)
+    if artifact is None or artifact.key != stage.key:
+        raise StoreError(f"the artifact {stage.key} vanished from the store {store.root} during the run; run again")
+    return artifact, "cached" if state.name == "Cached" or not built.built else "ran"
+
+
 def ensure_artifact(
-    store: ArtifactStore,
-    key: str,
-    kind: str,
-    inputs: dict[str, Any],
-    produce: Callable[[Path], None],
-    refresh: bool = False,
+    store: ArtifactStore, stage: StageKey, kind: str, produce: Callable[[Path], None], refresh: bool = False
 ) -> Built:
-    """Return the verified artifact ``key``, producing it (once across processes) if needed.
+    """Return the verified artifact of ``stage``, producing it (once across processes) if needed.
+
+    The manifest records ``stage.manifest``: the inputs the key hashes, then the extras.
 
     Args:
         refresh: rebuild even if a valid copy exists.
     """
     start = time.perf_counter()
-    artifact, produced = store.ensure(key, kind, produce, inputs, refresh)
+    artifact, produced = store.ensure(stage.key, kind, produce, stage.manifest, refresh)
     return Built(artifact, built=produced, seconds=time.perf_counter() - start if produced else 0.0)

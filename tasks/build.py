@@ -4,8 +4,8 @@
 ``Executable.export_library("build.tar", fcompile=write_tar)``, which writes the object files for the target's
 architecture into a plain tar without linking them (so a cross build needs no cross compiler yet). TVM's own
 ``.tar`` export gzips them (``tar -czf``): 1.3 s of a 4 s ResNet-18 build here, for weights that hardly
-compress, and the export stage then paid again to inflate them. Keyed by model digest, canonical
-target, opt_level, TVM version and our build code version.
+compress, and the export stage then paid again to inflate them. Keyed (by the plan) by model digest,
+canonical target, opt_level, TVM version, our build code version and the tuning's key.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 from prefect import task
 
-from pipeline import keys
 from pipeline.errors import BuildError, StoreError
+from pipeline.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
 from tasks._cache import Built, ensure_artifact
@@ -38,19 +38,18 @@ write_tar.output_format = "tar"  # type: ignore[attr-defined]
 
 def build(
     module: Artifact,
-    model_digest: str,
     target: TargetInfo,
     opt_level: int,
+    stage: StageKey,
     store_root: str,
-    key: str,
     refresh: bool = False,
     tuning: Artifact | None = None,
 ) -> Built:
-    """Compile the imported module and store the target's object files under ``key``.
+    """Compile the imported module and store the target's object files under ``stage.key`` (``plan.build``).
 
     Args:
         tuning: a ``tune`` artifact whose MetaSchedule database is applied before compiling; its key is
-            then part of the build key (``keys.build_inputs(..., tuning=tuning.key)``).
+            part of the build key (the plan's ``build`` of a tuned run).
 
     Raises:
         BuildError: TVM failed to compile the module for the target.
@@ -65,7 +64,7 @@ def build(
         mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
         try:
             if tuning is not None:
-                from tasks.tune import apply_tuning
+                from pipeline.tuning import apply_tuning
 
                 mod = apply_tuning(mod, tuning, store)
             with tvm.transform.PassContext(opt_level=opt_level):
@@ -79,11 +78,9 @@ def build(
             ) from exc
         executable.export_library(str(directory / OBJECTS_FILE), fcompile=write_tar)
 
-    return ensure_artifact(
-        store, key, "build",
-        keys.build_inputs(model_digest, target.canonical, opt_level, tuning.key if tuning is not None else None),
-        produce, refresh,
-    )
+    if (tuning is not None) != ("tuning" in stage.inputs) or (tuning is not None and stage.inputs["tuning"] != tuning.key):
+        raise BuildError(f"the build plan {stage.key[:16]} does not name the tuning it is given; plan the build again")
+    return ensure_artifact(store, stage, "build", produce, refresh)
 
 
 build_task = task(name="build", task_run_name="build", retries=0)(build)

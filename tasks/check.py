@@ -194,9 +194,7 @@ def failure_message(result: CheckResult, subject: str = "the compiled model") ->
     )
 
 
-def raise_if_failed(
-    result: CheckResult, subject: str = "the compiled model", summary: dict[str, Any] | None = None
-) -> None:
+def raise_if_failed(result: CheckResult, subject: str = "the compiled model", summary: Any = None) -> None:
     """Raise :class:`CheckFailed` (exit code 1) with :func:`failure_message` if ``result`` did not pass.
 
     Args:
@@ -207,51 +205,11 @@ def raise_if_failed(
         raise CheckFailed(failure_message(result, subject), result.as_dict(), summary)
 
 
-def format_check(check_summary: dict[str, Any] | None) -> str:
-    """The report's ``Check`` line, from :meth:`CheckResult.as_dict` (None: the check was skipped)."""
-    if check_summary is None:
-        return "Check      skipped (--no-check)"
-    d = check_summary
-
-    def figure(name: str, spec: str) -> str:
-        return "n/a" if d[name] is None else format(d[name], spec)
-
-    psnr = "inf" if d["psnr_db"] is None and d["max_abs_diff"] == 0.0 else figure("psnr_db", ".1f")
-    return (
-        f"Check      {'passed' if d['passed'] else 'FAILED'}  max abs diff {figure('max_abs_diff', '.3g')}  "
-        f"max rel diff {figure('max_rel_diff', '.3g')}  cosine {figure('cosine', '.6f')}  PSNR {psnr} dB  "
-        f"top-1 {'match' if d['top1_match'] else 'DIFFERS'}  top-5 {'match' if d['top5_match'] else 'DIFFERS'}  "
-        f"({d['thresholds']['precision']}: {d['reason']})"
-    )
-
-
-def publish_check(result: CheckResult) -> None:
-    """Attach the figures to the current Prefect run as a markdown artifact (key ``check``); no-op outside a run."""
-    from prefect.artifacts import create_markdown_artifact
-    from prefect.context import FlowRunContext, TaskRunContext
-
-    if FlowRunContext.get() is None and TaskRunContext.get() is None:
-        return
-    d = result.as_dict()
-    names = ("max_abs_diff", "max_rel_diff", "cosine", "psnr_db", "top1_match", "top5_match", "output_top5",
-             "reference_top5")
-    rows = [(name, d[name]) for name in names]
-    table = "\n".join(f"| {name} | {value} |" for name, value in rows)
-    thresholds = ", ".join(f"{k}={v}" for k, v in d["thresholds"].items())
-    markdown = (
-        f"## Check {'passed' if result.passed else 'FAILED'}\n\n{result.reason}\n\n"
-        f"| figure | value |\n|---|---|\n{table}\n\nThresholds: {thresholds}\n"
-    )
-    verdict = "passed" if result.passed else "FAILED"
-    create_markdown_artifact(markdown, key="check", description=f"TVM vs reference: {verdict}")
-
-
-def _check_and_publish(output: np.ndarray, reference: np.ndarray, thresholds: Thresholds) -> CheckResult:
-    """:func:`check`, then :func:`publish_check`: what the Prefect task runs (it does not raise on failure)."""
+def _check_and_log(output: np.ndarray, reference: np.ndarray, thresholds: Thresholds) -> CheckResult:
+    """:func:`check`, logged: what the Prefect task runs (it does not raise on failure)."""
     result = check(output, reference, thresholds)
-    (log.info if result.passed else log.error)("%s", format_check(result.as_dict()))
-    publish_check(result)
+    (log.info if result.passed else log.error)("check %s: %s", "passed" if result.passed else "FAILED", result.reason)
     return result
 
 
-check_task = task(name="check", task_run_name="check", cache_policy=NO_CACHE, persist_result=False)(_check_and_publish)
+check_task = task(name="check", task_run_name="check", cache_policy=NO_CACHE, persist_result=False)(_check_and_log)

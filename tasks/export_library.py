@@ -1,8 +1,8 @@
 """Stage ``export-library``: link the build's object files into a shared library for the device.
 
 Links with the host's ``g++`` when the target architecture is the host's, else with the matching cross
-compiler (``aarch64-linux-gnu-gcc`` for aarch64...). Keyed by the build key, the linker's identity and our
-export code version.
+compiler (``aarch64-linux-gnu-gcc`` for aarch64...). Keyed (by the plan) by the build key, the linker's
+identity and our export code version.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from prefect import task
 
-from pipeline import keys
 from pipeline.errors import ExportError, StoreError
+from pipeline.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo, Toolchain
 from tasks._cache import Built, ensure_artifact
@@ -27,11 +27,11 @@ def export_library(
     build: Artifact,
     target: TargetInfo,
     toolchain: Toolchain,
+    stage: StageKey,
     store_root: str,
-    key: str,
     refresh: bool = False,
 ) -> Built:
-    """Link ``build`` into ``model.so`` with ``toolchain`` and store it under ``key``.
+    """Link ``build`` into ``model.so`` with ``toolchain`` and store it under ``stage.key`` (``plan.library``).
 
     Raises:
         ExportError: the linker failed.
@@ -56,9 +56,7 @@ def export_library(
                     f"{str(exc).strip()[-500:]}"
                 ) from exc
 
-    return ensure_artifact(
-        store, key, "library", keys.export_inputs(build.key, toolchain.identity), produce, refresh
-    )
+    return ensure_artifact(store, stage, "library", produce, refresh)
 
 
 export_library_task = task(name="export-library", task_run_name="export-library", retries=0)(export_library)

@@ -1,7 +1,7 @@
 """Stage ``import-model``: load the model with its framework and convert it to a Relax IRModule.
 
 The module (weights bound as constants) is saved with ``tvm.ir.save_json`` as ``module.json`` in the
-artifact store, keyed by the model's content digest, the TVM version and our import code version.
+artifact store under the plan's key (the model's content digest, the TVM version and our import code version).
 """
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 
 from prefect import task
 
-from pipeline import keys
 from pipeline.errors import BuildError, PipelineError
 from pipeline.models import ResolvedModel, import_model as to_relax
+from pipeline.plan import StageKey
 from pipeline.store import ArtifactStore
 from tasks._cache import Built, ensure_artifact
 
@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 MODULE_FILE = "module.json"
 
 
-def import_model(model: ResolvedModel, store_root: str, key: str, refresh: bool = False) -> Built:
-    """Import ``model`` into Relax and store it under ``key``.
+def import_model(model: ResolvedModel, stage: StageKey, store_root: str, refresh: bool = False) -> Built:
+    """Import ``model`` into Relax and store it under ``stage.key`` (``plan.imported``).
 
     Raises:
         ModelError: the model file is corrupt or cannot be loaded by its framework.
@@ -40,10 +40,7 @@ def import_model(model: ResolvedModel, store_root: str, key: str, refresh: bool 
             raise BuildError(f"TVM could not import {model.name}: {str(exc).strip().splitlines()[0]}") from exc
         (directory / MODULE_FILE).write_text(tvm.ir.save_json(module))
 
-    return ensure_artifact(
-        ArtifactStore(store_root), key, "relax-ir", {**keys.import_inputs(model.digest), "name": model.name},
-        produce, refresh,
-    )
+    return ensure_artifact(ArtifactStore(store_root), stage, "relax-ir", produce, refresh)
 
 
 import_model_task = task(name="import-model", task_run_name="import-model", retries=0)(import_model)

@@ -4,55 +4,72 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.errors import DeviceLost, RemoteRunError, StaleDeviceCopy
-from tasks._sessions import SessionRef, live
+from pipeline.device import RemoteSession
+from pipeline.device_cache import Placement, load_placed
+from pipeline.errors import RemoteRunError
+from tasks._live import LiveRef, SessionRef, keep, session_of
+from tasks.upload import Uploaded, open_cache, verified_library
 
 
 @dataclass(frozen=True)
 class Loaded:
-    """The library now loaded on the device."""
+    """The library loaded on the device, with a Relax VM over it: what ``set-input`` and ``run`` use.
 
-    remote_name: str
+    Attributes:
+        session: the session it lives in.
+        vm: handle on the ``relax.VirtualMachine``.
+        placement: where the library was loaded from (a new upload if the kept copy had to be replaced).
+        seconds: wall time of this stage.
+    """
+
+    session: SessionRef
+    vm: LiveRef
+    placement: Placement
     seconds: float
 
+    @property
+    def remote_name(self) -> str:
+        return self.placement.remote_name
 
-def load(session: SessionRef) -> Loaded:
-    """``remote.load_module`` the uploaded library and wrap it in ``relax.VirtualMachine``.
 
-    Raises:
-        StaleDeviceCopy: the copy the device kept from an earlier run did not load (it is forgotten).
-        DeviceTimeout / RemoteRunError: the device did not load it in time or failed to.
-    """
+def _vm_loader(session: RemoteSession) -> Any:
+    """A function that loads a device path and returns its Relax VM; any refusal is a RemoteRunError."""
     from tvm import relax
 
-    live_session = live(session)
-    remote_name = live_session.need("remote_name", "upload")
-    remote = live_session.session.remote
-    cache, copy = live_session.state.get("device_cache"), live_session.state.get("device_copy")
+    def load_vm(remote_name: str) -> Any:
+        library = session.call("load", session.remote.load_module, remote_name)
+        try:
+            return session.call("load", relax.VirtualMachine, library, session.device())
+        except (AttributeError, TypeError, ValueError) as exc:  # e.g. "Module has no function 'vm_load_executable'"
+            raise RemoteRunError(
+                f"load on {session.description} failed: {remote_name} is not a TVM Relax library ({exc})"
+            ) from exc
+
+    return load_vm
+
+
+def load(uploaded: Uploaded, store_root: str) -> Loaded:
+    """``remote.load_module`` the uploaded library and wrap it in ``relax.VirtualMachine``.
+
+    A copy the device kept from an earlier run that does not load (or is not a Relax library) is forgotten,
+    removed, and the library uploaded again in this session.
+
+    Raises:
+        DeviceTimeout / RemoteRunError: the device did not load it in time or failed to.
+        StoreError: a replacement upload was needed and the library in the store is corrupt.
+    """
+    session = session_of(uploaded.session)
     start = time.perf_counter()
-    try:
-        library = live_session.session.call("load", remote.load_module, remote_name)
-    except DeviceLost:
-        raise
-    except RemoteRunError as exc:
-        if not live_session.state.get("device_copy_reused"):
-            raise
-        cache.forget(live_session.session, copy)
-        raise StaleDeviceCopy(
-            f"the copy of the library that {session.description} kept ({remote_name}) did not load ({exc}); "
-            "it is forgotten, upload it again"
-        ) from exc
-    device = live_session.session.device()
-    vm = live_session.session.call("load", relax.VirtualMachine, library, device)
-    seconds = time.perf_counter() - start
-    live_session.state.update(library=library, vm=vm, device=device)
-    if copy is not None and not live_session.state.get("device_copy_reused"):
-        cache.settle(live_session.session, copy)  # the device holds the library loaded: its file may go
-    return Loaded(remote_name, seconds)
+    vm, placement = load_placed(
+        session, open_cache(uploaded.device_cache, store_root), uploaded.placement, _vm_loader(session),
+        reread=lambda: verified_library(uploaded.library, store_root)[0],
+    )
+    return Loaded(uploaded.session, keep(uploaded.session, vm, "vm"), placement, time.perf_counter() - start)
 
 
 load_task = task(name="load", task_run_name="load", cache_policy=NO_CACHE, persist_result=False)(load)

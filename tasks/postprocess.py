@@ -1,4 +1,4 @@
-"""Stage ``postprocess``: turn the device's output into the top-5 labels, and render the run's report."""
+"""Stage ``postprocess``: turn the device's output into the top-5 classes with their labels."""
 
 from __future__ import annotations
 
@@ -11,8 +11,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.models import ResolvedModel, label_for
-from tasks.check import format_check
-from tasks.run import Latency
+from pipeline.latency import Latency
 
 log = logging.getLogger(__name__)
 
@@ -54,50 +53,11 @@ def postprocess(model: ResolvedModel, output: np.ndarray, latency: Latency, k: i
     for rank, entry in enumerate(top, 1):
         log.info("top-%d: class %d %s (%.4f)", rank, entry.index, entry.label, entry.prob)
     log.info(
-        "latency: mean %.3f ms, median %.3f ms, min %.3f ms, max %.3f ms, std %.3f ms",
-        latency.mean, latency.median, latency.min, latency.max, latency.std,
+        "latency: median %.3f ms, mean %.3f ms, p90 %.3f ms, p99 %.3f ms, min %.3f ms, max %.3f ms, CV %.1f%% (%d samples)",
+        latency.median, latency.mean, latency.p90, latency.p99, latency.min, latency.max, latency.cv * 100,
+        latency.repeat,
     )
     return Prediction(top, latency)
 
 
 postprocess_task = task(name="postprocess", task_run_name="postprocess", cache_policy=NO_CACHE, persist_result=False)(postprocess)
-
-
-def header_lines(summary: dict[str, Any]) -> list[str]:
-    """The report's first lines: model, target, build, device and what each stage did."""
-    return [
-        f"Model      {summary['model']}  (digest {summary['model_digest'][:16]})",
-        f"Target     {summary['target']}  opt_level {summary['opt_level']}",
-        f"Build      {summary['build_key'][:16]}  library {summary['artifact']}",
-        f"Device     {summary['device']}",
-        "Stages     " + ", ".join(f"{name} {status}" for name, status in summary["stages"].items()),
-    ]
-
-
-def format_upload(upload: dict[str, Any]) -> str:
-    """One line on how the library reached the device."""
-    size = f"{upload['bytes'] / 1e6:.1f} MB"
-    if upload.get("reused"):
-        return f"Upload     none: the device kept this library ({size}) from an earlier run, as {upload['remote_name']}"
-    return (f"Upload     {size} in {upload['seconds']:.2f} s ({upload['mb_per_s']:.0f} MB/s)"
-            + (f" to {upload['remote_name']}" if upload.get("remote_name") else ""))
-
-
-def format_report(summary: dict[str, Any]) -> str:
-    """The human-readable report of a run summary (the dict the flow returns)."""
-    lines = header_lines(summary)
-    if summary.get("upload"):
-        lines.append(format_upload(summary["upload"]))
-    lines += [f"Note       {note}" for note in summary.get("notes", [])]
-    lines.append("Top-5      class  probability  label")
-    for rank, entry in enumerate(summary["top5"], 1):
-        lines.append(f"  {rank}.       {entry['class']:>5}  {entry['prob']:11.4f}  {entry['label']}")
-    if "check" in summary:
-        lines.append(format_check(summary["check"]))
-    lat = summary["latency_ms"]
-    lines.append(
-        f"Latency    mean {lat['mean']:.3f} ms  median {lat['median']:.3f} ms  min {lat['min']:.3f} ms  "
-        f"max {lat['max']:.3f} ms  std {lat['std']:.3f} ms  ({summary['timing']['repeat']} x "
-        f"{summary['timing']['number']} runs)"
-    )
-    return "\n".join(lines)

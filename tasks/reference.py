@@ -4,47 +4,31 @@ The ground truth that the compiled model's output is checked against (stage ``ch
 efficientnet_lite0 and ``*.pt2``, MXNet for resnet18_v2 and MXNet export files, onnxruntime for ``*.onnx``
 (``pipeline.models.reference_forward``). Stored as ``reference.npy`` in the artifact store like a build,
 keyed by the model's content digest, the input's content digest, the framework's version and our code
-version, so a repeated run on the same image never loads the framework again.
+version (``pipeline.plan.plan_reference``), so a repeated run on the same image never loads the framework
+again.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
 from prefect import task
 
-from pipeline import keys
 from pipeline.errors import StoreError
 from pipeline.models import ResolvedModel, reference_forward
+from pipeline.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from tasks._cache import Built, ensure_artifact
 
 REFERENCE_FILE = "reference.npy"
 
 
-def input_digest(data: np.ndarray) -> str:
-    """SHA-256 of an array's content: its dtype and shape, then its bytes in C order."""
-    array = np.ascontiguousarray(data)
-    header = json.dumps({"dtype": array.dtype.str, "shape": list(array.shape)}, sort_keys=True)
-    h = hashlib.sha256(header.encode())
-    h.update(b"\0")
-    h.update(array.tobytes())
-    return h.hexdigest()
-
-
-def reference_key(model: ResolvedModel, data: np.ndarray) -> str:
-    """The artifact key of ``model``'s reference output on ``data`` (framework version included)."""
-    return keys.key_of(keys.reference_inputs(model.digest, input_digest(data), keys.framework_version(model.kind)))
-
-
-def reference(model: ResolvedModel, data: np.ndarray, store_root: str, key: str, refresh: bool = False) -> Built:
-    """Run ``model`` on ``data`` in its own framework and store the output (float32 ``(1, N)``) under ``key``.
+def reference(model: ResolvedModel, data: np.ndarray, stage: StageKey, store_root: str, refresh: bool = False) -> Built:
+    """Run ``model`` on ``data`` in its own framework and store the output (float32 ``(1, N)``) under ``stage.key``.
 
     Args:
-        key: :func:`reference_key` of ``model`` and ``data``.
+        stage: ``plan_reference(model, data)``.
         refresh: recompute even if a valid copy exists.
 
     Raises:
@@ -55,20 +39,15 @@ def reference(model: ResolvedModel, data: np.ndarray, store_root: str, key: str,
     def produce(directory: Path) -> None:
         np.save(directory / REFERENCE_FILE, reference_forward(model, data), allow_pickle=False)
 
-    inputs = {
-        **keys.reference_inputs(model.digest, input_digest(data), keys.framework_version(model.kind)),
-        "name": model.name,
-    }
-    return ensure_artifact(ArtifactStore(store_root), key, "reference", inputs, produce, refresh)
+    return ensure_artifact(ArtifactStore(store_root), stage, "reference", produce, refresh)
 
 
-def load_reference(reference_output: Built | Artifact, store_root: str) -> np.ndarray:
-    """The stored reference output, verified against its digest first.
+def load_reference(artifact: Artifact, store_root: str) -> np.ndarray:
+    """The stored reference output, verified against its digest first (never unpickled).
 
     Raises:
         StoreError: the artifact is missing or corrupt (run again to recompute it).
     """
-    artifact = reference_output.artifact if isinstance(reference_output, Built) else reference_output
     store = ArtifactStore(store_root)
     if store.get(artifact.key) is None:
         raise StoreError(f"the reference output {artifact.key} is missing or corrupt in {store.root}; run again")

@@ -1,68 +1,263 @@
-"""Report: what a run shows in the Prefect UI besides its task runs.
+"""The run's report: one typed :class:`RunSummary`, and every rendering of it.
 
-:func:`publish_run_artifacts` adds four artifacts to the current flow run, all keyed by the run's *series*
-(same model name, canonical target and device), so that the UI's Artifacts page lists each series with its
-history (a keyed artifact gets a new version per run):
-
-* ``summary-<series>``       markdown: model, digest, target, opt_level, build key, device, stages ran/cached,
-  latency with the change against the previous runs, and the latency trend chart embedded as a PNG ``data:``
-  URL (Prefect's default UI renders images inside markdown, but shows an *image* artifact only as its URL);
-* ``top5-<series>``          table: the top-5 classes;
-* ``latency-<series>``       table: mean/median/min/max/std in ms (the history is read back from these);
-* ``latency-trend-<series>`` image: the same chart (Prefect's new UI, ``/v2``, renders image artifacts but
-  drops images inside markdown).
-
-:class:`Progress` reports long work (tuning, big uploads) as a progress artifact plus log lines.
-
-The chart plots the median latency of the last ``history`` runs of the series, read back from the Prefect
-API, so a regression shows at a glance. Publishing never fails the run: if the API cannot be reached, or
-anything else goes wrong, it logs a warning and returns.
+* :func:`format_text`: what the command line prints;
+* :meth:`RunSummary.as_json`: the ``--json`` object (the flow's return value);
+* :func:`record_of`: the run ledger's record (:mod:`pipeline.ledger`), also for a run that failed;
+* :func:`publish_artifacts`: the Prefect artifacts of the flow run, keyed by the run's series so that the
+  UI's Artifacts page keeps each series' history: ``summary-<series>`` (markdown, with the trend chart),
+  ``top5-<series>`` and ``latency-<series>`` (tables), ``latency-trend-<series>`` (image);
+* :func:`report` (the ``report`` task): judges the run against its series' history in the ledger (a
+  regression is marked), writes the ledger record, publishes the artifacts. It never fails the run: a
+  store or API problem is logged as a warning.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import io
+import datetime as dt
 import json
 import logging
+import platform
 import re
-from dataclasses import dataclass
-from datetime import datetime
-from statistics import median
+from dataclasses import dataclass, replace
+from importlib import metadata
 from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pipeline.chart import TrendPoint, data_url, draw_trend
+from pipeline.device_cache import Placement
+from pipeline.latency import HISTORY, Latency, Verdict, judge
+from pipeline.ledger import Ledger, RunRecord, device_name, series_of
+from tasks.check import CheckResult
+from tasks.postprocess import Top
 
 log = logging.getLogger(__name__)
 
-_STAT_NAMES = ("mean", "median", "min", "max", "std")
-_CHART_SIZE = (720, 300)
+TREND_RUNS = 20
 
 
 @dataclass(frozen=True)
-class Series:
-    """Runs that are comparable: same model name, canonical target and device (embedded ports ignored).
+class RunSummary:
+    """What one run of a model on a device produced (see ``--json`` in the README for the JSON form)."""
 
-    Attributes:
-        key: lowercase-dashes id used in artifact keys, e.g. ``efficientnet-lite0-3f2a9c0d1e``.
-        title: what people read, e.g. ``efficientnet_lite0 @ llvm (x86_64-conda-linux-gnu) on embedded``.
+    run_id: str
+    started: str
+    model: str
+    model_digest: str
+    weights: str | None
+    target: str
+    opt_level: int
+    tune_trials: int
+    tuning_key: str | None
+    import_key: str
+    build_key: str
+    library_key: str
+    artifact: str
+    device: str
+    device_identity: str
+    image: str
+    input_shape: tuple[int, ...]
+    stages: dict[str, str]
+    top5: tuple[Top, ...]
+    latency: Latency
+    upload: Placement
+    check: CheckResult | None
+    notes: tuple[str, ...] = ()
+    regression: Verdict | None = None
+
+    @property
+    def series(self) -> str:
+        return series_of(self.build_key, self.device, self.device_identity, self.input_shape)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object."""
+        upload = self.upload
+        return {
+            "run_id": self.run_id, "series": self.series,
+            "model": self.model, "model_digest": self.model_digest, "weights": self.weights,
+            "target": self.target, "opt_level": self.opt_level, "tune_trials": self.tune_trials,
+            "tuning_key": self.tuning_key, "import_key": self.import_key, "build_key": self.build_key,
+            "library_key": self.library_key, "artifact": self.artifact, "device": self.device,
+            "device_identity": self.device_identity, "image": self.image, "stages": dict(self.stages),
+            "top5": [entry.as_dict() for entry in self.top5],
+            "latency_ms": self.latency.as_dict(),
+            "timing": {"number": self.latency.number, "repeat": self.latency.repeat},
+            "upload": {
+                "bytes": upload.bytes, "seconds": upload.seconds, "reused": upload.reused,
+                "mb_per_s": None if upload.reused else upload.bytes / 1e6 / max(upload.seconds, 1e-9),
+                "remote_name": upload.remote_name,
+            },
+            "check": self.check.as_dict() if self.check is not None else None,
+            "regression": self.regression.as_dict() if self.regression is not None else None,
+            "notes": list(self.notes),
+        }
+
+
+# -- terminal text ------------------------------------------------------------------------------------
+
+
+def header_lines(summary: dict[str, Any]) -> list[str]:
+    """The report's first lines (from the JSON form): model, target, build, device and each stage's status."""
+    return [
+        f"Model      {summary['model']}  (digest {summary['model_digest'][:16]})",
+        f"Target     {summary['target']}  opt_level {summary['opt_level']}",
+        f"Build      {summary['build_key'][:16]}  library {summary['artifact']}",
+        f"Device     {summary['device']}",
+        "Stages     " + ", ".join(f"{name} {status}" for name, status in summary["stages"].items()),
+    ]
+
+
+def rate(size: int, seconds: float) -> str:
+    """A transfer rate with the precision it deserves: ``60 MB/s``, ``0.35 MB/s``, ``12 kB/s``."""
+    per_s = size / max(seconds, 1e-9)
+    if per_s >= 10e6:
+        return f"{per_s / 1e6:.0f} MB/s"
+    if per_s >= 1e6:
+        return f"{per_s / 1e6:.1f} MB/s"
+    return f"{per_s / 1e3:.1f} kB/s"
+
+
+def format_upload(upload: Placement) -> str:
+    """One line on how the library reached the device."""
+    size = f"{upload.bytes / 1e6:.1f} MB"
+    if upload.reused:
+        return f"Upload     none: the device kept this library ({size}) from an earlier run, as {upload.remote_name}"
+    return f"Upload     {size} in {upload.seconds:.2f} s ({rate(upload.bytes, upload.seconds)}) to {upload.remote_name}"
+
+
+def format_check(check: CheckResult | None) -> str:
+    """The report's ``Check`` line (None: the check was skipped)."""
+    if check is None:
+        return "Check      skipped (--no-check)"
+    d = check.as_dict()
+
+    def figure(name: str, spec: str) -> str:
+        return "n/a" if d[name] is None else format(d[name], spec)
+
+    psnr = "inf" if d["psnr_db"] is None and d["max_abs_diff"] == 0.0 else figure("psnr_db", ".1f")
+    return (
+        f"Check      {'passed' if d['passed'] else 'FAILED'}  max abs diff {figure('max_abs_diff', '.3g')}  "
+        f"max rel diff {figure('max_rel_diff', '.3g')}  cosine {figure('cosine', '.6f')}  PSNR {psnr} dB  "
+        f"top-1 {'match' if d['top1_match'] else 'DIFFERS'}  top-5 {'match' if d['top5_match'] else 'DIFFERS'}  "
+        f"({d['thresholds']['precision']}: {d['reason']})"
+    )
+
+
+def format_latency(latency: Latency) -> str:
+    """The report's ``Latency`` line."""
+    lat = latency
+    spread = "  spread too large to compare (p90 > 10 % above the median)" if lat.noisy else ""
+    return (
+        f"Latency    mean {lat.mean:.3f} ms  median {lat.median:.3f} ms  p90 {lat.p90:.3f} ms  p99 {lat.p99:.3f} ms  "
+        f"min {lat.min:.3f} ms  max {lat.max:.3f} ms  std {lat.std:.3f} ms  CV {lat.cv * 100:.1f}%  "
+        f"({lat.repeat} x {lat.number} runs after a warm-up){spread}"
+    )
+
+
+def format_text(summary: RunSummary) -> str:
+    """The human-readable report of a run."""
+    lines = header_lines(summary.as_json())
+    lines.append(format_upload(summary.upload))
+    lines += [f"Note       {note}" for note in summary.notes]
+    lines.append("Top-5      class  probability  label")
+    for rank, entry in enumerate(summary.top5, 1):
+        lines.append(f"  {rank}.       {entry.index:>5}  {entry.prob:11.4f}  {entry.label}")
+    lines.append(format_check(summary.check))
+    lines.append(format_latency(summary.latency))
+    if summary.regression is not None:
+        lines.append(f"Trend      {summary.regression.message} (series {summary.series})")
+    return "\n".join(lines)
+
+
+# -- the ledger -----------------------------------------------------------------------------------------
+
+
+def versions() -> dict[str, str]:
+    """The versions a run record keeps."""
+    found = {"python": platform.python_version()}
+    for dist in ("apache-tvm", "apache-tvm-ffi", "prefect", "tvm-remote-pipeline"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def record_of(summary: RunSummary, status: str = "passed", exit_code: int = 0, error: str | None = None,
+              **context: Any) -> RunRecord:
+    """The ledger record of a run that got as far as a summary (``status`` failed when the check failed)."""
+    d = summary.as_json()
+    return RunRecord(
+        id=summary.run_id, series=summary.series, started=summary.started, finished=_now(), status=status,
+        exit_code=exit_code, error=error, model=summary.model, model_digest=summary.model_digest,
+        target=summary.target, opt_level=summary.opt_level, tune_trials=summary.tune_trials,
+        tuning_key=summary.tuning_key, build_key=summary.build_key, library_key=summary.library_key,
+        device=device_name(summary.device), device_identity=summary.device_identity, image=summary.image,
+        input_shape=list(summary.input_shape), stages=d["stages"], latency_ms=d["latency_ms"],
+        samples=summary.latency.repeat, check=d["check"], regression=d["regression"], versions=versions(),
+        **context,
+    )
+
+
+def record_failure(req: Any, run_id: str, started: str, exc: BaseException, fleet_run: str | None = None,
+                   device: str | None = None) -> RunRecord:
+    """Write the ledger record of a run that failed before it had a summary (device down, build failed...).
+
+    Args:
+        req: the run's :class:`pipeline.request.ResolvedRequest`.
     """
+    from pipeline.plan import plan_build
 
-    key: str
-    title: str
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    try:
+        plan = plan_build(req.model, req.target, req.opt_level, req.tune_trials)
+        keys = plan.build.key, plan.library.key, plan.tune.key if plan.tune else None
+    except Exception:  # noqa: BLE001 - the keys are a courtesy here
+        keys = None, None, None
+    record = RunRecord(
+        id=run_id, series=None, started=started, finished=_now(), status="interrupted" if interrupted else "failed",
+        exit_code=130 if interrupted else int(getattr(exc, "exit_code", 1)), error=str(exc)[:2000] or type(exc).__name__,
+        model=req.model.name, model_digest=req.model.digest, target=req.target.canonical, opt_level=req.opt_level,
+        tune_trials=req.tune_trials, tuning_key=keys[2], build_key=keys[0], library_key=keys[1],
+        device=device or device_name(req.device.describe()), device_identity=None, image=str(req.image),
+        input_shape=list(req.model.input_shape), stages={}, latency_ms=None, samples=None, check=None,
+        regression=None, versions=versions(), flow_run_id=flow_run_id(), fleet_run=fleet_run,
+    )
+    write_record(str(req.store.root), record)
+    return record
 
 
-@dataclass(frozen=True)
-class Point:
-    """One run's median latency, as read back from the API."""
+def write_record(store_root: str, record: RunRecord) -> None:
+    """Write ``record`` to the ledger; a failure is a warning, never the run's failure."""
+    try:
+        path = Ledger(store_root).write(record)
+        log.info("run %s recorded in %s", record.id, path)
+    except Exception as exc:  # noqa: BLE001 - the run's result matters more than its record
+        log.warning("could not record the run in the ledger: %s", exc)
 
-    created: datetime | None
-    median_ms: float
+
+def flow_run_id() -> str | None:
+    """The current Prefect flow run's id, if any."""
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # noqa: BLE001
+        return None
 
 
-def device_of(summary: dict[str, Any]) -> str:
-    """The summary's device without what changes between runs (an embedded server's port)."""
-    device = str(summary.get("device", ""))
-    return "embedded" if device.startswith("embedded") else device
+# -- Prefect artifacts --------------------------------------------------------------------------------
+
+
+def artifact_key(summary: RunSummary) -> str:
+    """The lower-case-dashes key suffix of the run's series, e.g. ``efficientnet-lite0-3f2a9c0d1e2b4a5c``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", summary.model.lower()).strip("-")[:40] or "model"
+    return f"{slug}-{summary.series}"
 
 
 def target_title(canonical: str) -> str:
@@ -71,240 +266,99 @@ def target_title(canonical: str) -> str:
         spec = json.loads(canonical)
     except (TypeError, ValueError):
         return str(canonical)
-    details = [str(spec[k]) for k in ("mtriple", "mcpu") if spec.get(k)]
+    details = [str(spec[k]) for k in ("mtriple", "mcpu", "arch") if spec.get(k)]
     return f"{spec.get('kind', '?')} ({', '.join(details)})" if details else str(spec.get("kind", canonical))
 
 
-def series_of(summary: dict[str, Any]) -> Series:
-    """The series a run summary belongs to."""
-    device = device_of(summary)
-    ident = json.dumps([summary["model"], summary["target"], device])
-    digest = hashlib.sha256(ident.encode()).hexdigest()[:10]
-    slug = re.sub(r"[^a-z0-9]+", "-", str(summary["model"]).lower()).strip("-")[:40] or "model"
-    return Series(f"{slug}-{digest}", f"{summary['model']} @ {target_title(summary['target'])} on {device}")
+def series_title(summary: RunSummary) -> str:
+    tuning = f", tuned {summary.tune_trials} trials" if summary.tune_trials else ""
+    return (f"{summary.model} @ {target_title(summary.target)} opt_level {summary.opt_level}{tuning} "
+            f"on {device_name(summary.device)}")
 
 
-def top5_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def top5_table(summary: RunSummary) -> list[dict[str, Any]]:
     """Rows of the top-5 table: rank, class, label, probability."""
-    return [
-        {"rank": rank, "class": entry["class"], "label": entry["label"], "probability": round(entry["prob"], 4)}
-        for rank, entry in enumerate(summary["top5"], 1)
-    ]
+    return [{"rank": rank, "class": e.index, "label": e.label, "probability": round(e.prob, 4)}
+            for rank, e in enumerate(summary.top5, 1)]
 
 
-def latency_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+def latency_table(summary: RunSummary) -> list[dict[str, Any]]:
     """The latency table: one row per statistic, in ms, with the measurement counts."""
-    timing = summary.get("timing", {})
-    return [
-        {"statistic": name, "ms": round(float(summary["latency_ms"][name]), 4),
-         "repeat": timing.get("repeat"), "number": timing.get("number")}
-        for name in _STAT_NAMES
-    ]
+    lat = summary.latency
+    return [{"statistic": name, "ms": round(float(value), 4), "repeat": lat.repeat, "number": lat.number}
+            for name, value in lat.as_dict().items() if name != "cv"] + [
+        {"statistic": "cv", "ms": round(lat.cv, 4), "repeat": lat.repeat, "number": lat.number}]
 
 
-def median_of_table(data: Any) -> float | None:
-    """The median (ms) recorded in a latency table artifact's data (a JSON string or the rows), or None."""
-    try:
-        rows = json.loads(data) if isinstance(data, str) else data
-        return next(float(row["ms"]) for row in rows if row.get("statistic") == "median")
-    except (TypeError, ValueError, KeyError, AttributeError, StopIteration):
-        return None
+def trend_points(history: list[RunRecord], summary: RunSummary) -> list[TrendPoint]:
+    """The chart's points: the series' earlier runs, then this one."""
+    def point(when: str, lat: dict[str, float], regression: bool) -> TrendPoint:
+        return TrendPoint(dt.datetime.fromisoformat(when), lat["median"], lat["min"], lat["p90"], regression)
+
+    points = [point(r.started, r.latency_ms, bool((r.regression or {}).get("regression")))
+              for r in history if r.latency_ms and "p90" in r.latency_ms]
+    this = summary.latency.as_dict()
+    return points + [point(summary.started, this, bool(summary.regression and summary.regression.regression))]
 
 
-def change_text(points: list[Point]) -> str:
-    """How the newest median compares with the median of the runs before it (oldest first)."""
-    if len(points) < 2:
-        return "first run of this series"
-    before = median(p.median_ms for p in points[:-1])
-    change = (points[-1].median_ms - before) / before * 100 if before > 0 else 0.0
-    return f"{change:+.1f}% against the median of the previous {len(points) - 1} run(s) ({_ms(before)} ms)"
-
-
-def draw_trend(points: list[Point], title: str) -> bytes:
-    """A PNG line chart of the medians (oldest first); the newest point is marked."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    width, height = _CHART_SIZE
-    left, right, top, bottom = 70, 20, 40, 45
-    image = Image.new("RGB", _CHART_SIZE, "white")
-    draw = ImageDraw.Draw(image)
-    font, small = ImageFont.load_default(size=14), ImageFont.load_default(size=11)
-    while len(title) > 8 and draw.textlength(title, font=font) > width - left - right:
-        title = title[:-4] + "..."
-    draw.text((left, 12), title, fill="black", font=font)
-    draw.rectangle((left, top, width - right, height - bottom), outline="#999999")
-    if not points:
-        draw.text((left + 10, top + 10), "no runs yet", fill="#666666", font=font)
-        return _png(image)
-    values = [p.median_ms for p in points]
-    low, high = min(values), max(values)
-    pad = (high - low) * 0.15 or max(high * 0.05, 1e-3)
-    low, high = max(0.0, low - pad), high + pad
-    plot_w, plot_h = width - right - left, height - bottom - top
-
-    def xy(i: int, v: float) -> tuple[float, float]:
-        x = left + (plot_w * (i + 0.5) / len(points))
-        return x, top + plot_h * (1 - (v - low) / (high - low))
-
-    for frac in (0.0, 0.5, 1.0):  # y ticks
-        v = low + (high - low) * frac
-        y = top + plot_h * (1 - frac)
-        draw.line((left - 4, y, left, y), fill="#999999")
-        draw.text((4, y - 7), f"{_ms(v)} ms", fill="#333333", font=small)
-    coords = [xy(i, v) for i, v in enumerate(values)]
-    if len(coords) > 1:
-        draw.line(coords, fill="#1f6feb", width=2)
-    for x, y in coords[:-1]:
-        draw.ellipse((x - 3, y - 3, x + 3, y + 3), fill="#1f6feb")
-    x, y = coords[-1]
-    draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill="#d1242f")
-    draw.text((min(x + 8, width - right - 80), max(top, y - 18)), f"{_ms(values[-1])} ms", fill="#d1242f", font=small)
-    first, last = points[0].created, points[-1].created
-    caption = f"median latency of the last {len(points)} run(s)"
-    if first and last:
-        caption += f", {first:%Y-%m-%d %H:%M} .. {last:%Y-%m-%d %H:%M} UTC"
-    draw.text((left, height - bottom + 12), caption, fill="#333333", font=small)
-    return _png(image)
-
-
-def _ms(value: float) -> str:
-    """Milliseconds with 4 significant digits: ``118.9``, ``0.01172``."""
-    return f"{value:.4g}"
-
-
-def _png(image: Any) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format="PNG", optimize=True)
-    return out.getvalue()
-
-
-def data_url(png: bytes) -> str:
-    """``data:image/png;base64,...`` of a PNG."""
-    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
-
-
-def summary_markdown(summary: dict[str, Any], series: Series, points: list[Point], chart_url: str) -> str:
-    """The markdown summary of a run (see the module docstring)."""
-    lat = summary["latency_ms"]
-    stages = summary["stages"]
+def summary_markdown(summary: RunSummary, chart_url: str) -> str:
+    """The markdown summary of a run: what was built, where it ran, each stage, the latency and its trend."""
+    lat, stages = summary.latency, summary.stages
+    verdict = summary.regression.message if summary.regression else "first run of this series"
     lines = [
-        f"# {series.title}",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| Model | `{summary['model']}` (digest `{summary['model_digest'][:16]}`) |",
-        f"| Target | `{summary['target']}` |",
-        f"| opt_level | {summary['opt_level']} |",
-        f"| Build key | `{summary['build_key']}` |",
-        f"| Library | `{summary.get('artifact', '')}` |",
-        f"| Device | {summary['device']} |",
-        "",
-        "## Stages",
-        "",
-        "| stage | status |",
-        "|---|---|",
+        f"# {series_title(summary)}", "", "| | |", "|---|---|",
+        f"| Model | `{summary.model}` (digest `{summary.model_digest[:16]}`) |",
+        f"| Target | `{summary.target}` |", f"| opt_level | {summary.opt_level} |",
+        f"| Build key | `{summary.build_key}` |", f"| Library | `{summary.artifact}` |",
+        f"| Device | {summary.device} ({summary.device_identity}) |", f"| Run | `{summary.run_id}` |",
+        "", "## Stages", "", "| stage | status |", "|---|---|",
         *(f"| {name} | {'**cached**' if status == 'cached' else status} |" for name, status in stages.items()),
-        "",
-        f"Cached (not rebuilt): {', '.join(n for n, s in stages.items() if s == 'cached') or 'none'}.",
-        "",
-        "## Latency",
-        "",
-        f"Median **{_ms(lat['median'])} ms** (mean {_ms(lat['mean'])}, min {_ms(lat['min'])}, "
-        f"max {_ms(lat['max'])}, std {_ms(lat['std'])}); {change_text(points)}.",
-        "",
-        f"![median latency of the last {len(points)} runs]({chart_url})",
+        "", f"Cached (not rebuilt): {', '.join(n for n, s in stages.items() if s == 'cached') or 'none'}.",
+        "", "## Latency", "",
+        f"Median **{lat.median:.4g} ms** (mean {lat.mean:.4g}, p90 {lat.p90:.4g}, p99 {lat.p99:.4g}, min "
+        f"{lat.min:.4g}, max {lat.max:.4g}, CV {lat.cv * 100:.1f}%, {lat.repeat} samples); {verdict}.",
+        "", f"![median latency per run]({chart_url})",
     ]
-    lines += ["", *(f"> {note}" for note in summary.get("notes", []))] if summary.get("notes") else []
+    lines += ["", *(f"> {note}" for note in summary.notes)] if summary.notes else []
     return "\n".join(lines) + "\n"
 
 
-def read_history(key: str, limit: int) -> list[Point]:
-    """Medians of the newest ``limit`` latency tables under ``key``, oldest first, read from the Prefect API."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=limit,
-        )
-    points = [Point(a.created, m) for a in artifacts if (m := median_of_table(a.data)) is not None]
-    return points[::-1]
-
-
-class Progress:
-    """Progress of long work (tuning, a big upload) as a Prefect progress artifact and log lines.
-
-    ``update(done, total)`` moves the artifact's bar and logs a line every ``log_every`` percent; it never
-    raises: without a reachable API only the log lines remain. Use as ``with Progress("upload-...", "Upload
-    of model.so") as progress: ... progress.update(sent, size)``; leaving the block sets 100 % on success.
-    """
-
-    def __init__(self, key: str, description: str, log_every: float = 10.0) -> None:
-        self.key, self.description, self.log_every = key, description, log_every
-        self._artifact_id: Any = None
-        self._logged = -log_every
-        self._failed = False
-
-    def __enter__(self) -> Progress:
-        self.update(0, 1)
-        return self
-
-    def update(self, done: float, total: float) -> None:
-        percent = max(0.0, min(100.0, 100.0 * done / total)) if total > 0 else 100.0
-        if percent - self._logged >= self.log_every or (percent == 100.0 and self._logged < 100.0):
-            log.info("%s: %.0f%%", self.description, percent)
-            self._logged = percent
-            self._publish(percent)
-
-    def __exit__(self, exc_type: object, *_: object) -> None:
-        if exc_type is None:
-            self.update(1, 1)
-
-    def _publish(self, percent: float) -> None:
-        if self._failed:
-            return
-        try:
-            from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-            if self._artifact_id is None:
-                self._artifact_id = create_progress_artifact(percent, key=self.key, description=self.description)
-            else:
-                update_progress_artifact(self._artifact_id, percent)
-        except Exception as exc:  # noqa: BLE001 - progress reporting must not break the work it reports
-            self._failed = True
-            log.warning("progress of %s is not published to the Prefect API: %s", self.description, exc)
-
-
-def publish_run_artifacts(summary: dict[str, Any], history: int = 20) -> None:
+def publish_artifacts(summary: RunSummary, history: list[RunRecord]) -> None:
     """Create the run's artifacts (summary, top-5, latency, latency trend) in the current flow run.
-
-    Args:
-        summary: the run summary the flow returns (model, model_digest, target, opt_level, build_key,
-            device, stages, top5, latency_ms, timing...).
-        history: how many runs of the series the trend chart shows (this one included).
 
     Never raises: a failure (the API unreachable, say) is logged as a warning.
     """
     try:
-        _publish(summary, max(1, history))
+        from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+
+        key, title = artifact_key(summary), series_title(summary)
+        create_table_artifact(latency_table(summary), key=f"latency-{key}", description=f"Latency (ms) of {title}")
+        create_table_artifact(top5_table(summary), key=f"top5-{key}", description=f"Top-5 of {title}")
+        points = trend_points(history, summary)
+        chart = data_url(draw_trend(points, f"Median latency (ms): {title}"))
+        create_image_artifact(chart, key=f"latency-trend-{key}", description=f"Median latency of the last {len(points)} runs")
+        create_markdown_artifact(summary_markdown(summary, chart), key=f"summary-{key}", description=f"Run summary: {title}")
+        log.info("published the run's artifacts under series %s (%d runs in the trend)", key, len(points))
     except Exception as exc:  # noqa: BLE001 - the run's result matters more than its report
         log.warning("could not publish the run's artifacts to the Prefect API: %s: %s", type(exc).__name__, exc)
 
 
-def _publish(summary: dict[str, Any], history: int) -> None:
-    from prefect.artifacts import create_image_artifact, create_markdown_artifact, create_table_artifact
+def report(summary: RunSummary, store_root: str, status: str = "passed", error: str | None = None,
+           fleet_run: str | None = None) -> RunSummary:
+    """Judge the run against its series, record it in the ledger, publish its artifacts; return it judged."""
+    try:
+        history = Ledger(store_root).series_history(summary.series, summary.run_id, max(HISTORY, TREND_RUNS))
+    except Exception as exc:  # noqa: BLE001
+        log.warning("could not read the series' history from the ledger: %s", exc)
+        history = []
+    verdict = judge(summary.latency.median, [r.median_ms for r in history[-HISTORY:] if r.median_ms],
+                    summary.latency.noisy)
+    judged = replace(summary, regression=verdict)
+    (log.warning if verdict.regression else log.info)("latency trend: %s", verdict.message)
+    exit_code = 0 if status == "passed" else 1
+    write_record(store_root, record_of(judged, status, exit_code, error, flow_run_id=flow_run_id(), fleet_run=fleet_run))
+    publish_artifacts(judged, history[-(TREND_RUNS - 1):])
+    return judged
 
-    series = series_of(summary)
-    create_table_artifact(latency_table(summary), key=f"latency-{series.key}",
-                          description=f"Latency (ms) of {series.title}")
-    create_table_artifact(top5_table(summary), key=f"top5-{series.key}", description=f"Top-5 of {series.title}")
-    points = read_history(f"latency-{series.key}", history)  # this run's table is the newest
-    chart = data_url(draw_trend(points, f"Median latency (ms): {series.title}"))
-    create_image_artifact(chart, key=f"latency-trend-{series.key}",
-                          description=f"Median latency of the last {len(points)} runs of {series.title}")
-    create_markdown_artifact(summary_markdown(summary, series, points, chart), key=f"summary-{series.key}",
-                             description=f"Run summary: {series.title}")
-    log.info("published the run's artifacts under series %s (%d runs in the trend)", series.key, len(points))
+
+report_task = task(name="report", task_run_name="report", cache_policy=NO_CACHE, persist_result=False)(report)

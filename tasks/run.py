@@ -1,7 +1,10 @@
 """Stage ``run``: run ``main`` on the device, fetch its output, and time it with ``time_evaluator``.
 
 Uses ``invoke_stateful`` + ``get_outputs`` (TVM's documented path over RPC; a remote ``vm["main"](...)``
-fails for some models, apache/tvm#18108).
+fails for some models, apache/tvm#18108). Timing is device-side (``time_evaluator`` runs the loop on the
+device): a warm-up sample (discarded) estimates the cost of one sample, then as many samples as
+:class:`pipeline.latency.Timing` asks for, each a separate measurement, summarised by
+:func:`pipeline.latency.latency_of` (mean, median, p90, p99, min, max, std, CV).
 """
 
 from __future__ import annotations
@@ -13,65 +16,53 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.errors import UsageError
-from tasks._sessions import SessionRef, live
-
-
-@dataclass(frozen=True)
-class Latency:
-    """Latency statistics of one inference, in milliseconds, over ``repeat`` measurements of ``number`` runs."""
-
-    mean: float
-    median: float
-    min: float
-    max: float
-    std: float
-    number: int
-    repeat: int
-
-    def as_dict(self) -> dict[str, float]:
-        return {"mean": self.mean, "median": self.median, "min": self.min, "max": self.max, "std": self.std}
+from pipeline.errors import RemoteRunError
+from pipeline.latency import Latency, Timing, latency_of
+from tasks._live import get, session_of
+from tasks.set_input import InputSet
 
 
 @dataclass(frozen=True)
 class RunResult:
-    """The model's first output (as fetched from the device) and its latency."""
+    """The model's output (as fetched from the device) and its latency."""
 
     output: np.ndarray
     latency: Latency
     seconds: float
 
 
-def _first_tensor(outputs: object) -> object:
-    # Relax functions imported from torch return a tuple; ONNX ones return the tensor itself.
-    while not hasattr(outputs, "numpy") and hasattr(outputs, "__getitem__") and len(outputs) > 0:  # type: ignore[arg-type]
+def _single_output(outputs: object, description: str) -> object:
+    """The one tensor ``main`` returned (Relax functions imported from torch return a 1-tuple)."""
+    while not hasattr(outputs, "numpy") and hasattr(outputs, "__getitem__"):
+        count = len(outputs)  # type: ignore[arg-type]
+        if count != 1:
+            raise RemoteRunError(
+                f"run on {description}: the model returned {count} outputs; the pipeline takes one (the logits)"
+            )
         outputs = outputs[0]  # type: ignore[index]
     return outputs
 
 
-def run(session: SessionRef, number: int = 1, repeat: int = 5) -> RunResult:
-    """Invoke ``main`` once, fetch its output, then time ``repeat`` x ``number`` invocations.
+def run(inputs: InputSet, timing: Timing = Timing()) -> RunResult:
+    """Invoke ``main`` once, fetch its output, then time it as ``timing`` says.
 
     Raises:
-        UsageError: number or repeat below 1.
         DeviceTimeout / RemoteRunError: the device did not answer in time or failed.
     """
-    if number < 1 or repeat < 1:
-        raise UsageError(f"--number and --repeat must be at least 1 (got {number}, {repeat})")
-    live_session = live(session)
-    vm = live_session.need("vm", "load")
-    live_session.need("input", "set-input")
-    call = live_session.session.call
+    session = session_of(inputs.loaded.session)
+    vm = get(inputs.loaded.vm)
+    device = session.device()
     start = time.perf_counter()
-    call("run", vm.invoke_stateful, "main")
-    output = call("run", lambda: _first_tensor(vm.get_outputs("main")).numpy())
-    device = live_session.state["device"]
-    timing = call("run", lambda: vm.time_evaluator("invoke_stateful", device, number=number, repeat=repeat)("main"))
-    latency = Latency(
-        mean=timing.mean * 1e3, median=timing.median * 1e3, min=timing.min * 1e3, max=timing.max * 1e3,
-        std=timing.std * 1e3, number=number, repeat=repeat,
-    )
-    return RunResult(np.asarray(output), latency, time.perf_counter() - start)
+    session.call("run", vm.invoke_stateful, "main")
+    output = session.call("run", lambda: _single_output(vm.get_outputs("main"), session.description).numpy())
+
+    def measure(repeat: int) -> list[float]:
+        evaluator = vm.time_evaluator("invoke_stateful", device, number=timing.number, repeat=repeat)
+        return [float(s) * 1e3 for s in evaluator("main").results]
+
+    warm = session.call("run", measure, 1)  # the first call inside is discarded by TVM, this sample by us
+    samples = session.call("run", measure, timing.samples_for(warm[0] / 1e3))
+    return RunResult(np.asarray(output), latency_of(samples, timing.number), time.perf_counter() - start)
 
 
 run_task = task(name="run", task_run_name="run", cache_policy=NO_CACHE, persist_result=False)(run)

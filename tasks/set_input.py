@@ -9,19 +9,27 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._sessions import SessionRef, live
+from tasks._live import LiveRef, get, keep, session_of
+from tasks.load import Loaded
 
 
 @dataclass(frozen=True)
 class InputSet:
-    """The input now bound on the device."""
+    """The input bound on the device's VM: what ``run`` runs.
 
+    Attributes:
+        loaded: the VM it is bound to.
+        tensor: handle on the remote input tensor (kept alive while the VM uses it).
+    """
+
+    loaded: Loaded
+    tensor: LiveRef
     shape: tuple[int, ...]
     dtype: str
     seconds: float
 
 
-def set_input(session: SessionRef, data: np.ndarray) -> InputSet:
+def set_input(loaded: Loaded, data: np.ndarray) -> InputSet:
     """Send ``data`` to the device and ``vm.set_input("main", ...)`` it.
 
     Raises:
@@ -29,15 +37,13 @@ def set_input(session: SessionRef, data: np.ndarray) -> InputSet:
     """
     import tvm
 
-    live_session = live(session)
-    vm = live_session.need("vm", "load")
+    session = session_of(loaded.session)
+    vm = get(loaded.vm)
     start = time.perf_counter()
-    remote_input = live_session.session.call(
-        "set-input", tvm.runtime.tensor, np.ascontiguousarray(data), live_session.state["device"]
-    )
-    live_session.session.call("set-input", vm.set_input, "main", remote_input)
-    live_session.state["input"] = remote_input
-    return InputSet(tuple(data.shape), str(data.dtype), time.perf_counter() - start)
+    remote_input = session.call("set-input", tvm.runtime.tensor, np.ascontiguousarray(data), session.device())
+    session.call("set-input", vm.set_input, "main", remote_input)
+    tensor = keep(loaded.session, remote_input, "input")
+    return InputSet(loaded, tensor, tuple(data.shape), str(data.dtype), time.perf_counter() - start)
 
 
 set_input_task = task(name="set-input", task_run_name="set-input", cache_policy=NO_CACHE, persist_result=False)(set_input)

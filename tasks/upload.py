@@ -1,26 +1,26 @@
-"""Stage ``upload``: send the exported library to the device, unless the device already keeps it.
+"""Stage ``upload``: make the exported library available on the device, unless the device already keeps it.
 
-The library's bytes are checked against the digest in its manifest right before sending, so a copy
-corrupted on disk is never uploaded. With a device cache (:mod:`pipeline.device_cache`) the library goes to
-a directory the device keeps between sessions, and a later run that finds the same digest there sends
-nothing; without one it goes to the session's directory under a name that carries the artifact key.
+The device is asked for its architecture first, and a library built for another one is refused before
+anything is sent. The library's bytes are checked against the digest in its manifest right before sending,
+so a copy corrupted on disk is never uploaded. With a device cache (:mod:`pipeline.device_cache`) the
+library goes to a directory the device keeps between sessions, and a later run that finds the same digest
+there (under a marker this client authenticated) sends nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.device import device_triple
-from pipeline.device_cache import DeviceCache
-from pipeline.errors import ArchMismatch, DeviceLost, RemoteRunError, StoreError
+from pipeline.device_cache import DeviceCache, Placement, cache_secret, place
+from pipeline.errors import ArchMismatch, StoreError
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import normalise_arch
-from tasks._sessions import SessionRef, live
+from tasks._live import SessionRef, session_of
 from tasks.export_library import LIBRARY_FILE
 
 log = logging.getLogger(__name__)
@@ -28,23 +28,71 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Uploaded:
-    """The library on the device: its remote name, its size, the seconds this stage took, whether it was sent."""
+    """The library on the device, ready for the ``load`` stage.
 
-    remote_name: str
-    bytes: int
-    seconds: float
-    reused: bool = False
-    """The device already held this library (same digest): nothing was sent."""
+    Attributes:
+        session: the session it was placed through.
+        library: the library artifact (its bytes are read again if a kept copy must be replaced).
+        placement: where it is on the device, its size, the seconds this stage took, whether it was sent.
+        device_cache: the device directory that keeps libraries (None: the session's own directory).
+    """
+
+    session: SessionRef
+    library: Artifact
+    placement: Placement
+    device_cache: str | None = None
+    device_identity: str = "unknown"
+    """What the device reported about itself (its LLVM triple)."""
 
     @property
-    def mb_per_s(self) -> float | None:
-        if self.reused:
-            return None
-        return self.bytes / 1e6 / self.seconds if self.seconds > 0 else float("inf")
+    def remote_name(self) -> str:
+        return self.placement.remote_name
 
-    def as_dict(self) -> dict[str, object]:
-        return {"bytes": self.bytes, "seconds": self.seconds, "mb_per_s": self.mb_per_s, "reused": self.reused,
-                "remote_name": self.remote_name}
+    @property
+    def bytes(self) -> int:
+        return self.placement.bytes
+
+    @property
+    def reused(self) -> bool:
+        return self.placement.reused
+
+
+def open_cache(device_cache: str | None, store_root: str) -> DeviceCache | None:
+    """The device cache of a run (its markers are authenticated with the store's secret), or None."""
+    return None if device_cache is None else DeviceCache(device_cache, cache_secret(store_root))
+
+
+def verified_library(library: Artifact, store_root: str) -> tuple[bytearray, str]:
+    """The library's bytes and sha256, read once and checked against its manifest in the store.
+
+    Raises:
+        StoreError: the library on disk no longer matches its digest (it is not uploaded).
+    """
+    try:
+        data, sha256 = ArtifactStore(store_root).read_verified(library.key, LIBRARY_FILE)
+    except StoreError as exc:
+        raise StoreError(f"{exc}; it was not uploaded. Run again to rebuild it") from exc
+    return bytearray(data), sha256
+
+
+def check_arch(session: SessionRef, target_arch: str) -> str | None:
+    """Refuse a library built for ``target_arch`` when the device reports another architecture.
+
+    Returns:
+        The device's LLVM triple, if it can tell.
+
+    Raises:
+        ArchMismatch: the device is another architecture (nothing is uploaded).
+    """
+    triple = device_triple(session_of(session))
+    device_arch = normalise_arch(triple.split("-")[0]) if triple else None
+    if device_arch and device_arch != target_arch:
+        suggestion = f"llvm -mtriple={device_arch}-linux-gnu" + (" -mattr=+neon" if device_arch == "aarch64" else "")
+        raise ArchMismatch(
+            f"the library is built for {target_arch} but {session.description} is {device_arch} ({triple}): "
+            f"build for the device with --target \"{suggestion}\" or pick a {target_arch} device"
+        )
+    return triple
 
 
 def upload(
@@ -55,62 +103,22 @@ def upload(
     device_cache: str | None = None,
     reuse: bool = True,
 ) -> Uploaded:
-    """Verify and upload ``library`` (built for ``target_arch``) to the device behind ``session``.
+    """Verify ``library`` (built for ``target_arch``) and make it available on the device behind ``session``.
 
     Args:
         device_cache: Directory on the device that keeps libraries between runs (None: the session's own).
-        reuse: Load a copy the device cache already holds instead of uploading (False: upload anyway).
+        reuse: Use a copy the device cache already holds instead of uploading (False: upload anyway).
 
     Raises:
         ArchMismatch: the device reports another architecture than the library's (nothing is uploaded).
         StoreError: the library on disk no longer matches its digest (it is not uploaded).
         DeviceTimeout / RemoteRunError: the upload did not finish in time or failed.
     """
-    live_session = live(session)
-    remote = live_session.session
-    triple = device_triple(remote)
-    device_arch = normalise_arch(triple.split("-")[0]) if triple else None
-    if device_arch and device_arch != target_arch:
-        suggestion = f"llvm -mtriple={device_arch}-linux-gnu" + (" -mattr=+neon" if device_arch == "aarch64" else "")
-        raise ArchMismatch(
-            f"the library is built for {target_arch} but {session.description} is {device_arch} ({triple}): "
-            f"build for the device with --target \"{suggestion}\" or pick a {target_arch} device"
-        )
-    store = ArtifactStore(store_root)
-    data, sha256 = _verified_bytes(store, library)
-    start = time.perf_counter()
-    if device_cache is not None:
-        cache = DeviceCache(device_cache)
-        copy = cache.find(remote, sha256, len(data)) if reuse else None
-        reused = copy is not None
-        if copy is None:
-            try:
-                copy = cache.put(remote, data, sha256)
-            except DeviceLost:
-                raise
-            except RemoteRunError as exc:
-                log.warning("cannot write the device cache %s on %s (%s): uploading into the session's directory; "
-                            "give --device-cache an existing writable directory on the device, or off",
-                            device_cache, session.description, exc)
-        if copy is not None:
-            remote_name = cache.path(copy.file)
-            live_session.state.update(remote_name=remote_name, device_cache=cache, device_copy=copy,
-                                      device_copy_reused=reused)
-            return Uploaded(remote_name, len(data), time.perf_counter() - start, reused)
-    remote_name = f"tvmrp-{library.key[:16]}.so"
-    remote.call("upload", remote.remote.upload, data, remote_name)
-    seconds = time.perf_counter() - start
-    live_session.state["remote_name"] = remote_name
-    return Uploaded(remote_name, len(data), seconds)
-
-
-def _verified_bytes(store: ArtifactStore, library: Artifact) -> tuple[bytearray, str]:
-    """The library's bytes and sha256, read once and checked against its manifest in the store."""
-    try:
-        data, sha256 = store.read_verified(library.key, LIBRARY_FILE)
-    except StoreError as exc:
-        raise StoreError(f"{exc}; it was not uploaded. Run again to rebuild it") from exc
-    return bytearray(data), sha256
+    triple = check_arch(session, target_arch)
+    data, sha256 = verified_library(library, store_root)
+    placement = place(session_of(session), open_cache(device_cache, store_root), data, sha256, reuse=reuse,
+                      session_name=f"tvmrp-{library.key[:16]}.so")
+    return Uploaded(session, library, placement, device_cache, triple or "unknown")
 
 
 upload_task = task(name="upload", task_run_name="upload", cache_policy=NO_CACHE, persist_result=False)(upload)

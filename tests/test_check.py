@@ -25,14 +25,23 @@ from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.labelled import DEFAULT_LABELLED_DIR, load_labelled_set
 from pipeline.models import ModelSpec, Preprocess, reference_forward, resolve_model
 from pipeline.store import ArtifactStore
-from tasks._sessions import registered
+from pipeline.latency import Timing
+from pipeline.plan import plan_reference
+from tasks._live import opened
 from tasks.accuracy import accuracy, hit
 from tasks.check import (
-    CheckResult, Thresholds, check, failure_message, format_check, raise_if_failed, thresholds_for,
+    CheckResult, Thresholds, check, failure_message, raise_if_failed, thresholds_for,
 )
 from tasks.export_library import LIBRARY_FILE
 from tasks.load import load
-from tasks.reference import REFERENCE_FILE, input_digest, load_reference, reference, reference_key
+from tasks.reference import REFERENCE_FILE, load_reference, reference
+from tasks.report import format_check
+
+input_digest = keys.input_digest
+
+
+def reference_key(model, x):
+    return plan_reference(model, x).key
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
@@ -114,8 +123,8 @@ def test_check__both_broken_says_top5_must_still_match():
     assert not result.passed and not result.top1_match and not result.top5_match
     assert "max abs diff" in result.reason and "top-5 differs" in result.reason
     assert "(the top-5 must still match)" in failure_message(result)
-    assert format_check(result.as_dict()).startswith("Check      FAILED  max abs diff")
-    assert format_check(check(ref, ref, FP32).as_dict()).startswith("Check      passed  max abs diff 0  ")
+    assert format_check(result).startswith("Check      FAILED  max abs diff")
+    assert format_check(check(ref, ref, FP32)).startswith("Check      passed  max abs diff 0  ")
     assert format_check(None) == "Check      skipped (--no-check)"
 
 
@@ -198,17 +207,17 @@ def test_reference__cached_in_store_and_keyed_by_input(tiny_onnx, store_root):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     key = reference_key(model, x)
-    first = reference(model, x, str(store_root), key)
+    first = reference(model, x, plan_reference(model, x), str(store_root))
     assert first.built and first.artifact.kind == "reference"
     assert {f.name for f in first.artifact.files} == {REFERENCE_FILE}
     inputs = first.artifact.inputs
     assert inputs["model"] == model.digest and inputs["input"] == input_digest(x)
     assert inputs["framework"].startswith("onnxruntime==") and inputs["stage"] == "reference"
-    stored = load_reference(first, str(store_root))
+    stored = load_reference(first.artifact, str(store_root))
     np.testing.assert_array_equal(stored, reference_forward(model, x))
     assert stored.dtype == np.float32 and stored.shape == (1, 10)
 
-    second = reference(model, x, str(store_root), key)
+    second = reference(model, x, plan_reference(model, x), str(store_root))
     assert not second.built and second.artifact == first.artifact  # reused, the framework not run again
 
     other = x.copy()
@@ -223,8 +232,8 @@ def test_reference__cached_in_store_and_keyed_by_input(tiny_onnx, store_root):
     path = ArtifactStore(store_root).file(first.artifact, REFERENCE_FILE)
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(StoreError, match="missing or corrupt"):
-        load_reference(first, str(store_root))
-    assert reference(model, x, str(store_root), key).built
+        load_reference(first.artifact, str(store_root))
+    assert reference(model, x, plan_reference(model, x), str(store_root)).built
 
 
 # -- check on real compiled output, on a real device ---------------------------------------------------
@@ -237,18 +246,16 @@ def server():
 
 
 def device_output(server, store_root, target, library, x) -> np.ndarray:
-    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
-        upload(ref, library.artifact, str(store_root), target.arch)
-        load(ref)
-        set_input(ref, x)
-        return run(ref, 1, 1).output
+    with open_session(DeviceSpec(), server) as session, opened(session) as ref:
+        loaded = load(upload(ref, library.artifact, str(store_root), target.arch), str(store_root))
+        return run(set_input(loaded, x), Timing(repeat=1)).output
 
 
 def compiled_check(model, store_root, server, x, thresholds=FP32) -> CheckResult:
     target, _, _, library = compile_all(model, store_root)
-    expected = reference(model, x, str(store_root), reference_key(model, x))
+    expected = reference(model, x, plan_reference(model, x), str(store_root))
     output = device_output(server, store_root, target, library, x)
-    return check(output, load_reference(expected, str(store_root)), thresholds)
+    return check(output, load_reference(expected.artifact, str(store_root)), thresholds)
 
 
 def _write_model(source: str, directory: Path, seed: int = 0) -> str:
@@ -277,7 +284,7 @@ def test_check__fails_for_a_library_built_from_different_weights(tmp_path, store
     x = np.random.default_rng(3).standard_normal(right.input_shape).astype(np.float32)
     target, _, _, library = compile_all(wrong, store_root)
     output = device_output(server, store_root, target, library, x)
-    expected = load_reference(reference(right, x, str(store_root), reference_key(right, x)), str(store_root))
+    expected = load_reference(reference(right, x, plan_reference(right, x), str(store_root)).artifact, str(store_root))
     result = check(output, expected, FP32)
     assert not result.passed and result.max_abs_diff > 1e-2
     with pytest.raises(CheckFailed) as caught:

@@ -9,7 +9,8 @@ from conftest import run_cli
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.models import ModelSpec, reference_forward, resolve_model
-from tasks._sessions import registered
+from pipeline.latency import Timing
+from tasks._live import opened
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
@@ -56,11 +57,9 @@ def test_demo__resnet18_v2_random_matches_mxnet(prefect_api, demo_store):
     x = load_image(DEFAULT_IMAGE, model.preprocess, model.input_shape)
     target, _, built, library = compile_all(model, demo_store)
     assert not built.built and built.artifact.key == summary["build_key"]  # the flow's build, from the store
-    with EmbeddedServer() as server, open_session(DeviceSpec(), server) as session, registered(session) as ref:
-        upload(ref, library.artifact, str(demo_store), target.arch)
-        load(ref)
-        set_input(ref, x)
-        tvm_out = run(ref, number=1, repeat=1).output
+    with EmbeddedServer() as server, open_session(DeviceSpec(), server) as session, opened(session) as ref:
+        loaded = load(upload(ref, library.artifact, str(demo_store), target.arch), str(demo_store))
+        tvm_out = run(set_input(loaded, x), Timing(repeat=1)).output
     mxnet_out = reference_forward(model, x)
     assert tvm_out.shape == mxnet_out.shape == (1, 1000)
     assert np.abs(tvm_out - mxnet_out).max() <= 1e-4

@@ -1,25 +1,35 @@
-"""Libraries kept on the device between sessions: a real rpc_server on 127.0.0.1, whose files we can see."""
+"""Libraries kept on the device between sessions: a real rpc_server on 127.0.0.1, whose files we can see.
+
+Includes the planted-library attack: another user of the device writes a library whose constructor leaves
+proof of execution, plus a forged marker naming it; no run may load it.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
+import os
+import stat
+import subprocess
 
 import numpy as np
 import pytest
 
 from pipeline import device_cache
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session
-from pipeline.device_cache import DeviceCache
-from pipeline.errors import RemoteRunError, StaleDeviceCopy, UsageError
+from pipeline.device_cache import DeviceCache, cache_secret, load_placed, place
+from pipeline.errors import RemoteRunError, StoreError, UsageError
+from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
-from tasks._sessions import registered
+from tasks._live import opened
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
 from test_stages import compile_all
+
+SECRET = b"k" * 32
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +61,7 @@ def names(directory):
 
 
 def test_put_then_find__in_a_later_session(server, tmp_path):
-    cache = DeviceCache(str(tmp_path))
+    cache = DeviceCache(str(tmp_path), SECRET)
     data = blob(1)
     with open_session(DeviceSpec(), server) as s:
         assert cache.find(s, hashlib.sha256(data).hexdigest(), len(data)) is None
@@ -65,8 +75,16 @@ def test_put_then_find__in_a_later_session(server, tmp_path):
         assert cache.find(s, hashlib.sha256(b"other").hexdigest(), len(data)) is None
 
 
+def test_put__file_names_are_unguessable(session, tmp_path):
+    cache = DeviceCache(str(tmp_path), SECRET)
+    data = blob(1)
+    a, b = cache.put(session, data), cache.put(session, data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert a.file != b.file and digest[:16] not in a.file and digest[:16] not in b.file
+
+
 def test_find__ignores_a_copy_without_a_complete_marker(session, tmp_path):
-    cache = DeviceCache(str(tmp_path))
+    cache = DeviceCache(str(tmp_path), SECRET)
     data = blob(2)
     sha = hashlib.sha256(data).hexdigest()
     copy = cache.put(session, data)
@@ -85,8 +103,26 @@ def test_find__ignores_a_copy_without_a_complete_marker(session, tmp_path):
     assert cache.find(session, sha, len(data)) == copy
 
 
+def test_find__a_marker_needs_this_clients_secret_and_directory(session, tmp_path):
+    data = blob(3)
+    sha = hashlib.sha256(data).hexdigest()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    mine = DeviceCache(str(tmp_path / "a"), SECRET)
+    copy = mine.put(session, data)
+    assert mine.find(session, sha, len(data)) == copy
+    # Another client's secret (a forger who knows the format but not the key): not found, marker removed.
+    assert DeviceCache(str(tmp_path / "a"), b"x" * 32).find(session, sha, len(data)) is None
+    assert not (tmp_path / "a" / "tvmrp-slot-0.json").exists()
+    # A marker copied into another directory does not authenticate there either.
+    copy = mine.put(session, data)
+    (tmp_path / "b" / copy.file).write_bytes(data)
+    (tmp_path / "b" / "tvmrp-slot-0.json").write_bytes((tmp_path / "a" / "tvmrp-slot-0.json").read_bytes())
+    assert DeviceCache(str(tmp_path / "b"), SECRET).find(session, sha, len(data)) is None
+
+
 def test_put__same_library_again_replaces_its_own_slot(session, tmp_path):
-    cache = DeviceCache(str(tmp_path), slots=2)
+    cache = DeviceCache(str(tmp_path), SECRET, slots=2)
     first = cache.put(session, blob(3))
     again = cache.put(session, blob(3))
     assert again.slot == first.slot and again.file != first.file
@@ -94,7 +130,7 @@ def test_put__same_library_again_replaces_its_own_slot(session, tmp_path):
 
 
 def test_put__evicts_the_oldest_slot_but_not_a_young_one(session, tmp_path, monkeypatch, caplog):
-    cache = DeviceCache(str(tmp_path), slots=2)
+    cache = DeviceCache(str(tmp_path), SECRET, slots=2)
     a, b = cache.put(session, blob(4)), cache.put(session, blob(5))
     assert {a.slot, b.slot} == {0, 1}
     # Both slots were written just now: a concurrent run may be loading them, so a third library is not kept.
@@ -113,7 +149,7 @@ def test_put__evicts_the_oldest_slot_but_not_a_young_one(session, tmp_path, monk
 
 
 def test_settle__removes_a_copy_a_concurrent_run_displaced(session, tmp_path):
-    cache = DeviceCache(str(tmp_path))
+    cache = DeviceCache(str(tmp_path), SECRET)
     mine = cache.put(session, blob(8))
     theirs = cache.put(session, blob(8))  # the same library, uploaded by another run in between
     assert theirs.slot == mine.slot
@@ -123,14 +159,24 @@ def test_settle__removes_a_copy_a_concurrent_run_displaced(session, tmp_path):
 
 def test_put__into_a_directory_the_device_lacks_fails_cleanly(session, tmp_path):
     with pytest.raises(RemoteRunError, match="Cannot open"):
-        DeviceCache(str(tmp_path / "missing")).put(session, blob(9))
+        DeviceCache(str(tmp_path / "missing"), SECRET).put(session, blob(9))
     session.device()  # the session survives the error
 
 
 @pytest.mark.parametrize("bad", ["relative/dir", "", "C:\\temp"])
 def test_device_cache__needs_an_absolute_device_path(bad):
     with pytest.raises(UsageError, match="absolute"):
-        DeviceCache(bad)
+        DeviceCache(bad, SECRET)
+
+
+def test_cache_secret__is_private_and_stable(tmp_path):
+    first = cache_secret(tmp_path)
+    path = tmp_path / ".keys" / "device-cache.key"
+    assert len(first) == 32 and cache_secret(tmp_path) == first
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    path.chmod(0o644)  # readable by others: a forger could learn it
+    with pytest.raises(StoreError, match="readable or writable by other users"):
+        cache_secret(tmp_path)
 
 
 def test_upload_stage__second_session_loads_the_kept_copy(tiny_onnx, store_root, server, device_dir):
@@ -139,41 +185,106 @@ def test_upload_stage__second_session_loads_the_kept_copy(tiny_onnx, store_root,
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     outputs = []
     for expect_reused in (False, True):
-        with open_session(DeviceSpec(), server) as s, registered(s) as ref:
+        with open_session(DeviceSpec(), server) as s, opened(s) as ref:
             up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
             assert up.reused is expect_reused and up.bytes == library.artifact.size
             assert up.remote_name.startswith(str(device_dir))
-            assert (up.mb_per_s is None) is expect_reused
-            load(ref)
-            set_input(ref, x)
-            outputs.append(run(ref, 1, 1).output)
+            outputs.append(run(set_input(load(up, str(store_root)), x), Timing(repeat=1)).output)
     for output in outputs:
         np.testing.assert_allclose(output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
-    with open_session(DeviceSpec(), server) as s, registered(s) as ref:  # reuse=False: sent anyway
+    with open_session(DeviceSpec(), server) as s, opened(s) as ref:  # reuse=False: sent anyway
         assert not upload(ref, library.artifact, str(store_root), target.arch, str(device_dir), reuse=False).reused
 
 
-def test_load_stage__a_kept_copy_that_vanished_is_stale_and_forgotten(tiny_onnx, store_root, server, device_dir):
+def test_load_stage__a_kept_copy_that_vanished_is_forgotten_and_uploaded_again(
+    tiny_onnx, store_root, server, device_dir, caplog
+):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
-    with open_session(DeviceSpec(), server) as s, registered(s) as ref:
-        upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
-        load(ref)
+    with open_session(DeviceSpec(), server) as s, opened(s) as ref:
+        load(upload(ref, library.artifact, str(store_root), target.arch, str(device_dir)), str(store_root))
     for so in device_dir.glob("*.so"):
         so.unlink()  # e.g. the device's /tmp was cleaned
-    with open_session(DeviceSpec(), server) as s, registered(s) as ref:
-        assert upload(ref, library.artifact, str(store_root), target.arch, str(device_dir)).reused
-        with pytest.raises(StaleDeviceCopy, match="upload it again"):
-            load(ref)
-    assert names(device_dir) == []  # the marker is gone too: the next run uploads
+    with open_session(DeviceSpec(), server) as s, opened(s) as ref:
+        up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
+        assert up.reused
+        with caplog.at_level(logging.WARNING, logger="pipeline.device_cache"):
+            loaded = load(up, str(store_root))
+        assert "did not load" in caplog.text and "upload it again" in caplog.text
+        assert not loaded.placement.reused and loaded.remote_name != up.remote_name
+        x = np.zeros(model.input_shape, np.float32)
+        np.testing.assert_allclose(run(set_input(loaded, x), Timing(repeat=1)).output, reference_forward(model, x),
+                                   atol=1e-4, rtol=1e-4)
+    # Only the new copy and its marker remain: the next run finds it.
+    assert names(device_dir) == sorted([os.path.basename(loaded.remote_name), "tvmrp-slot-0.json"])
 
 
 def test_upload_stage__falls_back_to_the_session_directory(tiny_onnx, store_root, server, device_dir, caplog):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
-    with open_session(DeviceSpec(), server) as s, registered(s) as ref:
-        with caplog.at_level(logging.WARNING, logger="tasks.upload"):
+    with open_session(DeviceSpec(), server) as s, opened(s) as ref:
+        with caplog.at_level(logging.WARNING, logger="pipeline.device_cache"):
             up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir / "missing"))
         assert not up.reused and not up.remote_name.startswith("/")
         assert "--device-cache" in caplog.text
-        load(ref)
+        load(up, str(store_root))
+
+
+def _planted_library(directory, proof):
+    """A shared library whose constructor writes ``proof``: what an attacker would plant."""
+    source = directory / "evil.c"
+    source.write_text(
+        "#include <stdio.h>\n"
+        f'__attribute__((constructor)) static void run(void) {{ FILE *f = fopen("{proof}", "w"); '
+        'if (f) { fputs("ran", f); fclose(f); } }\n'
+    )
+    out = directory / "evil.so"
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(out), str(source)], check=True)
+    return out.read_bytes()
+
+
+def test_planted_library_and_forged_marker__never_load(tiny_onnx, store_root, server, device_dir, tmp_path):
+    """Another user of the device plants a library named like ours and a marker naming it, with the right
+    digest and size: the run ignores and removes the marker, uploads its own library, and nothing planted runs."""
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, _, _, library = compile_all(model, store_root)
+    data = (store_root / library.artifact.key[:2] / library.artifact.key[2:] / "model.so").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    proof = tmp_path / "proof-of-execution"
+    planted = f"tvmrp-{sha[:16]}-aaaaaaaaaaaa.so"
+    (device_dir / planted).write_bytes(_planted_library(tmp_path, proof))
+    forged = {"format": 1, "sha256": sha, "bytes": len(data), "file": planted, "time": 0.0}
+    for fmt in (1, 2):  # the old format, and the new one with a made-up MAC
+        (device_dir / "tvmrp-slot-0.json").write_text(json.dumps({**forged, "format": fmt, "mac": "0" * 64}))
+        with open_session(DeviceSpec(), server) as s, opened(s) as ref:
+            up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
+            assert not up.reused and up.remote_name != str(device_dir / planted)
+            loaded = load(up, str(store_root))
+            x = np.zeros(model.input_shape, np.float32)
+            out = run(set_input(loaded, x), Timing(repeat=1)).output
+        np.testing.assert_allclose(out, reference_forward(model, x), atol=1e-4, rtol=1e-4)
+        assert not proof.exists(), "the planted library ran"
+        marker = json.loads((device_dir / "tvmrp-slot-0.json").read_text())
+        assert marker["file"] == os.path.basename(loaded.remote_name) and marker["format"] == 2
+
+
+def test_place_and_load__a_kept_copy_that_is_not_a_library_is_replaced(session, tmp_path, tiny_onnx, store_root):
+    """A kept copy that loads but is no Relax library (or fails to) is forgotten, removed and uploaded again."""
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, _, _, library = compile_all(model, store_root)
+    data = (store_root / library.artifact.key[:2] / library.artifact.key[2:] / "model.so").read_bytes()
+    sha = hashlib.sha256(data).hexdigest()
+    cache = DeviceCache(str(tmp_path), SECRET)
+    kept = place(session, cache, data, sha, session_name="x.so")
+    (tmp_path / kept.copy.file).write_bytes(b"not a library")  # damaged on the device after it was kept
+    again = place(session, cache, data, sha, session_name="x.so")
+    assert again.reused
+    calls = []
+
+    def load_fn(path):
+        calls.append(path)
+        return session.call("load", session.remote.load_module, path)
+
+    module, final = load_placed(session, cache, again, load_fn, reread=lambda: data)
+    assert len(calls) == 2 and not final.reused and final.remote_name != again.remote_name
+    assert not (tmp_path / kept.copy.file).exists()

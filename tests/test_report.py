@@ -1,10 +1,11 @@
-"""tasks/report.py without a Prefect server: series keys, tables, the chart, the markdown, and that publishing
-never fails a run when the API is unreachable. (Against a real server: tests/test_stack.py, test_ui.py.)"""
+"""tasks/report.py without a Prefect server: the typed summary and its renderings (text, JSON, tables, the
+chart, the markdown), series keys, and that publishing never fails a run when the API is unreachable.
+(Against a real server: tests/test_stack.py, test_ui.py.)"""
 
 from __future__ import annotations
 
+import dataclasses
 import io
-import json
 import logging
 import re
 import socket
@@ -14,14 +15,17 @@ from datetime import datetime, timedelta, timezone
 
 from PIL import Image
 
+from pipeline.chart import SIZE, TrendPoint, draw_trend
+from pipeline.device_cache import Placement
+from pipeline.latency import judge, latency_of
+from tasks.postprocess import Top
 from tasks.report import (
-    Point,
-    change_text,
-    draw_trend,
+    RunSummary,
+    artifact_key,
+    format_text,
     latency_table,
-    median_of_table,
-    publish_run_artifacts,
-    series_of,
+    publish_artifacts,
+    series_title,
     summary_markdown,
     top5_table,
 )
@@ -30,18 +34,19 @@ TARGET = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-g
 
 
 def _summary(**changes):
-    summary = {
-        "model": "efficientnet_lite0", "model_digest": "1f69048b3289aee0" * 4, "target": TARGET, "opt_level": 3,
-        "build_key": "ab" * 32, "artifact": "/store/ab/cd/model.so", "device": "embedded 127.0.0.1:46055",
-        "stages": {"import-model": "cached", "build": "cached", "export-library": "cached", "upload": "ran",
-                   "load": "ran", "set-input": "ran", "run": "ran", "postprocess": "ran"},
-        "top5": [{"class": 285 - i, "label": f"cat {i}", "prob": 0.3 - i * 0.05} for i in range(5)],
-        "latency_ms": {"mean": 118.9, "median": 118.97, "min": 116.9, "max": 121.9, "std": 1.83},
-        "timing": {"number": 1, "repeat": 5},
-        "notes": [],
-    }
-    summary.update(changes)
-    return summary
+    summary = RunSummary(
+        run_id="20261128T020000Z-abcdef", started="2026-11-28T02:00:00+00:00",
+        model="efficientnet_lite0", model_digest="1f69048b3289aee0" * 4, weights=None, target=TARGET, opt_level=3,
+        tune_trials=0, tuning_key=None, import_key="cd" * 32, build_key="ab" * 32, library_key="ef" * 32,
+        artifact="/store/ab/cd/model.so", device="embedded 127.0.0.1:46055", device_identity="x86_64-conda-linux-gnu",
+        image="data/cat.png", input_shape=(1, 3, 224, 224),
+        stages={"import-model": "cached", "build": "cached", "export-library": "cached", "upload": "ran",
+                "load": "ran", "set-input": "ran", "run": "ran", "postprocess": "ran"},
+        top5=tuple(Top(285 - i, f"cat {i}", 0.3 - i * 0.05) for i in range(5)),
+        latency=latency_of([116.9, 118.97, 121.9, 118.0, 119.8], 1),
+        upload=Placement("/tmp/tvmrp-x.so", 20_000_000, 0.33, False), check=None,
+    )
+    return dataclasses.replace(summary, **changes)
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -49,24 +54,26 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
-def test_series_of__ignores_the_embedded_port_and_is_a_valid_artifact_key():
-    a, b = series_of(_summary()), series_of(_summary(device="embedded 127.0.0.1:50000"))
-    assert a == b
-    assert re.fullmatch(r"[a-z0-9-]+", a.key) and a.key.startswith("efficientnet-lite0-")
-    assert a.title == "efficientnet_lite0 @ llvm (x86_64-conda-linux-gnu) on embedded"
+def test_series__ignores_the_embedded_port_and_is_a_valid_artifact_key():
+    a, b = _summary(), _summary(device="embedded 127.0.0.1:50000")
+    assert a.series == b.series and artifact_key(a) == artifact_key(b)
+    assert re.fullmatch(r"[a-z0-9-]+", artifact_key(a)) and artifact_key(a).startswith("efficientnet-lite0-")
+    assert series_title(a) == "efficientnet_lite0 @ llvm (x86_64-conda-linux-gnu) opt_level 3 on embedded"
 
 
-def test_series_of__other_target_or_device_is_another_series():
-    base = series_of(_summary()).key
-    assert series_of(_summary(target=TARGET.replace("x86_64", "aarch64"))).key != base
-    assert series_of(_summary(device="tracker 10.0.0.1:9190 key=rpi4")).key != base
+def test_series__another_build_device_or_input_is_another_series():
+    base = _summary().series
+    assert _summary(build_key="ba" * 32).series != base  # another target, opt_level or tuning: another build
+    assert _summary(device="tracker 10.0.0.1:9190 key=rpi4").series != base
+    assert _summary(device_identity="aarch64-linux-gnu").series != base
+    assert _summary(input_shape=(1, 3, 256, 256)).series != base
+    assert _summary(run_id="20261129T020000Z-000000").series == base
 
 
-def test_latency_table__round_trips_the_median_through_json():
+def test_latency_table__every_statistic_with_its_counts():
     rows = latency_table(_summary())
-    assert [r["statistic"] for r in rows] == ["mean", "median", "min", "max", "std"]
-    assert median_of_table(json.dumps(rows)) == 118.97
-    assert median_of_table("not json") is None and median_of_table([{"statistic": "mean", "ms": 1}]) is None
+    assert [r["statistic"] for r in rows] == ["mean", "median", "p90", "p99", "min", "max", "std", "cv"]
+    assert rows[1]["ms"] == 118.97 and rows[0]["repeat"] == 5 and rows[0]["number"] == 1
 
 
 def test_top5_table__ranks_and_rounds():
@@ -75,29 +82,35 @@ def test_top5_table__ranks_and_rounds():
         "rank": 1, "class": 285, "label": "cat 0", "probability": 0.3}
 
 
-def test_change_text__compares_with_the_median_of_the_previous_runs():
-    assert change_text([Point(None, 100.0)]) == "first run of this series"
-    text = change_text([Point(None, 100.0), Point(None, 102.0), Point(None, 100.0), Point(None, 125.0)])
-    assert text.startswith("+25.0% against the median of the previous 3 run(s)")
+def test_judge__compares_with_the_median_of_the_previous_runs():
+    assert judge(100.0, []).message == "first run of this series"
+    verdict = judge(125.0, [100.0, 102.0, 100.0])
+    assert verdict.message.startswith("REGRESSION: +25.0% against the median of the previous 3 run(s)")
 
 
 def test_draw_trend__is_a_png_for_no_one_or_many_points():
     start = datetime(2026, 11, 1, 2, tzinfo=timezone.utc)
-    many = [Point(start + timedelta(days=i), 118 + i % 3) for i in range(20)]
+    many = [TrendPoint(start + timedelta(days=i), 118 + i % 3, 116, 121, i == 19) for i in range(20)]
     for points in ([], many[:1], many):
-        assert _png_size(draw_trend(points, "Median latency (ms): " + "x" * 200)) == (720, 300)
+        assert _png_size(draw_trend(points, "Median latency (ms): " + "x" * 200)) == SIZE
 
 
 def test_summary_markdown__names_the_build_and_marks_cached_stages():
-    summary = _summary()
-    text = summary_markdown(summary, series_of(summary), [Point(None, 118.97)], "data:image/png;base64,AAAA")
+    text = summary_markdown(_summary(), "data:image/png;base64,AAAA")
     assert f"`{'ab' * 32}`" in text and "| opt_level | 3 |" in text
     assert "| build | **cached** |" in text and "| upload | ran |" in text
     assert "Cached (not rebuilt): import-model, build, export-library." in text
-    assert "![median latency of the last 1 runs](data:image/png;base64,AAAA)" in text
+    assert "![median latency per run](data:image/png;base64,AAAA)" in text
 
 
-def test_publish_run_artifacts__unreachable_api_only_warns(caplog):
+def test_format_text__reports_upload_rate_with_sense_on_slow_links():
+    slow = _summary(upload=Placement("/tmp/x.so", 20_000_000, 57.0, False))
+    assert "(350.9 kB/s)" in format_text(slow)
+    assert "(61 MB/s)" in format_text(_summary())
+    assert "Upload     none: the device kept" in format_text(_summary(upload=Placement("/tmp/x.so", 5, 0.01, True)))
+
+
+def test_publish_artifacts__unreachable_api_only_warns(caplog):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with socket.socket() as s:
@@ -107,7 +120,7 @@ def test_publish_run_artifacts__unreachable_api_only_warns(caplog):
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # "artifact creation outside of a flow run"
         with caplog.at_level(logging.WARNING, logger="tasks.report"):
-            publish_run_artifacts(_summary())  # must not raise
+            publish_artifacts(_summary(), [])  # must not raise
     assert time.monotonic() - start < 30
     assert any("could not publish" in r.getMessage() for r in caplog.records)
 
@@ -117,7 +130,7 @@ def test_progress__is_a_progress_artifact_of_the_flow_run(prefect_api):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
-    from tasks.report import Progress
+    from tasks.progress import Progress
 
     @flow
     def long_work() -> None:
@@ -135,14 +148,14 @@ def test_progress__is_a_progress_artifact_of_the_flow_run(prefect_api):
 def test_progress__unreachable_api_keeps_the_log_lines(caplog):
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tasks.report import Progress
+    from tasks.progress import Progress
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with temporary_settings({PREFECT_API_URL: f"http://127.0.0.1:{port}/api"}), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        with caplog.at_level(logging.INFO, logger="tasks.report"), Progress("tune-x", "tuning") as progress:
+        with caplog.at_level(logging.INFO, logger="tasks.progress"), Progress("tune-x", "tuning") as progress:
             progress.update(1, 2)
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("tuning: 0%") == messages.count("tuning: 50%") == messages.count("tuning: 100%") == 1

@@ -7,32 +7,31 @@ import shutil
 import numpy as np
 import pytest
 
-from pipeline import keys
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session
 from pipeline.errors import ArchMismatch, DeviceError, StoreError
+from pipeline.latency import Latency, Timing, latency_of
 from pipeline.models import ModelSpec, reference_forward, resolve_model
+from pipeline.plan import plan_build
 from pipeline.store import ArtifactStore
-from pipeline.targets import parse_target, toolchain_for
-from tasks._sessions import registered
+from pipeline.targets import parse_target
+from tasks._live import opened
 from tasks.build import OBJECTS_FILE, build
 from tasks.export_library import LIBRARY_FILE, export_library
 from tasks.import_model import MODULE_FILE, import_model
 from tasks.load import load
 from tasks.postprocess import postprocess, probabilities
-from tasks.run import Latency, run
+from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
 
 
 def compile_all(model, store_root, target_text="llvm", opt_level=3):
+    """The compile chain's plain functions, keyed by the plan (as the flows are)."""
     target = parse_target(target_text)
-    toolchain = toolchain_for(target)
-    ik = keys.key_of(keys.import_inputs(model.digest))
-    imported = import_model(model, str(store_root), ik)
-    bk = keys.key_of(keys.build_inputs(model.digest, target.canonical, opt_level))
-    built = build(imported.artifact, model.digest, target, opt_level, str(store_root), bk)
-    lk = keys.key_of(keys.export_inputs(bk, toolchain.identity))
-    library = export_library(built.artifact, target, toolchain, str(store_root), lk)
+    plan = plan_build(model, target, opt_level)
+    imported = import_model(model, plan.imported, str(store_root))
+    built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
+    library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))
     return target, imported, built, library
 
 
@@ -62,7 +61,7 @@ def test_compile_stages__produce_verified_artifacts_and_reuse_them(tiny_onnx, st
 def test_build__refresh_rebuilds(tiny_onnx, store_root):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, imported, built, _ = compile_all(model, store_root)
-    again = build(imported.artifact, model.digest, target, 3, str(store_root), built.artifact.key, refresh=True)
+    again = build(imported.artifact, target, 3, plan_build(model, target, 3).build, str(store_root), refresh=True)
     assert again.built
 
 
@@ -82,12 +81,12 @@ def test_device_stages__match_reference_on_real_server(tiny_onnx, store_root, se
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
     x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
-    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+    with open_session(DeviceSpec(), server) as session, opened(session) as ref:
         up = upload(ref, library.artifact, str(store_root), target.arch)
         assert up.bytes == library.artifact.size and up.remote_name.endswith(".so")
-        load(ref)
-        assert set_input(ref, x).shape == model.input_shape
-        result = run(ref, number=2, repeat=3)
+        inputs = set_input(load(up, str(store_root)), x)
+        assert inputs.shape == model.input_shape
+        result = run(inputs, Timing(number=2, repeat=3))
     np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
     lat = result.latency
     assert 0 < lat.min <= lat.median <= lat.max and lat.min <= lat.mean <= lat.max and lat.std >= 0
@@ -101,7 +100,7 @@ def test_upload__refuses_corrupt_library(tiny_onnx, store_root, server):
     data = bytearray(so.read_bytes())
     data[len(data) // 2] ^= 0xFF
     so.write_bytes(bytes(data))
-    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+    with open_session(DeviceSpec(), server) as session, opened(session) as ref:
         with pytest.raises(StoreError, match="not uploaded"):
             upload(ref, library.artifact, str(store_root), target.arch)
 
@@ -109,17 +108,21 @@ def test_upload__refuses_corrupt_library(tiny_onnx, store_root, server):
 def test_upload__refuses_library_for_another_architecture(tiny_onnx, store_root, server):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
-    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
+    with open_session(DeviceSpec(), server) as session, opened(session) as ref:
         with pytest.raises(ArchMismatch, match="built for riscv64"):
             upload(ref, library.artifact, str(store_root), "riscv64")
 
 
-def test_device_stages__out_of_order_is_a_clear_error(server):
-    with open_session(DeviceSpec(), server) as session, registered(session) as ref:
-        with pytest.raises(DeviceError, match="run the upload stage first"):
-            load(ref)
-        with pytest.raises(DeviceError, match="run the load stage first"):
-            run(ref)
+def test_device_stages__a_closed_session_is_a_clear_error(tiny_onnx, store_root, server):
+    """Stages take the previous stage's result, so they cannot run out of order; a result whose session has
+    closed says so instead of failing deep in TVM."""
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    target, _, _, library = compile_all(model, store_root)
+    with open_session(DeviceSpec(), server) as session, opened(session) as ref:
+        loaded = load(upload(ref, library.artifact, str(store_root), target.arch), str(store_root))
+    x = np.zeros(model.input_shape, np.float32)
+    with pytest.raises(DeviceError, match="session to embedded 127.0.0.1:.* is closed"):
+        set_input(loaded, x)
 
 
 def test_postprocess__top5_from_logits():
@@ -130,7 +133,7 @@ def test_postprocess__top5_from_logits():
         input_shape=(1, 3, 32, 32), preprocess=Preprocess(), labels="index",
     )
     logits = np.array([[0.0, 5.0, 1.0, 3.0, 2.0, 4.0, -1.0]], dtype=np.float32)
-    lat = Latency(1.0, 1.0, 0.5, 1.5, 0.1, 1, 5)
+    lat = latency_of([1.0, 0.5, 1.5, 1.0, 1.0], 1)
     pred = postprocess(model, logits, lat)
     assert [t.index for t in pred.top] == [1, 5, 3, 4, 2]
     assert pred.top[0].label == "class 1"

@@ -15,28 +15,31 @@ from pipeline import keys
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session, start_tracker
 from pipeline.errors import UsageError
 from pipeline.models import ModelSpec, ResolvedModel, reference_forward, resolve_model
+from pipeline.latency import Timing
+from pipeline.plan import StageKey, plan_build
 from pipeline.store import MANIFEST, Artifact, ArtifactStore
-from pipeline.targets import TargetInfo, parse_target, toolchain_for
-from tasks._sessions import registered
+from pipeline.targets import TargetInfo, parse_target
+from pipeline.tuning import DATABASE_FILES, RECORD_FILE, REPORT_FILE, SPACE, tracker_runner, tune_inputs
+from tasks._live import opened
 from tasks.build import build
 from tasks.export_library import export_library
 from tasks.import_model import import_model
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
-from tasks.tune import (
-    DATABASE_FILES,
-    RECORD_FILE,
-    REPORT_FILE,
-    SPACE,
-    read_report,
-    tracker_runner,
-    tune,
-    tune_key,
-)
+from tasks.tune import read_report, tune
 from tasks.upload import upload
 
 TRIALS = 4
+
+
+def tune_key(model_digest, target, trials):
+    return keys.key_of(tune_inputs(model_digest, target, trials))
+
+
+def tune_stage(model, target, trials, runner="local"):
+    """The plan's tune key for ``trials`` (the manifest then records where it measured)."""
+    return plan_build(model, target, 3, trials, runner).tune
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,8 +60,8 @@ def tuned(tmp_path_factory) -> Tuned:
     root.mkdir()
     model = resolve_model(ModelSpec(str(make_tiny_onnx(work / "tiny.onnx"))))
     target = parse_target("llvm")
-    imported = import_model(model, str(root), keys.key_of(keys.import_inputs(model.digest)))
-    result = tune(imported.artifact, model.digest, target, TRIALS, str(root), tune_key(model.digest, target, TRIALS))
+    imported = import_model(model, plan_build(model, target, 3).imported, str(root))
+    result = tune(imported.artifact, target, TRIALS, tune_stage(model, target, TRIALS), str(root))
     return Tuned(root, model, target, imported.artifact, result.artifact, result.built)
 
 
@@ -81,9 +84,7 @@ def test_tune__stores_the_database_with_a_manifest(tuned):
 
 
 def test_tune__second_call_reuses_the_stored_database(tuned):
-    again = tune(
-        tuned.imported, tuned.model.digest, tuned.target, TRIALS, str(tuned.root), tuned.tuning.key
-    )
+    again = tune(tuned.imported, tuned.target, TRIALS, tune_stage(tuned.model, tuned.target, TRIALS), str(tuned.root))
     assert not again.built and again.seconds == 0.0
     assert again.artifact == tuned.tuning
 
@@ -117,29 +118,25 @@ def test_build_inputs__tuning_is_keyed_and_absent_without_one():
 ])
 def test_tune__rejects_bad_budget_or_runner(tuned, trials, runner, message):
     with pytest.raises(UsageError, match=message):
-        tune(tuned.imported, tuned.model.digest, tuned.target, trials, str(tuned.root), "c" * 64, runner=runner)
+        tune(tuned.imported, tuned.target, trials, StageKey("c" * 64, {}), str(tuned.root), runner=runner)
     assert ArtifactStore(tuned.root).get("c" * 64) is None
 
 
 def test_build__with_tuning_is_keyed_apart_and_matches_reference_on_device(tuned):
     root, model, target = str(tuned.root), tuned.model, tuned.target
+    plan = plan_build(model, target, 3, TRIALS)
     plain_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3))
     tuned_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3, tuned.tuning.key))
-    assert tuned_key != plain_key
-    built = build(tuned.imported, model.digest, target, 3, root, tuned_key, tuning=tuned.tuning)
+    assert tuned_key != plain_key and plan.build.key == tuned_key
+    built = build(tuned.imported, target, 3, plan.build, root, tuning=tuned.tuning)
     assert built.built and built.artifact.inputs["tuning"] == tuned.tuning.key
     # Applying the database must not touch the stored copy (MetaSchedule's JSON database appends on queries).
     assert ArtifactStore(root).get(tuned.tuning.key) == tuned.tuning
-    toolchain = toolchain_for(target)
-    library = export_library(
-        built.artifact, target, toolchain, root, keys.key_of(keys.export_inputs(tuned_key, toolchain.identity))
-    )
+    library = export_library(built.artifact, target, plan.toolchain, plan.library, root)
     x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
-    with EmbeddedServer() as server, open_session(DeviceSpec(), server) as session, registered(session) as ref:
-        upload(ref, library.artifact, root, target.arch)
-        load(ref)
-        set_input(ref, x)
-        result = run(ref, number=1, repeat=2)
+    with EmbeddedServer() as server, open_session(DeviceSpec(), server) as session, opened(session) as ref:
+        loaded = load(upload(ref, library.artifact, root, target.arch), root)
+        result = run(set_input(loaded, x), Timing(repeat=2))
     np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
 
 
@@ -153,8 +150,7 @@ def test_tune__measures_on_a_device_through_the_tracker(tuned):
         device.wait_ready()
         runner = tracker_runner(tracker.spec_address, "tune-test")
         model, target = tuned.model, tuned.target
-        result = tune(tuned.imported, model.digest, target, 2, str(tuned.root), tune_key(model.digest, target, 2),
-                      runner=runner)
+        result = tune(tuned.imported, target, 2, tune_stage(model, target, 2, runner), str(tuned.root), runner=runner)
     finally:
         for process in (device, tracker):
             if process is not None:
@@ -177,8 +173,8 @@ def test_tune_task__second_run_is_cached_by_prefect(tuned, prefect_api):
         names = []
         for _ in range(2):
             state = tune_task.with_options(**store_cache_options(store, False))(
-                module=tuned.imported, model_digest=tuned.model.digest, target=tuned.target, trials=TRIALS,
-                store_root=str(store.root), key=tuned.tuning.key, return_state=True,
+                module=tuned.imported, target=tuned.target, trials=TRIALS,
+                stage=tune_stage(tuned.model, tuned.target, TRIALS), store_root=str(store.root), return_state=True,
             )
             assert state.result().artifact == tuned.tuning
             names.append(state.name)

@@ -1,0 +1,111 @@
+"""The stage chains the flows share: compile (cached) and device (always), wired from the plan.
+
+    import-model -> [tune] -> build -> export-library          compile_chain (cached by the plan's keys)
+    upload -> load -> set-input -> run                          device_chain (one session, retried when lost)
+
+Both take how to run a stage: :func:`tasks._cache.run_cached` (a Prefect task with the store-backed cache:
+the flows) or :func:`run_plain` (the plain function: the accuracy tool, the bench).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from pipeline.device import Device
+from pipeline.errors import DeviceLost
+from pipeline.latency import Timing
+from pipeline.plan import BuildPlan, StageKey
+from pipeline.store import Artifact, ArtifactStore
+from tasks._cache import run_cached
+from tasks._live import opened
+from tasks.build import build_task
+from tasks.export_library import export_library_task
+from tasks.import_model import import_model_task
+from tasks.load import Loaded, load_task
+from tasks.run import RunResult, run_task
+from tasks.set_input import set_input_task
+from tasks.tune import tune_task
+from tasks.upload import upload_task
+
+log = logging.getLogger(__name__)
+
+StageRunner = Callable[..., tuple[Artifact, str]]
+
+
+def run_plain(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: bool, **params: Any) -> tuple[Artifact, str]:
+    """Run a cached stage's plain function (no Prefect): same contract as :func:`run_cached`."""
+    built = stage_task.fn(**params, stage=stage, store_root=str(store.root), refresh=refresh)
+    return built.artifact, "ran" if built.built else "cached"
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """The compile chain's artifacts and what each stage did (``ran``/``cached``)."""
+
+    module: Artifact
+    tuning: Artifact | None
+    build: Artifact
+    library: Artifact
+    stages: dict[str, str]
+
+
+def compile_chain(plan: BuildPlan, store: ArtifactStore, refresh: bool, run: StageRunner = run_cached) -> Compiled:
+    """import-model -> [tune] -> build -> export-library, each found in the store or produced once."""
+    stages: dict[str, str] = {}
+    module, stages["import-model"] = run(import_model_task, store, plan.imported, refresh, model=plan.model)
+    tuning = None
+    if plan.tune is not None:
+        # --refresh does not retune (minutes to hours); a missing or corrupt tuning is still redone.
+        tuning, stages["tune"] = run(tune_task, store, plan.tune, False, module=module, target=plan.target,
+                                     trials=plan.tune_trials, runner=plan.tune.extra["runner"])
+    build, stages["build"] = run(build_task, store, plan.build, refresh, module=module, target=plan.target,
+                                 opt_level=plan.opt_level, tuning=tuning)
+    library, stages["export-library"] = run(export_library_task, store, plan.library, refresh, build=build,
+                                            target=plan.target, toolchain=plan.toolchain)
+    return Compiled(module, tuning, build, library, stages)
+
+
+@dataclass(frozen=True)
+class OnDevice:
+    """What the device chain produced: the loaded library (with its placement) and the run's result."""
+
+    loaded: Loaded
+    result: RunResult
+    device: str
+    identity: str
+    """What the device reports about itself (part of the run's series)."""
+
+
+def device_chain(
+    device: Device, library: Artifact, store: ArtifactStore, target_arch: str, data: np.ndarray, timing: Timing,
+    device_cache: str | None, retries: int,
+) -> OnDevice:
+    """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost.
+
+    After a lost device the retry uploads again (a kept copy is not trusted to have survived) and the
+    embedded device is restarted.
+    """
+    if device_cache is not None and device.spec.kind == "local":
+        Path(device_cache).mkdir(mode=0o700, parents=True, exist_ok=True)  # the embedded server's cache, in the store
+    attempt, reuse = 1, True
+    while True:
+        try:
+            with device.session() as session, opened(session) as ref:
+                uploaded = upload_task(ref, library, str(store.root), target_arch, device_cache, reuse)
+                loaded = load_task(uploaded, str(store.root))
+                result = run_task(set_input_task(loaded, data), timing)
+                return OnDevice(loaded, result, ref.description, uploaded.device_identity)
+        except DeviceLost as exc:
+            if attempt > retries:
+                raise DeviceLost(
+                    f"{exc}. Gave up after {attempt} attempt(s): check that the device is up and stable "
+                    f"(or allow more with --device-retries)"
+                ) from exc
+            attempt, reuse = attempt + 1, False
+            log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)", exc, attempt, retries + 1)
+            device.recover()

@@ -1,0 +1,174 @@
+"""The run ledger: one small JSON record per run in the artifact store, the source of history and trends.
+
+Every run writes one (CLI runs with or without a Prefect server, deployment runs, each pair of a fleet run):
+``<store>/.runs/<id>.json``, written atomically (temporary file + rename), never pickled, read back as plain
+JSON and validated field by field. The id sorts by time: ``20261128T101500Z-3f2a9c``.
+
+A record's *series* is everything that changes the latency: the build key (so the model, target, opt_level
+and tuning), the device's identity (its name without an embedded server's port, and what it reports about
+itself) and the input shape. Regressions are judged within a series (:func:`pipeline.latency.judge`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import re
+import secrets
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from pipeline.errors import StoreError, UsageError, clip
+
+log = logging.getLogger(__name__)
+
+LEDGER_DIR = ".runs"
+FORMAT = 1
+_ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+
+
+def new_run_id(now: dt.datetime | None = None) -> str:
+    """A fresh run id: UTC time to the second, then 24 random bits."""
+    now = now or dt.datetime.now(dt.timezone.utc)
+    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
+
+
+def device_name(description: str) -> str:
+    """A device's name without what changes between runs (an embedded server's port)."""
+    return "embedded" if description.startswith("embedded") else description
+
+
+def series_of(build_key: str, device: str, device_identity: str, input_shape: Iterable[int]) -> str:
+    """The series id (16 hex) of runs whose latency is comparable."""
+    ident = json.dumps([build_key, device_name(device), device_identity, list(input_shape)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run, as the ledger keeps it (JSON keys = attribute names).
+
+    ``status`` is ``passed`` (exit 0), ``failed`` (a stage or the check failed: exit 1), ``error`` (bad
+    usage: exit 2) or ``interrupted`` (exit 130). ``latency_ms`` holds mean, median, p90, p99, min, max,
+    std, cv; ``check`` the check's figures; ``regression`` the verdict against the series (see
+    :class:`pipeline.latency.Verdict`). Anything the run did not get to is null.
+    """
+
+    id: str
+    series: str | None
+    started: str
+    finished: str
+    status: str
+    exit_code: int
+    error: str | None
+    model: str
+    model_digest: str | None
+    target: str
+    opt_level: int
+    tune_trials: int
+    tuning_key: str | None
+    build_key: str | None
+    library_key: str | None
+    device: str
+    device_identity: str | None
+    image: str | None
+    input_shape: list[int] | None
+    stages: dict[str, str]
+    latency_ms: dict[str, float] | None
+    samples: int | None
+    check: dict[str, Any] | None
+    regression: dict[str, Any] | None
+    versions: dict[str, str]
+    flow_run_id: str | None = None
+    fleet_run: str | None = None
+    format: int = FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> RunRecord:
+        """A record from its JSON; ValueError when it is not one (wrong types, missing fields)."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT or not _ID.fullmatch(str(data.get("id", ""))):
+            raise ValueError("not a run record")
+        names = {f.name for f in fields(cls)}
+        record = cls(**{k: v for k, v in data.items() if k in names})
+        for name in ("id", "started", "finished", "status", "model", "target", "device"):
+            if not isinstance(getattr(record, name), str):
+                raise ValueError(f"{name} is not text")
+        if not isinstance(record.stages, dict) or (record.latency_ms is not None and not isinstance(record.latency_ms, dict)):
+            raise ValueError("bad stages or latency")
+        return record
+
+    @property
+    def median_ms(self) -> float | None:
+        return None if not self.latency_ms else float(self.latency_ms["median"])
+
+
+class Ledger:
+    """The run records of an artifact store."""
+
+    def __init__(self, store_root: str | os.PathLike[str]) -> None:
+        self.directory = Path(store_root) / LEDGER_DIR
+
+    def write(self, record: RunRecord) -> Path:
+        """Write ``record`` atomically.
+
+        Raises:
+            StoreError: the store cannot be written.
+        """
+        path = self.directory / f"{record.id}.json"
+        tmp = self.directory / f".{record.id}.{os.getpid()}.tmp"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w") as f:
+                json.dump(record.as_json(), f, indent=1, sort_keys=True)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreError(f"cannot write the run record {path} ({exc.strerror})") from exc
+        return path
+
+    def records(self) -> Iterator[RunRecord]:
+        """Every readable record, newest first; unreadable or foreign files are skipped (with a log line)."""
+        try:
+            names = sorted((p.name for p in self.directory.glob("*.json")), reverse=True)
+        except OSError:
+            return
+        for name in names:
+            if not _ID.fullmatch(name[:-5]):
+                continue
+            try:
+                yield RunRecord.from_json(json.loads((self.directory / name).read_text()))
+            except (OSError, ValueError, TypeError) as exc:
+                log.info("skipping the run record %s: %s", name, exc)
+
+    def find(self, run_id: str) -> RunRecord:
+        """The record whose id is ``run_id`` or starts with it (unique).
+
+        Raises:
+            UsageError: no record, or several, match.
+        """
+        matches = [r for r in self.records() if r.id.startswith(run_id)] if run_id else []
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise UsageError(f"no run {clip(run_id)!r} in {self.directory}: list them with python -m flows.history")
+        raise UsageError(f"{len(matches)} runs start with {clip(run_id)!r}: give more of the id")
+
+    def series_history(self, series: str, before: str, limit: int) -> list[RunRecord]:
+        """The ``limit`` newest passed runs of ``series`` older than the run ``before``, oldest first."""
+        found = []
+        for record in self.records():
+            if record.series == series and record.id < before and record.status == "passed" and record.median_ms:
+                found.append(record)
+                if len(found) >= limit:
+                    break
+        return found[::-1]

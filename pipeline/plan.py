@@ -1,0 +1,118 @@
+"""Plan a run once: every cached stage's artifact key and manifest inputs, computed from the validated request.
+
+The cached stages (import-model -> tune -> build -> export-library, and reference) never compute a key
+themselves: they receive a :class:`StageKey` from the plan and record its inputs in the artifact's
+manifest. So the key a run looks up is, by construction, the key its artifact is stored under, and the
+flow, the fleet, the accuracy tool, the bench and the tests all share one chain of keys.
+
+    import-model  key_of(model digest, TVM, import code)
+    tune          key_of(model digest, canonical target, trials, cores, schedule space, TVM, code)
+    build         key_of(model digest, canonical target, opt_level, TVM, code [, tune key])
+    export        key_of(build key, linker identity, export code)
+    reference     key_of(model digest, input digest, framework version, code)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pipeline import keys
+from pipeline.models import ResolvedModel
+from pipeline.targets import TargetInfo, Toolchain, toolchain_for
+
+if TYPE_CHECKING:
+    from pipeline.request import ResolvedRequest
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """A cached stage's artifact key and what its manifest records.
+
+    Attributes:
+        key: the artifact key, ``keys.key_of(inputs)``.
+        inputs: what the key hashes: everything that changes the stage's output.
+        extra: recorded in the manifest beside ``inputs`` but not hashed (names, where tuning measured...).
+    """
+
+    key: str
+    inputs: dict[str, Any]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, inputs: dict[str, Any], **extra: Any) -> StageKey:
+        return cls(keys.key_of(inputs), inputs, extra)
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The ``inputs`` of the artifact's manifest: the hashed inputs, then the extras."""
+        return {**self.inputs, **self.extra}
+
+
+@dataclass(frozen=True)
+class BuildPlan:
+    """The compile chain of one (model, target, opt_level, tuning budget): import -> [tune] -> build -> export.
+
+    Attributes:
+        tune: None when ``tune_trials`` is 0 (no tuning; the build key then has no tuning part).
+        toolchain: the linker of the library (a missing cross compiler fails at planning, before compiling).
+    """
+
+    model: ResolvedModel
+    target: TargetInfo
+    opt_level: int
+    tune_trials: int
+    toolchain: Toolchain
+    imported: StageKey
+    tune: StageKey | None
+    build: StageKey
+    library: StageKey
+
+
+def plan_build(
+    model: ResolvedModel, target: TargetInfo, opt_level: int, tune_trials: int = 0, tune_runner: str = "local"
+) -> BuildPlan:
+    """The keys of the compile chain.
+
+    Args:
+        tune_runner: where tuning measures (recorded in the tuning manifest, not hashed).
+
+    Raises:
+        ExportError: the target needs a cross compiler that is not installed.
+    """
+    toolchain = toolchain_for(target)
+    imported = StageKey.of(keys.import_inputs(model.digest), name=model.name)
+    tune = None
+    if tune_trials > 0:
+        from pipeline import tuning
+
+        tune = StageKey.of(
+            tuning.tune_inputs(model.digest, target, tune_trials), **tuning.tune_manifest_extra(target, tune_runner)
+        )
+    build = StageKey.of(
+        keys.build_inputs(model.digest, target.canonical, opt_level, tune.key if tune is not None else None)
+    )
+    library = StageKey.of(keys.export_inputs(build.key, toolchain.identity))
+    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library)
+
+
+def plan_reference(model: ResolvedModel, data: np.ndarray) -> StageKey:
+    """The key of ``model``'s reference output on ``data`` (its framework's version included)."""
+    inputs = keys.reference_inputs(model.digest, keys.input_digest(data), keys.framework_version(model.kind))
+    return StageKey.of(inputs, name=model.name)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Everything a run of ``resnet_remote`` looks up in the store: the compile chain and the reference."""
+
+    build: BuildPlan
+    reference: StageKey | None
+
+
+def plan_run(req: ResolvedRequest) -> RunPlan:
+    """The plan of a validated request."""
+    build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner)
+    return RunPlan(build, plan_reference(req.model, req.input) if req.check else None)
