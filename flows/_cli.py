@@ -79,10 +79,16 @@ def request_signature(cls: type, return_annotation: Any = inspect.Signature.empt
 
 
 class _NoExpectedTracebacks(logging.Filter):
-    """Drop tracebacks of our own errors from console logs: the CLI prints them as ``Error: ...``."""
+    """Keep our own errors out of the console logs: the CLI prints each once, as ``Error: ...``.
+
+    Prefect's run loggers report the exception that ended a run ("Encountered exception during execution:
+    ...", with its traceback); the line still goes to the API (the UI shows it), not to the terminal.
+    """
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and isinstance(record.exc_info[1], PipelineError | KeyboardInterrupt):
+            if record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+                return False
             record.exc_info = None
             record.exc_text = None
         return True
@@ -124,6 +130,23 @@ def cli_prefect_settings() -> Iterator[None]:
         yield
 
 
+def _settle_prefect() -> None:
+    """Let Prefect finish before the command's last line: flush its log and event queues to the API, then stop
+    the temporary server it started (it shares our stderr; stopped at exit, its shutdown output would come
+    after our ``Error:`` line)."""
+    try:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+        from prefect.server.api.server import SubprocessASGIServer
+
+        APILogWorker.drain_all(timeout=5)
+        EventsWorker.drain_all(timeout=5)
+        for server in list(SubprocessASGIServer._instances.values()):  # Prefect 3.9's registry of them
+            server.stop()
+    except Exception as exc:  # noqa: BLE001 - the run's outcome is already decided
+        log.debug("could not settle Prefect before exiting: %s", exc)
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -148,6 +171,7 @@ def run_command(
     # SIGTERM (a cancelled run, `kill`) unwinds like Ctrl-C, so the embedded device is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
     as_json = False
+    settle = _settle_prefect if uses_prefect else (lambda: None)
     try:
         args = parser.parse_args(argv)
         as_json = bool(getattr(args, "json", False))
@@ -156,14 +180,17 @@ def run_command(
         with cli_prefect_settings() if uses_prefect else contextlib.nullcontext():
             result = execute(args)
     except CheckFailed as exc:  # the run completed: show what it measured, then why it failed
+        settle()
         if exc.summary is not None:
             show(exc.summary, as_json)
         return _fail(exc, verbose)
     except PipelineError as exc:
+        settle()
         return _fail(exc, verbose)
     except KeyboardInterrupt as exc:
         print(f"Error: interrupted{f' ({exc})' if str(exc) else ''}; nothing of the run is left running", file=sys.stderr)
         return 130
+    settle()
     show(result, as_json)
     return 0
 

@@ -21,6 +21,7 @@ from pipeline.errors import DeviceLost
 from pipeline.latency import Timing
 from pipeline.plan import BuildPlan, StageKey
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.targets import TargetInfo
 from tasks._cache import run_cached
 from tasks._live import opened
 from tasks.build import build_task
@@ -30,7 +31,7 @@ from tasks.load import Loaded, load_task
 from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
 from tasks.tune import tune_task
-from tasks.upload import upload_task
+from tasks.upload import check_gpu, upload_task
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,16 @@ def compile_chain(plan: BuildPlan, store: ArtifactStore, refresh: bool, run: Sta
     return Compiled(module, tuning, build, library, stages)
 
 
+def preflight_gpu(device: Device, target: TargetInfo) -> None:
+    """Ask the device, before anything is compiled, whether it has the GPU a CUDA build needs.
+
+    Raises:
+        ArchMismatch: it has no CUDA GPU, or one of another compute capability.
+    """
+    with device.session() as session, opened(session) as ref:
+        check_gpu(ref, str(target.gpu_arch))
+
+
 @dataclass(frozen=True)
 class OnDevice:
     """What the device chain produced: the loaded library (with its placement) and the run's result."""
@@ -82,7 +93,7 @@ class OnDevice:
 
 
 def device_chain(
-    device: Device, library: Artifact, store: ArtifactStore, target_arch: str, data: np.ndarray, timing: Timing,
+    device: Device, library: Artifact, store: ArtifactStore, target: TargetInfo, data: np.ndarray, timing: Timing,
     device_cache: str | None, retries: int,
 ) -> OnDevice:
     """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost.
@@ -96,7 +107,7 @@ def device_chain(
     while True:
         try:
             with device.session() as session, opened(session) as ref:
-                uploaded = upload_task(ref, library, str(store.root), target_arch, device_cache, reuse)
+                uploaded = upload_task(ref, library, str(store.root), target.arch, device_cache, reuse, target.gpu_arch)
                 loaded = load_task(uploaded, str(store.root))
                 result = run_task(set_input_task(loaded, data), timing)
                 return OnDevice(loaded, result, ref.description, uploaded.device_identity)

@@ -20,7 +20,8 @@ from typing import Any, Sequence
 from prefect import flow
 
 from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
-from flows._stages import compile_chain, device_chain
+from flows._stages import compile_chain, device_chain, preflight_gpu
+from pipeline.cuda import library_gpu_code
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, PipelineError
 from pipeline.ledger import new_run_id
@@ -31,7 +32,7 @@ from tasks.check import check_task, raise_if_failed
 from tasks.export_library import LIBRARY_FILE
 from tasks.postprocess import postprocess_task
 from tasks.reference import load_reference, reference_task
-from tasks.report import RunSummary, format_text, record_failure, report_task
+from tasks.report import BuildSummary, RunSummary, format_text, record_failure, report_task
 
 log = logging.getLogger("flows.resnet_remote")
 
@@ -61,7 +62,7 @@ def _run_name() -> str:
     return f"{model}@{p.get('target', DEFAULT_TARGET)} on {device}"
 
 
-def _resnet_remote(**parameters: Any) -> RunSummary:
+def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
     """Import, compile (cached), export (cached), upload, load, set the input, run and time a model.
 
     Returns:
@@ -70,6 +71,8 @@ def _resnet_remote(**parameters: Any) -> RunSummary:
     request = RunRequest(**parameters)
     run_id, started = new_run_id(), dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     req = resolve(request)
+    if req.build_only:
+        return _build_only(req, plan_run(req))
     try:
         plan = plan_run(req)
         with Device(req.device) as device:  # the embedded server starts now and imports TVM while we compile
@@ -81,19 +84,35 @@ def _resnet_remote(**parameters: Any) -> RunSummary:
         raise
 
 
-_resnet_remote.__signature__ = request_signature(RunRequest, RunSummary)  # type: ignore[attr-defined]
+_resnet_remote.__signature__ = request_signature(RunRequest, RunSummary | BuildSummary)  # type: ignore[attr-defined]
 resnet_remote = flow(name="resnet-remote", flow_run_name=_run_name, log_prints=False)(_resnet_remote)
+
+
+def _build_only(req: ResolvedRequest, plan: RunPlan) -> BuildSummary:
+    store, build = req.store, plan.build
+    compiled = compile_chain(build, store, req.refresh)
+    library = store.file(compiled.library, LIBRARY_FILE)
+    return BuildSummary(
+        model=req.model.name, model_digest=req.model.digest, target=req.target.canonical, opt_level=req.opt_level,
+        tune_trials=req.tune_trials, tuning_key=build.tune.key if build.tune else None, import_key=build.imported.key,
+        build_key=build.build.key, library_key=build.library.key, artifact=str(library),
+        library_bytes=compiled.library.size, gpu_code=library_gpu_code(library) if req.target.device == "cuda" else None,
+        stages={name: compiled.stages.get(name, "skipped") for name in ("import-model", "tune", "build", "export-library")},
+        notes=req.model.notes,
+    )
 
 
 def _run(req: ResolvedRequest, plan: RunPlan, device: Device, run_id: str, started: str) -> RunSummary:
     store, root = req.store, str(req.store.root)
+    if req.target.device == "cuda":
+        preflight_gpu(device, req.target)  # a device without that GPU fails now, not after compiling
     compiled = compile_chain(plan.build, store, req.refresh)
     stages = {name: "skipped" for name in STAGES} | compiled.stages
     expected = None
     if plan.reference is not None:  # the framework's output, found or computed before the device is held
         expected, stages["reference"] = run_cached(reference_task, store, plan.reference, req.refresh,
                                                    model=req.model, data=req.input)
-    on = device_chain(device, compiled.library, store, req.target.arch, req.input, req.timing, req.device_cache,
+    on = device_chain(device, compiled.library, store, req.target, req.input, req.timing, req.device_cache,
                       req.device_retries)
     stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
     checked = None
@@ -136,13 +155,13 @@ def build_parser() -> Parser:
     return parser
 
 
-def _execute(args: Any) -> RunSummary:
+def _execute(args: Any) -> RunSummary | BuildSummary:
     request = RunRequest(**request_fields(args, RunRequest))
     resolve(request)  # fail fast on bad input, before Prefect starts
     return resnet_remote(**request_fields(args, RunRequest))
 
 
-def _show(summary: RunSummary, as_json: bool) -> None:
+def _show(summary: RunSummary | BuildSummary, as_json: bool) -> None:
     print(format_text(summary))
     if as_json:
         print(json.dumps(summary.as_json()))

@@ -66,9 +66,12 @@ def tune_inputs(model_digest: str, target: str, trials: int, num_cores: int, spa
     }
 
 
-def build_inputs(model_digest: str, target: str, opt_level: int, tuning: str | None = None) -> dict[str, Any]:
-    """What determines a compiled build: model content, canonical target, opt_level, TVM and our code, and
-    the key of the tuning database it applies (absent without one, so untuned keys are unchanged)."""
+def build_inputs(
+    model_digest: str, target: str, opt_level: int, tuning: str | None = None, gpu_toolchain: str | None = None
+) -> dict[str, Any]:
+    """What determines a compiled build: model content, canonical target, opt_level, TVM and our code, the
+    key of the tuning database it applies and, for a GPU target, the GPU compiler (NVRTC, CUDA headers) that
+    made its machine code (each absent when not used, so CPU and untuned keys are unchanged)."""
     inputs = {
         "stage": "build",
         "model": model_digest,
@@ -79,6 +82,8 @@ def build_inputs(model_digest: str, target: str, opt_level: int, tuning: str | N
     }
     if tuning is not None:
         inputs["tuning"] = tuning
+    if gpu_toolchain is not None:
+        inputs["gpu_toolchain"] = gpu_toolchain
     return inputs
 
 

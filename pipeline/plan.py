@@ -81,6 +81,7 @@ def plan_build(
 
     Raises:
         ExportError: the target needs a cross compiler that is not installed.
+        CudaToolchainMissing: a CUDA target, and the ``cuda`` extra (NVRTC) is not installed.
     """
     toolchain = toolchain_for(target)
     imported = StageKey.of(keys.import_inputs(model.digest), name=model.name)
@@ -91,9 +92,14 @@ def plan_build(
         tune = StageKey.of(
             tuning.tune_inputs(model.digest, target, tune_trials), **tuning.tune_manifest_extra(target, tune_runner)
         )
-    build = StageKey.of(
-        keys.build_inputs(model.digest, target.canonical, opt_level, tune.key if tune is not None else None)
-    )
+    gpu_toolchain = None
+    if target.device == "cuda":
+        from pipeline.cuda import cuda_toolchain
+
+        gpu_toolchain = cuda_toolchain().identity  # missing NVRTC fails here, before anything is compiled
+    build = StageKey.of(keys.build_inputs(
+        model.digest, target.canonical, opt_level, tune.key if tune is not None else None, gpu_toolchain
+    ))
     library = StageKey.of(keys.export_inputs(build.key, toolchain.identity))
     return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library)
 
@@ -115,4 +121,4 @@ class RunPlan:
 def plan_run(req: ResolvedRequest) -> RunPlan:
     """The plan of a validated request."""
     build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner)
-    return RunPlan(build, plan_reference(req.model, req.input) if req.check else None)
+    return RunPlan(build, plan_reference(req.model, req.input) if req.check and not req.build_only else None)

@@ -57,6 +57,9 @@ class RunRequest:
         "cached like the build"))
     tune_on: str = field(default="host", metadata=arg(
         "build", "measure tuning candidates on this host, or on the --tracker/--key device", choices=("host", "device")))
+    build_only: bool = field(default=False, metadata=arg(
+        "build", "compile and export for the target without any device (CI, GPU targets from a laptop); prints "
+        "the library and its key", action="store_true"))
     artifacts: str | None = field(default=None, metadata=arg(
         "build", f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)"))
     refresh: bool = field(default=False, metadata=arg(
@@ -108,6 +111,8 @@ class ResolvedRequest:
     check: bool
     thresholds: Thresholds
     tune_trials: int
+    build_only: bool
+    """Compile and export only: no device, no reference, no check."""
     tune_runner: str
     """Where tuning measures: ``local`` or ``TRACKER_HOST:PORT/KEY`` (the run's device, ``--tune-on device``)."""
     device_cache: str | None
@@ -154,13 +159,17 @@ def resolve(request: RunRequest) -> ResolvedRequest:
     tune_runner = _tune_runner(request.tune_on, device)
     model = resolve_model(ModelSpec(source=request.model, weights=request.weights, seed=request.seed))
     target = parse_target(request.target)
+    if target.device == "cuda" and request.tune_trials and request.tune_on != "device":
+        raise UsageError("tuning a CUDA build measures on the GPU: add --tune-on device with --tracker/--key of a "
+                         "GPU device, or leave --tune-trials out (the default build applies TVM's GPU schedules)")
     image = Path(request.image).expanduser() if request.image else DEFAULT_IMAGE
     data = load_image(image, model.preprocess, model.input_shape)
     return ResolvedRequest(
         model=model, target=target, opt_level=opt_level, device=device, image=image, input=data, store=store,
         timing=Timing(number=request.number, repeat=request.repeat), refresh=request.refresh,
         device_retries=request.device_retries, check=request.check, thresholds=thresholds,
-        tune_trials=request.tune_trials, tune_runner=tune_runner, device_cache=device_cache,
+        tune_trials=request.tune_trials, build_only=request.build_only, tune_runner=tune_runner,
+        device_cache=device_cache,
     )
 
 

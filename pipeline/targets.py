@@ -63,15 +63,19 @@ class TargetInfo:
 
     Attributes:
         canonical: TVM's JSON rendering of the target; stable, hashed into build keys.
-        kind: target kind, e.g. ``"llvm"``.
-        triple: the LLVM triple the code is generated for (TVM's default when the user gave none).
-        arch: the triple's architecture, normalised (``x86_64``, ``aarch64``, ...).
+        kind: target kind, ``"llvm"`` or ``"cuda"``.
+        triple: the LLVM triple of the (host) code (TVM's default when the user gave none).
+        arch: the triple's architecture, normalised (``x86_64``, ``aarch64``, ...): picks the linker.
+        device: where the model runs on the device: ``"cpu"`` or ``"cuda"`` (a GPU).
+        gpu_arch: the GPU architecture of a CUDA target (``"sm_90"``), else None.
     """
 
     canonical: str
     kind: str
     triple: str
     arch: str
+    device: str = "cpu"
+    gpu_arch: str | None = None
 
     def tvm_target(self) -> Any:
         """The ``tvm.target.Target`` for :attr:`canonical`."""
@@ -142,6 +146,10 @@ def parse_target(text: str) -> TargetInfo:
         TargetError: TVM cannot parse it, or LLVM does not know its triple, CPU or a feature (with the
             closest names LLVM knows), or an ``-mattr`` entry has no ``+``/``-``.
     """
+    from pipeline.cuda_target import is_cuda_target, parse_cuda_target
+
+    if is_cuda_target(text):
+        return parse_cuda_target(text).target_info()
     import tvm
 
     config = target_dict(text)
@@ -155,8 +163,8 @@ def parse_target(text: str) -> TargetInfo:
     kind = target.kind.name
     if kind != "llvm":
         raise TargetError(
-            f"target kind {clip(kind)!r} is not supported by this pipeline (it runs on CPU devices over RPC): "
-            f"use an llvm target. Examples: {_EXAMPLES}"
+            f"target kind {clip(kind)!r} is not supported by this pipeline: use an llvm target (a CPU) or a "
+            f'CUDA target (an NVIDIA GPU: "cuda -arch=sm_90", "nvidia/h100"). Examples: {_EXAMPLES}'
         )
     triple = str(target.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
     return TargetInfo(canonical=str(target), kind=kind, triple=triple, arch=normalise_arch(triple.split("-")[0]))

@@ -80,6 +80,12 @@ def session_of(ref: SessionRef) -> RemoteSession:
     return _entry(ref).session
 
 
+def device_of(ref: SessionRef, kind: str) -> Any:
+    """The device ``kind`` (``cpu`` or ``cuda``) of the session ``ref``: a local handle, no remote call."""
+    remote = session_of(ref).remote
+    return remote.cuda(0) if kind == "cuda" else remote.cpu(0)
+
+
 def keep(ref: SessionRef, obj: Any, what: str) -> LiveRef:
     """Keep ``obj`` (created on the session ``ref``) until the session closes; return its handle."""
     live = LiveRef(ref, uuid.uuid4().hex, what)

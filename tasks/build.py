@@ -6,6 +6,10 @@ architecture into a plain tar without linking them (so a cross build needs no cr
 ``.tar`` export gzips them (``tar -czf``): 1.3 s of a 4 s ResNet-18 build here, for weights that hardly
 compress, and the export stage then paid again to inflate them. Keyed (by the plan) by model digest,
 canonical target, opt_level, TVM version, our build code version and the tuning's key.
+
+A CUDA target is compiled by :func:`pipeline.cuda.compile_cuda` in a subprocess that makes TVM's CUDA
+runtime load on this GPU-less machine, so the kernels are compiled to GPU machine code (cubin) here, once
+per build key, instead of by every device at every load; the GPU compiler's identity is then part of the key.
 """
 
 from __future__ import annotations
@@ -61,6 +65,11 @@ def build(
     def produce(directory: Path) -> None:
         if store.get(module.key) is None:
             raise StoreError(f"the imported module {module.key} vanished from the store; run again")
+        if target.device == "cuda":  # GPU machine code, compiled here once (pipeline/cuda.py)
+            from pipeline.cuda import compile_cuda
+
+            compile_cuda(store.file(module, MODULE_FILE), target.canonical, opt_level, directory)
+            return
         mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
         try:
             if tuning is not None:

@@ -1,4 +1,4 @@
-"""Stage ``load``: load the uploaded library on the device and create a Relax VM on its CPU."""
+"""Stage ``load``: load the uploaded library on the device and create a Relax VM on its CPU or GPU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.device import RemoteSession
 from pipeline.device_cache import Placement, load_placed
 from pipeline.errors import RemoteRunError
-from tasks._live import LiveRef, SessionRef, keep, session_of
+from tasks._live import LiveRef, SessionRef, device_of, keep, session_of
 from tasks.upload import Uploaded, open_cache, verified_library
 
 
@@ -31,20 +31,22 @@ class Loaded:
     vm: LiveRef
     placement: Placement
     seconds: float
+    device_kind: str = "cpu"
+    """Where the VM runs: ``cpu`` or ``cuda``."""
 
     @property
     def remote_name(self) -> str:
         return self.placement.remote_name
 
 
-def _vm_loader(session: RemoteSession) -> Any:
-    """A function that loads a device path and returns its Relax VM; any refusal is a RemoteRunError."""
-    from tvm import relax
+def _vm_loader(session: RemoteSession, device: Any) -> Any:
+    """A function that loads a device path and returns its Relax VM on ``device``; any refusal is a RemoteRunError."""
+    from tvm.runtime.vm import VirtualMachine  # also in a runtime-only TVM (tvm.relax is not)
 
     def load_vm(remote_name: str) -> Any:
         library = session.call("load", session.remote.load_module, remote_name)
         try:
-            return session.call("load", relax.VirtualMachine, library, session.device())
+            return session.call("load", VirtualMachine, library, device)
         except (AttributeError, TypeError, ValueError) as exc:  # e.g. "Module has no function 'vm_load_executable'"
             raise RemoteRunError(
                 f"load on {session.description} failed: {remote_name} is not a TVM Relax library ({exc})"
@@ -65,11 +67,13 @@ def load(uploaded: Uploaded, store_root: str) -> Loaded:
     """
     session = session_of(uploaded.session)
     start = time.perf_counter()
+    device = device_of(uploaded.session, uploaded.device_kind)
     vm, placement = load_placed(
-        session, open_cache(uploaded.device_cache, store_root), uploaded.placement, _vm_loader(session),
+        session, open_cache(uploaded.device_cache, store_root), uploaded.placement, _vm_loader(session, device),
         reread=lambda: verified_library(uploaded.library, store_root)[0],
     )
-    return Loaded(uploaded.session, keep(uploaded.session, vm, "vm"), placement, time.perf_counter() - start)
+    return Loaded(uploaded.session, keep(uploaded.session, vm, "vm"), placement, time.perf_counter() - start,
+                  uploaded.device_kind)
 
 
 load_task = task(name="load", task_run_name="load", cache_policy=NO_CACHE, persist_result=False)(load)

@@ -94,6 +94,37 @@ class RunSummary:
         }
 
 
+@dataclass(frozen=True)
+class BuildSummary:
+    """What a ``--build-only`` run produced: the compiled library and its keys, no device."""
+
+    model: str
+    model_digest: str
+    target: str
+    opt_level: int
+    tune_trials: int
+    tuning_key: str | None
+    import_key: str
+    build_key: str
+    library_key: str
+    artifact: str
+    library_bytes: int
+    gpu_code: str | None
+    """For a GPU target, what the library holds: ``cubin`` (machine code), ``ptx`` or ``source``."""
+    stages: dict[str, str]
+    notes: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object of a ``--build-only`` run."""
+        return {
+            "build_only": True, "model": self.model, "model_digest": self.model_digest, "target": self.target,
+            "opt_level": self.opt_level, "tune_trials": self.tune_trials, "tuning_key": self.tuning_key,
+            "import_key": self.import_key, "build_key": self.build_key, "library_key": self.library_key,
+            "artifact": self.artifact, "library_bytes": self.library_bytes, "gpu_code": self.gpu_code,
+            "stages": dict(self.stages), "notes": list(self.notes),
+        }
+
+
 # -- terminal text ------------------------------------------------------------------------------------
 
 
@@ -155,8 +186,21 @@ def format_latency(latency: Latency) -> str:
     )
 
 
-def format_text(summary: RunSummary) -> str:
-    """The human-readable report of a run."""
+def format_build(summary: BuildSummary) -> str:
+    """The human-readable report of a ``--build-only`` run."""
+    lines = header_lines({**summary.as_json(), "device": "none (--build-only)"})
+    size = f"{summary.library_bytes / 1e6:.1f} MB"
+    gpu = f", GPU code: {summary.gpu_code}" if summary.gpu_code else ""
+    lines.append(f"Library    {summary.artifact}  ({size}{gpu})")
+    lines.append(f"Keys       build {summary.build_key}  library {summary.library_key}")
+    lines += [f"Note       {note}" for note in summary.notes]
+    return "\n".join(lines)
+
+
+def format_text(summary: RunSummary | BuildSummary) -> str:
+    """The human-readable report of a run (or of a ``--build-only`` run)."""
+    if isinstance(summary, BuildSummary):
+        return format_build(summary)
     lines = header_lines(summary.as_json())
     lines.append(format_upload(summary.upload))
     lines += [f"Note       {note}" for note in summary.notes]

@@ -18,7 +18,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.errors import RemoteRunError
 from pipeline.latency import Latency, Timing, latency_of
-from tasks._live import get, session_of
+from tasks._live import device_of, get, session_of
 from tasks.set_input import InputSet
 
 
@@ -51,7 +51,7 @@ def run(inputs: InputSet, timing: Timing = Timing()) -> RunResult:
     """
     session = session_of(inputs.loaded.session)
     vm = get(inputs.loaded.vm)
-    device = session.device()
+    device = device_of(inputs.loaded.session, inputs.loaded.device_kind)
     start = time.perf_counter()
     session.call("run", vm.invoke_stateful, "main")
     output = session.call("run", lambda: _single_output(vm.get_outputs("main"), session.description).numpy())

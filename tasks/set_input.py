@@ -9,7 +9,7 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks._live import LiveRef, get, keep, session_of
+from tasks._live import LiveRef, device_of, get, keep, session_of
 from tasks.load import Loaded
 
 
@@ -40,7 +40,8 @@ def set_input(loaded: Loaded, data: np.ndarray) -> InputSet:
     session = session_of(loaded.session)
     vm = get(loaded.vm)
     start = time.perf_counter()
-    remote_input = session.call("set-input", tvm.runtime.tensor, np.ascontiguousarray(data), session.device())
+    device = device_of(loaded.session, loaded.device_kind)
+    remote_input = session.call("set-input", tvm.runtime.tensor, np.ascontiguousarray(data), device)
     session.call("set-input", vm.set_input, "main", remote_input)
     tensor = keep(loaded.session, remote_input, "input")
     return InputSet(loaded, tensor, tuple(data.shape), str(data.dtype), time.perf_counter() - start)
