@@ -85,6 +85,11 @@ class RunRecord:
     versions: dict[str, str]
     flow_run_id: str | None = None
     fleet_run: str | None = None
+    number: int | None = None
+    """Inferences per latency sample (``--number``)."""
+    weights: str | None = None
+    top5: list[dict[str, Any]] | None = None
+    upload: dict[str, Any] | None = None
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,7 +132,7 @@ class Ledger:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             with open(tmp, "w") as f:
-                json.dump(record.as_json(), f, indent=1, sort_keys=True)
+                json.dump(record.as_json(), f, indent=1)  # in field order: stages stay in pipeline order
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
@@ -136,14 +141,17 @@ class Ledger:
             raise StoreError(f"cannot write the run record {path} ({exc.strerror})") from exc
         return path
 
-    def records(self) -> Iterator[RunRecord]:
-        """Every readable record, newest first; unreadable or foreign files are skipped (with a log line)."""
+    def records(self, prefix: str = "") -> Iterator[RunRecord]:
+        """Every readable record (whose id starts with ``prefix``), newest first.
+
+        Unreadable or foreign files are skipped (with a log line); only the files whose names match are read.
+        """
         try:
             names = sorted((p.name for p in self.directory.glob("*.json")), reverse=True)
         except OSError:
             return
         for name in names:
-            if not _ID.fullmatch(name[:-5]):
+            if not _ID.fullmatch(name[:-5]) or not name.startswith(prefix):
                 continue
             try:
                 yield RunRecord.from_json(json.loads((self.directory / name).read_text()))
@@ -156,7 +164,7 @@ class Ledger:
         Raises:
             UsageError: no record, or several, match.
         """
-        matches = [r for r in self.records() if r.id.startswith(run_id)] if run_id else []
+        matches = [r for r in self.records(run_id) if r.id.startswith(run_id)] if run_id else []
         if len(matches) == 1:
             return matches[0]
         if not matches:

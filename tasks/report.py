@@ -27,6 +27,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.chart import TrendPoint, data_url, draw_trend
 from pipeline.device_cache import Placement
+from pipeline.history import target_short
 from pipeline.latency import HISTORY, Latency, Verdict, judge
 from pipeline.ledger import Ledger, RunRecord, device_name, series_of
 from tasks.check import CheckResult
@@ -244,7 +245,7 @@ def record_of(summary: RunSummary, status: str = "passed", exit_code: int = 0, e
         device=device_name(summary.device), device_identity=summary.device_identity, image=summary.image,
         input_shape=list(summary.input_shape), stages=d["stages"], latency_ms=d["latency_ms"],
         samples=summary.latency.repeat, check=d["check"], regression=d["regression"], versions=versions(),
-        **context,
+        number=summary.latency.number, weights=summary.weights, top5=d["top5"], upload=d["upload"], **context,
     )
 
 
@@ -304,19 +305,9 @@ def artifact_key(summary: RunSummary) -> str:
     return f"{slug}-{summary.series}"
 
 
-def target_title(canonical: str) -> str:
-    """A short name of a canonical target: ``llvm (x86_64-conda-linux-gnu, znver4)``."""
-    try:
-        spec = json.loads(canonical)
-    except (TypeError, ValueError):
-        return str(canonical)
-    details = [str(spec[k]) for k in ("mtriple", "mcpu", "arch") if spec.get(k)]
-    return f"{spec.get('kind', '?')} ({', '.join(details)})" if details else str(spec.get("kind", canonical))
-
-
 def series_title(summary: RunSummary) -> str:
     tuning = f", tuned {summary.tune_trials} trials" if summary.tune_trials else ""
-    return (f"{summary.model} @ {target_title(summary.target)} opt_level {summary.opt_level}{tuning} "
+    return (f"{summary.model} @ {target_short(summary.target)} opt_level {summary.opt_level}{tuning} "
             f"on {device_name(summary.device)}")
 
 
@@ -387,6 +378,25 @@ def publish_artifacts(summary: RunSummary, history: list[RunRecord]) -> None:
         log.warning("could not publish the run's artifacts to the Prefect API: %s: %s", type(exc).__name__, exc)
 
 
+def emit_regression(summary: RunSummary) -> None:
+    """The Prefect event ``tvmrp.latency.regression`` of a regressed run, for an automation to notify on
+    (docs/history.md); in a flow run Prefect relates it to the run, its flow and deployment."""
+    try:
+        from prefect.events import emit_event
+
+        verdict = summary.regression
+        emit_event(
+            event="tvmrp.latency.regression",
+            resource={"prefect.resource.id": f"tvmrp.series.{summary.series}",
+                      "prefect.resource.name": series_title(summary)},
+            payload={"run_id": summary.run_id, "series": summary.series, "median_ms": summary.latency.median,
+                     "message": verdict.message if verdict else "", "change": verdict.change if verdict else None,
+                     "baseline_ms": verdict.baseline_ms if verdict else None},
+        )
+    except Exception as exc:  # noqa: BLE001 - the run's result matters more than its event
+        log.warning("could not emit the regression event: %s", exc)
+
+
 def report(summary: RunSummary, store_root: str, status: str = "passed", error: str | None = None,
            fleet_run: str | None = None) -> RunSummary:
     """Judge the run against its series, record it in the ledger, publish its artifacts; return it judged."""
@@ -399,6 +409,8 @@ def report(summary: RunSummary, store_root: str, status: str = "passed", error: 
                     summary.latency.noisy)
     judged = replace(summary, regression=verdict)
     (log.warning if verdict.regression else log.info)("latency trend: %s", verdict.message)
+    if verdict.regression:
+        emit_regression(judged)
     exit_code = 0 if status == "passed" else 1
     write_record(store_root, record_of(judged, status, exit_code, error, flow_run_id=flow_run_id(), fleet_run=fleet_run))
     publish_artifacts(judged, history[-(TREND_RUNS - 1):])
