@@ -106,6 +106,40 @@ def _quiet_console() -> None:
                 handler.addFilter(_NoExpectedTracebacks())
 
 
+PROJECT_LOGGERS = ("flows", "tasks", "pipeline")
+
+
+class _InARun(logging.Filter):
+    """Pass only records made inside a Prefect flow or task run (the API log handler needs the run's id)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefect.context import FlowRunContext, TaskRunContext
+
+        return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _send_project_logs() -> None:
+    """Send the project's log lines (sessions, uploads, top-5, latency, tuning progress) to the run's logs in
+    the Prefect UI, as ``PREFECT_LOGGING_EXTRA_LOGGERS`` does for the stack's worker; the terminal still shows
+    only warnings and errors of them."""
+    from prefect.logging.handlers import APILogHandler
+
+    for name in PROJECT_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            handler = APILogHandler()
+            handler.addFilter(_InARun())
+            logger.addHandler(handler)
+            quiet = logging.StreamHandler(sys.stderr)
+            quiet.setLevel(logging.WARNING)
+            quiet.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | %(levelname)-7s | %(name)s - %(message)s",
+                                                 "%H:%M:%S"))
+            logger.addHandler(quiet)
+            logger.propagate = False
+        if logger.level == logging.NOTSET:
+            logger.setLevel(logging.INFO)
+
+
 _HEARTBEAT_VARS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
 
 
@@ -175,8 +209,10 @@ def run_command(
     try:
         args = parser.parse_args(argv)
         as_json = bool(getattr(args, "json", False))
-        if uses_prefect and not verbose:
-            _quiet_console()
+        if uses_prefect:
+            _send_project_logs()
+            if not verbose:
+                _quiet_console()
         with cli_prefect_settings() if uses_prefect else contextlib.nullcontext():
             result = execute(args)
     except CheckFailed as exc:  # the run completed: show what it measured, then why it failed
