@@ -1,7 +1,8 @@
 """Pid files of the processes a script started, shared by scripts/stack.py and scripts/aarch64_device.py.
 
 A record keeps the pid and the process's start time, so that a pid the kernel has since given to another
-process is never taken for ours (and never signalled). Writes are atomic (temp file + rename).
+process is never taken for ours (and never signalled: :func:`pipeline.processes.stop_process_tree` checks
+it too). Writes are atomic (temp file + rename).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from pathlib import Path
 from typing import TypeVar
 
 import psutil
+
+from pipeline.processes import is_alive, same_process  # the scripts put the repository on sys.path first
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,11 +29,9 @@ class PidRecord:
         """The live process, or None when it is gone or its pid now belongs to another process."""
         try:
             proc = psutil.Process(self.pid)
-            if abs(proc.create_time() - self.create_time) > 0.5 or proc.status() == psutil.STATUS_ZOMBIE:
-                return None
-            return proc
         except psutil.Error:
             return None
+        return proc if same_process(proc, self.create_time) and is_alive(proc) else None
 
 
 R = TypeVar("R", bound=PidRecord)

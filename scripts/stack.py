@@ -33,7 +33,6 @@ import dataclasses
 import fcntl
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -43,11 +42,13 @@ import urllib.request
 from pathlib import Path
 from typing import Callable, Iterator
 
-import psutil
-from _pidfile import PidRecord, read_record, write_record  # this directory is sys.path[0] when run as a script
-
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # pipeline.device, also without the editable install
+sys.path.insert(0, str(REPO))  # pipeline, also without the editable install
+
+import psutil  # noqa: E402
+from _pidfile import PidRecord, read_record, write_record  # noqa: E402 - this directory is sys.path[0]
+
+from pipeline.processes import stop_process_tree  # noqa: E402
 HOST = "127.0.0.1"
 PROJECT_LOGGERS = ("flows", "tasks", "pipeline")
 ORDER = ("server", "tracker", "device", "worker")  # start order; ``down`` stops in reverse
@@ -177,49 +178,20 @@ def _spawn(cfg: Config, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
     return proc
 
 
-def _tree(proc: psutil.Process) -> list[psutil.Process]:
-    """``proc``, its process group and all their descendants (flow runs start sessions of their own)."""
-    found = {proc.pid: proc}
-    with contextlib.suppress(psutil.Error):
-        for child in proc.children(recursive=True):
-            found[child.pid] = child
-    pgid = proc.pid  # each component leads its own group (start_new_session)
-    for other in psutil.process_iter():
-        with contextlib.suppress(psutil.Error, OSError):
-            if os.getpgid(other.pid) == pgid:
-                found[other.pid] = other
-                for child in other.children(recursive=True):
-                    found[child.pid] = child
-    return list(found.values())
-
-
 def stop(cfg: Config, name: str) -> bool:
-    """Stop component ``name`` and everything it spawned; True if something was running."""
-    proc = running(cfg, name)
-    if proc is None:
+    """Stop component ``name``, its process group and everything it spawned; True if something was running."""
+    record = _read_record(cfg, name)
+    if record is None or record.process() is None:
         cfg.pidfile(name).unlink(missing_ok=True)
         return False
-    procs = _tree(proc)  # collected before signalling: orphans lose their parent link
-    _signal(proc.pid, procs, signal.SIGTERM)
-    _, alive = psutil.wait_procs(procs, timeout=GRACE_S)
-    if alive:
-        print(f"stack: {name}: {len(alive)} process(es) still running after {GRACE_S:.0f} s, killing them")
-        _signal(proc.pid, alive, signal.SIGKILL)
-        _, alive = psutil.wait_procs(alive, timeout=KILL_WAIT_S)
-    if alive:
-        raise StackError(f"{name}: processes {[p.pid for p in alive]} survived SIGKILL")
+    # The worker's flow runs run in sessions of their own: the tree reaches them, a group signal would not.
+    result = stop_process_tree(record.pid, record.create_time, grace=GRACE_S, kill_wait=KILL_WAIT_S)
+    if result.killed:
+        print(f"stack: {name}: {result.killed} process(es) still running after {GRACE_S:.0f} s were killed")
+    if result.survivors:
+        raise StackError(f"{name}: processes {list(result.survivors)} survived SIGKILL")
     cfg.pidfile(name).unlink(missing_ok=True)
     return True
-
-
-def _signal(pgid: int, procs: list[psutil.Process], signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, signum)
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            p.send_signal(signum)  # psutil checks the pid still is this process
-            if signum == signal.SIGTERM:
-                p.send_signal(signal.SIGCONT)  # a stopped process must run to terminate
 
 
 def _wait(cfg: Config, name: str, what: str, ready: Callable[[], bool], proc: subprocess.Popen[bytes],
@@ -280,11 +252,11 @@ def worker_online(cfg: Config) -> bool:
 
 
 def _device_registered(cfg: Config) -> bool:
-    from pipeline.device import _tracker_summary  # the tracker's own summary request, bounded
+    from pipeline.device import tracker_summary  # the tracker's own summary request, bounded
     from pipeline.errors import DeviceUnavailable
 
     try:
-        summary = _tracker_summary(HOST, cfg.tracker_port, timeout=3.0)
+        summary = tracker_summary(HOST, cfg.tracker_port, timeout=3.0)
     except DeviceUnavailable:
         return False
     return any(info.get("key") == f"server:{cfg.device_key}" for info in summary.get("server_info", []))

@@ -9,9 +9,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import select
 import signal
 import socket
 import stat
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,16 +22,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import device
 from pipeline.device import (
+    DeviceInfo,
     DeviceSpec,
     EmbeddedServer,
     RemoteSession,
     TrackerProcess,
     device_triple,
     open_session,
+    probe,
     start_tracker,
+    tracker_summary,
 )
+from pipeline.device import processes as device_processes
 from pipeline.errors import DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError
 
 tvm = pytest.importorskip("tvm")
@@ -101,6 +107,8 @@ class Stack:
     tracker: TrackerProcess
     registered: EmbeddedServer
     victim: EmbeddedServer
+    runtime_only: EmbeddedServer
+    expiring: EmbeddedServer
 
 
 @pytest.fixture(scope="module")
@@ -109,21 +117,33 @@ def stack() -> Iterator[Stack]:
 
     ``server`` takes direct connections; ``registered`` is registered with ``tracker`` under KEY (started
     once the tracker is ready: a server that cannot reach its tracker gives up after 60 s); ``victim`` is
-    for the SIGSTOP test. Tests wait for what they use. Stopping them must leave no process of their groups.
+    for the SIGSTOP test; ``runtime_only`` loads only ``libtvm_runtime`` (``TVM_USE_RUNTIME_LIB=1``), as a
+    device without the compiler; ``expiring`` is for the session-timeout test. Tests wait for what they
+    use. Stopping them must leave no process of their groups.
     """
     tracker = start_tracker()
     server = EmbeddedServer()
     victim = EmbeddedServer()
+    runtime_only = EmbeddedServer()
+    expiring = EmbeddedServer()
     registered = None
     try:
         server.start()
         victim.start()
+        expiring.start()
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("TVM_USE_RUNTIME_LIB", "1")
+            runtime_only.start()
         tracker.wait_ready()
         registered = EmbeddedServer(tracker=tracker.spec_address, key=KEY)
         registered.start()
-        yield Stack(server, tracker, registered, victim)
+        yield Stack(server, tracker, registered, victim, runtime_only, expiring)
     finally:
-        processes = [process for process in (victim, registered, server, tracker) if process is not None]
+        processes = [
+            process
+            for process in (expiring, runtime_only, victim, registered, server, tracker)
+            if process is not None
+        ]
         groups = [process.pgid for process in processes if process.pgid is not None]
         for process in processes:
             process.stop()
@@ -188,6 +208,20 @@ def test_validate__good_spec(spec: DeviceSpec, kind: str, description: str) -> N
     assert spec.describe() == description
 
 
+@pytest.mark.parametrize(
+    ("spec", "seconds"),
+    [
+        (DeviceSpec(), 360.0),
+        (DeviceSpec(call_timeout=10), 70.0),
+        (DeviceSpec(call_timeout=10, session_timeout=5), 5.0),
+        (DeviceSpec(session_timeout=0), 0.0),
+    ],
+)
+def test_session_seconds__derived_from_call_timeout(spec: DeviceSpec, seconds: float) -> None:
+    spec.validate()
+    assert spec.session_seconds == seconds
+
+
 def test_tracker_address__ipv6_brackets() -> None:
     assert DeviceSpec(tracker="[::1]:9190", key="k").tracker_address == ("::1", 9190)
 
@@ -226,8 +260,8 @@ def test_embedded_server__lifecycle_retries_taken_port(
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         ports = iter([taken.getsockname()[1]])
-        real_free_port = device._free_port
-        monkeypatch.setattr(device, "_free_port", lambda host: next(ports, None) or real_free_port(host))
+        real_free_port = device_processes.free_port
+        monkeypatch.setattr(device_processes, "free_port", lambda host: next(ports, None) or real_free_port(host))
         embedded = EmbeddedServer()
         try:
             started = time.monotonic()
@@ -288,7 +322,7 @@ def test_open_session__tracker_hands_out_registered_server(
     tracker, _ = tracked
     lib, inputs, expected = tiny_lib
     spec = DeviceSpec(tracker=tracker.spec_address, key=KEY, request_timeout=10)
-    assert device._tracker_summary(*tracker.address, timeout=5)["server_info"][0]["key"] == f"server:{KEY}"
+    assert tracker_summary(*tracker.address, timeout=5)["server_info"][0]["key"] == f"server:{KEY}"
     with open_session(spec) as session:
         assert session.description == f"tracker {tracker.spec_address} key={KEY}"
         np.testing.assert_allclose(run_remote(session, lib, inputs), expected, rtol=1e-5, atol=1e-6)
@@ -350,3 +384,102 @@ def test_call__stopped_server_times_out(stack: Stack) -> None:
     finally:
         stopped.stop()
     assert_group_gone(pgid)
+
+
+# ------------------------------------------------------------------------------------------ probe
+
+
+def test_probe__full_server(server: EmbeddedServer) -> None:
+    """A server with the full tvm package tells its triple and LLVM version; CUDA as this machine has it."""
+    host, port = server.address
+    with open_session(DeviceSpec(host=host, port=port)) as session:
+        started = time.monotonic()
+        info = probe(session)
+        print(f"probe of a full server in {time.monotonic() - started:.3f} s: {info}")
+    assert info.triple == tvm.get_global_func("target.llvm_get_system_triple")()
+    assert info.llvm_version == tvm.get_global_func("target.llvm_version_major")()
+    assert info.has_cuda is tvm.cuda(0).exist
+    assert (info.compute_version is None) is (not info.has_cuda)
+    assert info.tvm_version is None  # apache-tvm 0.27 registers no function that tells its version
+    assert info.address == f"{host}:{port}"
+
+
+def test_probe__runtime_only_server(stack: Stack) -> None:
+    """A runtime-only server answers what the runtime knows (CUDA) and None for the compiler's questions."""
+    host, port = stack.runtime_only.wait_ready()
+    with open_session(DeviceSpec(host=host, port=port)) as session:
+        info = probe(session)
+        print(f"probe of a runtime-only server: {info}")
+        assert device_triple(session) is None
+    assert info == DeviceInfo(has_cuda=tvm.cuda(0).exist, compute_version=info.compute_version,
+                              address=f"{host}:{port}")
+    assert info.triple is None and info.llvm_version is None and info.tvm_version is None
+
+
+# -------------------------------------------------------------------------------- session timeout
+
+_VANISHING_CLIENT = """
+import sys, time
+from pipeline.device import DeviceSpec, open_session
+spec = DeviceSpec(host=sys.argv[1], port=int(sys.argv[2]), session_timeout=float(sys.argv[3]))
+session = open_session(spec)
+print("connected", flush=True)
+time.sleep(120)
+"""
+
+
+def test_session_timeout__frees_the_server_of_a_vanished_client(stack: Stack) -> None:
+    """A client that stops answering (SIGSTOP: its connection stays open, like a network cut) holds the
+    one-session server only until the session timeout it asked for; then a new session opens."""
+    host, port = stack.expiring.wait_ready()
+    session_timeout = 3.0
+    client = subprocess.Popen(
+        [sys.executable, "-c", _VANISHING_CLIENT, host, str(port), str(session_timeout)],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert _read_line(client, timeout=60) == "connected"
+        connected = time.monotonic()
+        os.kill(client.pid, signal.SIGSTOP)
+        with pytest.raises(DeviceUnavailable, match="no RPC handshake"):
+            open_session(DeviceSpec(host=host, port=port, connect_timeout=1))
+        session = _open_within(DeviceSpec(host=host, port=port, connect_timeout=2), deadline=connected + 30)
+        elapsed = time.monotonic() - connected
+        with session:
+            assert device_triple(session)
+        print(f"a new session opened {elapsed:.1f} s after the vanished client's session began")
+        assert session_timeout <= elapsed < session_timeout + 10
+    finally:
+        client.kill()
+        client.wait(timeout=10)
+
+
+def test_session_timeout__expired_session_is_a_device_timeout(stack: Stack) -> None:
+    """The server ends a session older than its session timeout; the next call says so, and what to do."""
+    host, port = stack.expiring.wait_ready()
+    with open_session(DeviceSpec(host=host, port=port, session_timeout=1.5)) as session:
+        assert device_triple(session)
+        time.sleep(2.5)
+        with pytest.raises(DeviceTimeout, match="session timeout expired.*raise the session timeout"):
+            device_triple(session)
+        assert session.broken
+    with open_session(DeviceSpec(host=host, port=port, connect_timeout=5)) as session:
+        assert device_triple(session)
+
+
+def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert readable, f"no line from process {proc.pid} within {timeout} s"
+    return proc.stdout.readline().strip()
+
+
+def _open_within(spec: DeviceSpec, deadline: float) -> RemoteSession:
+    for _ in range(100):  # bounded; each try waits at most connect_timeout
+        try:
+            return open_session(spec)
+        except DeviceUnavailable:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+    pytest.fail("no session within 100 tries")
