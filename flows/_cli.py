@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import types
 import typing
 import warnings
@@ -181,6 +182,25 @@ def _settle_prefect() -> None:
         log.debug("could not settle Prefect before exiting: %s", exc)
 
 
+_LIFELINES: list[Any] = []
+
+
+def _watch_children() -> None:
+    """Start the lifeline (:class:`pipeline.processes.Lifeline`): if this process is killed (even SIGKILL: the
+    OOM killer, a CI timeout), a watchdog ends every process it started (the embedded rpc_server and its
+    workers, Prefect's temporary server) within about 2 s. Started on a thread: it is watching long before
+    the first child starts, and the run does not wait for it."""
+    from pipeline.processes import Lifeline
+
+    def start() -> None:
+        try:
+            _LIFELINES.append(Lifeline().start())  # kept: its pipe must stay open while this process lives
+        except OSError as exc:
+            log.warning("no lifeline: processes of this run may outlive it if it is killed (%s)", exc)
+
+    threading.Thread(target=start, name="lifeline", daemon=True).start()
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -204,6 +224,7 @@ def run_command(
     warnings.filterwarnings("ignore", category=FutureWarning)  # torch.export's deprecation chatter
     # SIGTERM (a cancelled run, `kill`) unwinds like Ctrl-C, so the embedded device is stopped, not orphaned.
     signal.signal(signal.SIGTERM, _interrupt)
+    _watch_children()
     as_json = False
     settle = _settle_prefect if uses_prefect else (lambda: None)
     try:

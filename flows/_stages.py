@@ -17,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.device import Device
-from pipeline.errors import DeviceLost
+from pipeline.device_cache import cache_secret
+from pipeline.errors import DeviceLost, StoreError
 from pipeline.latency import Timing
 from pipeline.plan import BuildPlan, StageKey
 from pipeline.store import Artifact, ArtifactStore
@@ -92,6 +93,21 @@ class OnDevice:
     """What the device reports about itself (part of the run's series)."""
 
 
+def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str | None) -> str | None:
+    """``device_cache`` once its secret (and, for the embedded server, its directory in the store) exist; None
+    with a warning when the store cannot hold them (a read-only store: the run uploads every time)."""
+    if device_cache is None:
+        return None
+    try:
+        cache_secret(store.root)
+        if device.spec.kind == "local":
+            Path(device_cache).mkdir(mode=0o700, parents=True, exist_ok=True)  # the embedded server's, in the store
+    except (OSError, StoreError) as exc:
+        log.warning("the device cache is off for this run: %s", exc)
+        return None
+    return device_cache
+
+
 def device_chain(
     device: Device, library: Artifact, store: ArtifactStore, target: TargetInfo, data: np.ndarray, timing: Timing,
     device_cache: str | None, retries: int,
@@ -101,8 +117,7 @@ def device_chain(
     After a lost device the retry uploads again (a kept copy is not trusted to have survived) and the
     embedded device is restarted.
     """
-    if device_cache is not None and device.spec.kind == "local":
-        Path(device_cache).mkdir(mode=0o700, parents=True, exist_ok=True)  # the embedded server's cache, in the store
+    device_cache = usable_device_cache(device, store, device_cache)
     attempt, reuse = 1, True
     while True:
         try:

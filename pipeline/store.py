@@ -140,11 +140,13 @@ class ArtifactStore:
         return self.path(artifact.key) / name
 
     def check_root(self) -> None:
-        """Check, before a run starts, that the root is or can become a writable directory (nothing is created).
+        """Check, before a run starts, that the root is a directory or can become one (nothing is created).
+
+        A store that cannot be written is not refused here: a run whose artifacts are all cached only reads it,
+        and a write that is needed fails with a :class:`StoreError` that says why (read-only, disk full...).
 
         Raises:
-            UsageError: the root exists and is not a directory, or the nearest existing directory on its
-                path (the root itself, or the ancestor it would be created in) is not writable or is a file.
+            UsageError: the root exists and is not a directory, or a file stands where it would be created.
         """
         where = f"Choose another store with --artifacts DIR or {ENV_VAR}=DIR"
         existing = self.root
@@ -162,12 +164,6 @@ class ArtifactStore:
             raise UsageError(
                 f"the artifact store {clip(self.root)} cannot be created: {clip(existing)} is a file, not a "
                 f"directory. {where}"
-            )
-        if not os.access(existing, os.W_OK | os.X_OK):
-            what = "is" if existing == self.root else f"cannot be created: {clip(existing)} is"
-            raise UsageError(
-                f"the artifact store {clip(self.root)} {what} not writable (permissions or a read-only file "
-                f"system). {where}"
             )
 
     @property

@@ -9,10 +9,13 @@ log lines remain, and a single warning says so.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
+import threading
 import time
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +73,11 @@ class Progress:
             return
         try:
             from prefect.artifacts import create_progress_artifact, update_progress_artifact
+            from prefect.context import FlowRunContext, TaskRunContext
+            from prefect.settings import PREFECT_API_URL
 
+            if FlowRunContext.get() is None and TaskRunContext.get() is None and not PREFECT_API_URL.value():
+                return  # no run and no server: Prefect would start a temporary one just for this
             if self._artifact_id is None:
                 self._artifact_id = create_progress_artifact(percent, key=self.key, description=self.description)
             else:
@@ -78,3 +85,30 @@ class Progress:
         except Exception as exc:  # noqa: BLE001 - progress reporting must not break the work it reports
             self._failed = True
             log.warning("progress of %s is not published to the Prefect API: %s", self.description, exc)
+
+
+@contextlib.contextmanager
+def while_waiting(key: str, description: str, after: float = 2.0, every: float = 2.0) -> Iterator[None]:
+    """Show that one long blocking call (an upload over a slow link) is still going: its elapsed time.
+
+    Nothing is shown if the block ends within ``after`` seconds. The call itself cannot report how far it
+    got (TVM's RPC upload is one call), so the progress stays at 0 % with the elapsed time until it is done.
+    """
+    done = threading.Event()
+    context = contextvars.copy_context()  # the run's context: the progress artifact belongs to the run
+
+    def tick() -> None:
+        if done.wait(after):
+            return
+        start = time.monotonic() - after
+        with Progress(key, description, log_seconds=every) as progress:
+            while not done.wait(every):
+                progress.update(0, 1, f"{time.monotonic() - start:.0f} s so far")
+
+    ticker = threading.Thread(target=context.run, args=(tick,), name=f"progress {key}", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        ticker.join(every + 1)

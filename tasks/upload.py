@@ -21,6 +21,7 @@ from pipeline.errors import ArchMismatch, StoreError
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import normalise_arch
 from tasks._live import SessionRef, session_of
+from tasks.progress import while_waiting
 from tasks.export_library import LIBRARY_FILE
 
 log = logging.getLogger(__name__)
@@ -155,8 +156,10 @@ def upload(
     gpu = check_gpu(session, gpu_arch) if gpu_arch else None
     identity = (triple or "unknown") + (f", cuda {gpu} ({gpu_arch})" if gpu else "")
     data, sha256 = verified_library(library, store_root)
-    placement = place(session_of(session), open_cache(device_cache, store_root), data, sha256, reuse=reuse,
-                      session_name=f"tvmrp-{library.key[:16]}.so")
+    with while_waiting(f"upload-{library.key[:16]}", f"upload of the library ({len(data) / 1e6:.1f} MB) to "
+                       f"{session.description}"):
+        placement = place(session_of(session), open_cache(device_cache, store_root), data, sha256, reuse=reuse,
+                          session_name=f"tvmrp-{library.key[:16]}.so")
     return Uploaded(session, library, placement, device_cache, identity, "cuda" if gpu_arch else "cpu")
 
 

@@ -28,7 +28,9 @@ from pipeline.device import DeviceSpec, device_triple, open_session
 from pipeline.errors import ArchMismatch
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from pipeline.targets import parse_target
-from tasks._sessions import live, registered
+from pipeline.errors import RemoteRunError
+from pipeline.latency import Timing
+from tasks._live import opened, session_of
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
@@ -122,12 +124,10 @@ def test_device_stages__aarch64_output_matches_host_reference(tmp_path, spec, mo
     host_built = compile_all(model, tmp_path, "llvm")[2]
     assert host_built.artifact.key != built.artifact.key
     x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
-    with open_session(spec) as session, registered(session) as ref:
+    with open_session(spec) as session, opened(session) as ref:
         uploaded = upload(ref, library.artifact, str(tmp_path), target.arch)
         assert uploaded.bytes == library.artifact.size
-        load(ref)
-        set_input(ref, x)
-        result = run(ref, number=1, repeat=2)
+        result = run(set_input(load(uploaded, str(tmp_path)), x), Timing(repeat=2))
     np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=0)
     assert result.latency.repeat == 2 and result.latency.min > 0
 
@@ -135,11 +135,12 @@ def test_device_stages__aarch64_output_matches_host_reference(tmp_path, spec, mo
 def test_upload__x86_library_refused_by_aarch64_device_before_upload(tmp_path, spec, model):
     target, _, _, library = compile_all(model, tmp_path, "llvm")
     assert target.arch == "x86_64"
-    with open_session(spec) as session, registered(session) as ref:
+    with open_session(spec) as session, opened(session) as ref:
         started = time.monotonic()
         with pytest.raises(ArchMismatch) as refused:
             upload(ref, library.artifact, str(tmp_path), target.arch)
-        assert "remote_name" not in live(ref).state  # nothing was sent
+        with pytest.raises(RemoteRunError):  # nothing was sent: the file it would have been is not there
+            session_of(ref).call("download", session_of(ref).remote.download, f"tvmrp-{library.artifact.key[:16]}.so")
     assert time.monotonic() - started < 30
     message = str(refused.value)
     assert "x86_64" in message and "aarch64" in message and KEY in message

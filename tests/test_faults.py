@@ -30,11 +30,12 @@ LONG_RUN = ("--number", "2000000", "--repeat", "1")  # ~40 s of tiny-model invoc
 class Cli:
     """The CLI in its own process group, its stderr read line by line (bounded waits)."""
 
-    def __init__(self, prefect_api: str, *args: str) -> None:
+    def __init__(self, prefect_api: str | None, *args: str) -> None:
         self.started = time.monotonic()
+        env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}  # None: a temporary server
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "flows.resnet_remote", *args, "--json"],
-            cwd=REPO, env={**os.environ, "PREFECT_API_URL": prefect_api},
+            cwd=REPO, env={**env, **({"PREFECT_API_URL": prefect_api} if prefect_api else {})},
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         )
         self.lines: list[str] = []
@@ -291,3 +292,27 @@ def test_cli_terminated__embedded_device_is_stopped_not_orphaned(prefect_api, st
     while any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in servers) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not any(s.is_running() and s.status() != psutil.STATUS_ZOMBIE for s in servers), "rpc_server orphaned"
+
+
+@pytest.mark.parametrize(("api", "stage"), [
+    (None, "Beginning flow run"),  # Prefect's temporary uvicorn server is up, the embedded device starting
+    ("server", "Task run 'set-input' - Finished"),  # the embedded rpc_server and its worker busy
+])
+def test_cli_killed__no_process_of_the_run_survives(prefect_api, store_root, tiny_onnx, api, stage):
+    """kill -9 of the CLI (the OOM killer, a CI timeout): its lifeline ends everything it started."""
+    cli = Cli(prefect_api if api else None, "--model", str(tiny_onnx), "--artifacts", str(store_root), *LONG_RUN)
+    tree: list[psutil.Process] = []
+    try:
+        cli.wait_for_line(stage)
+        time.sleep(1.0)  # the watchdog lists the CLI's descendants every 0.3 s
+        tree = psutil.Process(cli.proc.pid).children(recursive=True)
+        assert tree, "the run has started no process yet"
+        cli.proc.send_signal(signal.SIGKILL)
+        cli.proc.wait(timeout=10)
+        _, alive = psutil.wait_procs(tree, timeout=5)
+    finally:
+        for proc in tree:  # never leave one behind, whatever the assertion says
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        cli.kill()
+    assert not alive, [(p.pid, " ".join(p.cmdline())[:120]) for p in alive if p.is_running()]

@@ -463,25 +463,13 @@ def test_check_root__a_file_is_a_usage_error(tmp_path):
         ArtifactStore(path / "inside").check_root()
 
 
-def _unwritable_directory(tmp_path: Path) -> Path:
-    """A real directory this process cannot write: a chmod 0o500 one, or (as root) a read-only mount."""
+def test_check_root__an_unwritable_store_is_left_to_the_writes(tmp_path):
+    """A read-only store still serves a run whose artifacts are cached; a needed write fails as a StoreError."""
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
-    if not os.access(locked, os.W_OK):
-        return locked
-    for candidate in (Path("/proc/sys"), Path("/sys")):
-        if candidate.is_dir() and not os.access(candidate, os.W_OK):
-            return candidate
-    pytest.skip("no directory here that this process cannot write")
-
-
-def test_check_root__unwritable_is_a_usage_error(tmp_path):
-    directory = _unwritable_directory(tmp_path)
     try:
-        with pytest.raises(UsageError, match="not writable"):
-            ArtifactStore(directory).check_root()
-        with pytest.raises(UsageError, match=f"cannot be created: {directory} is not writable"):
-            ArtifactStore(directory / "artifacts" / "sub").check_root()
+        ArtifactStore(locked).check_root()
+        ArtifactStore(locked / "artifacts").check_root()
     finally:
-        (tmp_path / "locked").chmod(0o700)
+        locked.chmod(0o700)

@@ -160,3 +160,17 @@ def test_progress__unreachable_api_keeps_the_log_lines(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert messages.count("tuning: 0%") == messages.count("tuning: 50%") == messages.count("tuning: 100%") == 1
     assert sum("not published" in m for m in messages) == 1  # warned once, then only log lines
+
+
+def test_while_waiting__shows_a_long_call_only(caplog):
+    from tasks.progress import while_waiting
+
+    with caplog.at_level(logging.INFO, logger="tasks.progress"):
+        with while_waiting("quick", "a quick call", after=1.0, every=0.2):
+            time.sleep(0.1)
+        assert not caplog.records  # ended before `after`: nothing shown
+        with while_waiting("slow", "a slow call", after=0.2, every=0.2):
+            time.sleep(1.0)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any(m.startswith("a slow call: 0% (") and "s so far" in m for m in messages)
+    assert messages[-1] == "a slow call: 100%"

@@ -108,7 +108,7 @@ def test_stack__run_artifacts_are_readable_through_the_api(stack, nightly_runs):
     top5 = json.loads(second["top5-tiny-onnx"].data)
     assert second["top5-tiny-onnx"].type == "table" and [row["rank"] for row in top5] == [1, 2, 3, 4, 5]
     latency = {row["statistic"]: row["ms"] for row in json.loads(second["latency-tiny-onnx"].data)}
-    assert set(latency) == {"mean", "median", "min", "max", "std"} and latency["median"] > 0
+    assert set(latency) == {"mean", "median", "p90", "p99", "min", "max", "std", "cv"} and latency["median"] > 0
 
     trend = second["latency-trend-tiny-onnx"]
     assert trend.type == "image" and "last 2 runs" in trend.description
