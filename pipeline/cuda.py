@@ -444,38 +444,13 @@ def compile_cuda(
     if not out.is_dir():
         raise BuildError(f"the output directory {out} does not exist")
     with tempfile.TemporaryDirectory(prefix="tvmrp-cuda-") as work:
-        result_path = Path(work) / "result.json"
-        log_path = Path(work) / "build.log"
         argv = [
             os.fspath(python or sys.executable), "-m", "pipeline.cuda_build",
             "--module", os.fspath(module_json), "--target", target_canonical, "--opt-level", str(int(opt_level)),
-            "--out", str(out), "--result", str(result_path), "--toolchain", toolchain.to_json(),
+            "--out", str(out), "--result", str(Path(work) / "result.json"), "--toolchain", toolchain.to_json(),
+            *(["--link", link] if link else []),
         ]
-        if link:
-            argv += ["--link", link]
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
-                                    env=child_environment(toolchain), cwd=str(REPO), start_new_session=True)
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc)
-                raise BuildError(
-                    f"the CUDA build for {_arch_of(target_canonical)} took longer than {timeout:.0f} s and was stopped"
-                ) from None
-            except BaseException:
-                _kill_group(proc)
-                raise
-        text = log_path.read_text(errors="replace")
-        result = _read_result(result_path)
-        if proc.returncode != 0 or result is None or "error" in (result or {}):
-            message = (result or {}).get("error") or _last_line(text) or f"exit status {proc.returncode}"
-            if text.strip():
-                log.warning("CUDA build subprocess output:\n%s", text[-4000:])
-            cls = CudaToolchainMissing if (result or {}).get("kind") == "toolchain" else BuildError
-            raise cls(
-                f"TVM failed to compile for CUDA {_arch_of(target_canonical)} at opt_level {opt_level}: {message}"
-            )
+        result = _run_build(argv, Path(work), toolchain, target_canonical, opt_level, timeout)
     seconds = {k: float(v) for k, v in result["seconds"].items()}
     seconds["total"] = time.perf_counter() - started
     return CudaBuild(
@@ -485,6 +460,34 @@ def compile_cuda(
         seconds=seconds,
         toolchain=toolchain.identity,
     )
+
+
+def _run_build(argv: list[str], work: Path, toolchain: CudaToolchain, target_canonical: str, opt_level: int,
+               timeout: float) -> dict[str, Any]:
+    """Run the build subprocess (its own process group, killed on timeout or interrupt); its result record."""
+    log_path = work / "build.log"
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+                                env=child_environment(toolchain), cwd=str(REPO), start_new_session=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise BuildError(
+                f"the CUDA build for {_arch_of(target_canonical)} took longer than {timeout:.0f} s and was stopped"
+            ) from None
+        except BaseException:
+            _kill_group(proc)
+            raise
+    text = log_path.read_text(errors="replace")
+    result = _read_result(work / "result.json")
+    if proc.returncode != 0 or result is None or "error" in result:
+        message = (result or {}).get("error") or _last_line(text) or f"exit status {proc.returncode}"
+        if text.strip():
+            log.warning("CUDA build subprocess output:\n%s", text[-4000:])
+        cls = CudaToolchainMissing if (result or {}).get("kind") == "toolchain" else BuildError
+        raise cls(f"TVM failed to compile for CUDA {_arch_of(target_canonical)} at opt_level {opt_level}: {message}")
+    return result
 
 
 def _arch_of(canonical: str) -> str:

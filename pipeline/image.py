@@ -28,7 +28,7 @@ import logging
 import os
 import pathlib
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -181,26 +181,7 @@ def load_image(path: str | os.PathLike[str], pre: Preprocess, input_shape: tuple
             f"Cannot feed {clip(path)} to a model with input shape {input_shape}: only (1, 3, H, W) is supported."
         )
     height, width = int(input_shape[2]), int(input_shape[3])
-    shown = clip(path)
-    if path.is_dir():
-        raise InputError(f"Image {shown} is a directory, not an image file. Give the path of a PNG or JPEG file.")
-    if not path.exists():
-        raise InputError(
-            f"Image not found: {shown}. Check the path (or leave it out to use {DEFAULT_IMAGE.name})."
-        )
-    if not path.is_file():
-        raise InputError(f"Image {shown} is not a regular file. Give the path of a PNG or JPEG file.")
-    try:
-        with Image.open(path) as img:
-            maximum = declared_max(img)  # before load(), which forgets the decoder's raw mode
-            img.load()  # decodes now, so a truncated file fails here rather than later
-            rgb = rgb_image(img, maximum, str(path))
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-        # UnidentifiedImageError and truncation errors are OSErrors; some decoders raise SyntaxError.
-        raise InputError(
-            f"Cannot read {shown} as an image ({type(e).__name__}: {clip(e)}). Give a PNG or JPEG file."
-        ) from e
-
+    rgb = _read_rgb(path)
     # Truncating the longer side and rounding the crop offsets as torchvision does, whose
     # Resize + CenterCrop the pretrained models were evaluated with.
     scale = pre.resize / min(rgb.width, rgb.height)
@@ -218,3 +199,28 @@ def load_image(path: str | os.PathLike[str], pre: Preprocess, input_shape: tuple
     pixels = np.asarray(crop, dtype=np.float32)  # HWC, 0-255
     pixels = (pixels - np.asarray(pre.mean, dtype=np.float32)) / np.asarray(pre.std, dtype=np.float32)
     return np.ascontiguousarray(pixels.transpose(2, 0, 1)[np.newaxis], dtype=np.float32)
+
+
+def _read_rgb(path: pathlib.Path) -> Any:
+    """The image at ``path`` as an 8-bit RGB PIL image (:func:`rgb_image`), or an InputError naming the path."""
+    from PIL import Image
+
+    shown = clip(path)
+    if path.is_dir():
+        raise InputError(f"Image {shown} is a directory, not an image file. Give the path of a PNG or JPEG file.")
+    if not path.exists():
+        raise InputError(
+            f"Image not found: {shown}. Check the path (or leave it out to use {DEFAULT_IMAGE.name})."
+        )
+    if not path.is_file():
+        raise InputError(f"Image {shown} is not a regular file. Give the path of a PNG or JPEG file.")
+    try:
+        with Image.open(path) as img:
+            maximum = declared_max(img)  # before load(), which forgets the decoder's raw mode
+            img.load()  # decodes now, so a truncated file fails here rather than later
+            return rgb_image(img, maximum, str(path))
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # UnidentifiedImageError and truncation errors are OSErrors; some decoders raise SyntaxError.
+        raise InputError(
+            f"Cannot read {shown} as an image ({type(e).__name__}: {clip(e)}). Give a PNG or JPEG file."
+        ) from e

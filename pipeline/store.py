@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import socket
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -52,13 +53,34 @@ def check_key(key: str) -> str:
     return key
 
 
+_DIGESTS: dict[tuple[int, int, int, int], str] = {}
+_DIGESTS_LOCK = threading.Lock()
+_DIGESTS_MAX = 256
+
+
 def file_digest(path: str | os.PathLike[str]) -> str:
-    """SHA-256 hex digest of a file's bytes, read in chunks."""
-    h = hashlib.sha256()
+    """SHA-256 hex digest of a file's bytes, read in chunks.
+
+    Remembered for the life of this process by the file's identity (device, inode, size, modification time
+    in ns), so a file this run already hashed (written it, verified it) is not read again; any change to
+    the file, or a new process, hashes it afresh.
+    """
     with open(path, "rb") as f:
+        info = os.fstat(f.fileno())
+        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        with _DIGESTS_LOCK:
+            known = _DIGESTS.get(identity)
+        if known is not None:
+            return known
+        h = hashlib.sha256()
         for chunk in iter(lambda: f.read(_CHUNK), b""):
             h.update(chunk)
-    return h.hexdigest()
+    digest = h.hexdigest()
+    with _DIGESTS_LOCK:
+        if len(_DIGESTS) >= _DIGESTS_MAX:
+            _DIGESTS.pop(next(iter(_DIGESTS)))
+        _DIGESTS[identity] = digest
+    return digest
 
 
 def default_root() -> Path:
@@ -278,7 +300,25 @@ class ArtifactStore:
             StoreError: the store cannot be written (read-only, disk full...); the store is left unchanged.
             Whatever ``produce`` raises, after removing the temporary directory.
         """
-        final = self.path(key)
+        tmp = self._new_tmp(key)
+        try:
+            produce(tmp)
+            self._write_manifest(tmp, key, kind, inputs)
+            existing = self._publish(tmp, key)
+            if existing is not None:
+                return existing
+        except OSError as exc:
+            raise _store_error("write", self.root, exc) from None
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        artifact, reason = self.check(key)  # the digests were just computed: no file is read again
+        if artifact is None:
+            raise StoreError(f"artifact {key} failed verification right after it was written ({reason})")
+        return artifact
+
+    def _new_tmp(self, key: str) -> Path:
+        """A fresh temporary directory for ``key``'s files (dead writers' leftovers swept first)."""
         tmp_root = self.root / ".tmp"
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
@@ -287,51 +327,50 @@ class ArtifactStore:
             tmp.mkdir()
         except OSError as exc:
             raise _store_error("write", self.root, exc) from None
-        try:
-            produce(tmp)
-            files = {}
-            for path in sorted(tmp.iterdir()):
-                if not path.is_file() or path.is_symlink() or not _NAME_RE.match(path.name) or path.name == MANIFEST:
-                    raise StoreError(f"artifact {key}: {path.name!r} is not a plain file with a safe name")
-                with open(path, "rb") as f:
-                    os.fsync(f.fileno())
-                files[path.name] = {"sha256": file_digest(path), "size": path.stat().st_size}
-            manifest = {
-                "version": MANIFEST_VERSION,
-                "key": key,
-                "kind": kind,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "files": files,
-                "inputs": inputs or {},
-            }
-            with open(tmp / MANIFEST, "w") as f:
-                json.dump(manifest, f, indent=2, sort_keys=True)
-                f.flush()
+        return tmp
+
+    @staticmethod
+    def _write_manifest(tmp: Path, key: str, kind: str, inputs: dict[str, Any] | None) -> None:
+        """fsync every file ``produce`` wrote, then write (and fsync) the manifest with their digests."""
+        files = {}
+        for path in sorted(tmp.iterdir()):
+            if not path.is_file() or path.is_symlink() or not _NAME_RE.match(path.name) or path.name == MANIFEST:
+                raise StoreError(f"artifact {key}: {path.name!r} is not a plain file with a safe name")
+            with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():
-                existing, _ = self.check(key)
-                if existing is not None:
-                    return existing
-                self._discard_dir(final)
-            try:
-                os.rename(tmp, final)
-            except OSError as exc:
-                # Another process put the same key between our check and the rename: its copy wins.
-                existing, _ = self.check(key) if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) else (None, "")
-                if existing is None:
-                    raise
+            files[path.name] = {"sha256": file_digest(path), "size": path.stat().st_size}
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "key": key,
+            "kind": kind,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "files": files,
+            "inputs": inputs or {},
+        }
+        with open(tmp / MANIFEST, "w") as f:
+            json.dump(manifest, f, indent=2, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def _publish(self, tmp: Path, key: str) -> Artifact | None:
+        """Rename ``tmp`` into place; return the valid copy another process put there first, if any."""
+        final = self.path(key)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():
+            existing, _ = self.check(key)
+            if existing is not None:
                 return existing
-            _fsync_dir(final.parent)
+            self._discard_dir(final)
+        try:
+            os.rename(tmp, final)
         except OSError as exc:
-            raise _store_error("write", self.root, exc) from None
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
-        artifact, reason = self.check(key)
-        if artifact is None:
-            raise StoreError(f"artifact {key} failed verification right after it was written ({reason})")
-        return artifact
+            # Another process put the same key between our check and the rename: its copy wins.
+            existing, _ = self.check(key) if exc.errno in (errno.ENOTEMPTY, errno.EEXIST) else (None, "")
+            if existing is None:
+                raise
+            return existing
+        _fsync_dir(final.parent)
+        return None
 
     @staticmethod
     def _sweep_tmp(tmp_root: Path) -> None:

@@ -311,8 +311,12 @@ def check_llvm_target(config: dict[str, Any]) -> None:
             "or one of LLVM's names"
         )
     mattr = config.get("mattr")
-    if not isinstance(mattr, list) or not all(isinstance(entry, str) for entry in mattr):
-        return
+    if isinstance(mattr, list) and all(isinstance(entry, str) for entry in mattr):
+        _check_mattr(mattr, triple)
+
+
+def _check_mattr(mattr: list[str], triple: str) -> None:
+    """Every ``-mattr`` entry is ``+feature`` or ``-feature`` with a feature LLVM knows for ``triple``."""
     unknown: list[str] = []
     unsigned: list[str] = []
     for entry in mattr:
