@@ -1,6 +1,9 @@
 """A local Prefect stack in one command: server (SQLite), ``process`` work pool + worker, optional TVM device.
 
-    scripts/stack up [--with-device]   start what is not running (idempotent); prints where the UI is
+    scripts/stack up [--with-device [--devices N]]
+                                       start what is not running (idempotent); prints where the UI is; with N
+                                       devices (for a fleet) they register under KEY, KEY-2 ... KEY-N; devices
+                                       beyond N that an earlier ``up`` started are stopped
     scripts/stack status               what runs, with pids; exit 0 when server and worker are up, else 3
     scripts/stack down                 stop the worker, then the device, the tracker, the server
     scripts/stack deploy               ``prefect --no-prompt deploy --all`` against this stack
@@ -33,6 +36,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -251,7 +255,18 @@ def worker_online(cfg: Config) -> bool:
     return any(w.get("name") == cfg.worker_name and w.get("status") == "ONLINE" for w in workers or [])
 
 
-def _device_registered(cfg: Config) -> bool:
+def device_names(cfg: Config) -> list[str]:
+    """The device components that have a pid file: ``device``, ``device-2``... (``up --devices N``)."""
+    found = sorted(p.stem for p in (cfg.home / "run").glob("device*.json"))
+    return sorted(set(found) | {"device"}, key=lambda name: (len(name), name))
+
+
+def device_key(cfg: Config, name: str) -> str:
+    """The tracker key of device component ``name``: ``local-x86`` for ``device``, ``local-x86-2`` for ``device-2``."""
+    return cfg.device_key + name.removeprefix("device")
+
+
+def _device_registered(cfg: Config, name: str = "device") -> bool:
     from pipeline.device import tracker_summary  # the tracker's own summary request, bounded
     from pipeline.errors import DeviceUnavailable
 
@@ -259,7 +274,8 @@ def _device_registered(cfg: Config) -> bool:
         summary = tracker_summary(HOST, cfg.tracker_port, timeout=3.0)
     except DeviceUnavailable:
         return False
-    return any(info.get("key") == f"server:{cfg.device_key}" for info in summary.get("server_info", []))
+    key = device_key(cfg, name)
+    return any(info.get("key") == f"server:{key}" for info in summary.get("server_info", []))
 
 
 # ------------------------------------------------------------------------------------------ commands
@@ -287,7 +303,7 @@ def _prefect(*args: str) -> list[str]:
     return [sys.executable, "-m", "prefect", *args]
 
 
-def up(cfg: Config, with_device: bool) -> None:
+def up(cfg: Config, with_device: bool, devices: int = 1) -> None:
     """Start whatever of the stack is not running yet, each waited for (bounded)."""
     for sub in ("logs", "run", "prefect"):
         (cfg.home / sub).mkdir(parents=True, exist_ok=True)
@@ -308,7 +324,13 @@ def up(cfg: Config, with_device: bool) -> None:
         print(f"stack: server up at {cfg.ui_url} after {time.monotonic() - t0:.1f} s")
 
     if with_device:
-        _up_device(cfg)
+        _up_tracker(cfg)
+        wanted = ["device" if i == 1 else f"device-{i}" for i in range(1, devices + 1)]
+        for name in wanted:
+            _up_device(cfg, name)
+        for name in set(device_names(cfg)) - set(wanted):  # up --devices N leaves exactly N
+            if stop(cfg, name):
+                print(f"stack: stopped {name} (key {device_key(cfg, name)!r}): --devices {devices}")
 
     if running(cfg, "worker"):
         print(f"stack: worker already running (pool {cfg.pool})")
@@ -325,8 +347,8 @@ def up(cfg: Config, with_device: bool) -> None:
     print(f"stack: up in {time.monotonic() - t0:.1f} s. UI: {cfg.ui_url}   shell: eval \"$(scripts/stack env)\"")
 
 
-def _up_device(cfg: Config) -> None:
-    from pipeline.device import EmbeddedServer, TrackerProcess
+def _up_tracker(cfg: Config) -> None:
+    from pipeline.device import TrackerProcess
 
     if running(cfg, "tracker"):
         print(f"stack: tracker already running ({cfg.tracker})")
@@ -338,15 +360,21 @@ def _up_device(cfg: Config) -> None:
         _write_record(cfg, "tracker", tracker.pgid, ["tvm.exec.rpc_tracker", cfg.tracker])
         _ready_or_stop(cfg, "tracker", tracker.wait_ready)
         print(f"stack: TVM RPC tracker on {cfg.tracker}")
-    if running(cfg, "device") and _device_registered(cfg):
-        print(f"stack: device already registered under key {cfg.device_key!r}")
+
+
+def _up_device(cfg: Config, name: str) -> None:
+    from pipeline.device import EmbeddedServer
+
+    key = device_key(cfg, name)
+    if running(cfg, name) and _device_registered(cfg, name):
+        print(f"stack: device already registered under key {key!r}")
         return
-    stop(cfg, "device")  # one that lost its tracker never registers again
-    device = EmbeddedServer(HOST, tracker=cfg.tracker, key=cfg.device_key, log_path=cfg.log("device"))
+    stop(cfg, name)  # one that lost its tracker never registers again
+    device = EmbeddedServer(HOST, tracker=cfg.tracker, key=key, log_path=cfg.log(name))
     device.start()
-    _write_record(cfg, "device", device.pgid, ["tvm.exec.rpc_server", "--key", cfg.device_key])
-    _ready_or_stop(cfg, "device", device.wait_ready)
-    print(f"stack: embedded device registered with the tracker under key {cfg.device_key!r}")
+    _write_record(cfg, name, device.pgid, ["tvm.exec.rpc_server", "--key", key])
+    _ready_or_stop(cfg, name, device.wait_ready)
+    print(f"stack: embedded device registered with the tracker under key {key!r}")
 
 
 def _ready_or_stop(cfg: Config, name: str, wait_ready: Callable[[float], object]) -> None:
@@ -359,15 +387,20 @@ def _ready_or_stop(cfg: Config, name: str, wait_ready: Callable[[float], object]
         raise StackError(str(exc)) from None
 
 
+def _components(cfg: Config) -> list[str]:
+    """Every component, in start order, the devices of ``--devices N`` where the single device stands."""
+    return [n for name in ORDER for n in (device_names(cfg) if name == "device" else [name])]
+
+
 def down(cfg: Config) -> None:
-    """Stop the worker first (no new flow runs), then the device, the tracker and the server."""
-    stopped = [name for name in reversed(ORDER) if stop(cfg, name)]
+    """Stop the worker first (no new flow runs), then the devices, the tracker and the server."""
+    stopped = [name for name in reversed(_components(cfg)) if stop(cfg, name)]
     print(f"stack: stopped {', '.join(stopped)}" if stopped else "stack: nothing was running")
 
 
 def status(cfg: Config) -> int:
     lines, up_ = [], {}
-    for name in ORDER:
+    for name in _components(cfg):
         proc = running(cfg, name)
         up_[name] = proc is not None
         detail = ""
@@ -378,8 +411,9 @@ def status(cfg: Config) -> int:
             detail = f"pool {cfg.pool} " + ("online" if worker_online(cfg) else "not online")
         elif name == "tracker" and proc:
             detail = cfg.tracker
-        elif name == "device" and proc:
-            detail = f"key {cfg.device_key} " + ("registered" if _device_registered(cfg) else "NOT REGISTERED")
+        elif name.startswith("device") and proc:
+            registered = _device_registered(cfg, name)
+            detail = f"key {device_key(cfg, name)} " + ("registered" if registered else "NOT REGISTERED")
         state = f"running  pid {proc.pid:<7}" if proc else "stopped"
         lines.append(f"{name:<8} {state:<20} {detail}".rstrip())
     print(f"stack in {cfg.home}")
@@ -395,9 +429,14 @@ def deploy(cfg: Config) -> int:
 
 
 def _exports(cfg: Config) -> str:
-    names = ("PREFECT_API_URL", "TVMRP_ARTIFACTS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK")
+    """What a shell needs to use the stack: its API, the store, the project's log lines in the UI, and the
+    venv's ``prefect`` and ``python`` on PATH (the deploy hint says ``prefect deployment run ...``)."""
+    names = ("PREFECT_API_URL", "TVMRP_ARTIFACTS", "PREFECT_SERVER_ANALYTICS_ENABLED", "DO_NOT_TRACK",
+             "PREFECT_LOGGING_EXTRA_LOGGERS")
     env = cfg.env()
-    return "".join(f"export {name}={env[name]}\n" for name in names)
+    lines = [f"export {name}={shlex.quote(env[name])}\n" for name in names]
+    lines.append(f'export PATH={shlex.quote(str(Path(sys.executable).parent))}:"$PATH"\n')
+    return "".join(lines)
 
 
 def _write_env_file(cfg: Config) -> None:
@@ -419,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start the server, the work pool's worker (and the device); idempotent")
     p_up.add_argument("--with-device", action="store_true",
                       help="also a TVM RPC tracker and an embedded device under $TVMRP_STACK_DEVICE_KEY")
+    p_up.add_argument("--devices", type=int, default=1, metavar="N",
+                      help="with --with-device: N embedded devices, under KEY, KEY-2 ... KEY-N (default: 1)")
     sub.add_parser("down", help="stop everything the stack started")
     sub.add_parser("status", help="what runs; exit 0 when server and worker are up")
     sub.add_parser("deploy", help="prefect --no-prompt deploy --all against the stack")
@@ -428,7 +469,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "up":
             with _locked(cfg):
-                up(cfg, args.with_device or os.environ.get("TVMRP_STACK_DEVICE", "") in ("1", "true", "yes"))
+                if not 1 <= args.devices <= 8:
+                    raise StackError(f"--devices must be 1-8 (got {args.devices})")
+                up(cfg, args.with_device or os.environ.get("TVMRP_STACK_DEVICE", "") in ("1", "true", "yes"),
+                   args.devices)
         elif args.command == "down":
             with _locked(cfg):
                 down(cfg)

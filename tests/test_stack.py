@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import re
 import socket
 from pathlib import Path
@@ -56,6 +57,22 @@ def test_stack__up_is_idempotent_and_status_reports_everything(stack):
     assert worker_env["TVMRP_ARTIFACTS"] == str(stack.artifacts)
     assert worker_env["PREFECT_SERVER_ANALYTICS_ENABLED"] == "false" and worker_env["DO_NOT_TRACK"] == "1"
     assert psutil.Process(before["worker"]["pid"]).cwd() == str(REPO)
+
+
+def test_stack__more_devices_for_a_fleet_and_a_shell_env(stack):
+    more = stack.cli("up", "--with-device", "--devices", "2", timeout=180)
+    assert more.returncode == 0, more.stdout + more.stderr
+    assert f"under key '{stack.device_key}-2'" in more.stdout and "already registered" in more.stdout
+    assert {"device", "device-2"} <= set(stack.records())
+    status = stack.cli("status", timeout=60)
+    assert f"key {stack.device_key}-2 registered" in status.stdout, status.stdout
+    env = stack.cli("env").stdout
+    assert f"export PREFECT_API_URL={stack.api_url}" in env
+    assert "export PREFECT_LOGGING_EXTRA_LOGGERS=flows,tasks,pipeline" in env
+    assert "/.venv/bin" in env.split("export PATH=", 1)[1] or sys.executable.rsplit("/", 1)[0] in env
+    fewer = stack.cli("up", "--with-device", "--devices", "1", timeout=180)  # back to the fixture's one device
+    assert fewer.returncode == 0 and "stopped device-2" in fewer.stdout, fewer.stdout + fewer.stderr
+    assert "device-2" not in stack.records()
 
 
 def test_stack__nightly_deployment_is_scheduled_on_the_process_pool(stack, nightly_runs):
