@@ -141,7 +141,7 @@ def prefect_server(home: Path) -> Iterator[str]:
 
 def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0) -> dict[str, Any]:
     """import -> (tune) -> build -> export with the plain stage functions; everything cached in the store."""
-    from flows._stages import compile_chain, run_plain
+    from tasks.chains import compile_chain, run_plain
     from pipeline.plan import plan_build
     from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target

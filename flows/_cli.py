@@ -24,7 +24,7 @@ import typing
 import warnings
 from typing import Any, Callable, Iterator, Sequence
 
-from pipeline.errors import CheckFailed, PipelineError, UsageError
+from pipeline.errors import PipelineError, UsageError
 
 log = logging.getLogger("flows")
 
@@ -214,8 +214,8 @@ def run_command(
 ) -> int:
     """Parse ``argv``, run ``execute(args)`` and ``show(result, as_json)`` it; return the exit code.
 
-    ``execute`` raises :class:`PipelineError` for every failure a user can meet. A :class:`CheckFailed`
-    that carries the run's summary still shows it, then the error.
+    ``execute`` raises :class:`PipelineError` for every failure a user can meet. An error that carries the
+    run's summary (``exc.summary``: a failed check, a fleet with failed pairs) still shows it, then the error.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -236,13 +236,11 @@ def run_command(
                 _quiet_console()
         with cli_prefect_settings() if uses_prefect else contextlib.nullcontext():
             result = execute(args)
-    except CheckFailed as exc:  # the run completed: show what it measured, then why it failed
-        settle()
-        if exc.summary is not None:
-            show(exc.summary, as_json)
-        return _fail(exc, verbose)
     except PipelineError as exc:
         settle()
+        carried = getattr(exc, "summary", None)  # a run that completed (a failed check, a fleet with failed pairs)
+        if carried is not None:
+            show(carried, as_json)
         return _fail(exc, verbose)
     except KeyboardInterrupt as exc:
         print(f"Error: interrupted{f' ({exc})' if str(exc) else ''}; nothing of the run is left running", file=sys.stderr)

@@ -23,7 +23,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from flows._cli import Parser, add_request_arguments, request_fields, run_command
-from flows._stages import compile_chain, run_plain
+from tasks.chains import compile_chain, run_plain
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, UsageError
 from pipeline.image import load_image

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from prefect import flow
 
 from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
-from flows._stages import compile_chain, device_chain, preflight_gpu
+from tasks.chains import STAGES, compile_chain, preflight_gpu, run_on_device
 from pipeline.cuda import library_gpu_code
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, PipelineError
@@ -28,25 +28,12 @@ from pipeline.ledger import new_run_id
 from pipeline.plan import RunPlan, plan_run
 from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
 from tasks._cache import run_cached
-from tasks.check import check_task, raise_if_failed
+from tasks.check import raise_if_failed
 from tasks.export_library import LIBRARY_FILE
-from tasks.postprocess import postprocess_task
-from tasks.reference import load_reference, reference_task
-from tasks.report import BuildSummary, RunSummary, format_text, record_failure, report_task
+from tasks.reference import reference_task
+from tasks.report import BuildSummary, RunSummary, format_text, record_failure
 
 log = logging.getLogger("flows.resnet_remote")
-
-UNTUNED_NOTE = (
-    "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far above what "
-    "the CPU can do (ResNet-18 v2 here: 782 ms untuned, 30 ms after --tune-trials 1024, 8.3 ms with onnxruntime; "
-    "see bench/RESULTS.md)"
-)
-
-STAGES = (
-    "import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
-    "postprocess",
-)
-
 
 def _run_name() -> str:
     from prefect.runtime import flow_run
@@ -97,46 +84,21 @@ def _build_only(req: ResolvedRequest, plan: RunPlan) -> BuildSummary:
         tune_trials=req.tune_trials, tuning_key=build.tune.key if build.tune else None, import_key=build.imported.key,
         build_key=build.build.key, library_key=build.library.key, artifact=str(library),
         library_bytes=compiled.library.size, gpu_code=library_gpu_code(library) if req.target.device == "cuda" else None,
-        stages={name: compiled.stages.get(name, "skipped") for name in ("import-model", "tune", "build", "export-library")},
+        stages={name: compiled.stages.get(name, "skipped") for name in STAGES[:4]},
         notes=req.model.notes,
     )
 
 
 def _run(req: ResolvedRequest, plan: RunPlan, device: Device, run_id: str, started: str) -> RunSummary:
-    store, root = req.store, str(req.store.root)
     if req.target.device == "cuda":
         preflight_gpu(device, req.target)  # a device without that GPU fails now, not after compiling
-    compiled = compile_chain(plan.build, store, req.refresh)
-    stages = {name: "skipped" for name in STAGES} | compiled.stages
-    expected = None
+    compiled = compile_chain(plan.build, req.store, req.refresh)
+    reference = None
     if plan.reference is not None:  # the framework's output, found or computed before the device is held
-        expected, stages["reference"] = run_cached(reference_task, store, plan.reference, req.refresh,
-                                                   model=req.model, data=req.input)
-    on = device_chain(device, compiled.library, store, req.target, req.input, req.timing, req.device_cache,
-                      req.device_retries)
-    stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
-    checked = None
-    if expected is not None:
-        checked = check_task(on.result.output, load_reference(expected, root), req.thresholds)
-        stages["check"] = "ran"
-    prediction = postprocess_task(req.model, on.result.output, on.result.latency)
-    stages["postprocess"] = "ran"
-    model, build = req.model, plan.build
-    summary = RunSummary(
-        run_id=run_id, started=started, model=model.name, model_digest=model.digest,
-        weights=model.spec.weights if model.kind == "resnet18_v2" else None, target=req.target.canonical,
-        opt_level=req.opt_level, tune_trials=req.tune_trials, tuning_key=build.tune.key if build.tune else None,
-        import_key=build.imported.key, build_key=build.build.key, library_key=build.library.key,
-        artifact=str(store.file(compiled.library, LIBRARY_FILE)), device=on.device,
-        device_identity=on.identity, image=str(req.image), input_shape=tuple(model.input_shape),
-        stages=stages, top5=prediction.top, latency=on.result.latency, upload=on.loaded.placement, check=checked,
-        notes=(*model.notes, *([] if build.tune else [UNTUNED_NOTE])),
-    )
-    failed = checked is not None and not checked.passed
-    summary = report_task(summary, root, status="failed" if failed else "passed",
-                          error=None if not failed else "check failed")
-    if checked is not None:
-        raise_if_failed(checked, model.name, summary)  # the flow run fails; the summary rides on the error
+        reference = run_cached(reference_task, req.store, plan.reference, req.refresh, model=req.model, data=req.input)
+    summary = run_on_device(req, plan.build, compiled, device, reference, run_id, started)
+    if summary.check is not None:
+        raise_if_failed(summary.check, req.model.name, summary)  # the flow run fails; the summary rides on it
     return summary
 
 

@@ -14,17 +14,23 @@ are wrapped at the boundary with a message that says what to do.
     +-- ExportError               linking the library failed (e.g. missing cross compiler)
     +-- StoreError                artifact store unwritable, corrupt beyond repair
     +-- CheckFailed               the compiled model's output differs from its framework's beyond the thresholds
+    +-- FleetFailed               some pairs of a fleet run failed, the others completed (carries the summary)
+    +-- PairFailed                one (device, model) pair of a fleet run failed (carries the pair's result)
     +-- DeviceError               anything on the device side
         +-- DeviceUnavailable     cannot connect / tracker has no device for the key
         +-- DeviceTimeout         a remote call exceeded its timeout
         +-- ArchMismatch          library built for another architecture than the device
+        +-- VersionSkew           the device runs another minor version of TVM (--allow-version-skew runs anyway)
         +-- RemoteRunError        the device answered with an error
             +-- DeviceLost        the connection died mid-call (device killed, rebooted, network cut)
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.fleet import FleetSummary, PairResult
 
 
 def clip(text: object, limit: int = 200) -> str:
@@ -94,6 +100,39 @@ class CheckFailed(PipelineError):
         return type(self), (str(self), self.check, self.summary)
 
 
+class FleetFailed(PipelineError):
+    """Some pairs of a fleet run failed (exit 1); the others completed.
+
+    Attributes:
+        summary: the run's :class:`pipeline.fleet.FleetSummary` (every pair's result), when known; the CLI
+            prints its table, then the error.
+    """
+
+    def __init__(self, message: str, summary: FleetSummary | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the summary through pickling (Prefect persists states)
+        return type(self), (str(self), self.summary)
+
+
+class PairFailed(PipelineError):
+    """One (device, model) pair of a fleet run failed: its task's failure; the fleet goes on with the others.
+
+    The message is the error's line (``result.error``, else ``failed``).
+
+    Attributes:
+        result: the pair's :class:`pipeline.fleet.PairResult` (status ``failed``, with the error and its type).
+    """
+
+    def __init__(self, result: PairResult) -> None:
+        super().__init__(result.error or "failed")
+        self.result = result
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the result through pickling (Prefect persists states)
+        return type(self), (self.result,)
+
+
 class DeviceError(PipelineError):
     """Something failed on, or on the way to, the remote device."""
 
@@ -108,6 +147,26 @@ class DeviceTimeout(DeviceError):
 
 class ArchMismatch(DeviceError):
     """The library was built for a different architecture than the device's."""
+
+
+class VersionSkew(DeviceError):
+    """The device runs another major or minor version of TVM than this machine builds with.
+
+    Libraries and the RPC protocol may change between minor versions, so the run is refused at session start
+    unless ``--allow-version-skew`` is given (a different patch version only warns).
+
+    Attributes:
+        device_version: the TVM version the device reported.
+        local_version: the TVM version of this machine.
+    """
+
+    def __init__(self, message: str, device_version: str | None = None, local_version: str | None = None) -> None:
+        super().__init__(message)
+        self.device_version = device_version
+        self.local_version = local_version
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the attributes through pickling (Prefect persists states)
+        return type(self), (str(self), self.device_version, self.local_version)
 
 
 class RemoteRunError(DeviceError):

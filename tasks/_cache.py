@@ -31,7 +31,7 @@ from prefect.cache_policies import NO_CACHE, CacheKeyFnPolicy
 from prefect.serializers import Serializer
 from pydantic import Field
 
-from pipeline.errors import StoreError
+from pipeline.errors import PipelineError, StoreError
 from pipeline.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore, FileEntry, check_key
 
@@ -85,11 +85,16 @@ class ArtifactRefSerializer(Serializer):
 
     type: str = Field(default=SERIALIZER_TYPE, frozen=True)
 
-    def dumps(self, obj: Built) -> bytes:
+    def dumps(self, obj: Built | BaseException) -> bytes:
+        if isinstance(obj, BaseException):  # the result of a failed stage: kept as text, never cached
+            return json.dumps({"error": type(obj).__name__, "message": str(obj)[:2000]}).encode()
         return json.dumps(_built_to_json(obj), sort_keys=True).encode()
 
-    def loads(self, blob: bytes) -> Built:
-        return _built_from_json(json.loads(blob))
+    def loads(self, blob: bytes) -> Built | PipelineError:
+        data = json.loads(blob)
+        if isinstance(data, dict) and set(data) == {"error", "message"}:
+            return PipelineError(f"{data['error']}: {data['message']}")
+        return _built_from_json(data)
 
 
 def records_dir(store: ArtifactStore) -> Path | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import tarfile
+import threading
 from pathlib import Path
 
 from prefect import task
@@ -28,6 +29,11 @@ from tasks._cache import Built, ensure_artifact
 from tasks.import_model import MODULE_FILE
 
 OBJECTS_FILE = "build.tar"
+
+# TVM's compiler is not safe for two compiles at once in one process (two threads fail with "nested op_tag
+# is not allowed"); builds of one process take turns, builds of several processes (the store's lock keeps them
+# apart per key) run side by side.
+_COMPILE_LOCK = threading.Lock()
 
 
 def write_tar(output: str, files: list[str], **_: object) -> None:
@@ -76,7 +82,7 @@ def build(
                 from pipeline.tuning import apply_tuning
 
                 mod = apply_tuning(mod, tuning, store)
-            with tvm.transform.PassContext(opt_level=opt_level):
+            with _COMPILE_LOCK, tvm.transform.PassContext(opt_level=opt_level):
                 executable = tvm.compile(mod, target=target.tvm_target())
         except StoreError:
             raise

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from flows._stages import compile_chain, run_plain
+from tasks.chains import compile_chain, run_plain
 from pipeline import keys
 from pipeline.errors import BuildError
 from pipeline.models import ModelSpec, resolve_model

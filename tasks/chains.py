@@ -1,7 +1,8 @@
-"""The stage chains the flows share: compile (cached) and device (always), wired from the plan.
+"""The stage chains the flows and the fleet's tasks share: compile (cached) and device (always), from the plan.
 
     import-model -> [tune] -> build -> export-library          compile_chain (cached by the plan's keys)
     upload -> load -> set-input -> run                          device_chain (one session, retried when lost)
+    device_chain -> check -> postprocess -> report               run_on_device (one model on one device)
 
 Both take how to run a stage: :func:`tasks._cache.run_cached` (a Prefect task with the store-backed cache:
 the flows) or :func:`run_plain` (the plain function: the accuracy tool, the bench).
@@ -21,9 +22,15 @@ from pipeline.device_cache import cache_secret
 from pipeline.errors import DeviceLost, StoreError
 from pipeline.latency import Timing
 from pipeline.plan import BuildPlan, StageKey
+from pipeline.request import ResolvedRequest
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
 from tasks._cache import run_cached
+from tasks.check import check_task
+from tasks.export_library import LIBRARY_FILE
+from tasks.postprocess import postprocess_task
+from tasks.reference import load_reference
+from tasks.report import RunSummary, report_task
 from tasks._live import opened
 from tasks.build import build_task
 from tasks.export_library import export_library_task
@@ -135,3 +142,53 @@ def device_chain(
             attempt, reuse = attempt + 1, False
             log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)", exc, attempt, retries + 1)
             device.recover()
+
+
+UNTUNED_NOTE = (
+    "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far above what "
+    "the CPU can do (ResNet-18 v2 here: 782 ms untuned, 30 ms after --tune-trials 1024, 8.3 ms with onnxruntime; "
+    "see bench/RESULTS.md)"
+)
+
+STAGES = (
+    "import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
+    "postprocess",
+)
+
+
+def run_on_device(
+    req: ResolvedRequest, build: BuildPlan, compiled: Compiled, device: Device, reference: tuple[Artifact, str] | None,
+    run_id: str, started: str, fleet_run: str | None = None,
+) -> RunSummary:
+    """One model on one device: the device chain, then check (against ``reference``: its artifact and stage
+    status), postprocess and report (judged against its series, recorded in the ledger with ``fleet_run``).
+
+    Returns:
+        The judged summary; a failed check is in ``summary.check`` (the caller decides to raise).
+    """
+    root = str(req.store.root)
+    on = device_chain(device, compiled.library, req.store, req.target, req.input, req.timing, req.device_cache,
+                      req.device_retries)
+    stages = {name: "skipped" for name in STAGES} | compiled.stages
+    stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
+    checked = None
+    if reference is not None:
+        artifact, stages["reference"] = reference
+        checked = check_task(on.result.output, load_reference(artifact, root), req.thresholds)
+        stages["check"] = "ran"
+    prediction = postprocess_task(req.model, on.result.output, on.result.latency)
+    stages["postprocess"] = "ran"
+    model = req.model
+    summary = RunSummary(
+        run_id=run_id, started=started, model=model.name, model_digest=model.digest,
+        weights=model.spec.weights if model.kind == "resnet18_v2" else None, target=req.target.canonical,
+        opt_level=req.opt_level, tune_trials=req.tune_trials, tuning_key=build.tune.key if build.tune else None,
+        import_key=build.imported.key, build_key=build.build.key, library_key=build.library.key,
+        artifact=str(req.store.file(compiled.library, LIBRARY_FILE)), device=on.device, device_identity=on.identity,
+        image=str(req.image), input_shape=tuple(model.input_shape), stages=stages, top5=prediction.top,
+        latency=on.result.latency, upload=on.loaded.placement, check=checked,
+        notes=(*model.notes, *([] if build.tune else [UNTUNED_NOTE])),
+    )
+    failed = checked is not None and not checked.passed
+    return report_task(summary, root, status="failed" if failed else "passed",
+                       error="check failed" if failed else None, fleet_run=fleet_run)

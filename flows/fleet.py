@@ -1,0 +1,410 @@
+"""The ``fleet`` flow: every model on every device in one run, each compilation once.
+
+    compile     import-model -> [tune] -> build -> export-library     once per distinct (model, target,
+    reference   the model's own output on its image                   opt_level, tuning); what the store
+                                                                      lacks, in worker processes
+    each pair   upload -> load -> set-input -> run -> check -> postprocess -> report
+                devices side by side (one session per device at a time, or one per server its tracker
+                has under its key); the pairs of one device one after another
+
+Run ``python -m flows.fleet FLEET.yaml`` (``--help``); the flow is ``flows/fleet.py:fleet`` for Prefect
+deployments (``fleet-nightly`` in ``prefect.yaml``). :mod:`pipeline.fleet_spec` reads and checks the fleet file
+(``docs/fleet.md`` describes it), :mod:`pipeline.fleet` resolves and plans its pairs, and :mod:`tasks.fleet` holds
+the stages wired here (``compile``, ``remote-build``, ``prepare-reference``, ``run-pair``). A pair that fails (its device down, a key with no server, a failed check)
+fails alone, with its reason; the run then ends ``Failed`` (exit 1) with the whole table. Each pair records
+its run in the run ledger as a ``resnet_remote`` run does, with ``fleet_run`` set to the fleet run's id.
+
+Concurrency is Prefect's: the compilations are tasks on a ``ProcessPoolTaskRunner`` (TVM's compiler is not
+thread-safe; the compile chain is safe across processes, see the store's locks), or runs of a ``build_only``
+deployment on another work pool (``build_deployment``); the pairs are tasks on a ``ThreadPoolTaskRunner`` (the
+device stages are thread-safe, see ``tasks/_live.py``).
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import json
+import logging
+import os
+import re
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+from prefect import flow
+from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
+
+from flows._cli import Parser, run_command
+from tasks.chains import Compiled
+from pipeline.device import tracker_summary
+from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError
+from pipeline.fleet import (
+    BuildCounts,
+    FleetPair,
+    FleetSummary,
+    PairResult,
+    ResolvedFleet,
+    format_markdown,
+    format_text,
+    one_line,
+    resolve_fleet,
+    table_rows,
+)
+from pipeline.fleet_spec import FleetSpec, fleet_from_mapping, load_fleet
+from pipeline.ledger import new_run_id
+from tasks.fleet import (
+    Reference,
+    compile_task,
+    in_store,
+    not_run,
+    pair_task,
+    reference_once_task,
+    remote_build_task,
+)
+
+log = logging.getLogger("flows.fleet")
+
+FLEET_FILE = "fleet.yaml"
+_SUMMARY_TIMEOUT_S = 5.0
+
+
+# -- the flow -----------------------------------------------------------------------------------------------
+
+
+def _run_name() -> str:
+    from prefect.runtime import flow_run
+
+    p = flow_run.parameters
+    return "fleet (inline spec)" if p.get("spec") else f"fleet {os.path.basename(str(p.get('fleet_file') or FLEET_FILE))}"
+
+
+def load_spec(fleet_file: str = FLEET_FILE, spec: dict[str, Any] | None = None) -> FleetSpec:
+    """The fleet to run: ``spec`` (the file's content, inline) if given, else the file ``fleet_file``."""
+    return fleet_from_mapping(spec) if spec is not None else load_fleet(fleet_file)
+
+
+def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dict[str, Any] | None = None) -> FleetSummary:
+    """Run every model of the fleet file on every device of it; each distinct compilation once.
+
+    Args:
+        fleet_file: the fleet file (YAML), relative to the working directory (a deployment's: the repository
+            root); relative paths inside it are taken from its directory.
+        artifacts: the artifact store (default: ``$TVMRP_ARTIFACTS``, else ``artifacts/``).
+        spec: the fleet file's content as a mapping, instead of ``fleet_file``.
+
+    Returns:
+        The run's summary (``--json``): every pair's result and the builds' counts.
+
+    Raises:
+        UsageError: the fleet file is wrong (file, line and field named), before anything runs.
+        FleetFailed: some pairs failed; the others completed. It carries the summary.
+    """
+    clock = time.perf_counter()
+    fleet_run = new_run_id()
+    fleet = resolve_fleet(load_spec(fleet_file, spec), artifacts)
+    log.info("fleet run %s: %d device(s) x %d model(s), store %s", fleet_run, len(fleet.spec.devices),
+             len(fleet.spec.models), fleet.store.root)
+    resolved = time.perf_counter()
+    prepared = _prepare(fleet)
+    compiled = time.perf_counter()
+    results = _run_devices(fleet, prepared, fleet_run)
+    done = time.perf_counter()
+    summary = FleetSummary(
+        fleet_run=fleet_run, source=fleet.spec.source, results=tuple(results[i] for i in range(len(fleet.pairs))),
+        builds=prepared.counts, seconds=round(done - clock, 3), flow_run_id=_flow_run_id(),
+        phases={"resolve": round(resolved - clock, 3), "compile": round(compiled - resolved, 3),
+                "devices": round(done - compiled, 3)},
+    )
+    _publish(summary)
+    if not summary.passed:
+        failed = summary.failed
+        names = ", ".join(f"{r.model} on {r.device}" for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
+        raise FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names}); the first: {failed[0].error}",
+                          summary)
+    return summary
+
+
+fleet = flow(name="fleet", flow_run_name=_run_name, log_prints=False)(_fleet)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What the compile phase left for the pairs: libraries and references by key, or why there are none."""
+
+    compiled: dict[str, Compiled]
+    references: dict[str, Reference]
+    failures: dict[str, BaseException]
+    counts: BuildCounts
+
+    def blocker(self, pair: FleetPair) -> BaseException | None:
+        """Why ``pair`` cannot run (its planning, build or reference failed); None when it can."""
+        if pair.plan is None:
+            return PipelineError(pair.unplanned or "its build could not be planned")
+        for key in (pair.plan.library.key, pair.reference.key if pair.reference else None):
+            if key is not None and key in self.failures:
+                return self.failures[key]
+        return None
+
+
+def _prepare(fleet: ResolvedFleet) -> Prepared:
+    """Compile every distinct build and compute every reference, each once.
+
+    What the store already holds is looked up here, one after another (milliseconds: digests are checked, nothing
+    is compiled). What must be produced runs in worker processes, up to ``build_concurrency`` at a time
+    (default: :func:`default_build_concurrency`): TVM's compiler is not thread-safe (two ``tvm.compile`` in one
+    process fail with "nested op_tag is not allowed"), and each process has its own. With one at a time, or a
+    single job, it all runs here, one after another, without a worker's start-up.
+    With ``build_deployment``, the builds run on that deployment's workers instead
+    (:func:`tasks.fleet.build_on_deployment`).
+    """
+    spec, store, root = fleet.spec, fleet.store, str(fleet.store.root)
+    builds, references = fleet.builds(), fleet.references()
+    jobs: dict[str, tuple[Any, dict[str, Any], str]] = {}
+    for key, pair in builds.items():
+        plan = pair.plan
+        assert plan is not None
+        name = f"compile {plan.model.name} for {plan.target.arch} ({plan.build.key[:12]})"
+        jobs[key] = compile_task, {"plan": plan, "store_root": root}, name
+    for key, pair in references.items():
+        jobs[key] = reference_once_task, {"pair": pair}, f"reference {pair.label}"
+    stored = {key for key, pair in builds.items() if pair.plan is not None and in_store(store, pair.plan)}
+    stored |= {key for key in references if store.get(key) is not None}
+    to_produce = [key for key in jobs if key not in stored]
+    remote = [key for key in to_produce if key in builds and spec.build_deployment]
+    local = [key for key in to_produce if key not in remote]
+    workers = max(1, min(spec.build_concurrency or default_build_concurrency(), len(local)))
+    log.info("%d distinct build(s), %d reference(s): %d in the store, %d to produce here (%d at a time)%s",
+             len(builds), len(references), len(stored), len(local), workers,
+             f", {len(remote)} on deployment {spec.build_deployment}" if remote else "")
+    values: dict[str, Any] = {}
+    with contextlib.ExitStack() as running:
+        futures = {}
+        if remote:
+            threads = running.enter_context(ThreadPoolTaskRunner(max_workers=len(remote)))
+            for key in remote:
+                pair = builds[key]
+                futures[key] = threads.submit(
+                    remote_build_task.with_options(task_run_name=f"{jobs[key][2]} on {spec.build_deployment}"[:120]),
+                    {"pair": pair, "deployment": spec.build_deployment, "timeout": spec.build_timeout})
+        if len(local) > 1 and workers > 1:
+            running.enter_context(_api_for_workers())
+            processes = running.enter_context(ProcessPoolTaskRunner(max_workers=workers))
+            for key in local:
+                task_, parameters, name = jobs[key]
+                futures[key] = processes.submit(task_.with_options(task_run_name=name[:120]), parameters)
+        for key, job in jobs.items():
+            if key not in futures:  # in the store (or a single job): here, while the workers produce the rest
+                values[key] = _call(*job)
+        for key, future in futures.items():
+            values[key] = future.result(raise_on_failure=False)  # each job is bounded; a failure is returned
+    compiled = {k: v for k, v in values.items() if isinstance(v, Compiled)}
+    refs = {k: v for k, v in values.items() if isinstance(v, Reference)}
+    failures = {k: v if isinstance(v, BaseException) else StoreError(f"the compile phase gave nothing for {k}; run again")
+                for k, v in values.items() if not isinstance(v, (Compiled, Reference))}
+    ran = sum(1 for c in compiled.values() if "ran" in c.stages.values())
+    counts = BuildCounts(ran=ran, cached=len(compiled) - ran, failed=sum(1 for k in builds if k in failures))
+    log.info("builds: %d ran, %d cached, %d failed", counts.ran, counts.cached, counts.failed)
+    return Prepared(compiled, refs, failures, counts)
+
+
+def default_build_concurrency() -> int:
+    """Compile processes at once when the fleet file does not say: half the cores (one compile keeps more than
+    one core busy with TVM's and LLVM's threads, and every process pays ~2-5 s to import TVM); 1 on two cores."""
+    return max(1, (os.cpu_count() or 1) // 2)
+
+
+@contextlib.contextmanager
+def _api_for_workers() -> Iterator[None]:
+    """Point worker processes at this run's Prefect API, also when it is the temporary server Prefect started for
+    a command line run without ``PREFECT_API_URL`` (each worker would otherwise start a server of its own, and
+    its task runs would be lost with it)."""
+    from prefect.context import FlowRunContext
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    context = FlowRunContext.get()
+    api_url = getattr(getattr(context, "client", None), "api_url", None)
+    if PREFECT_API_URL.value() or not api_url:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_API_URL: str(api_url)}):
+        yield
+
+
+def _call(stage_task: Any, parameters: dict[str, Any], name: str) -> Any:
+    """Run a task here; its result, or its exception."""
+    state = stage_task.with_options(task_run_name=name[:120])(**parameters, return_state=True)
+    return state.result(raise_on_failure=False)
+
+
+def _sessions(fleet: ResolvedFleet) -> dict[str, int]:
+    """How many sessions each device may hold at once: the servers its tracker has under its key (at least 1)."""
+    summaries: dict[str, dict[str, Any] | None] = {}
+    sessions = {}
+    for device in fleet.spec.devices:
+        spec = device.spec
+        if spec.kind != "tracker":
+            sessions[device.name] = 1
+            continue
+        tracker = str(spec.tracker)
+        if tracker not in summaries:
+            try:
+                summaries[tracker] = tracker_summary(*spec.tracker_address, min(spec.connect_timeout, _SUMMARY_TIMEOUT_S))
+            except DeviceUnavailable as exc:  # its pairs will fail with the reason when they ask for a device
+                log.info("tracker %s gave no summary: %s", tracker, one_line(exc))
+                summaries[tracker] = None
+        servers = (summaries[tracker] or {}).get("server_info", [])
+        sessions[device.name] = max(1, sum(1 for s in servers if isinstance(s, dict) and s.get("key") == f"server:{spec.key}"))
+    return sessions
+
+
+def _run_devices(fleet: ResolvedFleet, prepared: Prepared, fleet_run: str) -> dict[int, PairResult]:
+    """Run every pair: devices side by side, each device's pairs one after another (or one per server).
+
+    A pair whose device was unavailable (no session within its timeouts) leaves that device's remaining
+    pairs not run, failed with that reason, instead of each waiting out the same timeouts.
+    """
+    results: dict[int, PairResult] = {}
+    queues: dict[str, collections.deque[int]] = {d.name: collections.deque() for d in fleet.spec.devices}
+    for index, pair in enumerate(fleet.pairs):
+        blocker = prepared.blocker(pair)
+        if blocker is not None:
+            results[index] = not_run(pair, blocker, fleet_run)
+        else:
+            queues[pair.device.name].append(index)
+    queues = {name: queue for name, queue in queues.items() if queue}
+    if not queues:
+        return results
+    sessions = _sessions(fleet)
+    lanes = sum(min(sessions[name], len(queue)) for name, queue in queues.items())
+    workers = min(fleet.spec.concurrency, lanes)
+    log.info("running %d pair(s) on %d device(s), %d session(s) at a time", sum(map(len, queues.values())),
+             len(queues), workers)
+    down: dict[str, str] = {}
+    in_flight: dict[concurrent.futures.Future[Any], tuple[str, int, Any]] = {}
+    with ThreadPoolTaskRunner(max_workers=workers) as runner:
+
+        def start_next(name: str) -> None:
+            queue = queues[name]
+            while queue:
+                index = queue.popleft()
+                pair = fleet.pairs[index]
+                if name in down:
+                    results[index] = not_run(pair, DeviceUnavailable(down[name]), fleet_run)
+                    continue
+                future = runner.submit(pair_task.with_options(task_run_name=pair.name[:120]), {
+                    "pair": pair, "compiled": prepared.compiled[pair.plan.library.key],  # type: ignore[union-attr]
+                    "reference": prepared.references.get(pair.reference.key) if pair.reference else None,
+                    "fleet_run": fleet_run,
+                })
+                in_flight[future.wrapped_future] = (name, index, future)
+                return
+
+        for name, queue in queues.items():
+            for _ in range(min(sessions[name], len(queue))):
+                start_next(name)
+        # Ends: each pair's device calls are bounded (request, connect and call timeouts), and each
+        # completion starts at most one more pair of the queues, which only shrink.
+        while in_flight:
+            done, _ = concurrent.futures.wait(list(in_flight), return_when=concurrent.futures.FIRST_COMPLETED)
+            for wrapped in done:
+                name, index, future = in_flight.pop(wrapped)
+                result = _outcome(fleet.pairs[index], future, fleet_run)
+                results[index] = result
+                (log.info if result.passed else log.warning)(
+                    "%s: %s%s", fleet.pairs[index].name, result.status, f" ({result.error})" if result.error else "")
+                if result.error_type == DeviceUnavailable.__name__ and name not in down:
+                    down[name] = (f"not run: device {name!r} was unavailable earlier in this fleet run "
+                                  f"({result.model}: {result.error})")
+                start_next(name)
+    return results
+
+
+def _outcome(pair: FleetPair, future: Any, fleet_run: str) -> PairResult:
+    value = future.result(raise_on_failure=False)
+    if isinstance(value, PairResult):
+        return value
+    if isinstance(value, PairFailed):
+        return value.result
+    # Not the pair's own failure (the task could not start, say): record it here.
+    error = value if isinstance(value, BaseException) else PipelineError(f"the pair's task ended without a result: {value!r}")
+    return not_run(pair, error, fleet_run)
+
+
+def _flow_run_id() -> str | None:
+    try:
+        from prefect.runtime import flow_run
+
+        return str(flow_run.id) if flow_run.id else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def artifact_key(source: str) -> str:
+    """The artifact key suffix of a fleet file: ``fleet.yaml`` -> ``fleet``, so each file keeps its history."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    return re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40] or "fleet"
+
+
+def _publish(summary: FleetSummary) -> None:
+    """The fleet run's Prefect artifacts: the device x model table and a markdown summary. Never raises."""
+    try:
+        from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+        key = artifact_key(summary.source)
+        create_table_artifact(table_rows(summary), key=f"fleet-{key}", description=f"Fleet {summary.source}: device x model")
+        create_markdown_artifact(format_markdown(summary), key=f"fleet-summary-{key}",
+                                 description=f"Fleet run {summary.fleet_run} of {summary.source}")
+    except Exception as exc:  # noqa: BLE001 - the run's result matters more than its report
+        log.warning("could not publish the fleet's artifacts to the Prefect API: %s: %s", type(exc).__name__, exc)
+
+
+# -- command line ------------------------------------------------------------------------------------
+
+
+def build_parser() -> Parser:
+    """The command line of ``python -m flows.fleet``."""
+    parser = Parser(
+        prog="python -m flows.fleet",
+        description="Run every model of a fleet file on every device of it: each distinct compilation once, "
+                    "devices side by side; print the device x model table (see docs/fleet.md).",
+    )
+    parser.add_argument("fleet_file", metavar="FLEET.yaml", help="the fleet file: tracker, devices, models, ...")
+    parser.add_argument("--artifacts", default=None,
+                        help="artifact store directory (default: $TVMRP_ARTIFACTS or artifacts/ at the repository root)")
+    parser.add_argument("--json", action="store_true", help="print the fleet's results as one JSON object on the last line")
+    parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
+    return parser
+
+
+def _execute(args: Any) -> FleetSummary:
+    resolve_fleet(load_fleet(args.fleet_file), args.artifacts)  # fail fast on a bad file, before Prefect starts
+    try:
+        return fleet(fleet_file=args.fleet_file, artifacts=args.artifacts)
+    except FleetFailed as exc:  # the table of every pair, then the error line
+        if exc.summary is not None:
+            _show(exc.summary, bool(args.json))
+        raise
+
+
+def _show(summary: FleetSummary, as_json: bool) -> None:
+    print(format_text(summary))
+    if as_json:
+        print(json.dumps(summary.as_json()))
+    sys.stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point; returns the exit code (0 all pairs passed, 1 some failed, 2 a bad fleet file)."""
+    return run_command(argv, build_parser(), _execute, _show)
+
+
+if __name__ == "__main__":
+    # Run the module's own definitions, not __main__'s: the worker processes of the compile phase get the run's
+    # context, this flow among it, and find it by name (flows.fleet), which they could not in a __main__ of
+    # another process.
+    from flows.fleet import main as _main
+
+    sys.exit(_main())
