@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import base64
 import json
-import sys
 import re
 import socket
+import sys
 from pathlib import Path
 
 import psutil
@@ -131,6 +131,28 @@ def test_stack__run_artifacts_are_readable_through_the_api(stack, nightly_runs):
     assert trend.type == "image" and "last 2 runs" in trend.description
     url = json.loads(trend.data) if trend.data.startswith('"') else trend.data
     assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_stack__fleet_nightly_runs_on_the_worker_and_shows_its_table(stack, nightly_runs, tmp_path):
+    fleet_file = tmp_path / "stack-fleet.yaml"
+    fleet_file.write_text(
+        f"tracker: {stack.tracker}\ndevices:\n  - key: {stack.device_key}\n    target: llvm\n"
+        f"models:\n  - {nightly_runs.parameters['model']}\nrepeat: 2\n"
+    )
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    params = {"fleet_file": str(fleet_file), "artifacts": str(stack.artifacts)}
+    proc = stack.prefect("deployment", "run", "fleet/fleet-nightly", "--params", json.dumps(params),
+                         "--watch", "--watch-interval", "1", "--watch-timeout", "400")
+    match = re.search(r"UUID: ([0-9a-f-]{36})", proc.stdout)
+    assert proc.returncode == 0 and match, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with stack.client() as client:
+        assert client.read_flow_run(match.group(1)).state.is_completed()
+        found = {a.key: a for a in client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[match.group(1)])))}
+    table = json.loads(found["fleet-stack-fleet"].data)
+    assert [(row["device"], row["status"]) for row in table] == [(stack.device_key, "passed")]
+    assert "| device |" in found["fleet-summary-stack-fleet"].data
 
 
 def test_stack__down_leaves_no_process_and_up_keeps_the_history(stack, nightly_runs):
