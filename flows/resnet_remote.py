@@ -20,7 +20,7 @@ from typing import Any, Sequence
 from prefect import flow
 
 from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
-from tasks.chains import STAGES, compile_chain, preflight_gpu, run_on_device
+from tasks.chains import STAGES, compile_chain, preflight, run_on_device
 from pipeline.cuda import library_gpu_code
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, PipelineError
@@ -91,7 +91,7 @@ def _build_only(req: ResolvedRequest, plan: RunPlan) -> BuildSummary:
 
 def _run(req: ResolvedRequest, plan: RunPlan, device: Device, run_id: str, started: str) -> RunSummary:
     if req.target.device == "cuda":
-        preflight_gpu(device, req.target)  # a device without that GPU fails now, not after compiling
+        preflight(device, req.target, req.allow_version_skew)  # a GPU-less device fails now, not after compiling
     compiled = compile_chain(plan.build, req.store, req.refresh)
     reference = None
     if plan.reference is not None:  # the framework's output, found or computed before the device is held

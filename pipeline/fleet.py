@@ -123,7 +123,8 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
         for index, (entry, model, image, data) in enumerate(models):
             request = ResolvedRequest(
                 model=model, target=target, opt_level=spec.opt_level, device=device.spec, image=image, input=data,
-                store=store, timing=timing, refresh=False, device_retries=spec.device_retries, check=spec.check,
+                store=store, timing=timing, refresh=False, device_retries=spec.device_retries,
+                allow_version_skew=spec.allow_version_skew, check=spec.check,
                 thresholds=thresholds, tune_trials=spec.tune_trials, build_only=False, tune_runner=LOCAL_RUNNER,
                 device_cache=None,  # a remote device keeps nothing by default, as for resnet_remote
             )

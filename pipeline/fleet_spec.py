@@ -47,7 +47,7 @@ INLINE_SOURCE = "fleet spec"
 TOP_KEYS = (
     "tracker", "devices", "models", "opt_level", "tune_trials", "number", "repeat", "connect_timeout",
     "request_timeout", "call_timeout", "device_retries", "concurrency", "build_concurrency", "check",
-    "max_abs_diff", "image", "build_deployment", "build_timeout",
+    "max_abs_diff", "image", "build_deployment", "build_timeout", "allow_version_skew",
 )
 DEVICE_KEYS = ("name", "key", "tracker", "host", "port", "target", "connect_timeout", "request_timeout", "call_timeout")
 MODEL_KEYS = ("model", "weights", "seed", "image")
@@ -105,6 +105,7 @@ class FleetSpec:
     concurrency: int = DEFAULT_CONCURRENCY
     build_concurrency: int | None = None
     check: bool = True
+    allow_version_skew: bool = False
     max_abs_diff: float | None = None
     build_deployment: str | None = None
     build_timeout: float = DEFAULT_BUILD_TIMEOUT
@@ -242,9 +243,7 @@ def _spec(tree: _Node, where: Where, base: Path) -> FleetSpec:
                                                      "list the models to run (names such as efficientnet_lite0, or "
                                                      "{model: PATH})")))
     _check_unique_models(models, where)
-    check = top.get("check")
-    if check is not None and not isinstance(check.value, bool):
-        raise where.error(check, "check", f"must be true or false, not {clip(check.text)!r}")
+    check, skew = (_flag(top.get(name), name, where) for name in ("check", "allow_version_skew"))
     max_abs_diff = _number(top.get("max_abs_diff"), "max_abs_diff", where)
     if max_abs_diff is not None and not (math.isfinite(max_abs_diff) and max_abs_diff > 0):
         raise where.error(top["max_abs_diff"], "max_abs_diff", f"must be a positive number, not {max_abs_diff!r}")
@@ -262,10 +261,16 @@ def _spec(tree: _Node, where: Where, base: Path) -> FleetSpec:
         device_retries=_integer(top.get("device_retries"), "device_retries", where, 0, 10, 1),
         concurrency=_integer(top.get("concurrency"), "concurrency", where, 1, MAX_CONCURRENCY, DEFAULT_CONCURRENCY),
         build_concurrency=_integer(top.get("build_concurrency"), "build_concurrency", where, 1, MAX_CONCURRENCY, None),
-        check=True if check is None else bool(check.value),
+        check=True if check is None else check, allow_version_skew=bool(skew),
         max_abs_diff=max_abs_diff, build_deployment=build_deployment,
         build_timeout=_seconds(top.get("build_timeout"), "build_timeout", where) or DEFAULT_BUILD_TIMEOUT,
     )
+
+
+def _flag(node: _Node | None, field: str, where: Where) -> bool | None:
+    if node is not None and not isinstance(node.value, bool):
+        raise where.error(node, field, f"must be true or false, not {clip(node.text)!r}")
+    return None if node is None else bool(node.value)
 
 
 def _entries(node: _Node | None, parent: _Node, field: str, where: Where, hint: str) -> list[_Node]:

@@ -80,6 +80,9 @@ class RunRequest:
         "not sent again; it must exist there and only the device's rpc_server user should be able to write it. "
         "auto: inside the artifact store for the embedded server, off for other devices; off: upload every run",
         metavar="DIR|auto|off"))
+    allow_version_skew: bool = field(default=False, metadata=arg(
+        "device", "use a device whose TVM is another minor version than this machine's (refused by default; "
+        "another patch version only warns)", action="store_true"))
     device_retries: int = field(default=1, metadata=arg(
         "device", "fresh sessions to try when the device is lost mid-run; the embedded device is restarted"))
     image: str | None = field(default=None, metadata=arg(
@@ -108,6 +111,7 @@ class ResolvedRequest:
     timing: Timing
     refresh: bool
     device_retries: int
+    allow_version_skew: bool
     check: bool
     thresholds: Thresholds
     tune_trials: int
@@ -167,7 +171,8 @@ def resolve(request: RunRequest) -> ResolvedRequest:
     return ResolvedRequest(
         model=model, target=target, opt_level=opt_level, device=device, image=image, input=data, store=store,
         timing=Timing(number=request.number, repeat=request.repeat), refresh=request.refresh,
-        device_retries=request.device_retries, check=request.check, thresholds=thresholds,
+        device_retries=request.device_retries, allow_version_skew=request.allow_version_skew, check=request.check,
+        thresholds=thresholds,
         tune_trials=request.tune_trials, build_only=request.build_only, tune_runner=tune_runner,
         device_cache=device_cache,
     )

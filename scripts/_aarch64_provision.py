@@ -1,9 +1,12 @@
 """Provisioning of the emulated aarch64 device (``scripts/aarch64-device provision``): see aarch64_device.py.
 
 A private apt (arm64 lists, its own status; the host's dpkg untouched) downloads Debian's arm64 Python 3.11
-and its libraries, ``dpkg-deb -x`` unpacks them into a sysroot, pip installs TVM's aarch64 wheels of the
-host's versions into it, and ``bin/python3`` runs that interpreter under ``qemu-aarch64-static``. Built in a
-temporary directory and renamed into place under a lock; ``provisioned.json`` is the stamp.
+and its libraries, ``dpkg-deb -x`` unpacks them into a sysroot, the aarch64 device bundle
+(``scripts/device_bundle.py``: TVM's runtime only, the wheels it imports, ``tvmrp_device``) is assembled into
+the sysroot's ``/opt/tvmrp-device`` with its wheels unpacked into its ``site/`` (what its setup-device.sh
+does on a board without ``venv``), and ``bin/python3`` runs that interpreter under ``qemu-aarch64-static``
+with the environment the bundle's start-device.sh sets. Built in a temporary directory and renamed into
+place under a lock; ``provisioned.json`` is the stamp.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -24,6 +28,8 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
+import device_bundle  # scripts/device_bundle.py: this directory is sys.path[0] of scripts/aarch64_device.py
+
 REPO = Path(__file__).resolve().parents[1]
 SUITE = "bookworm"  # Debian 12: Python 3.11, the version of apache-tvm's cp311 wheels
 APT_SOURCES = Path("/etc/apt/sources.list.d")
@@ -33,14 +39,17 @@ KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 ROOT_PACKAGES = ("python3.11-minimal", "libpython3.11-stdlib", "libstdc++6")
 # Pulled in by the resolver (an empty dpkg status means "nothing installed") but never used by Python.
 SKIP_PACKAGES = frozenset({"dpkg", "tar"})
-# Host versions are used for these, so that client and device run the same TVM (its RPC needs that).
-PINNED_FROM_HOST = ("apache-tvm", "apache-tvm-ffi", "numpy", "ml_dtypes", "cloudpickle", "psutil",
-                    "typing_extensions")
-WHEEL_PLATFORMS = ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
+# Host versions are used for these (the bundle pins them), so that client and device run the same TVM.
+PINNED_FROM_HOST = ("apache-tvm", *device_bundle.HOST_PINNED, "numpy")
+BUNDLE_PYTHON = "3.11"
+BUNDLE_PLATFORM = "manylinux_2_28_aarch64"
+WHEEL_PLATFORMS = tuple(device_bundle.compatible_platforms(BUNDLE_PLATFORM))
+BUNDLE_DIR = "opt/tvmrp-device"  # inside the sysroot, where a board would unpack the bundle
 QEMU_BINARIES = ("qemu-aarch64-static", "qemu-aarch64")
 QEMU_PACKAGE = "qemu-user-static"
-LAYOUT_VERSION = "1"  # bump when the sysroot is built differently
-# Under emulation `import tvm` takes ~20 s, and rpc_server imports it twice (server and popen_worker).
+LAYOUT_VERSION = "2"  # bump when the sysroot is built differently; 2: from the device bundle (runtime only)
+# Under emulation the runtime-only `import tvm` takes ~11 s (the full wheel's ~17 s), and rpc_server imports
+# it twice (server and popen_worker).
 SMOKE_TIMEOUT_S = 300.0
 DOWNLOAD_TIMEOUT_S = 900.0
 SITECUSTOMIZE = '''"""Start-up of the emulated aarch64 Python (written by scripts/aarch64-device provision)."""
@@ -77,6 +86,11 @@ class Config:
         return self.home / "sysroot"
 
     @property
+    def bundle(self) -> Path:
+        """The device bundle's tree (runtime/, site/, bundle.json) inside the sysroot."""
+        return self.sysroot / BUNDLE_DIR
+
+    @property
     def python(self) -> Path:
         """The wrapper that runs the aarch64 Python under qemu; pass it where a Python is expected."""
         return self.home / "bin" / "python3"
@@ -107,14 +121,18 @@ class Provisioned:
     triple: str
     tvm_version: str
     python: str
+    bundle: str
+    bundle_bytes: int
+    identity: dict
 
     def summary(self) -> str:
         mb = 1e6
         return (
-            f"aarch64 sysroot ready: Python for {self.machine}, TVM {self.tvm_version}, LLVM triple {self.triple}\n"
+            f"aarch64 sysroot ready: Python for {self.machine} ({self.triple}), TVM {self.tvm_version} runtime only "
+            f"from the device bundle {self.bundle}\n"
             f"  downloads: {len(self.packages)} Debian packages {self.deb_bytes / mb:.0f} MB, "
             f"{len(self.wheels)} wheels {self.wheel_bytes / mb:.0f} MB; sysroot {self.sysroot_bytes / mb:.0f} MB "
-            f"on disk; built in {self.seconds:.0f} s\n"
+            f"on disk (the bundle {self.bundle_bytes / mb:.0f} MB of it); built in {self.seconds:.0f} s\n"
             f"  interpreter: {self.python}"
         )
 
@@ -127,6 +145,10 @@ def _spec() -> dict:
             wheels.append(f"{name}=={metadata.version(name)}")
         except metadata.PackageNotFoundError:
             wheels.append(name)
+    device_side = hashlib.sha256()
+    for name in device_bundle.DEVICE_SIDE_FILES:
+        with contextlib.suppress(OSError):
+            device_side.update(name.encode() + b"\0" + (device_bundle.DEVICE_SIDE / name).read_bytes())
     return {
         "layout": LAYOUT_VERSION,
         "suite": SUITE,
@@ -134,6 +156,8 @@ def _spec() -> dict:
         "skip": sorted(SKIP_PACKAGES),
         "wheels": wheels,
         "platforms": list(WHEEL_PLATFORMS),
+        "bundle_layout": device_bundle.LAYOUT_VERSION,
+        "device_side": device_side.hexdigest()[:16],
     }
 
 
@@ -169,7 +193,8 @@ def provision(cfg: Config, refresh: bool = False, log=print) -> tuple[Provisione
 def _is_current(cfg: Config, stamp: Provisioned | None, spec: dict) -> bool:
     return (
         stamp is not None and stamp.spec == spec and cfg.python.is_file()
-        and (cfg.sysroot / "usr" / "bin" / "python3.11").is_file() and _qemu() is not None
+        and (cfg.sysroot / "usr" / "bin" / "python3.11").is_file()
+        and (cfg.bundle / "site" / ".tvmrp-installed").is_file() and _qemu() is not None
     )
 
 
@@ -178,16 +203,17 @@ def _build(cfg: Config, spec: dict, log) -> Provisioned:
     cfg.stamp.unlink(missing_ok=True)
     qemu = _ensure_qemu(log)
     packages = _download_debs(cfg, log)
-    wheels = _download_wheels(cfg, spec["wheels"], log)
     tmp = Path(tempfile.mkdtemp(prefix="sysroot.tmp-", dir=cfg.home))
     try:
-        log(f"aarch64: unpacking {len(packages)} packages and {len(wheels)} wheels into the sysroot")
+        log(f"aarch64: unpacking {len(packages)} packages into the sysroot")
         for deb in packages:
             _run(["dpkg-deb", "-x", str(deb), str(tmp)], f"unpack {deb.name}", timeout=300)
         _relativise_symlinks(tmp)
+        bundle, wheels = _install_bundle(cfg, tmp / BUNDLE_DIR, log)
         site = tmp / "usr" / "lib" / "python3" / "dist-packages"
-        _install_wheels(cfg, spec["wheels"], site)
-        # Debian's sitecustomize is an absolute link into /etc of the *host*: ours replaces it.
+        site.mkdir(parents=True, exist_ok=True)
+        # Debian's sitecustomize is an absolute link into /etc of the *host*: ours replaces it. The bundle's
+        # own sitecustomize (first on PYTHONPATH) runs this one after it.
         (tmp / "usr" / "lib" / "python3.11" / "sitecustomize.py").unlink(missing_ok=True)
         (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
         old = cfg.home / f"sysroot.old-{os.getpid()}"
@@ -198,8 +224,8 @@ def _build(cfg: Config, spec: dict, log) -> Provisioned:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     _write_wrapper(cfg, qemu)
-    log("aarch64: checking the emulated Python (one emulated `import tvm`: 5-20 s)")
-    machine, triple, version = _smoke(cfg)
+    log("aarch64: checking the emulated Python (one emulated `import tvm`, runtime only: 5-20 s)")
+    identity = _smoke(cfg)
     record = Provisioned(
         spec=spec,
         packages=sorted(p.name for p in packages),
@@ -208,10 +234,13 @@ def _build(cfg: Config, spec: dict, log) -> Provisioned:
         wheel_bytes=sum(w.stat().st_size for w in wheels),
         sysroot_bytes=_du(cfg.sysroot),
         seconds=round(time.monotonic() - started, 1),
-        machine=machine,
-        triple=triple,
-        tvm_version=version,
+        machine=identity["machine"],
+        triple=identity["triple"],
+        tvm_version=identity["tvm"],
         python=str(cfg.python),
+        bundle=bundle["name"],
+        bundle_bytes=_du(cfg.bundle),
+        identity=identity,
     )
     tmp_stamp = cfg.stamp.with_suffix(".tmp")
     tmp_stamp.write_text(json.dumps(dataclasses.asdict(record), indent=1))
@@ -339,44 +368,42 @@ def _deb_of(directory: Path, name: str) -> Path | None:
 
 
 def _pip_platform_args() -> list[str]:
-    args = ["--only-binary=:all:", "--python-version", "3.11", "--implementation", "cp",
-            "--abi", "cp311", "--abi", "abi3", "--abi", "none"]
+    args = ["--only-binary=:all:", "--python-version", BUNDLE_PYTHON, "--implementation", "cp",
+            "--abi", device_bundle.python_tag(BUNDLE_PYTHON), "--abi", "abi3", "--abi", "none"]
     for platform in WHEEL_PLATFORMS:
         args += ["--platform", platform]
     return args
 
 
-def _download_wheels(cfg: Config, requirements: list[str], log) -> list[Path]:
-    wheels = cfg.home / "wheels"
-    wheels.mkdir(exist_ok=True)
-    log(f"aarch64: pip download of the aarch64 wheels ({', '.join(requirements)})")
-    _run([sys.executable, "-m", "pip", "download", "--disable-pip-version-check", "--progress-bar", "off",
-          "--no-deps", "--dest", str(wheels), *_pip_platform_args(), *requirements],
-         "pip download (aarch64 wheels)", timeout=DOWNLOAD_TIMEOUT_S)
-    names = {_canonical(req.split("==")[0]) for req in requirements}
-    found = [w for w in sorted(wheels.glob("*.whl")) if _canonical(w.name.split("-")[0]) in names]
-    # Several versions may lie there after an upgrade: keep the ones asked for.
-    chosen = [w for w in found if any(_matches(w, req) for req in requirements)]
-    return chosen
+def _install_bundle(cfg: Config, root: Path, log) -> tuple[dict, list[Path]]:
+    """The aarch64 device bundle, assembled at ``root`` with its wheels unpacked into ``root/site``.
 
+    What the bundle's setup-device.sh does on a board without ``venv``, done here by the host's pip (no
+    emulation). Downloads are kept in ``<home>/wheels``.
 
-def _canonical(name: str) -> str:
-    return name.lower().replace("-", "_").replace(".", "_")
-
-
-def _matches(wheel: Path, requirement: str) -> bool:
-    name, _, version = requirement.partition("==")
-    parts = wheel.name.split("-")
-    return _canonical(parts[0]) == _canonical(name) and (not version or parts[1] == version)
-
-
-def _install_wheels(cfg: Config, requirements: list[str], site: Path) -> None:
-    site.mkdir(parents=True, exist_ok=True)
+    Returns:
+        The bundle's ``bundle.json`` content, and the wheels downloaded for it (the apache-tvm one included).
+    """
+    downloads = cfg.home / "wheels"
+    log(f"aarch64: assembling the device bundle for {BUNDLE_PLATFORM} (TVM's runtime only) into the sysroot")
+    try:
+        info = device_bundle.assemble(root, BUNDLE_PYTHON, BUNDLE_PLATFORM, False, log, downloads=downloads)
+    except device_bundle.BundleError as exc:
+        raise DeviceScriptError(f"the aarch64 device bundle: {exc}") from None
+    site = root / "site"
+    site.mkdir()
     _run([sys.executable, "-m", "pip", "install", "--disable-pip-version-check", "--no-deps", "--no-index",
-          "--find-links", str(cfg.home / "wheels"), "--target", str(site), *_pip_platform_args(), *requirements],
-         "pip install --target (aarch64 wheels)", timeout=600)
+          "--find-links", str(root / "wheels"), "--target", str(site), *_pip_platform_args(),
+          "-r", str(root / "requirements.txt")],
+         "pip install --target (the bundle's aarch64 wheels)", timeout=600)
     # Console scripts pip wrote for the host's Python: useless (and misleading) on the device.
     shutil.rmtree(site / "bin", ignore_errors=True)
+    (site / ".tvmrp-installed").touch()
+    used = {name for name in info["wheel_bytes"]}
+    tvm_wheel = f"apache_tvm-{info['tvm']}-"
+    wheels = [w for w in sorted(downloads.glob("*.whl")) if w.name in used or
+              (w.name.startswith(tvm_wheel) and "aarch64" in w.name)]
+    return info, wheels
 
 
 def _relativise_symlinks(root: Path) -> None:
@@ -394,11 +421,17 @@ def _relativise_symlinks(root: Path) -> None:
 def _write_wrapper(cfg: Config, qemu: str) -> None:
     cfg.python.parent.mkdir(parents=True, exist_ok=True)
     q = shlex.quote
+    bundle = cfg.bundle
     text = f"""#!/bin/sh
 # Python 3.11 for aarch64 (Debian {SUITE}) under qemu-user; written by scripts/aarch64-device provision.
+# The environment is the one the device bundle's start-device.sh sets: its runtime-only TVM and its wheels
+# (site/) on PYTHONPATH, its sitecustomize (tvmrp.device_info) first.
 export TVMRP_AARCH64_PYTHON={q(str(cfg.python))}
 export PYTHONNOUSERSITE=1
-unset PYTHONHOME PYTHONPATH PYTHONSTARTUP LD_LIBRARY_PATH LD_PRELOAD VIRTUAL_ENV
+export PYTHONPATH={q(f"{bundle / 'runtime'}:{bundle / 'site'}")}
+export TVMRP_DEVICE_BUNDLE={q(str(bundle))}
+export TVM_USE_RUNTIME_LIB=1
+unset PYTHONHOME PYTHONSTARTUP LD_LIBRARY_PATH LD_PRELOAD VIRTUAL_ENV
 exec {q(qemu)} -L {q(str(cfg.sysroot))} {q(str(cfg.sysroot / 'usr' / 'bin' / 'python3.11'))} "$@"
 """
     tmp = cfg.python.with_suffix(".tmp")
@@ -407,14 +440,24 @@ exec {q(qemu)} -L {q(str(cfg.sysroot))} {q(str(cfg.sysroot / 'usr' / 'bin' / 'py
     tmp.replace(cfg.python)
 
 
-def _smoke(cfg: Config) -> tuple[str, str, str]:
-    code = ("import json, platform, tvm; from tvm.target import codegen; "
-            "print(json.dumps([platform.machine(), codegen.llvm_get_system_triple(), tvm.__version__]))")
+def _smoke(cfg: Config) -> dict:
+    """One emulated ``import tvm``: runtime only, ``tvmrp.device_info`` registered, the qemu ``sys.executable``.
+
+    Returns:
+        What ``tvmrp.device_info`` answers there.
+    """
+    code = ("import json, sys, tvm, tvm_ffi; "
+            "print(json.dumps([sys.executable, tvm_ffi.get_global_func('tvmrp.device_info')()]))")
     out = _run([str(cfg.python), "-c", code], "the emulated Python (import tvm)", timeout=SMOKE_TIMEOUT_S)
-    machine, triple, version = json.loads(out.strip().splitlines()[-1])
-    if machine != "aarch64":
-        raise DeviceScriptError(f"the emulated Python reports machine {machine!r}, not aarch64")
-    return machine, triple, version
+    executable, answer = json.loads(out.strip().splitlines()[-1])
+    identity = json.loads(answer)
+    if identity.get("machine") != "aarch64":
+        raise DeviceScriptError(f"the emulated Python reports machine {identity.get('machine')!r}, not aarch64")
+    if executable != str(cfg.python):  # the sysroot's sitecustomize did not run after the bundle's
+        raise DeviceScriptError(f"the emulated Python's sys.executable is {executable!r}, not {cfg.python}")
+    if not identity.get("runtime_only") or not identity.get("bundle") or not identity.get("tvm"):
+        raise DeviceScriptError(f"the emulated device does not run the bundle's runtime-only TVM: {identity}")
+    return identity
 
 
 def _du(path: Path) -> int:

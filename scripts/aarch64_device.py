@@ -1,4 +1,4 @@
-"""An emulated aarch64 TVM RPC device: Debian's arm64 Python 3.11 and TVM's aarch64 wheels under qemu-user.
+"""An emulated aarch64 TVM RPC device: Debian's arm64 Python 3.11 and the aarch64 device bundle under qemu-user.
 
     scripts/aarch64-device provision [--refresh]   build the sysroot from registries (idempotent, cached)
     scripts/aarch64-device start [--tracker HOST:PORT] [--key aarch64-qemu] [--json]
@@ -14,11 +14,16 @@ It lets the flow be tried on a foreign architecture without a board: build with
 Provisioning uses registries only: a private apt configuration (the host's dpkg and its architectures are
 left untouched) downloads the arm64 ``.deb`` files of ``python3.11-minimal``, ``libpython3.11-stdlib`` and
 ``libstdc++6`` with their dependencies from Debian bookworm, ``dpkg-deb -x`` unpacks them into a sysroot;
-pip downloads the aarch64 wheels of the host's exact apache-tvm / apache-tvm-ffi / numpy / ml_dtypes
-versions (plus cloudpickle, psutil, typing_extensions) and installs them into the sysroot's
-``/usr/lib/python3/dist-packages``. ``bin/python3`` runs that interpreter with ``qemu-aarch64-static -L
-SYSROOT``. Without binfmt_misc the host cannot execute aarch64 binaries, so a ``sitecustomize`` points
+the aarch64 device bundle (``scripts/device_bundle.py``: the runtime of the host's exact apache-tvm version
+from its aarch64 wheel, the aarch64 wheels of the host's apache-tvm-ffi / numpy / cloudpickle / psutil /
+typing_extensions, and ``tvmrp_device``, which makes the device tell its machine and versions) goes to the
+sysroot's ``/opt/tvmrp-device``, its wheels unpacked into its ``site/``. ``bin/python3`` runs that
+interpreter with ``qemu-aarch64-static -L SYSROOT`` in the environment the bundle's start-device.sh sets
+(``PYTHONPATH``, ``TVMRP_DEVICE_BUNDLE``, ``TVM_USE_RUNTIME_LIB=1``). Without binfmt_misc the host cannot
+execute aarch64 binaries, so a ``sitecustomize`` in the sysroot (run after the bundle's) points
 ``sys.executable`` at that wrapper: TVM's rpc_server starts its ``popen_worker`` with ``sys.executable``.
+Runtime only, the device has no LLVM triple to tell: it reports ``machine`` ``aarch64`` and its Python's
+triple (``tvmrp.device_info``), and the client refuses an x86_64 library before upload from that.
 
 Everything lives in ``$TVMRP_AARCH64_DIR`` (default ``<repo>/.cache/aarch64``, gitignored): ``apt/``,
 ``debs/``, ``wheels/`` (downloads, kept), ``sysroot/``, ``bin/python3``, ``provisioned.json`` (the stamp:
@@ -53,7 +58,8 @@ from pipeline.processes import stop_process_tree  # noqa: E402
 
 HOST = "127.0.0.1"
 DEFAULT_KEY = "aarch64-qemu"
-# Under emulation `import tvm` takes ~20 s, and rpc_server imports it twice (server and popen_worker).
+# Under emulation the runtime-only `import tvm` takes ~11 s, and rpc_server imports it twice (server and
+# popen_worker); a loaded host makes that several times longer.
 START_TIMEOUT_S = 300.0
 TRACKER_TIMEOUT_S = 60.0
 GRACE_S = 10.0
@@ -154,7 +160,9 @@ def _start_server(cfg: Config, tracker: str, key: str, timeout: float, started_t
     """Starts the emulated rpc_server and waits until it is registered; stops what was started on failure."""
     log(f"aarch64: starting the emulated rpc_server (key {key}, tracker {tracker}); "
         f"under emulation this takes 20-60 s")
-    device = EmbeddedServer(HOST, tracker=tracker, key=key, log_path=cfg.log("server"), python=cfg.python)
+    # identify=False: the wrapper sets the bundle's PYTHONPATH, whose own tvmrp_device tells who the device is.
+    device = EmbeddedServer(HOST, tracker=tracker, key=key, log_path=cfg.log("server"), python=cfg.python,
+                            identify=False)
     device.start()
     _record(cfg, "server", device.pgid, tracker, key)
     try:
@@ -214,7 +222,7 @@ def status(cfg: Config) -> tuple[int, dict]:
     info = _info(cfg)
     info["provisioned"] = stamp is not None
     if stamp is not None:
-        info["tvm_version"], info["triple"] = stamp.tvm_version, stamp.triple
+        info["tvm_version"], info["triple"], info["bundle"] = stamp.tvm_version, stamp.triple, stamp.bundle
     return (0 if info["registered"] else 3), info
 
 
@@ -288,7 +296,7 @@ def _command(cfg: Config, args: argparse.Namespace) -> int:
 def _status_text(cfg: Config, info: dict) -> str:
     state = "registered" if info["registered"] else ("running, NOT registered" if info["server_pid"] else "stopped")
     where = f" (key {info['key']}, tracker {info['tracker']}, pid {info['server_pid']})" if info["server_pid"] else ""
-    provisioned = "yes, TVM " + info["tvm_version"] if info["provisioned"] else "no"
+    provisioned = f"yes, TVM {info['tvm_version']} runtime only ({info['bundle']})" if info["provisioned"] else "no"
     return f"aarch64 device: {state}{where}\nprovisioned: {provisioned} ({cfg.home})"
 
 

@@ -1,6 +1,7 @@
 """Pack what a device needs to serve TVM RPC: TVM's runtime only, the wheels it imports, and a start script.
 
     scripts/device-bundle [--python-version 3.11] [--platform manylinux_2_28_x86_64] [--cuda] [--out DIR] [--json]
+                          [--tvm-version 0.27.0.post1]
 
 The device then needs only a Python of that version (no compiler, no network, no apache-tvm install):
 
@@ -11,10 +12,17 @@ The device then needs only a Python of that version (no compiler, no network, no
 What goes in (``bundle.json`` lists it, with the sizes):
 
 * ``runtime/tvm``: the host's installed ``tvm`` package (the ``apache-tvm`` wheel is ``py3-none``, one per
-  CPU architecture; for another architecture the matching wheel of the same version is downloaded) minus
+  CPU architecture; for another architecture, or another ``--tvm-version``, that wheel is downloaded) minus
   ``lib/libtvm_compiler.so`` (250 MB), ``3rdparty/``, ``include/``, ``src/``, ``web/``, ``lib64/`` and
   caches; without ``--cuda`` also minus ``lib/libtvm_runtime_cuda.so``. TVM falls back to its runtime-only
-  mode without the compiler library (``TVM_USE_RUNTIME_LIB=1`` is set too).
+  mode without the compiler library (``TVM_USE_RUNTIME_LIB=1`` is set too). ``--tvm-version`` exists to make
+  a device that differs from this machine on purpose (the version-skew tests); the bundle's name then ends
+  in ``-tvm<version>``.
+* ``runtime/tvmrp_device.py`` + ``runtime/sitecustomize.py`` (from ``pipeline/device/device_side/``): every
+  Python process of the device registers ``tvmrp.device_info``, which tells the client the machine, the
+  host name and the TVM, tvm-ffi and Python versions (a stock ``rpc_server`` tells none of these, a
+  runtime-only one not even its architecture). The client checks the versions at session start
+  (``pipeline.device.probe.check_versions``) and the architecture before upload.
 * ``wheels/``: for the device's Python and platform (``pip download --only-binary=:all:``), the host's
   versions of ``apache-tvm-ffi`` (exact: client and device must run the same FFI), ``numpy`` (imported by
   ``tvm.runtime``; when the host's version has no wheel for that Python, the newest ``>=host,<2``, else the
@@ -24,7 +32,8 @@ What goes in (``bundle.json`` lists it, with the sizes):
   ``libcuda.so.1``, 580 or newer). ``requirements.txt`` pins exactly these files.
 * ``setup-device.sh``: makes ``venv/`` with the device's Python and installs the wheels from the bundle
   only (``--no-index``); without ``venv`` support it unpacks them into ``site/`` instead.
-* ``start-device.sh``: ``python -m tvm.exec.rpc_server`` with ``PYTHONPATH=runtime``, on the given
+* ``start-device.sh``: ``python -m tvm.exec.rpc_server`` with ``PYTHONPATH=runtime`` and
+  ``TVMRP_DEVICE_BUNDLE`` = the bundle's directory (``tvmrp_device`` reads ``bundle.json`` there), on the given
   address (``--port P --port-end P+1``) or registered with a tracker; for CUDA with
   ``--load-library runtime/tvm/lib/libtvm_runtime_cuda.so`` (the server serves each session in a fresh
   interpreter, so the CUDA loader must be loaded there) and ``--no-fork`` (a forked session failed CUDA
@@ -33,6 +42,15 @@ What goes in (``bundle.json`` lists it, with the sizes):
 
 The result is ``OUT/<name>.tar.xz`` (``<name>`` = ``tvmrp-device-cp311-x86_64[-cuda]``), built in a
 temporary directory and renamed into place. Downloads go through pip (its cache makes reruns fast).
+:func:`assemble` writes the same tree into a directory without archiving it: the emulated aarch64 device
+(``scripts/aarch64-device provision``) is provisioned that way.
+
+Measured (apache-tvm 0.27.0.post1, Python 3.11, xz -6; ``--json`` prints the figures of each build):
+
+    bundle                          archive   runtime/ + wheels/ (unpacked)   built in (2 loaded cores)
+    tvmrp-device-cp311-x86_64       22.7 MB   13.3 MB + 20.6 MB               33 s
+    tvmrp-device-cp311-aarch64      19.2 MB   12.9 MB + 17.3 MB               29 s
+    tvmrp-device-cp311-x86_64-cuda  25.0 MB   13.8 MB + 22.8 MB               45 s
 """
 
 from __future__ import annotations
@@ -55,7 +73,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / ".cache" / "device-bundles"
-LAYOUT_VERSION = "1"
+LAYOUT_VERSION = "2"  # 2: runtime/tvmrp_device.py + sitecustomize.py, TVMRP_DEVICE_BUNDLE
+#: What the device runs so that it tells who it is (copied into ``runtime/``).
+DEVICE_SIDE = REPO / "pipeline" / "device" / "device_side"
+DEVICE_SIDE_FILES = ("tvmrp_device.py", "sitecustomize.py")
 DOWNLOAD_TIMEOUT_S = 900.0
 
 #: Paths inside the ``tvm`` package a runtime-only device never uses.
@@ -194,13 +215,20 @@ def installed_tvm() -> Path:
     return Path(locations[0])
 
 
-def copy_runtime(dest: Path, cuda: bool, platform_tag: str, downloads: Path, log) -> str:
-    """Write the runtime-only ``tvm`` package to ``dest/tvm``; returns where it came from."""
+def copy_runtime(
+    dest: Path, cuda: bool, platform_tag: str, downloads: Path, log, tvm_version: str | None = None
+) -> str:
+    """Write the runtime-only ``tvm`` package to ``dest/tvm``; returns where it came from.
+
+    The host's installed package when it is of ``tvm_version`` (default: the host's) and the platform's
+    architecture; else the ``apache-tvm==<tvm_version>`` wheel for the platform, downloaded.
+    """
     import platform as _platform
 
-    version = _host_version("apache-tvm")
+    host_version = _host_version("apache-tvm")
+    version = tvm_version or host_version
     host_arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(_platform.machine().lower(), _platform.machine().lower())
-    if platform_arch(platform_tag) == host_arch:
+    if platform_arch(platform_tag) == host_arch and version == host_version:
         source = installed_tvm()
         for path in sorted(source.rglob("*")):
             relative = path.relative_to(source).as_posix()
@@ -230,6 +258,15 @@ def copy_runtime(dest: Path, cuda: bool, platform_tag: str, downloads: Path, log
             mode = (info.external_attr >> 16) & 0o777
             target.chmod(mode or 0o644)
     return f"{wheel.name} (downloaded)"
+
+
+def copy_device_side(dest: Path) -> None:
+    """``tvmrp_device.py`` and the ``sitecustomize.py`` that activates it, into ``dest`` (the PYTHONPATH dir)."""
+    for name in DEVICE_SIDE_FILES:
+        source = DEVICE_SIDE / name
+        if not source.is_file():
+            raise BundleError(f"{source} is missing: the checkout is incomplete")
+        shutil.copy2(source, dest / name)
 
 
 # ------------------------------------------------------------------------------------------- scripts
@@ -327,6 +364,9 @@ else
   PYTHONPATH="$here/runtime:$here/site"
 fi
 export PYTHONPATH
+# runtime/sitecustomize.py makes every Python process of the device register tvmrp.device_info (who it is);
+# tvmrp_device reads bundle.json from here.
+export TVMRP_DEVICE_BUNDLE="$here"
 export TVM_USE_RUNTIME_LIB=1
 export PYTHONUNBUFFERED=1
 export PYTHONNOUSERSITE=1
@@ -375,58 +415,91 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file() and not p.is_symlink())
 
 
-def bundle_name(python_version: str, platform_tag: str, cuda: bool) -> str:
-    return f"tvmrp-device-{python_tag(python_version)}-{platform_arch(platform_tag)}{'-cuda' if cuda else ''}"
+def bundle_name(python_version: str, platform_tag: str, cuda: bool, tvm_version: str | None = None) -> str:
+    """``tvmrp-device-cp311-x86_64[-cuda]``; ``-tvm<version>`` added when ``tvm_version`` is not the host's."""
+    name = f"tvmrp-device-{python_tag(python_version)}-{platform_arch(platform_tag)}{'-cuda' if cuda else ''}"
+    if tvm_version and tvm_version != _host_version("apache-tvm"):
+        name += f"-tvm{tvm_version}"
+    return name
+
+
+def check_tvm_version(version: str) -> str:
+    if not re.fullmatch(r"\d+\.\d+(\.\d+)?([.-]?(post|rc|dev)\d*)?", version):
+        raise BundleError(f"--tvm-version {version!r} must be an apache-tvm release such as 0.27.0.post1")
+    return version
+
+
+def assemble(
+    root: Path,
+    python_version: str,
+    platform_tag: str,
+    cuda: bool,
+    log=print,
+    tvm_version: str | None = None,
+    downloads: Path | None = None,
+) -> dict:
+    """Write the bundle's tree into the new directory ``root`` (not archived); returns what ``bundle.json`` says.
+
+    Args:
+        downloads: Where pip's downloads go (kept); a temporary directory if None.
+    """
+    tvm_version = tvm_version or _host_version("apache-tvm")
+    name = bundle_name(python_version, platform_tag, cuda, tvm_version)
+    (root / "runtime").mkdir(parents=True)
+    (root / "wheels").mkdir()
+    with contextlib.ExitStack() as stack:
+        if downloads is None:
+            downloads = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".downloads-", dir=root.parent)))
+        downloads.mkdir(parents=True, exist_ok=True)
+        source = copy_runtime(root / "runtime", cuda, platform_tag, downloads, log, tvm_version)
+        copy_device_side(root / "runtime")
+        wheels = download_wheels(downloads, python_version, platform_tag, cuda, log)
+        for wheel in wheels:
+            shutil.copy2(wheel, root / "wheels" / wheel.name)
+    requirements = []
+    for wheel in wheels:
+        dist, version = wheel.name.split("-")[:2]
+        requirements.append(f"{dist}=={version}")
+    (root / "requirements.txt").write_text("\n".join(requirements) + "\n")
+    pyver = python_version
+    major, minor = pyver.split(".")
+    cuda_note = ", CUDA 13 (libtvm_runtime_cuda.so; the device needs an NVIDIA driver 580+)" if cuda else ""
+    values = {"PYVER": pyver, "PYMAJ": major, "PYMIN": minor, "TVM": tvm_version, "PLATFORM": platform_tag,
+              "CUDA": "1" if cuda else "0", "CUDA_NOTE": cuda_note}
+    for script, template in (("setup-device.sh", SETUP_SH), ("start-device.sh", START_SH)):
+        (root / script).write_text(_render(template, values))
+        (root / script).chmod(0o755)
+    (root / "README.txt").write_text(README.format(name=name, tvm=tvm_version, pyver=pyver,
+                                                   platform=platform_tag, cuda_note=cuda_note))
+    info = {
+        "layout": LAYOUT_VERSION,
+        "name": name,
+        "python": pyver,
+        "platform": platform_tag,
+        "cuda": cuda,
+        "tvm": tvm_version,
+        "tvm_source": source,
+        "requirements": requirements,
+        "runtime_bytes": _size(root / "runtime"),
+        "wheel_bytes": {w.name: w.stat().st_size for w in wheels},
+        "start": "./start-device.sh --host 0.0.0.0 --port 9090",
+    }
+    (root / "bundle.json").write_text(json.dumps(info, indent=1) + "\n")
+    return info
 
 
 def build_bundle(
-    python_version: str, platform_tag: str, cuda: bool, out: Path, log=print, level: int = 6
+    python_version: str, platform_tag: str, cuda: bool, out: Path, log=print, level: int = 6,
+    tvm_version: str | None = None,
 ) -> dict:
     """Build ``out/<name>.tar.xz``; returns what ``bundle.json`` says plus ``archive`` and ``archive_bytes``."""
     started = time.monotonic()
-    name = bundle_name(python_version, platform_tag, cuda)
+    name = bundle_name(python_version, platform_tag, cuda, tvm_version)
     out.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{name}-", dir=out) as work_text:
         work = Path(work_text)
         root = work / name
-        (root / "runtime").mkdir(parents=True)
-        (root / "wheels").mkdir()
-        downloads = work / "downloads"
-        downloads.mkdir()
-        source = copy_runtime(root / "runtime", cuda, platform_tag, downloads, log)
-        wheels = download_wheels(downloads, python_version, platform_tag, cuda, log)
-        for wheel in wheels:
-            shutil.copy2(wheel, root / "wheels" / wheel.name)
-        requirements = []
-        for wheel in wheels:
-            dist, version = wheel.name.split("-")[:2]
-            requirements.append(f"{dist}=={version}")
-        (root / "requirements.txt").write_text("\n".join(requirements) + "\n")
-        pyver = python_version
-        major, minor = pyver.split(".")
-        tvm_version = _host_version("apache-tvm")
-        cuda_note = ", CUDA 13 (libtvm_runtime_cuda.so; the device needs an NVIDIA driver 580+)" if cuda else ""
-        values = {"PYVER": pyver, "PYMAJ": major, "PYMIN": minor, "TVM": tvm_version, "PLATFORM": platform_tag,
-                  "CUDA": "1" if cuda else "0", "CUDA_NOTE": cuda_note}
-        for script, template in (("setup-device.sh", SETUP_SH), ("start-device.sh", START_SH)):
-            (root / script).write_text(_render(template, values))
-            (root / script).chmod(0o755)
-        (root / "README.txt").write_text(README.format(name=name, tvm=tvm_version, pyver=pyver,
-                                                       platform=platform_tag, cuda_note=cuda_note))
-        info = {
-            "layout": LAYOUT_VERSION,
-            "name": name,
-            "python": pyver,
-            "platform": platform_tag,
-            "cuda": cuda,
-            "tvm": tvm_version,
-            "tvm_source": source,
-            "requirements": requirements,
-            "runtime_bytes": _size(root / "runtime"),
-            "wheel_bytes": {w.name: w.stat().st_size for w in wheels},
-            "start": "./start-device.sh --host 0.0.0.0 --port 9090",
-        }
-        (root / "bundle.json").write_text(json.dumps(info, indent=1) + "\n")
+        info = assemble(root, python_version, platform_tag, cuda, log, tvm_version, downloads=work / "downloads")
         archive_tmp = work / f"{name}.tar.xz"
         _write_archive(root, archive_tmp, level)
         archive = out / f"{name}.tar.xz"
@@ -466,13 +539,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"where the .tar.xz goes (default {DEFAULT_OUT})")
     parser.add_argument("--xz-level", type=int, choices=range(10), default=6, metavar="0-9",
                         help="xz compression level (default 6; 1 is 6x faster and 2%% larger)")
+    parser.add_argument("--tvm-version", metavar="VERSION",
+                        help="the apache-tvm release the device runs (default: this machine's); another one makes a "
+                             "device that differs on purpose, e.g. to try the version-skew check")
     parser.add_argument("--json", action="store_true", help="print the bundle's description as JSON")
     args = parser.parse_args(argv)
     log = (lambda message: print(message, file=sys.stderr)) if args.json else print
     try:
         python_tag(args.python_version)
         platform_arch(args.platform)
-        info = build_bundle(args.python_version, args.platform, args.cuda, args.out.resolve(), log, args.xz_level)
+        if args.tvm_version is not None:
+            check_tvm_version(args.tvm_version)
+        info = build_bundle(args.python_version, args.platform, args.cuda, args.out.resolve(), log, args.xz_level,
+                            args.tvm_version)
     except BundleError as exc:
         print(f"Error: {exc}", file=sys.stderr)
         return 1

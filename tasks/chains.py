@@ -39,7 +39,7 @@ from tasks.load import Loaded, load_task
 from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
 from tasks.tune import tune_task
-from tasks.upload import check_gpu, upload_task
+from tasks.upload import inspect_device, upload_task
 
 log = logging.getLogger(__name__)
 
@@ -79,14 +79,16 @@ def compile_chain(plan: BuildPlan, store: ArtifactStore, refresh: bool, run: Sta
     return Compiled(module, tuning, build, library, stages)
 
 
-def preflight_gpu(device: Device, target: TargetInfo) -> None:
-    """Ask the device, before anything is compiled, whether it has the GPU a CUDA build needs.
+def preflight(device: Device, target: TargetInfo, allow_version_skew: bool = False) -> None:
+    """Ask the device, before anything is compiled, whether it can run what the target builds (for a CUDA
+    target: before a compile of many seconds; the upload stage asks again).
 
     Raises:
-        ArchMismatch: it has no CUDA GPU, or one of another compute capability.
+        VersionSkew: it runs another minor TVM version.
+        ArchMismatch: another architecture, no CUDA GPU, or one of another compute capability.
     """
     with device.session() as session, opened(session) as ref:
-        check_gpu(ref, str(target.gpu_arch))
+        inspect_device(ref, target.arch, target.gpu_arch, allow_version_skew)
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,7 @@ def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str 
 
 def device_chain(
     device: Device, library: Artifact, store: ArtifactStore, target: TargetInfo, data: np.ndarray, timing: Timing,
-    device_cache: str | None, retries: int,
+    device_cache: str | None, retries: int, allow_version_skew: bool = False,
 ) -> OnDevice:
     """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost.
 
@@ -129,7 +131,8 @@ def device_chain(
     while True:
         try:
             with device.session() as session, opened(session) as ref:
-                uploaded = upload_task(ref, library, str(store.root), target.arch, device_cache, reuse, target.gpu_arch)
+                uploaded = upload_task(ref, library, str(store.root), target.arch, device_cache, reuse, target.gpu_arch,
+                                       allow_version_skew)
                 loaded = load_task(uploaded, str(store.root))
                 result = run_task(set_input_task(loaded, data), timing)
                 return OnDevice(loaded, result, ref.description, uploaded.device_identity)
@@ -168,7 +171,7 @@ def run_on_device(
     """
     root = str(req.store.root)
     on = device_chain(device, compiled.library, req.store, req.target, req.input, req.timing, req.device_cache,
-                      req.device_retries)
+                      req.device_retries, req.allow_version_skew)
     stages = {name: "skipped" for name in STAGES} | compiled.stages
     stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
     checked = None

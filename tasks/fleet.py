@@ -21,7 +21,7 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from tasks.chains import Compiled, compile_chain, preflight_gpu, run_on_device
+from tasks.chains import Compiled, compile_chain, preflight, run_on_device
 from pipeline.device import Device
 from pipeline.errors import BuildError, PairFailed, StoreError
 from pipeline.fleet import FleetPair, PairResult, now, one_line
@@ -126,7 +126,7 @@ def run_pair(pair: FleetPair, compiled: Compiled, reference: Reference | None, f
         assert pair.plan is not None
         with Device(req.device) as device:
             if req.target.device == "cuda":
-                preflight_gpu(device, req.target)
+                preflight(device, req.target, req.allow_version_skew)
             summary = run_on_device(req, pair.plan, compiled, device,
                                     (reference.artifact, reference.status) if reference is not None else None,
                                     run_id, ledger_started, fleet_run=fleet_run)

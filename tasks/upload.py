@@ -1,7 +1,7 @@
 """Stage ``upload``: make the exported library available on the device, unless the device already keeps it.
 
-The device is asked for its architecture first, and a library built for another one is refused before
-anything is sent. The library's bytes are checked against the digest in its manifest right before sending,
+The device is asked what it is first (its TVM version, architecture and GPU), and a library it could not run
+is refused before anything is sent. The library's bytes are checked against the digest in its manifest right before sending,
 so a copy corrupted on disk is never uploaded. With a device cache (:mod:`pipeline.device_cache`) the
 library goes to a directory the device keeps between sessions, and a later run that finds the same digest
 there (under a marker this client authenticated) sends nothing.
@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.device import device_triple, probe
+from pipeline.device import DeviceInfo, probe
+from pipeline.device.probe import check_versions, device_arch
 from pipeline.device_cache import DeviceCache, Placement, cache_secret, place
 from pipeline.errors import ArchMismatch, StoreError
 from pipeline.store import Artifact, ArtifactStore
-from pipeline.targets import normalise_arch
 from tasks._live import SessionRef, session_of
 from tasks.progress import while_waiting
 from tasks.export_library import LIBRARY_FILE
@@ -43,7 +43,7 @@ class Uploaded:
     placement: Placement
     device_cache: str | None = None
     device_identity: str = "unknown"
-    """What the device reported about itself (its LLVM triple; its GPU's compute capability)."""
+    """What the device reported about itself (:func:`inspect_device`): part of the run's series."""
     device_kind: str = "cpu"
     """Where the model runs on the device: ``cpu`` or ``cuda``."""
 
@@ -78,21 +78,51 @@ def verified_library(library: Artifact, store_root: str) -> tuple[bytearray, str
     return bytearray(data), sha256
 
 
-def check_gpu(session: SessionRef, gpu_arch: str) -> str:
-    """Refuse a library built for the GPU architecture ``gpu_arch`` (``sm_90``) unless the device has that GPU.
+def inspect_device(
+    session: SessionRef, target_arch: str, gpu_arch: str | None = None, allow_version_skew: bool = False
+) -> str:
+    """Ask the device what it is (:func:`pipeline.device.probe`, once) and refuse what could not run there.
 
-    A cubin runs on GPUs of its major compute capability and the same or a higher minor one; an ``sm_90a``
-    cubin on compute capability 9.0 only.
+    Checks, in order: its TVM version against ours (another minor version is refused unless
+    ``allow_version_skew``; another patch version warns), its architecture against the library's, and for a
+    CUDA library (``gpu_arch``) its GPU.
 
     Returns:
-        The device's compute capability, e.g. ``"9.0"``.
+        The device's identity for the run's series: its triple (or machine), TVM version, host name and GPU,
+        where it told them.
 
     Raises:
-        ArchMismatch: the device has no CUDA GPU (or its rpc_server was started without TVM's CUDA runtime),
-            or a GPU of another compute capability (nothing is uploaded).
+        VersionSkew: the device runs another major or minor TVM version.
+        ArchMismatch: another architecture, no CUDA GPU, or a GPU of another compute capability (nothing is
+            uploaded).
     """
-    remote = session_of(session)
-    info = probe(remote)
+    info = probe(session_of(session))
+    warning = check_versions(info, allow_skew=allow_version_skew, device=session.description)
+    if warning:
+        log.warning("%s", warning)
+    _check_arch(info, session, target_arch)
+    gpu = _check_gpu(info, session, gpu_arch) if gpu_arch else None
+    parts = [info.triple or info.machine or "unknown"]
+    parts += [f"tvm {info.tvm_version}"] if info.tvm_version else []
+    parts += [f"host {info.hostname}"] if info.hostname else []
+    parts += [f"cuda {gpu} ({gpu_arch})"] if gpu else []
+    return ", ".join(parts)
+
+
+def _check_arch(info: DeviceInfo, session: SessionRef, target_arch: str) -> None:
+    device = device_arch(info)
+    if device and device != target_arch:
+        suggestion = f"llvm -mtriple={device}-linux-gnu" + (" -mattr=+neon" if device == "aarch64" else "")
+        raise ArchMismatch(
+            f"the library is built for {target_arch} but {session.description} is {device} "
+            f"({info.triple or info.machine}): build for the device with --target \"{suggestion}\" or pick a "
+            f"{target_arch} device"
+        )
+
+
+def _check_gpu(info: DeviceInfo, session: SessionRef, gpu_arch: str) -> str:
+    """The device's compute capability, if a cubin for ``gpu_arch`` runs on it: of the same major capability,
+    the same or a higher minor one (an ``sm_90a``/``f`` cubin: exactly 9.0)."""
     if not info.has_cuda or not info.compute_version:
         raise ArchMismatch(
             f"the library is built for a CUDA GPU ({gpu_arch}) but {session.description} has no CUDA GPU that its "
@@ -111,26 +141,6 @@ def check_gpu(session: SessionRef, gpu_arch: str) -> str:
     return info.compute_version
 
 
-def check_arch(session: SessionRef, target_arch: str) -> str | None:
-    """Refuse a library built for ``target_arch`` when the device reports another architecture.
-
-    Returns:
-        The device's LLVM triple, if it can tell.
-
-    Raises:
-        ArchMismatch: the device is another architecture (nothing is uploaded).
-    """
-    triple = device_triple(session_of(session))
-    device_arch = normalise_arch(triple.split("-")[0]) if triple else None
-    if device_arch and device_arch != target_arch:
-        suggestion = f"llvm -mtriple={device_arch}-linux-gnu" + (" -mattr=+neon" if device_arch == "aarch64" else "")
-        raise ArchMismatch(
-            f"the library is built for {target_arch} but {session.description} is {device_arch} ({triple}): "
-            f"build for the device with --target \"{suggestion}\" or pick a {target_arch} device"
-        )
-    return triple
-
-
 def upload(
     session: SessionRef,
     library: Artifact,
@@ -139,6 +149,7 @@ def upload(
     device_cache: str | None = None,
     reuse: bool = True,
     gpu_arch: str | None = None,
+    allow_version_skew: bool = False,
 ) -> Uploaded:
     """Verify ``library`` (built for ``target_arch``) and make it available on the device behind ``session``.
 
@@ -146,15 +157,15 @@ def upload(
         device_cache: Directory on the device that keeps libraries between runs (None: the session's own).
         reuse: Use a copy the device cache already holds instead of uploading (False: upload anyway).
         gpu_arch: The GPU architecture of a CUDA library (``sm_90``); the model then runs on the device's GPU.
+        allow_version_skew: Use a device that runs another minor TVM version (a warning instead of a refusal).
 
     Raises:
+        VersionSkew: the device runs another major or minor TVM version (nothing is uploaded).
         ArchMismatch: the device reports another architecture than the library's (nothing is uploaded).
         StoreError: the library on disk no longer matches its digest (it is not uploaded).
         DeviceTimeout / RemoteRunError: the upload did not finish in time or failed.
     """
-    triple = check_arch(session, target_arch)
-    gpu = check_gpu(session, gpu_arch) if gpu_arch else None
-    identity = (triple or "unknown") + (f", cuda {gpu} ({gpu_arch})" if gpu else "")
+    identity = inspect_device(session, target_arch, gpu_arch, allow_version_skew)
     data, sha256 = verified_library(library, store_root)
     with while_waiting(f"upload-{library.key[:16]}", f"upload of the library ({len(data) / 1e6:.1f} MB) to "
                        f"{session.description}"):

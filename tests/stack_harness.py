@@ -23,7 +23,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from conftest import REPO, make_tiny_onnx
+from support import REPO, make_tiny_onnx
 
 STACK = REPO / "scripts" / "stack"
 UP_TIMEOUT_S = 240

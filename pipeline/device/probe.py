@@ -1,26 +1,48 @@
-"""What a device can tell about itself over an open session: :func:`probe` and :func:`device_triple`.
+"""What a device can tell about itself over an open session: :func:`probe`, :func:`device_triple`, and the
+checks built on it: :func:`device_arch`, :func:`check_versions`.
 
 Every question is one bounded remote call (:meth:`RemoteSession.call`). What a server cannot answer is None,
 never an error: a runtime-only server (``TVM_USE_RUNTIME_LIB=1``, or a device with only ``libtvm_runtime``)
 registers none of the compiler's functions, and a CPU-only one has no CUDA device API. Measured with
-apache-tvm 0.27 on x86-64, no GPU: a full server tells the triple, the LLVM version and ``has_cuda=False``;
-a runtime-only one only ``has_cuda=False``; neither registers a function that reports TVM's version
-(``support.GetLibInfo`` is gone from 0.27, see ``tvm/support/libinfo.py``) or the machine's host name.
+apache-tvm 0.27 on x86-64, no GPU: a stock full server tells the triple, the LLVM version and
+``has_cuda=False``; a stock runtime-only one only ``has_cuda=False``; neither registers a function that
+reports TVM's version (``support.GetLibInfo`` is gone from 0.27, see ``tvm/support/libinfo.py``) or the
+machine's host name.
+
+The devices this project sets up (a device bundle, the emulated aarch64 device, the embedded server) also
+register ``tvmrp.device_info`` (``pipeline/device/device_side/tvmrp_device.py``): a JSON object with the
+machine, the GNU triple of the device's Python, the host name and the TVM, tvm-ffi and Python versions.
+:func:`probe` asks it first; its answer is untrusted data, parsed and clipped, never executed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import logging
+import sys
 from collections.abc import Callable
+from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from pipeline.device.session import RemoteSession
-from pipeline.errors import DeviceLost, RemoteRunError
+from pipeline.errors import DeviceLost, RemoteRunError, VersionSkew
+from pipeline.targets import normalise_arch
 
 if TYPE_CHECKING:
     from tvm.rpc.client import RPCSession
 
-__all__ = ["DeviceInfo", "device_triple", "probe"]
+__all__ = [
+    "DeviceInfo",
+    "check_versions",
+    "device_arch",
+    "device_triple",
+    "local_tvm_version",
+    "parse_device_info",
+    "probe",
+]
+
+logger = logging.getLogger(__name__)
 
 # Global functions of a full TVM runtime that report the triple LLVM would build for on that machine.
 _TRIPLE_FUNCTIONS = (
@@ -32,6 +54,10 @@ _LLVM_VERSION_FUNCTION = "target.llvm_version_major"
 # Build information of TVM builds that still register it (older releases, source builds).
 _LIB_INFO_FUNCTION = "support.GetLibInfo"
 _NOT_FOUND = "NOT-FOUND"
+#: Registered by the devices this project sets up (``pipeline/device/device_side/tvmrp_device.py``).
+DEVICE_INFO_FUNCTION = "tvmrp.device_info"
+_DEVICE_INFO_LIMIT = 1 << 16  # bytes of JSON; the real answer is ~300
+_FIELD_LIMIT = 100  # characters kept of each reported string
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,14 +65,22 @@ class DeviceInfo:
     """What :func:`probe` learnt about a device; each field None when the device could not tell.
 
     Attributes:
-        triple: The LLVM target triple of the device, e.g. ``"x86_64-conda-linux-gnu"`` (full TVM only).
+        triple: The LLVM target triple of the device, e.g. ``"x86_64-conda-linux-gnu"`` (full TVM); else, on a
+            device that reports ``tvmrp.device_info``, the GNU triple its Python was built for, e.g.
+            ``"aarch64-unknown-linux-gnu"`` (enough to tell the architecture).
         llvm_version: The major version of the LLVM in the device's TVM (full TVM only).
-        tvm_version: The device's TVM version, or ``"git <hash>"`` of its build, where its TVM registers
-            ``support.GetLibInfo`` (not the 0.27 wheels).
+        tvm_version: The device's TVM version, e.g. ``"0.27.0.post1"`` (``tvmrp.device_info``), or of TVM
+            builds that register ``support.GetLibInfo`` (not the 0.27 wheels) their version or ``"git <hash>"``.
         has_cuda: Whether the device has a CUDA GPU TVM can use (False also when its TVM lacks CUDA).
         compute_version: The GPU's compute capability, e.g. ``"8.0"``, when ``has_cuda``.
         address: ``"HOST:PORT"`` of the server at the other end of the session (for a tracker, the server
             it handed out); no remote call.
+        machine: ``platform.machine()`` of the device, e.g. ``"aarch64"`` (``tvmrp.device_info``).
+        hostname: The device's host name (``tvmrp.device_info``).
+        tvm_ffi_version: The device's apache-tvm-ffi version (``tvmrp.device_info``).
+        python_version: The device's Python version (``tvmrp.device_info``).
+        bundle: The name of the device bundle it was started from, e.g. ``"tvmrp-device-cp311-aarch64"``
+            (``tvmrp.device_info``; None also for a device not started from a bundle).
     """
 
     triple: str | None = None
@@ -55,6 +89,11 @@ class DeviceInfo:
     has_cuda: bool | None = None
     compute_version: str | None = None
     address: str | None = None
+    machine: str | None = None
+    hostname: str | None = None
+    tvm_ffi_version: str | None = None
+    python_version: str | None = None
+    bundle: str | None = None
 
 
 def probe(session: RemoteSession) -> DeviceInfo:
@@ -68,42 +107,189 @@ def probe(session: RemoteSession) -> DeviceInfo:
             answers with an error is not one of these: that field is None).
     """
     remote = session.remote
+    identity = _tolerant(lambda: _identity(session)) or {}
     has_cuda = _ask(session, "probe cuda", lambda: bool(remote.cuda(0).exist))
     compute = _ask(session, "probe compute version", lambda: remote.cuda(0).compute_version) if has_cuda else None
     llvm = _ask(session, "probe llvm version", _calling(remote, _LLVM_VERSION_FUNCTION))
+    triple = _ask(session, "device_triple", lambda: _compiler_triple(remote)) or identity.get("triple")
+    tvm_version = identity.get("tvm") or _ask(session, "probe tvm version", lambda: _version_from_lib_info(remote))
     peer = session.peer
     return DeviceInfo(
-        triple=_tolerant(lambda: device_triple(session)),
+        triple=triple,
         llvm_version=None if llvm is None else int(llvm),
-        tvm_version=_ask(session, "probe tvm version", lambda: _version_from_lib_info(remote)),
+        tvm_version=tvm_version,
         has_cuda=has_cuda,
         compute_version=None if compute is None else str(compute),
         address=None if peer is None else f"{peer[0]}:{peer[1]}",
+        machine=identity.get("machine"),
+        hostname=identity.get("hostname"),
+        tvm_ffi_version=identity.get("tvm_ffi"),
+        python_version=identity.get("python"),
+        bundle=identity.get("bundle"),
     )
 
 
 def device_triple(session: RemoteSession) -> str | None:
-    """The LLVM target triple of the device, e.g. ``"x86_64-conda-linux-gnu"``, if its server can tell.
+    """The target triple of the device, e.g. ``"x86_64-conda-linux-gnu"``, if its server can tell.
 
-    A server running the full ``tvm`` package answers (``target.llvm_get_system_triple`` and two
-    ``tvm.codegen.llvm`` fallbacks); a runtime-only server has none of these functions.
+    A server running the full ``tvm`` package answers with LLVM's (``target.llvm_get_system_triple`` and two
+    ``tvm.codegen.llvm`` fallbacks); a runtime-only server has none of these functions, and then a device
+    that registers ``tvmrp.device_info`` answers with the GNU triple its Python was built for
+    (``aarch64-unknown-linux-gnu``): the architecture is right, the vendor part may differ from LLVM's.
 
     Returns:
-        The triple, or None if the server registers none of the functions.
+        The triple, or None if the server can tell neither.
 
     Raises:
         DeviceTimeout, DeviceUnavailable, RemoteRunError: As for :meth:`RemoteSession.call`.
     """
+    triple = session.call("device_triple", _compiler_triple, session.remote)
+    if triple:
+        return triple
+    return (_identity(session) or {}).get("triple")
 
-    def lookup(remote: RPCSession) -> str | None:
-        for name in _TRIPLE_FUNCTIONS:
-            function = _function(remote, name)
-            triple = "" if function is None else str(function()).strip()
-            if triple:
-                return triple
+
+def device_arch(info: DeviceInfo) -> str | None:
+    """The device's architecture, normalised like :func:`pipeline.targets.normalise_arch` (``x86_64``,
+    ``aarch64``), from its triple, else from its ``machine``; None when it told neither.
+
+    The triple comes first: a 32-bit ARM Python on a 64-bit kernel reports ``machine`` ``aarch64`` but can
+    only load ``arm`` libraries, and its triple says so.
+    """
+    if info.triple:
+        return normalise_arch(info.triple.split("-")[0])
+    if info.machine:
+        return normalise_arch(info.machine)
+    return None
+
+
+def local_tvm_version() -> str | None:
+    """The TVM version this machine builds with: the installed ``apache-tvm`` distribution (no ``import tvm``),
+    else ``tvm.__version__`` of an already imported ``tvm``; None if neither."""
+    try:
+        return metadata.version("apache-tvm")
+    except metadata.PackageNotFoundError:
+        module = sys.modules.get("tvm")
+        version = getattr(module, "__version__", None) if module is not None else None
+        return None if version is None else str(version)
+
+
+def check_versions(
+    info: DeviceInfo, ours: str | None = None, allow_skew: bool = False, device: str | None = None
+) -> str | None:
+    """Compare the device's TVM version with ours at session start.
+
+    The rule: the same version is fine; another patch version (``0.27.0`` vs ``0.27.1``; a ``.postN``,
+    pre-release or local suffix counts as a patch difference) gives a warning; another major or minor version
+    is refused, unless ``allow_skew``, which turns the refusal into a warning. A device that does not tell its
+    version (a stock ``rpc_server``) passes silently (a debug log line): nothing can be checked. Also warns
+    when both sides report different apache-tvm-ffi versions (client and device should run the same FFI).
+
+    Args:
+        info: What :func:`probe` learnt about the device.
+        ours: This machine's TVM version (default: :func:`local_tvm_version`).
+        allow_skew: Warn instead of refusing another major or minor version (``--allow-version-skew``).
+        device: How to name the device in messages (default: its address or host name).
+
+    Returns:
+        A warning to show the user, or None when there is nothing to say.
+
+    Raises:
+        VersionSkew: The device runs another major or minor version of TVM and ``allow_skew`` is False.
+    """
+    ours = local_tvm_version() if ours is None else ours
+    theirs = info.tvm_version
+    name = device or info.address or info.hostname or "the device"
+    if not theirs or not ours:
+        logger.debug("TVM versions not compared: %s reports %s, this machine has %s", name, theirs, ours)
         return None
+    notes = []
+    ffi_note = _ffi_note(info, name)
+    relation = _version_relation(theirs, ours)
+    if relation == "minor":
+        message = (
+            f"{name} runs TVM {theirs} but this machine builds with TVM {ours}: across minor versions libraries "
+            f"and the RPC protocol may not match. Install apache-tvm=={ours} on the device (scripts/device-bundle "
+            "packs a matching device), or pass --allow-version-skew to run anyway"
+        )
+        if not allow_skew:
+            raise VersionSkew(message + (f". Also: {ffi_note}" if ffi_note else ""), theirs, ours)
+        notes.append(f"{name} runs TVM {theirs}, this machine {ours}: another minor version, run anyway as "
+                     "--allow-version-skew asks")
+    elif relation == "patch":
+        notes.append(f"{name} runs TVM {theirs}, this machine {ours}: another patch version, which should work; "
+                     f"install apache-tvm=={ours} on the device to be sure")
+    elif relation == "unknown":
+        notes.append(f"{name} reports TVM version {theirs!r}, which cannot be compared with this machine's {ours}")
+    if ffi_note:
+        notes.append(ffi_note)
+    return "; ".join(notes) or None
 
-    return session.call("device_triple", lookup, session.remote)
+
+def _version_relation(theirs: str, ours: str) -> str:
+    """``"same"``, ``"patch"`` (same major.minor), ``"minor"`` (another major or minor) or ``"unknown"``."""
+    from packaging.version import InvalidVersion, Version
+
+    try:
+        a, b = Version(theirs), Version(ours)
+    except InvalidVersion:
+        return "same" if theirs.strip() == ours.strip() else "unknown"
+    if a == b:
+        return "same"
+    return "patch" if (a.release + (0, 0))[:2] == (b.release + (0, 0))[:2] else "minor"
+
+
+def _ffi_note(info: DeviceInfo, name: str) -> str | None:
+    try:
+        ours = metadata.version("apache-tvm-ffi")
+    except metadata.PackageNotFoundError:
+        return None
+    theirs = info.tvm_ffi_version
+    if not theirs or _version_relation(theirs, ours) == "same":
+        return None
+    return f"{name} runs apache-tvm-ffi {theirs}, this machine {ours} (client and device should run the same FFI)"
+
+
+def _compiler_triple(remote: RPCSession) -> str | None:
+    for name in _TRIPLE_FUNCTIONS:
+        function = _function(remote, name)
+        triple = "" if function is None else str(function()).strip()
+        if triple:
+            return triple[:_FIELD_LIMIT]
+    return None
+
+
+def _identity(session: RemoteSession) -> dict[str, Any] | None:
+    """What ``tvmrp.device_info`` answers, parsed and clipped; None when the device does not register it."""
+    answer = session.call("probe device info", _calling(session.remote, DEVICE_INFO_FUNCTION))
+    return None if answer is None else parse_device_info(answer)
+
+
+def parse_device_info(answer: object) -> dict[str, Any] | None:
+    """The fields of a ``tvmrp.device_info`` answer (untrusted JSON): strings clipped, wrong types dropped.
+
+    Returns:
+        ``machine``, ``triple``, ``hostname``, ``python``, ``tvm``, ``tvm_ffi``, ``bundle`` (str or None) and
+        ``cuda``, ``runtime_only`` (bool or None); None when the answer is not a JSON object.
+    """
+    text = str(answer)
+    if len(text) > _DEVICE_INFO_LIMIT:
+        logger.debug("ignoring a %d-character answer of %s", len(text), DEVICE_INFO_FUNCTION)
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+    fields: dict[str, Any] = {}
+    for key in ("machine", "triple", "hostname", "python", "tvm", "tvm_ffi", "bundle"):
+        value = data.get(key)
+        text = "".join(ch for ch in str(value) if ch.isprintable()).strip()[:_FIELD_LIMIT] if value else ""
+        fields[key] = text if isinstance(value, (str, int, float)) and text else None
+    for key in ("cuda", "runtime_only"):
+        fields[key] = data.get(key) if isinstance(data.get(key), bool) else None
+    return fields
 
 
 def _ask(session: RemoteSession, what: str, question: Callable[[], Any]) -> Any:

@@ -36,6 +36,9 @@ _PROBE_S = 1.0
 _PORT_ATTEMPTS = 3
 _KILL_WAIT_S = 5.0
 _LOG_TAIL_LINES = 15
+#: The directory an identifying server has first on its PYTHONPATH: ``tvmrp_device.py`` + ``sitecustomize.py``.
+DEVICE_SIDE = Path(__file__).resolve().parent / "device_side"
+BUNDLE_ENV = "TVMRP_DEVICE_BUNDLE"  # = tvmrp_device.BUNDLE_ENV
 
 
 class _ProcessGroup:
@@ -70,9 +73,12 @@ class _ProcessGroup:
         self._ready = False
         self._started_at = 0.0
 
-    # The subclass's part: extra command line arguments, and the check that it really serves.
+    # The subclass's part: extra command line arguments, its environment, and the check that it really serves.
     def _extra_args(self) -> list[str]:
         return []
+
+    def _environment(self) -> dict[str, str]:
+        return dict(os.environ, PYTHONUNBUFFERED="1")
 
     def _is_serving(self) -> bool:
         return can_connect(self._host, self._port, _PROBE_S)
@@ -204,7 +210,7 @@ class _ProcessGroup:
             self._log_path = Path(name)
         self._log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log_offset = self._log_path.stat().st_size if self._log_path.exists() else 0
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = self._environment()
         self._started_at = time.monotonic()
         try:
             with open(self._log_path, "ab") as log:
@@ -265,6 +271,12 @@ class EmbeddedServer(_ProcessGroup):
     the tracker first and wait for it (a server that cannot reach its tracker retries for 60 s, then its
     listening thread dies). It is then ready once the tracker lists it.
 
+    It tells who it is like the devices of ``scripts/device-bundle``: :data:`DEVICE_SIDE` goes first on the
+    server's ``PYTHONPATH``, and its ``sitecustomize`` registers ``tvmrp.device_info`` in every Python process
+    of the server (the server, its ``popen_worker`` and each session), read by
+    :func:`~pipeline.device.probe`. An interpreter that ignores ``PYTHONPATH`` (the emulated aarch64 device's
+    wrapper) brings its own copy.
+
     Args:
         host: Address to listen on.
         port: Port to listen on; a free one if None.
@@ -272,6 +284,8 @@ class EmbeddedServer(_ProcessGroup):
         key: Device key to register under (required with ``tracker``).
         log_path: File that receives the server's output; a temporary file (removed by :meth:`stop`) if None.
         python: The interpreter to run the server with; it needs apache-tvm, cloudpickle and psutil.
+        identify: Register ``tvmrp.device_info`` in the server (False: a stock ``rpc_server``, as someone else
+            would run it).
 
     Raises:
         UsageError: ``tracker`` without ``key`` or the reverse, or ``tracker`` not ``HOST:PORT``.
@@ -289,11 +303,13 @@ class EmbeddedServer(_ProcessGroup):
         key: str | None = None,
         log_path: str | os.PathLike[str] | None = None,
         python: str | os.PathLike[str] = sys.executable,
+        identify: bool = True,
     ) -> None:
         if (tracker is None) != (key is None) or key == "":
             raise UsageError("EmbeddedServer needs both tracker and key, or neither.")
         self.tracker = tracker
         self.key = key
+        self.identify = identify
         self._tracker_address = None if tracker is None else split_host_port(tracker)
         if not _is_loopback(host):
             logger.warning(
@@ -306,6 +322,18 @@ class EmbeddedServer(_ProcessGroup):
         if self.tracker is None:
             return []
         return ["--tracker", self.tracker, "--key", str(self.key)]
+
+    def _environment(self) -> dict[str, str]:
+        env = super()._environment()
+        env.pop(BUNDLE_ENV, None)  # inherited from a bundle device that started us: this server is not one
+        if not self.identify:
+            return env
+        if not (DEVICE_SIDE / "sitecustomize.py").is_file():
+            logger.warning("%s is missing: the embedded server will not tell its TVM version", DEVICE_SIDE)
+            return env
+        rest = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = os.pathsep.join([str(DEVICE_SIDE), *([rest] if rest else [])])
+        return env
 
     def _is_serving(self) -> bool:
         if self._tracker_address is None:

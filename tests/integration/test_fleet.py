@@ -6,7 +6,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -15,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, make_tiny_onnx
+from support import REPO, make_tiny_onnx
 from pipeline.errors import UsageError
-from pipeline.fleet import BuildCounts, FleetSummary, PairResult, change_text, format_markdown, format_text
-from pipeline.fleet_spec import DEFAULT_REQUEST_TIMEOUT, fleet_from_mapping, load_fleet, parse_fleet
+from pipeline.fleet import PairResult
+from pipeline.fleet_spec import parse_fleet
 
 AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
 
@@ -50,208 +49,11 @@ def error_of(text: str) -> str:
 # -- the fleet file (unit) ------------------------------------------------------------------------------
 
 
-@pytest.mark.unit
-def test_parse_fleet__the_issue_example(tmp_path):
-    spec = parse(EXAMPLE, base=tmp_path)
-    assert [d.name for d in spec.devices] == ["local-x86", "rpi4"]
-    assert [d.target for d in spec.devices] == ["llvm", AARCH64]
-    assert spec.devices[0].spec.tracker == "127.0.0.1:9190" and spec.devices[1].spec.tracker == "10.0.0.5:9190"
-    assert spec.devices[1].spec.key == "rpi4" and spec.devices[1].line == 5
-    assert all(d.spec.request_timeout == DEFAULT_REQUEST_TIMEOUT == 10.0 for d in spec.devices)
-    assert [m.source for m in spec.models] == ["efficientnet_lite0", "resnet18_v2", str(tmp_path / "path/to/net.onnx")]
-    assert spec.models[1].weights == "random" and spec.models[2].image == str(tmp_path / "data/dog.jpg")
-    assert (spec.opt_level, spec.tune_trials, spec.number, spec.repeat, spec.check) == (3, 0, 1, None, True)
-
-
-@pytest.mark.unit
-def test_parse_fleet__options_and_host_port_devices():
-    spec = parse("""\
-        opt_level: 2
-        repeat: 5
-        request_timeout: 4
-        concurrency: 2
-        check: false
-        devices:
-          - {host: 192.168.1.20, port: 9090, target: llvm}
-          - {host: 192.168.1.21, port: 9090, name: bench-2, call_timeout: 60}
-        models: [efficientnet_lite0]
-    """)
-    assert [d.name for d in spec.devices] == ["192.168.1.20:9090", "bench-2"]
-    assert spec.devices[0].spec.kind == "host" and spec.devices[0].spec.request_timeout == 4
-    assert spec.devices[1].spec.call_timeout == 60 and spec.devices[1].target == "llvm"
-    assert (spec.opt_level, spec.repeat, spec.concurrency, spec.check) == (2, 5, 2, False)
-
-
-@pytest.mark.unit
-def test_parse_fleet__unknown_key_names_line_field_and_the_closest_key():
-    message = error_of(EXAMPLE.replace("    target: llvm", "    targt: llvm"))
-    assert message.startswith("fleet.yaml:4: devices[0].targt: unknown key; did you mean 'target'?"), message
-    message = error_of(EXAMPLE + "concurency: 4\n")
-    assert message.startswith("fleet.yaml:12: concurency: unknown key; did you mean 'concurrency'?"), message
-    message = error_of(EXAMPLE.replace("weights: random", "weight: random"))
-    assert "fleet.yaml:10: models[1].weight: unknown key; did you mean 'weights'?" in message
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("text, expected", [
-    ("models: [efficientnet_lite0]\n", "fleet.yaml:1: devices: missing"),
-    ("devices: []\nmodels: [efficientnet_lite0]\n", "fleet.yaml:1: devices: is empty"),
-    ("devices:\n  - {host: h, port: 1}\n", "fleet.yaml:1: models: missing"),
-    ("devices:\n  - {host: h, port: 1}\nmodels:\n", "fleet.yaml:1: models: missing"),
-    ("devices: local-x86\nmodels: [m]\n", "fleet.yaml:1: devices: must be a list"),
-    ("", "fleet.yaml: the file is empty"),
-    ("- a\n- b\n", "fleet.yaml:1: the file must be a mapping"),
-])
-def test_parse_fleet__missing_devices_or_models(text, expected):
-    assert error_of(text).startswith(expected), error_of(text)
-
-
-@pytest.mark.unit
-def test_parse_fleet__duplicate_device_names_name_both_lines():
-    message = error_of("""\
-        tracker: 127.0.0.1:9190
-        devices:
-          - {key: a, name: bench}
-          - {key: b}
-          - {key: c, name: bench}
-        models: [efficientnet_lite0]
-    """)
-    assert message.startswith("fleet.yaml:5: devices[2].name: 'bench' already names devices[0] (line 3)"), message
-    same = error_of("""\
-        tracker: 127.0.0.1:9190
-        devices:
-          - {key: a}
-          - {key: a, name: again}
-        models: [efficientnet_lite0]
-    """)
-    assert same.startswith("fleet.yaml:4: devices[1]: the same device as devices[0] (line 3)"), same
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("device, expected", [
-    ("{key: a}", "fleet.yaml:2: devices[0].key: needs a tracker"),
-    ("{target: llvm}", "fleet.yaml:2: devices[0]: needs key:"),
-    ("{host: h}", "fleet.yaml:2: devices[0].port: missing"),
-    ("{key: a, host: h, port: 1, tracker: 't:1'}", "fleet.yaml:2: devices[0].host: give either key:"),
-    ("{host: h, port: 70000}", "fleet.yaml:2: devices[0].port: must be a whole number from 1 to 65535, not 70000"),
-    ("{host: h, port: '1', target: ''}", "fleet.yaml:2: devices[0].port: must be a whole number"),
-    ("{key: a, tracker: nowhere}", "fleet.yaml:2: devices[0].tracker: 'nowhere' is not HOST:PORT"),
-    ("{key: a, tracker: 't:1', request_timeout: 0}", "fleet.yaml:2: devices[0].request_timeout: must be a number of seconds"),
-    ("{key: [a], tracker: 't:1'}", "fleet.yaml:2: devices[0].key: must be text, not a list"),
-])
-def test_parse_fleet__bad_device_names_line_and_field(device, expected):
-    message = error_of(f"devices:\n  - {device}\nmodels: [efficientnet_lite0]\n")
-    assert message.startswith(expected), message
-
-
-@pytest.mark.unit
-@pytest.mark.parametrize("line, expected", [
-    ("opt_level: 7", "fleet.yaml:4: opt_level: must be a whole number from 0 to 3, not 7"),
-    ("repeat: 0", "fleet.yaml:4: repeat: must be a whole number from 1"),
-    ("check: maybe", "fleet.yaml:4: check: must be true or false"),
-    ("max_abs_diff: -1", "fleet.yaml:4: max_abs_diff: must be a positive number"),
-    ("tracker: 'x'", "fleet.yaml:4: tracker: 'x' is not HOST:PORT"),
-    ("models: [m]", "fleet.yaml:4: models: given twice (first on line 3)"),
-    ("devices: [", "fleet.yaml:5: not valid YAML"),
-])
-def test_parse_fleet__bad_options_name_line_and_field(line, expected):
-    message = error_of(f"devices:\n  - {{host: h, port: 1}}\nmodels: [efficientnet_lite0]\n{line}\n")
-    assert message.startswith(expected), message
-
-
-@pytest.mark.unit
-def test_parse_fleet__text_fields_are_taken_as_written():
-    spec = parse("devices:\n  - {key: no, tracker: '127.0.0.1:9190', name: 1:30}\nmodels: [efficientnet_lite0]\n")
-    assert spec.devices[0].spec.key == "no" and spec.devices[0].name == "1:30"  # not False, not 90
-
-
-@pytest.mark.unit
-def test_parse_fleet__a_bomb_of_aliases_is_refused():
-    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
-    assert "too large or too deeply nested" in error_of("\n".join(lines) + "\n")
-
-
-@pytest.mark.unit
-def test_fleet_from_mapping__inline_spec_names_the_field_without_a_line():
-    spec = fleet_from_mapping({"tracker": "127.0.0.1:9190", "devices": [{"key": "x"}], "models": ["efficientnet_lite0"]})
-    assert spec.devices[0].spec.key == "x" and spec.source == "fleet spec"
-    with pytest.raises(UsageError, match=r"^fleet spec: devices\[0\]\.kye: unknown key; did you mean 'key'\?"):
-        fleet_from_mapping({"tracker": "127.0.0.1:9190", "devices": [{"kye": "x"}], "models": ["m"]})
-
-
-@pytest.mark.unit
-def test_load_fleet__missing_file_and_the_repository_example(tmp_path):
-    with pytest.raises(UsageError, match="fleet file not found"):
-        load_fleet(tmp_path / "nope.yaml")
-    spec = load_fleet(REPO / "fleet.yaml")  # what the fleet-nightly deployment runs
-    assert [(d.name, d.spec.tracker, d.spec.key, d.target) for d in spec.devices] == [
-        ("local-x86", "127.0.0.1:9190", "local-x86", "llvm")]
-    assert [m.source for m in spec.models] == ["efficientnet_lite0"]
-
-
-@pytest.mark.unit
-def test_resolve_fleet__a_bad_model_or_target_names_its_entry(tmp_path):
-    from pipeline.fleet import resolve_fleet
-
-    model = make_tiny_onnx(tmp_path / "tiny.onnx")
-    text = f"devices:\n  - {{host: h, port: 1, target: 'llvm -mcpu=nosuchcpu'}}\nmodels:\n  - {model}\n  - missing.onnx\n"
-    with pytest.raises(UsageError) as bad_target:
-        resolve_fleet(parse_fleet(text, "f.yaml", base=tmp_path), str(tmp_path / "store"))
-    assert str(bad_target.value).startswith("f.yaml:2: devices[0].target (h:1): "), bad_target.value
-    with pytest.raises(UsageError) as bad_model:
-        resolve_fleet(parse_fleet(text.replace(" -mcpu=nosuchcpu", ""), "f.yaml", base=tmp_path), str(tmp_path / "store"))
-    assert str(bad_model.value).startswith("f.yaml:5: models[1] ("), bad_model.value
-    assert str(tmp_path / "missing.onnx") in str(bad_model.value)
-    twice = text.replace(" -mcpu=nosuchcpu", "").replace("missing.onnx", f"{{model: {model.name}}}")
-    with pytest.raises(UsageError, match=r"^f\.yaml:5: models\[1\]: the same model"):
-        resolve_fleet(parse_fleet(twice, "f.yaml", base=tmp_path), str(tmp_path / "store"))
-
-
 def _result(device: str, model: str, status: str = "passed", **extra) -> PairResult:
     fields = dict(target="llvm", target_canonical="{}", latency_ms={"median": 1.25, "p90": 1.5}, check={"passed": True},
                   regression={"regression": False, "change": 0.031}, error=None, error_type=None, build_key="b" * 64,
                   run_id="20260101T000000Z-abcdef", device_address=device)
     return PairResult(device=device, model=model, status=status, **{**fields, **extra})
-
-
-@pytest.mark.unit
-def test_format_text__the_device_by_model_table():
-    summary = FleetSummary("20260101T000000Z-000000", "fleet.yaml", (
-        _result("a", "m0"),
-        _result("ghost", "m0", "failed", latency_ms=None, check=None, regression=None, error="no device for key 'ghost'"),
-    ), BuildCounts(ran=1, cached=0), 12.5)
-    text = format_text(summary)
-    assert "1 passed, 1 failed" in text and "Builds     1 ran, 0 cached" in text
-    header, first, second = text.splitlines()[-3:]
-    assert header.split() == ["device", "model", "status", "median", "ms", "p90", "ms", "check", "change", "error"]
-    assert first.split() == ["a", "m0", "passed", "1.25", "1.5", "passed", "+3.1%"]
-    assert second.split()[:7] == ["ghost", "m0", "FAILED", "-", "-", "-", "-"] and second.endswith("key 'ghost'")
-    assert "| ghost | m0 | **failed** |" in format_markdown(summary)
-    assert json.loads(json.dumps(summary.as_json()))["builds"] == {"ran": 1, "cached": 0, "failed": 0}
-    assert change_text({"regression": True, "change": 0.2}) == "REGRESSION +20.0%"
-    assert change_text({"regression": False, "change": None}) == "first run"
-
-
-@pytest.mark.unit
-def test_fleet__loads_from_its_deployment_entrypoint_without_side_effects():
-    from prefect.flows import load_flow_from_entrypoint
-
-    loaded = load_flow_from_entrypoint("flows/fleet.py:fleet")
-    assert loaded.name == "fleet"
-    assert {"fleet_file", "artifacts", "spec"} <= set(loaded.parameters.properties)
-
-
-@pytest.mark.unit
-def test_prefect_yaml__fleet_nightly_deployment():
-    import yaml
-
-    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    (deployment,) = [d for d in project["deployments"] if d["name"] == "fleet-nightly"]
-    assert deployment["entrypoint"] == "flows/fleet.py:fleet" and deployment["work_pool"]["name"] == "process"
-    assert deployment["parameters"] == {"fleet_file": "fleet.yaml"}
-    (schedule,) = deployment["schedules"]
-    assert schedule["cron"].split()[2:] == ["*", "*", "*"] and schedule["timezone"] == "Europe/Berlin"
 
 
 # -- whole fleets (integration) -------------------------------------------------------------------------
@@ -290,7 +92,6 @@ def two_live_keys():
             yield address
 
 
-@pytest.mark.integration
 def test_fleet__three_devices_by_two_models_builds_once_and_fails_only_the_missing_key(
         prefect_api, store_root, tmp_path, two_live_keys):
     models = [make_tiny_onnx(tmp_path / f"m{seed}.onnx", seed=seed) for seed in (0, 1)]
@@ -365,7 +166,6 @@ def test_fleet__three_devices_by_two_models_builds_once_and_fails_only_the_missi
           f" second {second['seconds']:.1f} s (pairs {sum(r['seconds'] or 0 for r in second['results']):.1f} s)")
 
 
-@pytest.mark.integration
 def test_fleet__all_passed_exits_0_and_a_failed_check_fails_its_pair_alone(prefect_api, store_root, tmp_path, two_live_keys):
     from pipeline.store import ArtifactStore
 
@@ -435,7 +235,6 @@ def pool_worker(prefect_api, tmp_path_factory):
                 continue
 
 
-@pytest.mark.integration
 def test_fleet__builds_run_on_the_build_pool_when_the_file_names_a_build_deployment(
         prefect_api, store_root, tmp_path, two_live_keys, pool_worker):
     from prefect.client.orchestration import get_client
@@ -461,7 +260,6 @@ def test_fleet__builds_run_on_the_build_pool_when_the_file_names_a_build_deploym
     assert {str(run.parent_task_run_id) != "None" for run in runs} == {True}  # shown under the fleet run
 
 
-@pytest.mark.integration
 def test_fleet__a_deployment_run_with_an_inline_spec(prefect_api, store_root, tmp_path, two_live_keys, pool_worker):
     from prefect.deployments import run_deployment
 
@@ -475,7 +273,6 @@ def test_fleet__a_deployment_run_with_an_inline_spec(prefect_api, store_root, tm
     assert record["status"] == "passed" and record["fleet_run"] and record["model"] == "inline.onnx"
 
 
-@pytest.mark.integration
 def test_cli__a_bad_fleet_file_exits_2_naming_file_line_and_field(tmp_path, store_root):
     fleet_file = tmp_path / "bad.yaml"
     fleet_file.write_text("tracker: 127.0.0.1:9\ndevices:\n  - {key: a, targt: llvm}\nmodels: [efficientnet_lite0]\n")
@@ -509,35 +306,3 @@ def aarch64_device(tmp_path_factory):
         yield info["tracker"]
     finally:
         call("stop", timeout=120)
-
-
-@pytest.mark.system
-@pytest.mark.slow
-@pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"), reason="scripts/setup --dev installs the aarch64 cross compiler")
-@pytest.mark.skipif(not (shutil.which("qemu-aarch64-static") or shutil.which("qemu-aarch64")),
-                    reason="qemu-user is missing (scripts/setup --dev installs qemu-user-static)")
-def test_fleet__an_emulated_aarch64_device_beside_an_x86_one(prefect_api, store_root, tmp_path, aarch64_device):
-    from pipeline.device import EmbeddedServer
-
-    model = make_tiny_onnx(tmp_path / "tiny.onnx", seed=2)
-    fleet_file = tmp_path / "mixed.yaml"
-    fleet_file.write_text(textwrap.dedent(f"""\
-        tracker: {aarch64_device}
-        repeat: 3
-        connect_timeout: 60
-        request_timeout: 120
-        call_timeout: 600
-        devices:
-          - {{key: aarch64-qemu, target: "{AARCH64}", name: qemu}}
-          - {{key: x86-beside, target: llvm}}
-        models: [{model}]
-    """))
-    with EmbeddedServer(tracker=aarch64_device, key="x86-beside"):
-        proc = run_fleet(fleet_file, store_root, prefect_api, timeout=1800)
-    assert proc.returncode == 0, f"{proc.stdout}\n{proc.stderr[-4000:]}"
-    summary = last_json(proc)
-    by_device = {r["device"]: r for r in summary["results"]}
-    assert by_device["qemu"]["status"] == by_device["x86-beside"]["status"] == "passed"
-    assert by_device["qemu"]["check"]["passed"] and '"mtriple":"aarch64-linux-gnu"' in by_device["qemu"]["target_canonical"]
-    assert by_device["qemu"]["build_key"] != by_device["x86-beside"]["build_key"]
-    assert summary["builds"] == {"ran": 2, "cached": 0, "failed": 0}

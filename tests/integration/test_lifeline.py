@@ -19,7 +19,7 @@ import pytest
 
 from pipeline.processes import stop_process_tree
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # A grandchild in a session of its own: out of reach of any signal to our process group.
 _DETACHED_SLEEP = (

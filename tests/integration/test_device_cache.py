@@ -27,7 +27,7 @@ from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
-from test_stages import compile_all
+from support import compile_all
 
 SECRET = b"k" * 32
 

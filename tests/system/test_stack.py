@@ -13,7 +13,7 @@ from pathlib import Path
 
 import psutil
 
-from conftest import REPO
+from support import REPO
 
 pytest_plugins = ["stack_harness"]
 

@@ -9,22 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_onnx, run_cli
+from support import COMPILE, DEVICE, STAGES, cli_json, make_tiny_onnx, run_cli
 from pipeline.device import EmbeddedServer, start_tracker
 from pipeline.store import ArtifactStore
 
-COMPILE = ("import-model", "build", "export-library")
-DEVICE = ("upload", "load", "set-input", "run", "postprocess")
-STAGES = ("import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run",
-          "check", "postprocess")
 KEYS = {"model", "model_digest", "target", "opt_level", "build_key", "artifact", "device", "stages", "top5", "latency_ms"}
-
-
-def cli_json(prefect_api, store_root, *args, expect=0):
-    proc = run_cli(*args, "--artifacts", str(store_root), "--json", "--repeat", "2",
-                   env={"PREFECT_API_URL": prefect_api})
-    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
-    return json.loads(proc.stdout.strip().splitlines()[-1]) if expect == 0 else proc
 
 
 def statuses(summary, names):
@@ -188,7 +177,7 @@ def test_flow__concurrent_runs_of_one_key_build_once(prefect_api, store_root, tm
     import subprocess
     import sys
 
-    from conftest import REPO
+    from support import REPO
 
     model = make_tiny_onnx(tmp_path / "c.onnx", seed=7)
     env = {**__import__("os").environ, "PREFECT_API_URL": prefect_api}

@@ -6,6 +6,11 @@ setup-device.sh makes a clean venv with the base interpreter (no apache-tvm: onl
 RPC with the same output as a local run. Building the bundle downloads wheels with pip (its cache makes
 that fast). The CUDA variant (skipped without the ``cuda`` extra) checks the CUDA plumbing without a GPU:
 with the stub driver the device loads a cubin library that needs no compiler, and refuses CUDA source.
+
+The device tells who it is (``tvmrp.device_info``: machine, versions, host name, its bundle), also with
+``--no-fork`` sessions (each a fresh interpreter). Real skewed devices are bundles of other apache-tvm
+releases from the registry (``--tvm-version 0.26.0``: refused, ``0.27.0``: a warning); skipped when pip cannot
+download them.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ import contextlib
 import importlib.util
 import json
 import os
+import platform
 import signal
 import socket
+import sysconfig
 import subprocess
 import sys
 import tarfile
@@ -25,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tiny_onnx
+from support import REPO, make_tiny_onnx
 
 SCRIPT = REPO / "scripts" / "device-bundle"
 START_TIMEOUT_S = 90.0
@@ -63,6 +70,16 @@ def _build(out: Path, *args: str) -> dict:
     return json.loads(proc.stdout)
 
 
+def _build_or_skip(out: Path, *args: str) -> dict:
+    """:func:`_build`, skipping the test when pip cannot get a release from the registry (offline)."""
+    proc = subprocess.run([str(SCRIPT), "--out", str(out), "--xz-level", "1", "--json", *args],
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0 and ("no apache-tvm==" in proc.stderr or "pip download" in proc.stderr):
+        pytest.skip(f"cannot build a bundle with {' '.join(args)}: {proc.stderr.strip()[-300:]}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout)
+
+
 def _unpack(info: dict, where: Path) -> Path:
     with tarfile.open(info["archive"]) as tar:
         tar.extractall(where)
@@ -70,10 +87,12 @@ def _unpack(info: dict, where: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _device(root: Path, port: int, log: Path, env: dict[str, str] | None = None):
-    """start-device.sh in its own process group; stopped (the whole group) on exit."""
+def _device(root: Path, port: int, log: Path, env: dict[str, str] | None = None, server_args: tuple[str, ...] = ()):
+    """start-device.sh in its own process group (``server_args`` go to rpc_server); stopped (the whole group)
+    on exit."""
+    extra = ["--", *server_args] if server_args else []
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(root / "start-device.sh"), "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.Popen([str(root / "start-device.sh"), "--host", "127.0.0.1", "--port", str(port), *extra],
                                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True, env={**os.environ, **(env or {})})
     try:
@@ -108,26 +127,6 @@ def _setup(root: Path) -> None:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def test_platform_helpers():
-    assert device_bundle.compatible_platforms("manylinux_2_28_aarch64")[:3] == [
-        "manylinux_2_28_aarch64", "manylinux_2_27_aarch64", "manylinux_2_26_aarch64"]
-    assert "manylinux2014_x86_64" in device_bundle.compatible_platforms("manylinux_2_28_x86_64")
-    assert device_bundle.bundle_name("3.12", "manylinux_2_28_x86_64", True) == "tvmrp-device-cp312-x86_64-cuda"
-    with pytest.raises(device_bundle.BundleError, match="not a Linux wheel platform"):
-        device_bundle.platform_arch("win_amd64")
-    with pytest.raises(device_bundle.BundleError, match="3.11 or 3.12"):
-        device_bundle.python_tag("3")
-
-
-def test_runtime_filter():
-    keep = device_bundle._keep
-    assert keep("lib/libtvm_runtime.so", cuda=False) and keep("runtime/vm.py", cuda=False)
-    assert not keep("lib/libtvm_compiler.so", cuda=True)
-    assert not keep("3rdparty/x.h", cuda=True) and not keep("include/tvm/x.h", cuda=True)
-    assert not keep("relax/__pycache__/a.cpython-311.pyc", cuda=True)
-    assert not keep("lib/libtvm_runtime_cuda.so", cuda=False) and keep("lib/libtvm_runtime_cuda.so", cuda=True)
-
-
 # ------------------------------------------------------------------------------------------ end to end
 
 
@@ -151,6 +150,16 @@ def test_bundle_content(cpu_bundle):
     for gone in ("3rdparty", "include", "src", "web"):
         assert not (root / "runtime" / "tvm" / gone).exists()
     assert "--load-library" not in (root / "start-device.sh").read_text().split("if [ \"$cuda\" = 1 ]")[0]
+    # The device tells who it is: its module, the sitecustomize that activates it, and where bundle.json is.
+    for name in ("tvmrp_device.py", "sitecustomize.py"):
+        source = REPO / "pipeline" / "device" / "device_side" / name
+        assert (root / "runtime" / name).read_bytes() == source.read_bytes()
+    assert 'export TVMRP_DEVICE_BUNDLE="$here"' in (root / "start-device.sh").read_text()
+    from importlib import metadata
+
+    assert json.loads((root / "bundle.json").read_text())["tvm"] == metadata.version("apache-tvm")
+    print(f"CPU bundle: {info['archive_bytes'] / 1e6:.1f} MB (xz -1), runtime {info['runtime_bytes'] / 1e6:.1f} MB, "
+          f"unpacked {info['unpacked_bytes'] / 1e6:.1f} MB, built in {info['seconds']} s")
 
 
 def test_clean_venv_has_no_tvm(cpu_bundle):
@@ -248,3 +257,130 @@ def test_cuda_bundle_loads_a_cubin_without_a_compiler(tmp_path_factory, tmp_path
                     session.call("load", session.remote.load_module, name)
     log = (tmp_path / "device.log").read_text()
     assert "libtvm_runtime_cuda.so" in log
+
+
+# --------------------------------------------------------------------------------- who the device is
+
+
+def _probe_device(root: Path, port: int, log: Path, server_args: tuple[str, ...] = ()):
+    from pipeline.device import DeviceSpec, open_session
+    from pipeline.device.probe import probe
+
+    with _device(root, port, log, server_args=server_args):
+        with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
+            return probe(session), session.description
+
+
+def test_device_from_bundle_tells_who_it_is(cpu_bundle, tmp_path):
+    """Runtime only, the device has no compiler triple; it tells machine, versions, host name and bundle
+    through ``tvmrp.device_info``, in ``--no-fork`` sessions too (each a freshly spawned interpreter)."""
+    from importlib import metadata
+
+    from pipeline.device.probe import check_versions, device_arch
+    from pipeline.targets import host_arch
+
+    info, root = cpu_bundle
+    for server_args in ((), ("--no-fork",)):
+        device, _ = _probe_device(root, _free_port(), tmp_path / f"device{len(server_args)}.log", server_args)
+        print(f"bundle device {server_args}: {device}")
+        assert device.machine == platform.machine() and device.hostname == socket.gethostname()
+        assert device.tvm_version == metadata.version("apache-tvm") == info["tvm"]
+        assert device.tvm_ffi_version == metadata.version("apache-tvm-ffi")
+        assert device.python_version == platform.python_version() and device.bundle == info["name"]
+        assert device.llvm_version is None  # no compiler: the triple is the one its Python was built for
+        assert device.triple == sysconfig.get_config_var("HOST_GNU_TYPE")
+        assert device_arch(device) == host_arch()
+        assert check_versions(device) is None
+
+
+@pytest.fixture(scope="module")
+def skewed_bundles(tmp_path_factory) -> dict[str, Path]:
+    """Bundles of two other apache-tvm releases from the registry, set up: 0.26.0 (another minor version)
+    and 0.27.0 (this machine runs 0.27.0.post1: another patch version). Real TVM, not a doctored version."""
+    from importlib import metadata
+
+    if metadata.version("apache-tvm") != "0.27.0.post1":
+        pytest.skip("the skewed releases are chosen against apache-tvm 0.27.0.post1")
+    work = tmp_path_factory.mktemp("skewed")
+    roots = {}
+    for version in ("0.26.0", "0.27.0"):
+        info = _build_or_skip(work / "out", "--tvm-version", version)
+        assert info["tvm"] == version and info["name"].endswith(f"-tvm{version}")
+        assert info["tvm_source"].startswith(f"apache_tvm-{version}-")
+        roots[version] = _unpack(info, work / "device")
+        _setup(roots[version])
+    return roots
+
+
+def test_skewed_device__another_minor_version_is_refused(skewed_bundles, tmp_path):
+    """A real TVM 0.26.0 rpc_server: refused at session start, naming both versions and the way out; with
+    ``allow_skew`` a warning, and a library built here by 0.27 then really runs on it."""
+    import onnx
+    import tvm
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from pipeline.device import DeviceSpec, open_session
+    from pipeline.device.probe import check_versions, probe
+    from pipeline.errors import VersionSkew
+
+    mod = from_onnx(onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx"))), keep_params_in_input=False)
+    library = tmp_path / "tiny.so"
+    tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})).export_library(str(library))
+    data = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype("float32")
+    expected = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"](
+        tvm.runtime.tensor(data)).numpy()
+
+    port = _free_port()
+    with _device(skewed_bundles["0.26.0"], port, tmp_path / "device.log"):
+        with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
+            info = probe(session)
+            assert info.tvm_version == "0.26.0" and info.bundle.endswith("-tvm0.26.0")
+            with pytest.raises(VersionSkew) as refused:
+                check_versions(info, device=session.description)
+            message = str(refused.value)
+            assert "0.26.0" in message and "0.27.0.post1" in message and "--allow-version-skew" in message
+            assert f"127.0.0.1:{port}" in message
+            warning = check_versions(info, allow_skew=True, device=session.description)
+            assert warning is not None and "0.26.0" in warning
+            print(f"refused: {message}\nallowed: {warning}")
+            name = session.upload(library)
+            remote_library = session.call("load", session.remote.load_module, name)
+            device = session.device()
+            vm = session.call("vm", tvm.runtime.vm.VirtualMachine, remote_library, device)
+            session.call("set_input", vm.set_input, "main", tvm.runtime.tensor(data, device))
+            session.call("run", vm.invoke_stateful, "main")
+            got = session.call("get_outputs", lambda: vm.get_outputs("main").numpy())
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_skewed_device__another_patch_version_warns(skewed_bundles, tmp_path):
+    """A real TVM 0.27.0 rpc_server against this machine's 0.27.0.post1: a warning, not a refusal."""
+    from pipeline.device.probe import check_versions
+
+    info, description = _probe_device(skewed_bundles["0.27.0"], _free_port(), tmp_path / "device.log")
+    assert info.tvm_version == "0.27.0"
+    warning = check_versions(info, device=description)
+    print(f"warning: {warning}")
+    assert warning is not None and "TVM 0.27.0," in warning and "0.27.0.post1" in warning and "patch" in warning
+
+
+def test_skewed_device__the_command_line_refuses_it_unless_allowed(skewed_bundles, tmp_path, prefect_api):
+    """The whole run against a real TVM 0.26.0 device: exit 1 with one Error: line naming both versions and the
+    option, nothing uploaded; with --allow-version-skew a warning, and the run passes its check."""
+    from support import run_cli
+
+    model = make_tiny_onnx(tmp_path / "tiny.onnx")
+    port = _free_port()
+    args = ("--model", str(model), "--artifacts", str(tmp_path / "store"), "--host", "127.0.0.1", "--port",
+            str(port), "--repeat", "2")
+    with _device(skewed_bundles["0.26.0"], port, tmp_path / "device.log"):
+        refused = run_cli(*args, env={"PREFECT_API_URL": prefect_api})
+        allowed = run_cli(*args, "--allow-version-skew", "--json", env={"PREFECT_API_URL": prefect_api})
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("Error:")]
+    assert refused.returncode == 1 and len(errors) == 1, refused.stderr[-3000:]
+    assert "0.26.0" in errors[0] and "0.27.0.post1" in errors[0] and "--allow-version-skew" in errors[0]
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    summary = json.loads(allowed.stdout.strip().splitlines()[-1])
+    assert summary["check"]["passed"] and "tvm 0.26.0" in summary["device_identity"]
+    assert "0.26.0" in allowed.stderr and "WARNING" in allowed.stderr

@@ -7,7 +7,6 @@ Unit tier: real files, real PIL, real TVM/LLVM, no servers, no subprocesses.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 

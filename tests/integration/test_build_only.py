@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from pipeline.cuda import find_cuda_packages
 from pipeline.errors import BuildError
-
-pytestmark = pytest.mark.integration
 
 
 def _has_cuda_extra() -> bool:

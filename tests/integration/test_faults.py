@@ -18,11 +18,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from support import REPO
 from pipeline.device import EmbeddedServer, start_tracker
 from pipeline.errors import StoreError
 from pipeline.store import ArtifactStore
-from test_flow import cli_json
+from support import cli_json
 
 LONG_RUN = ("--number", "2000000", "--repeat", "1")  # ~40 s of tiny-model invocations in one remote call
 
@@ -204,7 +204,7 @@ def test_build_killed_midway__no_partial_artifact_and_next_run_succeeds(prefect_
 
 @pytest.mark.parametrize("name, payload", [("corrupt.onnx", b"\x08\x07garbage" * 100), ("empty.pt2", b"")])
 def test_corrupt_model_file__exit_2_naming_it(tmp_path, store_root, name, payload):
-    from conftest import run_cli
+    from support import run_cli
 
     bad = tmp_path / name
     bad.write_bytes(payload)

@@ -1,10 +1,12 @@
 """Cross-compiled models on a real foreign architecture: an aarch64 TVM RPC server under qemu-user.
 
-``scripts/aarch64-device`` provisions the emulated device (Debian's arm64 Python 3.11 and TVM's aarch64
-wheels, cached in ``.cache/aarch64``; ~15 s cold when the registries are near, instant warm) and starts it
-on 127.0.0.1 under a tracker of its own. The library is built with
-``llvm -mtriple=aarch64-linux-gnu -mattr=+neon``, linked by ``aarch64-linux-gnu-gcc``, uploaded through the
-tracker, loaded and run by aarch64 code, and its output compared with the host's reference forward.
+``scripts/aarch64-device`` provisions the emulated device (Debian's arm64 Python 3.11 and the aarch64 device
+bundle: TVM's runtime only, cached in ``.cache/aarch64``; ~40 s cold when the registries are near, instant
+warm) and starts it on 127.0.0.1 under a tracker of its own. Runtime only, it has no LLVM triple: it tells
+its machine, versions and bundle through ``tvmrp.device_info``, and that is what refuses an x86 library.
+The library is built with ``llvm -mtriple=aarch64-linux-gnu -mattr=+neon``, linked by ``aarch64-linux-gnu-gcc``,
+uploaded through the tracker, loaded and run by aarch64 code, and its output compared with the host's
+reference forward.
 
 The device's processes are recorded in a temporary run directory, so a device a developer started with the
 script is never touched; the fixture stops what it started (process groups). Every wait is bounded.
@@ -22,9 +24,10 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tiny_onnx
+from support import REPO, make_tiny_onnx
 from pipeline import keys
 from pipeline.device import DeviceSpec, device_triple, open_session
+from pipeline.device.probe import check_versions, device_arch, local_tvm_version, probe
 from pipeline.errors import ArchMismatch
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from pipeline.targets import parse_target
@@ -35,8 +38,8 @@ from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
-from test_flow import cli_json
-from test_stages import compile_all
+from support import cli_json
+from support import compile_all
 
 AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
 KEY = "aarch64-qemu"
@@ -48,6 +51,7 @@ DEVICE_ARGS = ("--connect-timeout", "60", "--request-timeout", "120", "--call-ti
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.system,
     pytest.mark.skipif(not shutil.which("aarch64-linux-gnu-gcc"),
                        reason="scripts/setup --dev installs the aarch64 cross compiler"),
     pytest.mark.skipif(
@@ -102,6 +106,20 @@ def test_aarch64_device__reports_its_architecture(spec):
         triple = device_triple(session)
         assert KEY in session.description
     assert triple is not None and triple.startswith("aarch64-"), triple
+
+
+def test_aarch64_device__tells_who_it_is(spec):
+    """The bundle's runtime-only TVM has no compiler to ask for a triple: ``tvmrp.device_info`` tells the
+    machine (aarch64), the versions and the bundle; the version check passes (the host's own TVM version)."""
+    with open_session(spec) as session:
+        started = time.monotonic()
+        info = probe(session)
+        print(f"probe of the emulated device in {time.monotonic() - started:.2f} s: {info}")
+        assert check_versions(info, device=session.description) is None
+    assert info.machine == "aarch64" and device_arch(info) == "aarch64"
+    assert info.llvm_version is None  # runtime only: no compiler library on the device
+    assert info.tvm_version == local_tvm_version() and info.bundle == "tvmrp-device-cp311-aarch64"
+    assert info.python_version.startswith("3.11.") and info.hostname
 
 
 def test_flow__cross_compiled_model_runs_on_emulated_aarch64(prefect_api, store_root, aarch64_device, model):

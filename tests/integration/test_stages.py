@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session
 from pipeline.errors import ArchMismatch, DeviceError, StoreError
-from pipeline.latency import Latency, Timing, latency_of
+from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from pipeline.plan import plan_build
 from pipeline.store import ArtifactStore
@@ -19,7 +19,6 @@ from tasks.build import OBJECTS_FILE, build
 from tasks.export_library import LIBRARY_FILE, export_library
 from tasks.import_model import MODULE_FILE, import_model
 from tasks.load import load
-from tasks.postprocess import postprocess, probabilities
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
@@ -123,24 +122,3 @@ def test_device_stages__a_closed_session_is_a_clear_error(tiny_onnx, store_root,
     x = np.zeros(model.input_shape, np.float32)
     with pytest.raises(DeviceError, match="session to embedded 127.0.0.1:.* is closed"):
         set_input(loaded, x)
-
-
-def test_postprocess__top5_from_logits():
-    from pipeline.models import Preprocess, ResolvedModel
-
-    model = ResolvedModel(
-        spec=ModelSpec("x.onnx"), name="x.onnx", kind="onnx", digest="0" * 64, files=(), input_name="data",
-        input_shape=(1, 3, 32, 32), preprocess=Preprocess(), labels="index",
-    )
-    logits = np.array([[0.0, 5.0, 1.0, 3.0, 2.0, 4.0, -1.0]], dtype=np.float32)
-    lat = latency_of([1.0, 0.5, 1.5, 1.0, 1.0], 1)
-    pred = postprocess(model, logits, lat)
-    assert [t.index for t in pred.top] == [1, 5, 3, 4, 2]
-    assert pred.top[0].label == "class 1"
-    assert abs(sum(probabilities(logits)) - 1.0) < 1e-9
-    assert pred.top[0].prob == pytest.approx(np.exp(5) / np.exp(logits[0].astype(np.float64)).sum())
-
-
-def test_probabilities__keeps_a_probability_vector():
-    probs = np.array([[0.1, 0.7, 0.2]])
-    np.testing.assert_allclose(probabilities(probs), probs[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from support import run_cli
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.models import ModelSpec, reference_forward, resolve_model
@@ -15,8 +15,8 @@ from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
-from test_flow import COMPILE, DEVICE, cli_json
-from test_stages import compile_all
+from support import COMPILE, DEVICE, cli_json
+from support import compile_all
 
 CAT_CLASSES = range(281, 286)  # ImageNet: tabby, tiger cat, Persian, Siamese, Egyptian cat
 

@@ -1,0 +1,183 @@
+"""Device side: makes a TVM RPC device tell who it is, through the global function ``tvmrp.device_info``.
+
+A stock TVM 0.27 ``rpc_server`` registers no function that reports TVM's version (``support.GetLibInfo`` is
+gone), and a runtime-only one (what a device bundle serves) not even the architecture (the triple functions
+live in the compiler library). The devices this project sets up (``scripts/device-bundle``, the emulated
+aarch64 device, the pipeline's embedded server) put this module's directory on the server's ``PYTHONPATH``;
+its ``sitecustomize`` calls :func:`install` in every Python process of the device: the server, its
+``popen_worker`` (a fresh interpreter) and each session (forked, or spawned with ``--no-fork``).
+
+:func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the function
+right after ``tvm_ffi`` has loaded (a Python that never imports TVM never loads it; under qemu that import
+alone takes ~10 s). The function answers a JSON object (:func:`describe`), read by the client's
+``pipeline.device.probe``. Standard library and ``tvm_ffi`` only; nothing here may break the interpreter, so
+every step is guarded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+FUNCTION = "tvmrp.device_info"
+#: Version of the JSON layout :func:`describe` answers; a client ignores fields it does not know.
+SCHEMA = 1
+#: The environment variable that names the device bundle's directory (set by its start-device.sh).
+BUNDLE_ENV = "TVMRP_DEVICE_BUNDLE"
+_BUNDLE_FILE_LIMIT = 1 << 16
+
+
+def describe() -> dict:
+    """Who this device is, as plain data (never raises; an unknown field is None).
+
+    Keys: ``schema``; ``machine`` (``platform.machine()``); ``triple`` (the GNU triple this Python was built
+    for, ``sysconfig``'s ``HOST_GNU_TYPE``, e.g. ``aarch64-unknown-linux-gnu``; not LLVM's, which needs the
+    compiler library); ``system``; ``hostname``; ``python``; ``tvm`` and ``tvm_ffi`` (the versions loaded in
+    this process, else the installed ones, else the bundle's); ``runtime_only`` (TVM loaded without its
+    compiler library); ``bundle`` (the bundle's name, or None when not started from one) and ``cuda`` (the
+    bundle's CUDA flag).
+    """
+    bundle = _bundle()
+    return {
+        "schema": SCHEMA,
+        "machine": _guarded(platform.machine),
+        "triple": _guarded(_host_triple),
+        "system": _guarded(platform.system),
+        "hostname": _guarded(_hostname),
+        "python": _guarded(platform.python_version),
+        "tvm": _guarded(lambda: _version("tvm", "apache-tvm")) or bundle.get("tvm"),
+        "tvm_ffi": _guarded(lambda: _version("tvm_ffi", "apache-tvm-ffi")),
+        "runtime_only": _guarded(_runtime_only),
+        "bundle": bundle.get("name"),
+        "cuda": bundle.get("cuda"),
+    }
+
+
+def device_info() -> str:
+    """:func:`describe` as JSON: the body of the global function ``tvmrp.device_info``."""
+    return json.dumps(describe(), sort_keys=True)
+
+
+def install() -> None:
+    """Registers ``tvmrp.device_info`` now if ``tvm_ffi`` is loaded, else right after its import. Never raises."""
+    try:
+        module = sys.modules.get("tvm_ffi")
+        if module is not None:
+            _register(module)
+        elif not any(isinstance(finder, _AfterTvmFfi) for finder in sys.meta_path):
+            sys.meta_path.insert(0, _AfterTvmFfi())
+    except Exception:  # noqa: BLE001 - the device must start whatever happens here
+        pass
+
+
+def _register(module) -> None:
+    try:
+        module.register_global_func(FUNCTION, device_info, override=True)
+    except Exception:  # noqa: BLE001
+        pass
+
+
+class _AfterTvmFfi:
+    """A one-shot import hook: lets the other finders find ``tvm_ffi``, runs :func:`_register` after it loaded.
+
+    The loader is wrapped only for the duration of ``exec_module``: the module sees its own loader
+    (``__loader__``, ``__spec__.loader``) while it runs and afterwards.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != "tvm_ffi":
+            return None
+        try:
+            for finder in list(sys.meta_path):
+                find = None if finder is self else getattr(finder, "find_spec", None)
+                spec = find(fullname, path, target) if find is not None else None
+                if spec is not None:
+                    break
+            else:
+                return None  # not installed: the import fails as it would without us
+            # Found: this hook is done. (The import system stops iterating sys.meta_path once we return a spec,
+            # so removing ourselves from the list it iterates skips nothing.)
+            sys.meta_path.remove(self)
+            if spec.loader is not None and hasattr(spec.loader, "exec_module"):
+                spec.loader = _RegisteringLoader(spec.loader)
+            return spec
+        except Exception:  # noqa: BLE001 - leave the import to the normal machinery
+            return None
+
+
+class _RegisteringLoader:
+    def __init__(self, loader) -> None:
+        self._loader = loader
+
+    def __getattr__(self, name):
+        return getattr(self._loader, name)
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module) -> None:
+        module.__loader__ = self._loader
+        if getattr(module, "__spec__", None) is not None:
+            module.__spec__.loader = self._loader
+        self._loader.exec_module(module)
+        _register(module)
+
+
+def _guarded(ask):
+    try:
+        value = ask()
+    except Exception:  # noqa: BLE001
+        return None
+    return value if value not in ("", None) else None
+
+
+def _host_triple():
+    import sysconfig
+
+    return sysconfig.get_config_var("HOST_GNU_TYPE")
+
+
+def _hostname():
+    import socket
+
+    return socket.gethostname()
+
+
+def _version(module_name: str, dist: str):
+    """The version of ``module_name`` loaded in this process, else of the installed distribution ``dist``."""
+    module = sys.modules.get(module_name)
+    version = getattr(module, "__version__", None) if module is not None else None
+    if version:
+        return str(version)
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _runtime_only():
+    base = sys.modules.get("tvm.base")
+    return None if base is None else bool(getattr(base, "_RUNTIME_ONLY", False))
+
+
+def _bundle() -> dict:
+    """``bundle.json`` of the bundle this device was started from (``$TVMRP_DEVICE_BUNDLE``), or {}."""
+    root = os.environ.get(BUNDLE_ENV)
+    if not root:
+        return {}
+    try:
+        with open(os.path.join(root, "bundle.json"), "rb") as f:
+            data = json.loads(f.read(_BUNDLE_FILE_LIMIT).decode("utf-8"))
+    except Exception:  # noqa: BLE001
+        return {"name": os.path.basename(root.rstrip("/")) or None}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        "name": str(data.get("name") or os.path.basename(root.rstrip("/"))),
+        "tvm": None if data.get("tvm") is None else str(data["tvm"]),
+        "cuda": bool(data.get("cuda")),
+    }

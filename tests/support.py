@@ -1,0 +1,90 @@
+"""What the tests share besides fixtures: tiny real models, the CLI in a subprocess, the compile chain.
+
+On ``sys.path`` through pytest's ``pythonpath`` setting (pyproject.toml), so every tier imports it as
+``from support import ...``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: The stages of ``resnet_remote``'s ``--json`` summary, in order, and the compile and device ones.
+STAGES = ("import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run",
+          "check", "postprocess")
+COMPILE = ("import-model", "build", "export-library")
+DEVICE = ("upload", "load", "set-input", "run", "postprocess")
+
+
+def make_tiny_onnx(path: Path, seed: int = 0, classes: int = 10) -> Path:
+    """A real ONNX classifier: Conv(3->4, 3x3) + Relu + GlobalAveragePool + Flatten + Gemm, input 1x3x32x32."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    weights = {
+        "conv_w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "conv_b": rng.standard_normal(4).astype(np.float32),
+        "fc_w": rng.standard_normal((classes, 4)).astype(np.float32),
+        "fc_b": rng.standard_normal(classes).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["data", "conv_w", "conv_b"], ["c"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c"], ["r"]),
+        helper.make_node("GlobalAveragePool", ["r"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "tiny",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, classes])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run ``python -m flows.resnet_remote ARGS`` in a fresh process from the repository root."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "flows.resnet_remote", *args],
+        cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def cli_json(prefect_api, store_root, *args, expect=0):
+    """``python -m flows.resnet_remote ARGS --json --repeat 2`` against ``prefect_api``: its summary (exit 0), or the
+    finished process (another ``expect``)."""
+    proc = run_cli(*args, "--artifacts", str(store_root), "--json", "--repeat", "2",
+                   env={"PREFECT_API_URL": prefect_api})
+    assert proc.returncode == expect, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1]) if expect == 0 else proc
+
+
+def compile_all(model, store_root, target_text="llvm", opt_level=3):
+    """The compile chain's plain functions, keyed by the plan (as the flows are)."""
+    from pipeline.plan import plan_build
+    from pipeline.targets import parse_target
+    from tasks.build import build
+    from tasks.export_library import export_library
+    from tasks.import_model import import_model
+
+    target = parse_target(target_text)
+    plan = plan_build(model, target, opt_level)
+    imported = import_model(model, plan.imported, str(store_root))
+    built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
+    library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))
+    return target, imported, built, library

@@ -1,0 +1,340 @@
+"""The fleet: its file's validation (unit), and whole fleet runs against a real tracker, real rpc_servers, a real
+Prefect server and real compiled libraries (integration), one device of them the emulated aarch64 one (system)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from support import REPO, make_tiny_onnx
+from pipeline.errors import UsageError
+from pipeline.fleet import BuildCounts, FleetSummary, PairResult, change_text, format_markdown, format_text
+from pipeline.fleet_spec import DEFAULT_REQUEST_TIMEOUT, fleet_from_mapping, load_fleet, parse_fleet
+
+AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
+
+EXAMPLE = """\
+tracker: 127.0.0.1:9190          # optional default for devices
+devices:
+  - key: local-x86               # tracker key (or host/port)
+    target: llvm
+  - key: rpi4
+    target: "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
+    tracker: 10.0.0.5:9190        # per-device override
+models:
+  - efficientnet_lite0
+  - {model: resnet18_v2, weights: random}
+  - {model: path/to/net.onnx, image: data/dog.jpg}
+"""
+
+
+def parse(text: str, base: Path | None = None):
+    return parse_fleet(textwrap.dedent(text), "fleet.yaml", base=base)
+
+
+def error_of(text: str) -> str:
+    with pytest.raises(UsageError) as caught:
+        parse(text)
+    return str(caught.value)
+
+
+# -- the fleet file (unit) ------------------------------------------------------------------------------
+
+
+def test_parse_fleet__the_issue_example(tmp_path):
+    spec = parse(EXAMPLE, base=tmp_path)
+    assert [d.name for d in spec.devices] == ["local-x86", "rpi4"]
+    assert [d.target for d in spec.devices] == ["llvm", AARCH64]
+    assert spec.devices[0].spec.tracker == "127.0.0.1:9190" and spec.devices[1].spec.tracker == "10.0.0.5:9190"
+    assert spec.devices[1].spec.key == "rpi4" and spec.devices[1].line == 5
+    assert all(d.spec.request_timeout == DEFAULT_REQUEST_TIMEOUT == 10.0 for d in spec.devices)
+    assert [m.source for m in spec.models] == ["efficientnet_lite0", "resnet18_v2", str(tmp_path / "path/to/net.onnx")]
+    assert spec.models[1].weights == "random" and spec.models[2].image == str(tmp_path / "data/dog.jpg")
+    assert (spec.opt_level, spec.tune_trials, spec.number, spec.repeat, spec.check) == (3, 0, 1, None, True)
+
+
+def test_parse_fleet__options_and_host_port_devices():
+    spec = parse("""\
+        opt_level: 2
+        repeat: 5
+        request_timeout: 4
+        concurrency: 2
+        check: false
+        devices:
+          - {host: 192.168.1.20, port: 9090, target: llvm}
+          - {host: 192.168.1.21, port: 9090, name: bench-2, call_timeout: 60}
+        models: [efficientnet_lite0]
+    """)
+    assert [d.name for d in spec.devices] == ["192.168.1.20:9090", "bench-2"]
+    assert spec.devices[0].spec.kind == "host" and spec.devices[0].spec.request_timeout == 4
+    assert spec.devices[1].spec.call_timeout == 60 and spec.devices[1].target == "llvm"
+    assert (spec.opt_level, spec.repeat, spec.concurrency, spec.check) == (2, 5, 2, False)
+
+
+def test_parse_fleet__unknown_key_names_line_field_and_the_closest_key():
+    message = error_of(EXAMPLE.replace("    target: llvm", "    targt: llvm"))
+    assert message.startswith("fleet.yaml:4: devices[0].targt: unknown key; did you mean 'target'?"), message
+    message = error_of(EXAMPLE + "concurency: 4\n")
+    assert message.startswith("fleet.yaml:12: concurency: unknown key; did you mean 'concurrency'?"), message
+    message = error_of(EXAMPLE.replace("weights: random", "weight: random"))
+    assert "fleet.yaml:10: models[1].weight: unknown key; did you mean 'weights'?" in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("models: [efficientnet_lite0]\n", "fleet.yaml:1: devices: missing"),
+    ("devices: []\nmodels: [efficientnet_lite0]\n", "fleet.yaml:1: devices: is empty"),
+    ("devices:\n  - {host: h, port: 1}\n", "fleet.yaml:1: models: missing"),
+    ("devices:\n  - {host: h, port: 1}\nmodels:\n", "fleet.yaml:1: models: missing"),
+    ("devices: local-x86\nmodels: [m]\n", "fleet.yaml:1: devices: must be a list"),
+    ("", "fleet.yaml: the file is empty"),
+    ("- a\n- b\n", "fleet.yaml:1: the file must be a mapping"),
+])
+def test_parse_fleet__missing_devices_or_models(text, expected):
+    assert error_of(text).startswith(expected), error_of(text)
+
+
+def test_parse_fleet__duplicate_device_names_name_both_lines():
+    message = error_of("""\
+        tracker: 127.0.0.1:9190
+        devices:
+          - {key: a, name: bench}
+          - {key: b}
+          - {key: c, name: bench}
+        models: [efficientnet_lite0]
+    """)
+    assert message.startswith("fleet.yaml:5: devices[2].name: 'bench' already names devices[0] (line 3)"), message
+    same = error_of("""\
+        tracker: 127.0.0.1:9190
+        devices:
+          - {key: a}
+          - {key: a, name: again}
+        models: [efficientnet_lite0]
+    """)
+    assert same.startswith("fleet.yaml:4: devices[1]: the same device as devices[0] (line 3)"), same
+
+
+@pytest.mark.parametrize("device, expected", [
+    ("{key: a}", "fleet.yaml:2: devices[0].key: needs a tracker"),
+    ("{target: llvm}", "fleet.yaml:2: devices[0]: needs key:"),
+    ("{host: h}", "fleet.yaml:2: devices[0].port: missing"),
+    ("{key: a, host: h, port: 1, tracker: 't:1'}", "fleet.yaml:2: devices[0].host: give either key:"),
+    ("{host: h, port: 70000}", "fleet.yaml:2: devices[0].port: must be a whole number from 1 to 65535, not 70000"),
+    ("{host: h, port: '1', target: ''}", "fleet.yaml:2: devices[0].port: must be a whole number"),
+    ("{key: a, tracker: nowhere}", "fleet.yaml:2: devices[0].tracker: 'nowhere' is not HOST:PORT"),
+    ("{key: a, tracker: 't:1', request_timeout: 0}", "fleet.yaml:2: devices[0].request_timeout: must be a number of seconds"),
+    ("{key: [a], tracker: 't:1'}", "fleet.yaml:2: devices[0].key: must be text, not a list"),
+])
+def test_parse_fleet__bad_device_names_line_and_field(device, expected):
+    message = error_of(f"devices:\n  - {device}\nmodels: [efficientnet_lite0]\n")
+    assert message.startswith(expected), message
+
+
+@pytest.mark.parametrize("line, expected", [
+    ("opt_level: 7", "fleet.yaml:4: opt_level: must be a whole number from 0 to 3, not 7"),
+    ("repeat: 0", "fleet.yaml:4: repeat: must be a whole number from 1"),
+    ("check: maybe", "fleet.yaml:4: check: must be true or false"),
+    ("max_abs_diff: -1", "fleet.yaml:4: max_abs_diff: must be a positive number"),
+    ("tracker: 'x'", "fleet.yaml:4: tracker: 'x' is not HOST:PORT"),
+    ("models: [m]", "fleet.yaml:4: models: given twice (first on line 3)"),
+    ("devices: [", "fleet.yaml:5: not valid YAML"),
+])
+def test_parse_fleet__bad_options_name_line_and_field(line, expected):
+    message = error_of(f"devices:\n  - {{host: h, port: 1}}\nmodels: [efficientnet_lite0]\n{line}\n")
+    assert message.startswith(expected), message
+
+
+def test_parse_fleet__text_fields_are_taken_as_written():
+    spec = parse("devices:\n  - {key: no, tracker: '127.0.0.1:9190', name: 1:30}\nmodels: [efficientnet_lite0]\n")
+    assert spec.devices[0].spec.key == "no" and spec.devices[0].name == "1:30"  # not False, not 90
+
+
+def test_parse_fleet__a_bomb_of_aliases_is_refused():
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    assert "too large or too deeply nested" in error_of("\n".join(lines) + "\n")
+
+
+def test_fleet_from_mapping__inline_spec_names_the_field_without_a_line():
+    spec = fleet_from_mapping({"tracker": "127.0.0.1:9190", "devices": [{"key": "x"}], "models": ["efficientnet_lite0"]})
+    assert spec.devices[0].spec.key == "x" and spec.source == "fleet spec"
+    with pytest.raises(UsageError, match=r"^fleet spec: devices\[0\]\.kye: unknown key; did you mean 'key'\?"):
+        fleet_from_mapping({"tracker": "127.0.0.1:9190", "devices": [{"kye": "x"}], "models": ["m"]})
+
+
+def test_load_fleet__missing_file_and_the_repository_example(tmp_path):
+    with pytest.raises(UsageError, match="fleet file not found"):
+        load_fleet(tmp_path / "nope.yaml")
+    spec = load_fleet(REPO / "fleet.yaml")  # what the fleet-nightly deployment runs
+    assert [(d.name, d.spec.tracker, d.spec.key, d.target) for d in spec.devices] == [
+        ("local-x86", "127.0.0.1:9190", "local-x86", "llvm")]
+    assert [m.source for m in spec.models] == ["efficientnet_lite0"]
+
+
+def test_resolve_fleet__a_bad_model_or_target_names_its_entry(tmp_path):
+    from pipeline.fleet import resolve_fleet
+
+    model = make_tiny_onnx(tmp_path / "tiny.onnx")
+    text = f"devices:\n  - {{host: h, port: 1, target: 'llvm -mcpu=nosuchcpu'}}\nmodels:\n  - {model}\n  - missing.onnx\n"
+    with pytest.raises(UsageError) as bad_target:
+        resolve_fleet(parse_fleet(text, "f.yaml", base=tmp_path), str(tmp_path / "store"))
+    assert str(bad_target.value).startswith("f.yaml:2: devices[0].target (h:1): "), bad_target.value
+    with pytest.raises(UsageError) as bad_model:
+        resolve_fleet(parse_fleet(text.replace(" -mcpu=nosuchcpu", ""), "f.yaml", base=tmp_path), str(tmp_path / "store"))
+    assert str(bad_model.value).startswith("f.yaml:5: models[1] ("), bad_model.value
+    assert str(tmp_path / "missing.onnx") in str(bad_model.value)
+    twice = text.replace(" -mcpu=nosuchcpu", "").replace("missing.onnx", f"{{model: {model.name}}}")
+    with pytest.raises(UsageError, match=r"^f\.yaml:5: models\[1\]: the same model"):
+        resolve_fleet(parse_fleet(twice, "f.yaml", base=tmp_path), str(tmp_path / "store"))
+
+
+def _result(device: str, model: str, status: str = "passed", **extra) -> PairResult:
+    fields = dict(target="llvm", target_canonical="{}", latency_ms={"median": 1.25, "p90": 1.5}, check={"passed": True},
+                  regression={"regression": False, "change": 0.031}, error=None, error_type=None, build_key="b" * 64,
+                  run_id="20260101T000000Z-abcdef", device_address=device)
+    return PairResult(device=device, model=model, status=status, **{**fields, **extra})
+
+
+def test_format_text__the_device_by_model_table():
+    summary = FleetSummary("20260101T000000Z-000000", "fleet.yaml", (
+        _result("a", "m0"),
+        _result("ghost", "m0", "failed", latency_ms=None, check=None, regression=None, error="no device for key 'ghost'"),
+    ), BuildCounts(ran=1, cached=0), 12.5)
+    text = format_text(summary)
+    assert "1 passed, 1 failed" in text and "Builds     1 ran, 0 cached" in text
+    header, first, second = text.splitlines()[-3:]
+    assert header.split() == ["device", "model", "status", "median", "ms", "p90", "ms", "check", "change", "error"]
+    assert first.split() == ["a", "m0", "passed", "1.25", "1.5", "passed", "+3.1%"]
+    assert second.split()[:7] == ["ghost", "m0", "FAILED", "-", "-", "-", "-"] and second.endswith("key 'ghost'")
+    assert "| ghost | m0 | **failed** |" in format_markdown(summary)
+    assert json.loads(json.dumps(summary.as_json()))["builds"] == {"ran": 1, "cached": 0, "failed": 0}
+    assert change_text({"regression": True, "change": 0.2}) == "REGRESSION +20.0%"
+    assert change_text({"regression": False, "change": None}) == "first run"
+
+
+def test_fleet__loads_from_its_deployment_entrypoint_without_side_effects():
+    from prefect.flows import load_flow_from_entrypoint
+
+    loaded = load_flow_from_entrypoint("flows/fleet.py:fleet")
+    assert loaded.name == "fleet"
+    assert {"fleet_file", "artifacts", "spec"} <= set(loaded.parameters.properties)
+
+
+def test_prefect_yaml__fleet_nightly_deployment():
+    import yaml
+
+    project = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    (deployment,) = [d for d in project["deployments"] if d["name"] == "fleet-nightly"]
+    assert deployment["entrypoint"] == "flows/fleet.py:fleet" and deployment["work_pool"]["name"] == "process"
+    assert deployment["parameters"] == {"fleet_file": "fleet.yaml"}
+    (schedule,) = deployment["schedules"]
+    assert schedule["cron"].split()[2:] == ["*", "*", "*"] and schedule["timezone"] == "Europe/Berlin"
+
+
+# -- whole fleets (integration) -------------------------------------------------------------------------
+
+
+def run_fleet(fleet_file: Path, store_root: Path, prefect_api: str | None, *args: str,
+              timeout: float = 900) -> subprocess.CompletedProcess:
+    env = {**os.environ}
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    return subprocess.run([sys.executable, "-m", "flows.fleet", str(fleet_file), "--artifacts", str(store_root), "--json",
+                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ledger(store_root: Path, fleet_run: str) -> list[dict]:
+    records = [json.loads(p.read_text()) for p in (store_root / ".runs").glob("*.json")]
+    return [r for r in records if r.get("fleet_run") == fleet_run]
+
+
+def _when(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+@pytest.fixture(scope="module")
+def two_live_keys():
+    """A real tracker with an rpc_server under ``fleet-a`` and one under ``fleet-b``; yields its address."""
+    from pipeline.device import EmbeddedServer, start_tracker
+
+    with start_tracker() as tracker:
+        address = tracker.spec_address
+        with EmbeddedServer(tracker=address, key="fleet-a"), EmbeddedServer(tracker=address, key="fleet-b"):
+            yield address
+
+
+@pytest.fixture(scope="module")
+def pool_worker(prefect_api, tmp_path_factory):
+    """A process work pool with two deployments, a ``build_only`` one of resnet_remote and one of the fleet, and
+    one worker polling it (here, the build machine and the device machine in one); yields the deployments' ids.
+    The worker's process group is ended after."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    pool = "fleet-test-pool"
+    common = {"work_pool_name": pool, "path": str(REPO),
+              "pull_steps": [{"prefect.deployments.steps.set_working_directory": {"directory": str(REPO)}}]}
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(WorkPoolCreate(name=pool, type="process"), overwrite=True)
+        ids = {
+            "resnet-remote/fleet-build": client.create_deployment(
+                flow_id=client.create_flow_from_name("resnet-remote"), name="fleet-build",
+                entrypoint="flows/resnet_remote.py:resnet_remote", parameters={"build_only": True}, **common),
+            "fleet/fleet-test": client.create_deployment(
+                flow_id=client.create_flow_from_name("fleet"), name="fleet-test", entrypoint="flows/fleet.py:fleet",
+                **common),
+        }
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    with open(log_path, "wb") as log:
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool, "--type", "process", "--limit", "3"],
+            cwd=REPO, env={**os.environ, "PREFECT_API_URL": prefect_api, "PREFECT_WORKER_QUERY_SECONDS": "1"},
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    try:
+        yield ids, log_path
+    finally:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(worker.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                worker.wait(timeout=wait)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+
+
+# -- with the emulated aarch64 device (system) ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def aarch64_device(tmp_path_factory):
+    """The emulated aarch64 device (scripts/aarch64-device), under a tracker of its own; yields its tracker."""
+    script = REPO / "scripts" / "aarch64_device.py"
+    env = {**os.environ, "TVMRP_AARCH64_RUN_DIR": str(tmp_path_factory.mktemp("aarch64-run"))}
+
+    def call(*args: str, timeout: float) -> subprocess.CompletedProcess:
+        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                              timeout=timeout)
+        assert proc.returncode == 0, f"aarch64-device {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
+        return proc
+
+    call("provision", timeout=600)
+    try:
+        info = json.loads(call("start", "--key", "aarch64-qemu", "--json", timeout=300).stdout.strip().splitlines()[-1])
+        yield info["tracker"]
+    finally:
+        call("stop", timeout=120)
