@@ -1,0 +1,47 @@
+"""The ``resnet_remote`` flow called in this process under ``prefect_test_harness`` (no CLI subprocess): its typed
+summary, Prefect's record of it (the second run's compile stages ``Cached``), the run ledger."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.ledger import Ledger
+from support import COMPILE
+
+
+@pytest.fixture
+def flow_runs(prefect_api, store_root, tiny_onnx):
+    from flows._cli import cli_prefect_settings
+    from flows.resnet_remote import resnet_remote
+
+    with cli_prefect_settings():
+        return [resnet_remote(model=str(tiny_onnx), artifacts=str(store_root), repeat=2) for _ in range(2)]
+
+
+def test_flow_in_process__returns_the_typed_summary_and_caches_the_builds(flow_runs, store_root):
+    first, second = flow_runs
+    assert first.check is not None and first.check.passed and len(first.top5) == 5
+    assert all(first.stages[stage] == "ran" for stage in COMPILE)
+    assert all(second.stages[stage] == "cached" for stage in COMPILE)
+    assert second.upload.reused and second.build_key == first.build_key
+    assert second.series == first.series and second.regression is not None
+    recorded = {record.id: record for record in Ledger(store_root).records()}
+    assert {first.run_id, second.run_id} <= set(recorded)
+    assert recorded[second.run_id].latency_ms["median"] == second.latency.median
+
+
+def test_flow_in_process__prefect_shows_the_cached_stages(flow_runs):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(like_="tiny.onnx@llvm")),
+            sort=FlowRunSort.START_TIME_DESC, limit=1,
+        )
+        task_runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [runs[0].id]}))
+    states = {run.name: run.state_name for run in task_runs}
+    assert runs[0].state_name == "Completed"
+    assert all(states[stage] == "Cached" for stage in COMPILE), states
+    assert states["upload"] == states["run"] == states["report"] == "Completed"
