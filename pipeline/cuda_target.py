@@ -144,7 +144,9 @@ def parse_cuda_target(text: str) -> CudaTarget:
         TargetError: unknown name, no ``arch``, an arch CUDA 13 cannot compile for (before sm_75), or a
             target TVM rejects.
     """
-    import tvm
+    from pipeline.lean_import import import_tvm
+
+    tvm = import_tvm()  # the first import of a run: without torch (3.3 s -> 1.0 s)
 
     config = cuda_target_dict(text)
     try:
