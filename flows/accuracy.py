@@ -14,9 +14,15 @@ Plain Python (no Prefect run): it is a measuring tool, run by hand or in CI.
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the command line: its lifeline and embedded device start before the imports below
+    from flows._cli import start_early
+
+    start_early(sys.argv[1:], embedded_device=True)
+
 import json
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 

@@ -10,11 +10,17 @@ Run ``python -m flows.resnet_remote --help`` for the command line; the flow is
 
 from __future__ import annotations
 
+import sys
+
+if __name__ == "__main__":  # the command line: its lifeline and embedded device start before the imports below
+    from flows._cli import start_early
+
+    start_early(sys.argv[1:], embedded_device=True)
+
 import datetime as dt
 import json
 import logging
 import os
-import sys
 from typing import Any, Sequence
 
 from prefect import flow

@@ -27,7 +27,7 @@ One module per concern:
 
 from pipeline.device.probe import DeviceInfo, device_triple, probe
 from pipeline.device.processes import EmbeddedServer, TrackerProcess, start_tracker
-from pipeline.device.session import Device, RemoteSession, open_session
+from pipeline.device.session import Device, RemoteSession, open_session, prestart_embedded_server
 from pipeline.device.spec import DeviceSpec, split_host_port
 from pipeline.device.tracker import ServerGrant, known_keys, request_server, tracker_summary
 
@@ -42,6 +42,7 @@ __all__ = [
     "device_triple",
     "known_keys",
     "open_session",
+    "prestart_embedded_server",
     "probe",
     "request_server",
     "split_host_port",

@@ -7,6 +7,7 @@ sessions explicitly (context managers). Every session asks the server for a sess
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import logging
@@ -390,11 +391,27 @@ def _open_via_tracker(spec: DeviceSpec) -> RemoteSession:
         ) from exc
 
 
+_PRESTARTED: list[EmbeddedServer] = []
+
+
+def prestart_embedded_server() -> EmbeddedServer:
+    """Start an embedded server now, for the next ``Device`` of kind ``local`` in this process to adopt.
+
+    A command line calls this first thing, so that the server's start-up (its ``import tvm``) overlaps the
+    command's own imports and Prefect's start instead of following them. Stopped at exit if nobody adopts it.
+    """
+    server = EmbeddedServer()
+    server.start()
+    _PRESTARTED.append(server)
+    atexit.register(server.stop)
+    return server
+
+
 class Device:
     """The device of one run: opens sessions to it and, for the embedded device, owns its server.
 
-    For kind ``local`` the embedded server is started on entry (so its start-up overlaps compilation) and
-    stopped on exit, also on failure; :meth:`recover` replaces it with a fresh one after it died or its
+    For kind ``local`` the embedded server is started on entry (so its start-up overlaps compilation; or one
+    :func:`prestart_embedded_server` started earlier is adopted) and stopped on exit, also on failure; :meth:`recover` replaces it with a fresh one after it died or its
     listener broke (TVM leaves the port bound with a dead listener when a session is killed). For the other
     kinds :meth:`recover` does nothing: the next session simply reconnects.
     """
@@ -406,8 +423,8 @@ class Device:
 
     def __enter__(self) -> Device:
         if self.spec.kind == "local":
-            self.server = EmbeddedServer()
-            self.server.start()
+            self.server = _PRESTARTED.pop() if _PRESTARTED else EmbeddedServer()
+            self.server.start()  # does nothing for a prestarted one
         return self
 
     def __exit__(self, *exc_info: object) -> None:
