@@ -22,6 +22,7 @@ import threading
 import types
 import typing
 import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from pipeline.errors import PipelineError, UsageError
@@ -217,6 +218,44 @@ def _watch_children() -> None:
     threading.Thread(target=start, name="lifeline", daemon=True).start()
 
 
+def local_stack_api() -> str | None:
+    """The API of this checkout's local stack (``scripts/stack up``) when it runs and answers, else None.
+
+    Reads the stack's pid file (``$TVMRP_STACK_DIR``, default ``.stack/``) and asks the server's health
+    endpoint (0.5 s at most): a command line without ``PREFECT_API_URL`` then uses the stack, which keeps the
+    run's history and spares a temporary server (5-8 s a run).
+    """
+    import json as _json
+    import urllib.request
+
+    home = Path(os.environ.get("TVMRP_STACK_DIR") or Path(__file__).resolve().parents[1] / ".stack")
+    if not (home / "run" / "server.json").is_file():
+        return None
+    port = int(os.environ.get("TVMRP_STACK_PORT") or 4200)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=0.5) as answer:
+            return url if _json.loads(answer.read()) is True else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextlib.contextmanager
+def prefect_api() -> Iterator[None]:
+    """The Prefect API of a command line run: the configured one; else the local stack's when it runs; else
+    Prefect's own choice (a temporary server for this run, which keeps no history)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    stack = None if PREFECT_API_URL.value() else local_stack_api()
+    if stack is None:
+        yield
+        return
+    print(f"Note: using the local stack's Prefect server at {stack} (its UI keeps this run's history); set "
+          "PREFECT_API_URL to choose another", file=sys.stderr)
+    with temporary_settings(updates={PREFECT_API_URL: stack}):
+        yield
+
+
 def _interrupt(signum: int, _frame: object) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -250,7 +289,8 @@ def run_command(
             _send_project_logs()
             if not verbose:
                 _quiet_console()
-        with cli_prefect_settings() if uses_prefect else contextlib.nullcontext():
+        with cli_prefect_settings() if uses_prefect else contextlib.nullcontext(), \
+                prefect_api() if uses_prefect else contextlib.nullcontext():
             result = execute(args)
     except PipelineError as exc:
         settle()

@@ -8,6 +8,7 @@ import base64
 import json
 import re
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -153,6 +154,23 @@ def test_stack__fleet_nightly_runs_on_the_worker_and_shows_its_table(stack, nigh
     table = json.loads(found["fleet-stack-fleet"].data)
     assert [(row["device"], row["status"]) for row in table] == [(stack.device_key, "passed")]
     assert "| device |" in found["fleet-summary-stack-fleet"].data
+
+
+def test_stack__a_cli_run_without_an_api_uses_the_running_stack(stack, nightly_runs):
+    """No PREFECT_API_URL: the command line finds the stack of its checkout and uses it (no temporary server)."""
+    env = {k: v for k, v in stack.env.items() if k != "PREFECT_API_URL"}  # the stack's settings, no API
+    proc = subprocess.run(
+        [sys.executable, "-m", "flows.resnet_remote", "--model", nightly_runs.parameters["model"], "--artifacts",
+         str(stack.artifacts), "--repeat", "2", "--json"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"using the local stack's Prefect server at {stack.api_url}" in proc.stderr
+    assert "Starting temporary server" not in proc.stderr
+    run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
+    with stack.client() as client:
+        assert any(run.state_name == "Completed" for run in client.read_flow_runs(limit=20))
+    assert (stack.artifacts / ".runs" / f"{run_id}.json").is_file()
 
 
 def test_stack__down_leaves_no_process_and_up_keeps_the_history(stack, nightly_runs):
