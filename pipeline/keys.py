@@ -51,19 +51,31 @@ def import_inputs(model_digest: str) -> dict[str, Any]:
     return {"stage": "import-model", "model": model_digest, "tvm": tvm_version(), "code": IMPORT_CODE_VERSION}
 
 
-def tune_inputs(model_digest: str, target: str, trials: int, num_cores: int, space: str) -> dict[str, Any]:
-    """What determines a tuning database: model content, canonical target, trial budget, the cores the
-    schedules are made for, the schedule space searched, TVM and our code."""
+def tune_family_inputs(model_digest: str, target: str, num_cores: int, space: str) -> dict[str, Any]:
+    """What a tuning database depends on besides its trial budget: its *family*.
+
+    Tunings of one family differ only in how many trials they ran, so a larger budget can continue from a
+    smaller one's database (:mod:`pipeline.tuning`)."""
     return {
         "stage": "tune",
         "model": model_digest,
         "target": target,
-        "trials": int(trials),
         "num_cores": int(num_cores),
         "space": space,
         "tvm": tvm_version(),
         "code": f"import={IMPORT_CODE_VERSION},tune={TUNE_CODE_VERSION}",
     }
+
+
+def tune_inputs(model_digest: str, target: str, trials: int, num_cores: int, space: str) -> dict[str, Any]:
+    """What determines a tuning database: model content, canonical target, trial budget, the cores the
+    schedules are made for, the schedule space searched, TVM and our code (the family and the budget)."""
+    return {**tune_family_inputs(model_digest, target, num_cores, space), "trials": int(trials)}
+
+
+def tune_family(inputs: dict[str, Any]) -> str:
+    """The family key of a tuning's key inputs (:func:`tune_inputs`): its key without the trial budget."""
+    return key_of({k: v for k, v in inputs.items() if k != "trials"})
 
 
 def build_inputs(

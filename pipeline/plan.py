@@ -77,6 +77,9 @@ def plan_build(
     """The keys of the compile chain.
 
     Args:
+        tune_trials: the tuning's total budget (0: no tuning). ``--tune-more N`` is resolved to a total before
+            planning (:func:`pipeline.tuning.resolve_trials`), so the tune and build keys name the total; the
+            tune stage then continues from the largest tuning of the same family, found in the store.
         tune_runner: where tuning measures (recorded in the tuning manifest, not hashed).
 
     Raises:

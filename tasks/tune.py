@@ -1,8 +1,15 @@
 """Stage ``tune``: MetaSchedule tuning of the imported module for the target, cached like ``build``.
 
 The search itself, the schedule space and why it was chosen are in :mod:`pipeline.tuning`. This stage
-stores the tuning database (MetaSchedule's two JSON files) and ``tuning.json`` (tuning time, tasks, trials,
-best measured latency per task) as an artifact of kind ``tuning`` under the plan's key; ``build`` applies it.
+stores the tuning database (MetaSchedule's two JSON files), ``tuning.json`` (tuning time, tasks, trials
+reused and new, best measured latency per task, the estimate's history, convergence) and ``tuning.log``
+(MetaSchedule's own log, kept out of the run's logs) as an artifact of kind ``tuning`` under the plan's
+key; ``build`` applies it.
+
+A budget larger than an existing tuning of the same family (model, target, cores, space, TVM, code)
+continues from the largest such database, found through the store's tuning index
+(:func:`pipeline.tuning.find_base`), and measures only the difference. Progress (tasks, trials, the best
+estimate so far) shows from the start of the stage through :class:`tasks.progress.Progress`.
 """
 
 from __future__ import annotations
@@ -19,9 +26,22 @@ from pipeline.errors import BuildError, StoreError
 from pipeline.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
-from pipeline.tuning import DATABASE_FILES, LOCAL_RUNNER, REPORT_FILE, check_request, run_tuning, tuning_num_cores
+from pipeline.tuning import (
+    DATABASE_FILES,
+    LOCAL_RUNNER,
+    LOG_FILE,
+    REPORT_FILE,
+    check_request,
+    find_base,
+    remember_tuning,
+    run_tuning,
+    tuning_num_cores,
+)
 from tasks._cache import Built, ensure_artifact
 from tasks.import_model import MODULE_FILE
+from tasks.progress import Progress
+
+PROGRESS_KEY = "tuning-progress"
 
 
 def tune(
@@ -43,36 +63,66 @@ def tune(
             tracker through MetaSchedule's RPC runner).
 
     Returns:
-        The ``tuning`` artifact: ``database_workload.json``, ``database_tuning_record.json``, ``tuning.json``.
+        The ``tuning`` artifact: ``database_workload.json``, ``database_tuning_record.json``, ``tuning.json``,
+        ``tuning.log``. When the store holds a tuning of the same family with fewer trials, the largest is
+        continued: ``tuning.json`` then records ``trials_reused`` and ``trials_new``.
 
     Raises:
         UsageError: bad ``trials`` or ``runner``.
         BuildError: tuning failed.
+        KeyboardInterrupt: SIGINT or SIGTERM while tuning (MetaSchedule's workers are ended; nothing is stored).
     """
     check_request(trials, runner)
-    import tvm
-
     store = ArtifactStore(store_root)
 
     def produce(directory: Path) -> None:
-        if store.get(module.key) is None:
-            raise StoreError(f"the imported module {module.key} vanished from the store; run again")
-        mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
-        with tempfile.TemporaryDirectory(prefix="tvmrp-tune-") as work:
-            report = run_tuning(mod, target, trials, Path(work), runner, tuning_num_cores(target))
-            for name in DATABASE_FILES:
-                source = Path(work) / name
-                if not source.exists():
-                    raise BuildError(f"MetaSchedule wrote no {name}: no task could be tuned for {target.canonical}")
-                shutil.copyfile(source, directory / name)
-        (directory / REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+        base = find_base(store, stage.inputs)
+        name = str(module.inputs.get("name") or "the model")
+        what = f"tuning {name} ({trials} trials{f', {base.trials} reused' if base is not None else ''})"
+        with Progress(PROGRESS_KEY, what) as progress:  # before importing TVM: shows within a second
+            import tvm
 
-    return ensure_artifact(store, stage, "tuning", produce, refresh)
+            if store.get(module.key) is None:
+                raise StoreError(f"the imported module {module.key} vanished from the store; run again")
+            mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
+            with tempfile.TemporaryDirectory(prefix="tvmrp-tune-") as work:
+                report = run_tuning(mod, target, trials, Path(work), runner, tuning_num_cores(target), base=base,
+                                    progress=progress.update, log_file=directory / LOG_FILE)
+                for file_name in DATABASE_FILES:
+                    source = Path(work) / file_name
+                    if not source.exists():
+                        raise BuildError(
+                            f"MetaSchedule wrote no {file_name}: no task could be tuned for {target.canonical}"
+                        )
+                    shutil.copyfile(source, directory / file_name)
+            (directory / REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+
+    built = ensure_artifact(store, stage, "tuning", produce, refresh)
+    remember_tuning(store, stage.inputs, built.artifact.key)  # also a tuning made before the index existed
+    return built
 
 
 def read_report(tuning: Artifact, store_root: str) -> dict[str, Any]:
-    """The ``tuning.json`` of a tuning artifact (tuning time, tasks, trials, estimated latency)."""
+    """The ``tuning.json`` of a tuning artifact (tuning time, tasks, trials reused and new, estimated latency,
+    history, converged)."""
     return json.loads(ArtifactStore(store_root).file(tuning, REPORT_FILE).read_text())
+
+
+def read_summary(tuning: Artifact, store_root: str) -> dict[str, Any]:
+    """What a run reports about its tuning (the ``tuning`` object of ``--json``): ``tuning.json`` without the
+    per-task list, with the defaults of a tuning stored before tunings could continue."""
+    report = read_report(tuning, store_root)
+    trials = int(report["trials"])
+    history = report.get("history") or [
+        {"trials": trials, "estimated_ms": report.get("estimated_ms"), "seconds": report.get("seconds")}
+    ]
+    return {
+        "key": tuning.key, "trials": trials, "trials_reused": int(report.get("trials_reused", 0)),
+        "trials_new": int(report.get("trials_new", trials)), "measured": report.get("measured"),
+        "seconds": report.get("seconds"), "estimated_ms": report.get("estimated_ms"),
+        "converged": bool(report.get("converged", False)), "history": history, "base": report.get("base"),
+        "runner": report.get("runner"),
+    }
 
 
 tune_task = task(name="tune", task_run_name="tune", retries=0)(tune)

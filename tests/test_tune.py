@@ -1,16 +1,29 @@
 """Stage ``tune`` on a tiny real ONNX model: a real MetaSchedule tuning (a few trials), a real store, a real
-TVM RPC server; the tuned build must still compute what the model's own framework computes."""
+TVM RPC server; the tuned build must still compute what the model's own framework computes.
+
+A larger budget continues from the largest database of the same family (tuned 4, then 8: 4 reused + 4 new),
+MetaSchedule's own logging goes to the artifact's ``tuning.log`` and not to stderr, and SIGINT or SIGTERM
+ends a tuning as an interrupt (exit 130 from a script that does what the command line does) with no
+MetaSchedule worker left."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from conftest import make_tiny_onnx
+from conftest import REPO, make_tiny_onnx, run_cli
 from pipeline import keys
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session, start_tracker
 from pipeline.errors import UsageError
@@ -19,7 +32,23 @@ from pipeline.latency import Timing
 from pipeline.plan import StageKey, plan_build
 from pipeline.store import MANIFEST, Artifact, ArtifactStore
 from pipeline.targets import TargetInfo, parse_target
-from pipeline.tuning import DATABASE_FILES, RECORD_FILE, REPORT_FILE, SPACE, tracker_runner, tune_inputs
+from pipeline.tuning import (
+    DATABASE_FILES,
+    INDEX_DIR,
+    LOG_FILE,
+    RECORD_FILE,
+    REPORT_FILE,
+    SPACE,
+    WORKLOAD_FILE,
+    family_key,
+    find_base,
+    format_latency,
+    has_converged,
+    remember_tuning,
+    resolve_trials,
+    tracker_runner,
+    tune_inputs,
+)
 from tasks._live import opened
 from tasks.build import build
 from tasks.export_library import export_library
@@ -27,7 +56,7 @@ from tasks.import_model import import_model
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
-from tasks.tune import read_report, tune
+from tasks.tune import read_report, read_summary, tune
 from tasks.upload import upload
 
 TRIALS = 4
@@ -70,7 +99,7 @@ def test_tune__stores_the_database_with_a_manifest(tuned):
     store = ArtifactStore(tuned.root)
     assert store.get(tuned.tuning.key) == tuned.tuning
     assert tuned.tuning.kind == "tuning"
-    assert {f.name for f in tuned.tuning.files} == {*DATABASE_FILES, REPORT_FILE}
+    assert {f.name for f in tuned.tuning.files} == {*DATABASE_FILES, REPORT_FILE, LOG_FILE}
     manifest = json.loads((store.path(tuned.tuning.key) / MANIFEST).read_text())
     inputs = manifest["inputs"]
     assert inputs["stage"] == "tune" and inputs["trials"] == TRIALS and inputs["space"] == SPACE
@@ -181,3 +210,312 @@ def test_tune_task__second_run_is_cached_by_prefect(tuned, prefect_api):
         return names
 
     assert tune_twice()[1] == "Cached"
+
+
+
+# -- continuing a smaller tuning, the family index, --tune-more ----------------------------------------------
+
+
+def put_tuning(store: ArtifactStore, digest: str, target: TargetInfo, trials: int, estimated_ms: float = 1.0) -> str:
+    """A real tuning artifact of ``trials`` (a one-record database: enough for the index, not for a build)."""
+    inputs = tune_inputs(digest, target, trials)
+
+    def produce(directory: Path) -> None:
+        (directory / WORKLOAD_FILE).write_text("")
+        (directory / RECORD_FILE).write_text("")
+        report = {"trials": trials, "estimated_ms": estimated_ms, "seconds": 1.0,
+                  "history": [{"trials": trials, "estimated_ms": estimated_ms, "seconds": 1.0}]}
+        (directory / REPORT_FILE).write_text(json.dumps(report))
+
+    key = keys.key_of(inputs)
+    store.put(key, "tuning", produce, inputs)
+    remember_tuning(store, inputs, key)
+    return key
+
+
+@pytest.mark.unit
+def test_tune_family__is_the_tuning_key_without_its_budget():
+    target, digest = parse_target("llvm"), "a" * 64
+    four, eight = tune_inputs(digest, target, 4), tune_inputs(digest, target, 8)
+    assert keys.tune_family(four) == keys.tune_family(eight) == family_key(digest, target)
+    assert keys.key_of(four) != keys.key_of(eight)
+    assert family_key("b" * 64, target) != family_key(digest, target)
+    assert family_key(digest, parse_target("llvm -mcpu=znver4")) != family_key(digest, target)
+
+
+@pytest.mark.unit
+def test_resolve_trials__tune_more_adds_to_the_largest_tuning(store_root):
+    target, digest = parse_target("llvm"), "a" * 64
+    assert resolve_trials(store_root, digest, target, 64, 0) == 64
+    assert resolve_trials(store_root, digest, target, 0, 32) == 32  # none yet: N
+    store = ArtifactStore(store_root)
+    put_tuning(store, digest, target, 4)
+    put_tuning(store, digest, target, 8)
+    put_tuning(store, "b" * 64, target, 100)  # another family
+    assert resolve_trials(store_root, digest, target, 0, 32) == 8 + 32
+    assert resolve_trials(store_root, digest, target, 16, 0) == 16
+    index = json.loads((store_root / INDEX_DIR / f"{family_key(digest, target)}.json").read_text())
+    assert index["tunings"] == {"4": keys.key_of(tune_inputs(digest, target, 4)),
+                                "8": keys.key_of(tune_inputs(digest, target, 8))}
+    for trials, more, message in [(8, 8, "not both"), (0, -1, "0 or more"), (0, 100_000, "above")]:
+        with pytest.raises(UsageError, match=message):
+            resolve_trials(store_root, digest, target, trials, more)
+
+
+@pytest.mark.unit
+def test_find_base__ignores_a_corrupt_or_foreign_indexed_tuning(store_root, caplog):
+    target, digest = parse_target("llvm"), "a" * 64
+    store = ArtifactStore(store_root)
+    four = put_tuning(store, digest, target, 4)
+    eight = put_tuning(store, digest, target, 8)
+    sixteen = tune_inputs(digest, target, 16)
+    base = find_base(store, sixteen)
+    assert base is not None and (base.key, base.trials) == (eight, 8)
+    assert find_base(store, tune_inputs(digest, target, 8)).key == four  # only smaller budgets are bases
+    assert find_base(store, tune_inputs(digest, target, 4)) is None
+
+    # The 8-trial database no longer verifies: the 4-trial one is continued, --tune-more counts from 4.
+    (store.path(eight) / RECORD_FILE).write_text("[0, tampered]\n")
+    assert find_base(store, sixteen).key == four
+    assert resolve_trials(store_root, digest, target, 0, 10) == 14
+    # An index entry that names another key than the family's for its budget is ignored.
+    index = store_root / INDEX_DIR / f"{family_key(digest, target)}.json"
+    data = json.loads(index.read_text())
+    data["tunings"]["32"] = four
+    index.write_text(json.dumps(data))
+    assert find_base(store, tune_inputs(digest, target, 64)).key == four
+    assert any("not that tuning's key" in r.getMessage() for r in caplog.records)
+    # An unreadable index is no base at all (a larger budget then starts over).
+    index.write_text("{not json")
+    assert find_base(store, sixteen) is None
+    assert resolve_trials(store_root, digest, target, 0, 10) == 10
+
+
+@pytest.mark.unit
+def test_read_summary__of_a_continued_and_of_an_older_tuning(store_root):
+    target, store = parse_target("llvm"), ArtifactStore(store_root)
+    key = put_tuning(store, "a" * 64, target, 8, estimated_ms=2.5)
+    summary = read_summary(store.get(key), str(store_root))
+    assert summary["key"] == key and summary["trials"] == 8 and summary["estimated_ms"] == 2.5
+    assert (summary["trials_reused"], summary["trials_new"], summary["converged"]) == (0, 8, False)
+    assert summary["history"] == [{"trials": 8, "estimated_ms": 2.5, "seconds": 1.0}] and "tasks" not in summary
+
+
+@pytest.mark.unit
+def test_has_converged__when_two_increments_gained_less_than_one_percent():
+    def history(*estimates):
+        return [{"trials": 64 * (i + 1), "estimated_ms": e, "seconds": 1.0} for i, e in enumerate(estimates)]
+
+    assert not has_converged(history(100.0, 99.9))  # one increment is not enough to tell
+    assert has_converged(history(100.0, 99.6, 99.2))  # 0.8 % over the last two increments
+    assert not has_converged(history(100.0, 99.6, 98.8))  # 1.2 %
+    assert has_converged(history(200.0, 100.0, 99.5, 99.4))  # only the last two count
+    assert not has_converged(history(100.0, 99.9, None))  # a task was never measured: unknown
+
+
+@pytest.mark.unit
+def test_format_latency__us_below_a_millisecond_and_never_zero():
+    assert format_latency(1.4e-8) == "0.014 us"
+    assert format_latency(4.32e-5) == "43.2 us"
+    assert format_latency(1.27e-3) == "1.27 ms"
+    assert format_latency(0.1742) == "174 ms"
+    assert format_latency(None) == format_latency(float("nan")) == "not measured yet"
+
+
+TUNE_SCRIPT = """
+import logging, signal, sys, os
+sys.path.insert(0, os.getcwd())
+
+def interrupt(signum, _frame):  # what the command line does (flows/_cli.py)
+    raise KeyboardInterrupt(f"signal {signum}")
+
+signal.signal(signal.SIGTERM, interrupt)
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)d %(name)s: %(message)s")
+try:
+    from pipeline.models import ModelSpec, resolve_model
+    from pipeline.plan import plan_build
+    from pipeline.targets import parse_target
+    from tasks.import_model import import_model
+    from tasks.tune import tune
+
+    model_path, root, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model, target = resolve_model(ModelSpec(model_path)), parse_target("llvm")
+    imported = import_model(model, plan_build(model, target, 3).imported, root).artifact
+    logging.getLogger("script").info("the tune stage starts")
+    tune(imported, target, trials, plan_build(model, target, 3, trials).tune, root)
+except KeyboardInterrupt as exc:
+    print(f"Error: interrupted ({exc})", file=sys.stderr)
+    sys.exit(130)
+"""
+
+
+def start_tune_script(tmp_path: Path, model_path: Path, root: Path, trials: int) -> subprocess.Popen:
+    """A process that runs the tune stage (stderr: its log lines, unbuffered; Prefect's API unreachable)."""
+    script = tmp_path / "tune_script.py"
+    script.write_text(TUNE_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PREFECT_API_URL": f"http://127.0.0.1:{port}/api"}
+    return subprocess.Popen([sys.executable, str(script), str(model_path), str(root), str(trials)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class Continued:
+    tuning: Artifact
+    stderr: str
+
+
+@pytest.fixture(scope="module")
+def continued(tuned) -> Continued:
+    """The tiny model tuned again with 2 x TRIALS in ``tuned``'s store, in a process of its own (stderr kept)."""
+    model_path = Path(tuned.model.spec.source)
+    proc = start_tune_script(tuned.root.parent, model_path, tuned.root, 2 * TRIALS)
+    _, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    artifact = ArtifactStore(tuned.root).get(tune_stage(tuned.model, tuned.target, 2 * TRIALS).key)
+    assert artifact is not None
+    return Continued(artifact, stderr)
+
+
+@pytest.mark.integration
+def test_tune__larger_budget_continues_from_the_largest_database(tuned, continued):
+    root = str(tuned.root)
+    before, after = read_report(tuned.tuning, root), read_report(continued.tuning, root)
+    assert (after["trials"], after["trials_reused"], after["trials_new"]) == (2 * TRIALS, TRIALS, TRIALS)
+    assert after["base"] == tuned.tuning.key and before["trials_reused"] == 0
+    assert [h["trials"] for h in after["history"]] == [TRIALS, 2 * TRIALS] and after["converged"] is False
+    assert after["history"][0] == before["history"][0]
+    # The old records are kept as they were; the new ones come after them.
+    store = ArtifactStore(root)
+    old = store.file(tuned.tuning, RECORD_FILE).read_text().splitlines()
+    new = store.file(continued.tuning, RECORD_FILE).read_text().splitlines()
+    assert new[: len(old)] == old and len(old) < len(new) <= len(old) + TRIALS and after["measured"] == len(new)
+    # The best of every task is the best over both runs: never worse than before.
+    for was, now in zip(before["tasks"], after["tasks"]):
+        assert was["name"] == now["name"]
+        if was["best_ms"] is not None:
+            assert now["best_ms"] <= was["best_ms"]
+    assert after["estimated_ms"] <= before["estimated_ms"]
+
+
+@pytest.mark.integration
+def test_tune__continuation_measures_no_candidate_of_the_earlier_database_again(tuned, continued, tmp_path):
+    import tvm_ffi
+    from tvm.s_tir import meta_schedule as ms
+
+    def candidates(artifact: Artifact) -> dict[int, list[int]]:
+        """Per workload: the structural hash of every record's candidate (on a copy: queries append)."""
+        work = tmp_path / artifact.key
+        work.mkdir()
+        for name in DATABASE_FILES:
+            shutil.copyfile(ArtifactStore(tuned.root).file(artifact, name), work / name)
+        database = ms.database.JSONDatabase(work_dir=str(work), module_equality="anchor-block")
+        found: dict[int, list[int]] = {}
+        for record in database.get_all_tuning_records():
+            workload = tvm_ffi.structural_hash(record.workload.mod)
+            found.setdefault(workload, []).append(tvm_ffi.structural_hash(record.as_measure_candidate().sch.mod))
+        return found
+
+    before, after = candidates(tuned.tuning), candidates(continued.tuning)
+    for workload, hashes in after.items():
+        assert len(hashes) == len(set(hashes)), "a candidate was measured twice"
+        assert set(before.get(workload, [])) <= set(hashes)
+
+
+@pytest.mark.integration
+def test_tune__metaschedule_logs_go_to_the_artifact_and_progress_to_the_log(tuned, continued):
+    chatter = ("Evolve iter", "Design space", "task_scheduler.cc", "evolutionary_search.cc", "meta_schedule",
+               "LocalBuilder", "ir_module", "Segfault")
+    assert not [line for line in continued.stderr.splitlines() if any(c in line for c in chatter)]
+    log_text = ArtifactStore(tuned.root).file(continued.tuning, LOG_FILE).read_text()
+    assert "Evolve iter" in log_text and "Design space" in log_text and "Picked top" in log_text
+    lines = continued.stderr.splitlines()
+    progress = [line for line in lines if " tasks.progress: tuning tiny.onnx" in line]
+    assert progress and f"({2 * TRIALS} trials, {TRIALS} reused)" in progress[0]
+    started = int(next(line for line in lines if "the tune stage starts" in line).split()[0])
+    assert int(progress[0].split()[0]) - started < 5000  # shown within 5 s of the stage starting
+    assert f"{TRIALS}/{TRIALS} trials" in progress[-1] and "estimated " in progress[-1]
+    assert "25/24" not in continued.stderr and " 0.000 ms" not in continued.stderr
+
+
+@pytest.mark.integration
+def test_build__applies_the_continued_database(tuned, continued):
+    root, model, target = str(tuned.root), tuned.model, tuned.target
+    plan = plan_build(model, target, 3, 2 * TRIALS)
+    assert plan.tune.key == continued.tuning.key and plan.build.inputs["tuning"] == continued.tuning.key
+    built = build(tuned.imported, target, 3, plan.build, root, tuning=continued.tuning)
+    assert built.built and built.artifact.inputs["tuning"] == continued.tuning.key
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_tune__a_signal_ends_the_tuning_as_an_interrupt_with_no_worker_left(tmp_path, signum):
+    import psutil
+
+    root = tmp_path / "artifacts"
+    root.mkdir()
+    proc = start_tune_script(tmp_path, make_tiny_onnx(tmp_path / "tiny.onnx"), root, 64)
+    lines: list[str] = []
+    tuning = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if "pipeline.tuning: tune: " in line and " tasks, " in line:
+                tuning.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert tuning.wait(180), "".join(lines)[-4000:]
+        parent = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while not parent.children() and time.monotonic() < deadline:  # MetaSchedule's first workers
+            time.sleep(0.2)
+        time.sleep(2)  # into the search and the first builds
+        children = parent.children(recursive=True)
+        assert children, "no MetaSchedule worker started"
+        sent = time.monotonic()
+        proc.send_signal(signum)
+        code = proc.wait(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(5)
+    text = "".join(lines)
+    assert code == 130 and waited < 20, f"exit {code} after {waited:.1f} s\n{text[-4000:]}"
+    assert f"Error: interrupted (signal {int(signum)})" in text
+    assert "Traceback" not in text and "Segfault" not in text and "failed: RuntimeError" not in text
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, [p.pid for p in alive]
+    assert not (root / INDEX_DIR).exists()  # no tuning was stored
+    assert not list(root.glob(".tmp/*"))  # nor half of one
+
+
+@pytest.mark.integration
+def test_cli__a_larger_budget_tunes_only_the_difference(prefect_api, store_root, tiny_onnx):
+    """The issue: --tune-trials 64 then 128 tunes 64 new trials the second time (here 8 then 16)."""
+
+    def cli(trials: int) -> dict:
+        proc = run_cli("--model", str(tiny_onnx), "--tune-trials", str(trials), "--artifacts", str(store_root),
+                       "--json", "--repeat", "2", env={"PREFECT_API_URL": prefect_api})
+        assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+        assert "Evolve iter" not in proc.stderr and "Design space" not in proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first, second = cli(8), cli(16)
+    assert first["stages"]["tune"] == second["stages"]["tune"] == "ran"
+    store = ArtifactStore(store_root)
+    tuning = store.get(second["tuning_key"])
+    assert tuning is not None and tuning.inputs["trials"] == 16
+    assert store.get(second["build_key"]).inputs["tuning"] == second["tuning_key"] != first["tuning_key"]
+    assert second["check"]["passed"]
+    report = read_report(tuning, str(store_root))
+    assert (report["trials"], report["trials_reused"], report["trials_new"]) == (16, 8, 8)
+    assert report["base"] == first["tuning_key"]
+    assert (first["tuning"]["trials"], first["tuning"]["trials_reused"], first["tuning"]["trials_new"]) == (8, 0, 8)
+    assert (second["tuning"]["trials"], second["tuning"]["trials_reused"], second["tuning"]["trials_new"]) == (16, 8, 8)
