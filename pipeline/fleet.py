@@ -114,21 +114,22 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
     targets = _targets(spec, where)
     models = _models(spec, where)
     labels = _labels([(m.entry, m.model) for m in models])
-    plans = _plans(spec, targets, models)
+    plans = _plans(spec, targets, models, store.root)
     thresholds = thresholds_for("float32", spec.max_abs_diff)
     timing = Timing(number=spec.number, repeat=spec.repeat)
     pairs = []
     for device in spec.devices:
         target = targets[device.target]
         for index, (entry, model, image, data) in enumerate(models):
+            planned = plans[(index, target.canonical)]
+            planned_trials = planned.tune_trials if isinstance(planned, BuildPlan) else spec.tune_trials
             request = ResolvedRequest(
                 model=model, target=target, opt_level=spec.opt_level, device=device.spec, image=image, input=data,
                 store=store, timing=timing, refresh=False, device_retries=spec.device_retries,
                 allow_version_skew=spec.allow_version_skew, check=spec.check,
-                thresholds=thresholds, tune_trials=spec.tune_trials, build_only=False, tune_runner=LOCAL_RUNNER,
+                thresholds=thresholds, tune_trials=planned_trials, build_only=False, tune_runner=LOCAL_RUNNER,
                 device_cache=None,  # a remote device keeps nothing by default, as for resnet_remote
             )
-            planned = plans[(index, target.canonical)]
             plan = None if isinstance(planned, PipelineError) else planned
             pairs.append(FleetPair(
                 device=device, model=entry, label=labels[index], request=request, plan=plan,
@@ -180,11 +181,12 @@ def _models(spec: FleetSpec, where: Where) -> list[_Model]:
 
 
 def _plans(spec: FleetSpec, targets: dict[str, TargetInfo],
-           models: list[_Model]) -> dict[tuple[int, str], BuildPlan | PipelineError]:
+           models: list[_Model], store_root: Path) -> dict[tuple[int, str], BuildPlan | PipelineError]:
     """The compile chain of each (model index, canonical target), planned once; the error where planning failed
     (e.g. no cross compiler: those pairs fail, the others run)."""
     from pipeline.plan import plan_build
     from pipeline.request import LOCAL_RUNNER
+    from pipeline.tuning import resolve_trials
 
     plans: dict[tuple[int, str], BuildPlan | PipelineError] = {}
     for device in spec.devices:
@@ -192,7 +194,8 @@ def _plans(spec: FleetSpec, targets: dict[str, TargetInfo],
         for index, m in enumerate(models):
             if (index, target.canonical) not in plans:
                 try:
-                    plans[(index, target.canonical)] = plan_build(m.model, target, spec.opt_level, spec.tune_trials,
+                    trials = resolve_trials(store_root, m.model.digest, target, spec.tune_trials, spec.tune_more)
+                    plans[(index, target.canonical)] = plan_build(m.model, target, spec.opt_level, trials,
                                                                   LOCAL_RUNNER)
                 except PipelineError as exc:
                     plans[(index, target.canonical)] = exc

@@ -55,6 +55,10 @@ class RunRequest:
     tune_trials: int = field(default=0, metadata=arg(
         "build", "MetaSchedule tuning budget (trials); 0 = no tuning. Tuned once per (model, target, budget) and "
         "cached like the build"))
+    tune_more: int = field(default=0, metadata=arg(
+        "build", "MetaSchedule trials to add to the largest tuning of this model and target already in the store "
+        "(it is continued; with none, tune this many). The total is resolved before compiling, so the build "
+        "names it. Not with --tune-trials", metavar="N"))
     tune_on: str = field(default="host", metadata=arg(
         "build", "measure tuning candidates on this host, or on the --tracker/--key device", choices=("host", "device")))
     build_only: bool = field(default=False, metadata=arg(
@@ -130,6 +134,8 @@ def _check_numbers(request: RunRequest) -> None:
         raise UsageError(f"--device-retries must be 0-10 (got {request.device_retries})")
     if not 0 <= request.tune_trials <= 100_000:
         raise UsageError(f"--tune-trials must be 0 (no tuning) to 100000 (got {request.tune_trials})")
+    if not 0 <= request.tune_more <= 100_000:
+        raise UsageError(f"--tune-more must be 0 to 100000 (got {request.tune_more})")
     if request.tune_on not in ("host", "device"):
         raise UsageError(f"--tune-on must be host or device (got {request.tune_on!r})")
 
@@ -163,7 +169,10 @@ def resolve(request: RunRequest) -> ResolvedRequest:
     tune_runner = _tune_runner(request.tune_on, device)
     model = resolve_model(ModelSpec(source=request.model, weights=request.weights, seed=request.seed))
     target = parse_target(request.target)
-    if target.device == "cuda" and request.tune_trials and request.tune_on != "device":
+    from pipeline.tuning import resolve_trials
+
+    tune_trials = resolve_trials(store.root, model.digest, target, request.tune_trials, request.tune_more)
+    if target.device == "cuda" and tune_trials and request.tune_on != "device":
         raise UsageError("tuning a CUDA build measures on the GPU: add --tune-on device with --tracker/--key of a "
                          "GPU device, or leave --tune-trials out (the default build applies TVM's GPU schedules)")
     image = Path(request.image).expanduser() if request.image else DEFAULT_IMAGE
@@ -173,7 +182,7 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         timing=Timing(number=request.number, repeat=request.repeat), refresh=request.refresh,
         device_retries=request.device_retries, allow_version_skew=request.allow_version_skew, check=request.check,
         thresholds=thresholds,
-        tune_trials=request.tune_trials, build_only=request.build_only, tune_runner=tune_runner,
+        tune_trials=tune_trials, build_only=request.build_only, tune_runner=tune_runner,
         device_cache=device_cache,
     )
 

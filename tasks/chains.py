@@ -38,7 +38,7 @@ from tasks.import_model import import_model_task
 from tasks.load import Loaded, load_task
 from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
-from tasks.tune import tune_task
+from tasks.tune import read_summary, tune_task
 from tasks.upload import inspect_device, upload_task
 
 log = logging.getLogger(__name__)
@@ -191,6 +191,7 @@ def run_on_device(
         image=str(req.image), input_shape=tuple(model.input_shape), stages=stages, top5=prediction.top,
         latency=on.result.latency, upload=on.loaded.placement, check=checked,
         notes=(*model.notes, *([] if build.tune else [UNTUNED_NOTE])),
+        tuning=read_summary(compiled.tuning, root) if compiled.tuning is not None else None,
     )
     failed = checked is not None and not checked.passed
     return report_task(summary, root, status="failed" if failed else "passed",

@@ -65,6 +65,9 @@ class RunSummary:
     check: CheckResult | None
     notes: tuple[str, ...] = ()
     regression: Verdict | None = None
+    tuning: dict[str, Any] | None = None
+    """What the tuning this build applies did (``tasks.tune.read_summary``): trials (reused, new), estimate,
+    convergence; None for an untuned build."""
 
     @property
     def series(self) -> str:
@@ -90,6 +93,7 @@ class RunSummary:
             },
             "check": self.check.as_dict() if self.check is not None else None,
             "regression": self.regression.as_dict() if self.regression is not None else None,
+            "tuning": self.tuning,
             "notes": list(self.notes),
         }
 
@@ -197,12 +201,24 @@ def format_build(summary: BuildSummary) -> str:
     return "\n".join(lines)
 
 
+def format_tuning(tuning: dict[str, Any]) -> str:
+    """The report's ``Tuning`` line: trials (reused, new), the estimate, and whether more trials may pay."""
+    estimate = tuning.get("estimated_ms")
+    line = (f"Tuning     {tuning['trials']} trials ({tuning['trials_reused']} reused, {tuning['trials_new']} new)"
+            + (f", estimated {estimate:.4g} ms" if isinstance(estimate, int | float) else ""))
+    if tuning.get("converged"):
+        line += "; converged: the last two increments gained < 1 %, more trials are unlikely to pay"
+    return line
+
+
 def format_text(summary: RunSummary | BuildSummary) -> str:
     """The human-readable report of a run (or of a ``--build-only`` run)."""
     if isinstance(summary, BuildSummary):
         return format_build(summary)
     lines = header_lines(summary.as_json())
     lines.append(format_upload(summary.upload))
+    if summary.tuning:
+        lines.append(format_tuning(summary.tuning))
     lines += [f"Note       {note}" for note in summary.notes]
     lines.append("Top-5      class  probability  label")
     for rank, entry in enumerate(summary.top5, 1):
