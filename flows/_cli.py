@@ -140,6 +140,15 @@ def _send_project_logs() -> None:
             logger.propagate = False
         if logger.level == logging.NOTSET:
             logger.setLevel(logging.INFO)
+    # Progress of long work (tuning, slow uploads) is a line per step when stderr is not a terminal (a terminal
+    # gets tasks.progress's own bar): those lines are for the user, not only for the UI.
+    progress = logging.getLogger("tasks.progress")
+    if not sys.stderr.isatty() and not any(getattr(h, "_tvmrp_progress", False) for h in progress.handlers):
+        lines = logging.StreamHandler(sys.stderr)
+        lines.setLevel(logging.INFO)
+        lines.setFormatter(logging.Formatter("%(asctime)s.%(msecs)03d | PROGRESS | %(message)s", "%H:%M:%S"))
+        lines._tvmrp_progress = True  # type: ignore[attr-defined]
+        progress.addHandler(lines)
 
 
 _HEARTBEAT_VARS = ("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "PREFECT_RUNNER_HEARTBEAT_FREQUENCY")
