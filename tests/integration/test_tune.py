@@ -4,7 +4,8 @@ TVM RPC server; the tuned build must still compute what the model's own framewor
 A larger budget continues from the largest database of the same family (tuned 4, then 8: 4 reused + 4 new),
 MetaSchedule's own logging goes to the artifact's ``tuning.log`` and not to stderr, and SIGINT or SIGTERM
 ends a tuning as an interrupt (exit 130 from a script that does what the command line does) with no
-MetaSchedule worker left."""
+MetaSchedule worker left. (The family index, ``--tune-more`` and the report's rules without a tuning run:
+``tests/unit/test_tuning_parts.py``.)"""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, make_tiny_onnx, run_cli
+from support import REPO, make_tiny_onnx, run_cli
 from pipeline import keys
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session, start_tracker
 from pipeline.errors import UsageError
@@ -39,13 +40,6 @@ from pipeline.tuning import (
     RECORD_FILE,
     REPORT_FILE,
     SPACE,
-    WORKLOAD_FILE,
-    family_key,
-    find_base,
-    format_latency,
-    has_converged,
-    remember_tuning,
-    resolve_trials,
     tracker_runner,
     tune_inputs,
 )
@@ -56,7 +50,7 @@ from tasks.import_model import import_model
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
-from tasks.tune import read_report, read_summary, tune
+from tasks.tune import read_report, tune
 from tasks.upload import upload
 
 TRIALS = 4
@@ -128,15 +122,6 @@ def test_tune_key__changes_with_budget_target_and_model(tuned):
     assert keys.tune_inputs(digest, target.canonical, TRIALS, 2, SPACE) != keys.tune_inputs(
         digest, target.canonical, TRIALS, 4, SPACE
     )
-
-
-def test_build_inputs__tuning_is_keyed_and_absent_without_one():
-    plain = keys.build_inputs("a" * 64, "llvm", 3)
-    assert "tuning" not in plain
-    assert plain == keys.build_inputs("a" * 64, "llvm", 3, None)
-    with_db = keys.build_inputs("a" * 64, "llvm", 3, "b" * 64)
-    assert with_db == {**plain, "tuning": "b" * 64}
-    assert keys.key_of(with_db) != keys.key_of(plain)
 
 
 @pytest.mark.parametrize(("trials", "runner", "message"), [
@@ -212,114 +197,7 @@ def test_tune_task__second_run_is_cached_by_prefect(tuned, prefect_api):
     assert tune_twice()[1] == "Cached"
 
 
-
-# -- continuing a smaller tuning, the family index, --tune-more ----------------------------------------------
-
-
-def put_tuning(store: ArtifactStore, digest: str, target: TargetInfo, trials: int, estimated_ms: float = 1.0) -> str:
-    """A real tuning artifact of ``trials`` (a one-record database: enough for the index, not for a build)."""
-    inputs = tune_inputs(digest, target, trials)
-
-    def produce(directory: Path) -> None:
-        (directory / WORKLOAD_FILE).write_text("")
-        (directory / RECORD_FILE).write_text("")
-        report = {"trials": trials, "estimated_ms": estimated_ms, "seconds": 1.0,
-                  "history": [{"trials": trials, "estimated_ms": estimated_ms, "seconds": 1.0}]}
-        (directory / REPORT_FILE).write_text(json.dumps(report))
-
-    key = keys.key_of(inputs)
-    store.put(key, "tuning", produce, inputs)
-    remember_tuning(store, inputs, key)
-    return key
-
-
-@pytest.mark.unit
-def test_tune_family__is_the_tuning_key_without_its_budget():
-    target, digest = parse_target("llvm"), "a" * 64
-    four, eight = tune_inputs(digest, target, 4), tune_inputs(digest, target, 8)
-    assert keys.tune_family(four) == keys.tune_family(eight) == family_key(digest, target)
-    assert keys.key_of(four) != keys.key_of(eight)
-    assert family_key("b" * 64, target) != family_key(digest, target)
-    assert family_key(digest, parse_target("llvm -mcpu=znver4")) != family_key(digest, target)
-
-
-@pytest.mark.unit
-def test_resolve_trials__tune_more_adds_to_the_largest_tuning(store_root):
-    target, digest = parse_target("llvm"), "a" * 64
-    assert resolve_trials(store_root, digest, target, 64, 0) == 64
-    assert resolve_trials(store_root, digest, target, 0, 32) == 32  # none yet: N
-    store = ArtifactStore(store_root)
-    put_tuning(store, digest, target, 4)
-    put_tuning(store, digest, target, 8)
-    put_tuning(store, "b" * 64, target, 100)  # another family
-    assert resolve_trials(store_root, digest, target, 0, 32) == 8 + 32
-    assert resolve_trials(store_root, digest, target, 16, 0) == 16
-    index = json.loads((store_root / INDEX_DIR / f"{family_key(digest, target)}.json").read_text())
-    assert index["tunings"] == {"4": keys.key_of(tune_inputs(digest, target, 4)),
-                                "8": keys.key_of(tune_inputs(digest, target, 8))}
-    for trials, more, message in [(8, 8, "not both"), (0, -1, "0 or more"), (0, 100_000, "above")]:
-        with pytest.raises(UsageError, match=message):
-            resolve_trials(store_root, digest, target, trials, more)
-
-
-@pytest.mark.unit
-def test_find_base__ignores_a_corrupt_or_foreign_indexed_tuning(store_root, caplog):
-    target, digest = parse_target("llvm"), "a" * 64
-    store = ArtifactStore(store_root)
-    four = put_tuning(store, digest, target, 4)
-    eight = put_tuning(store, digest, target, 8)
-    sixteen = tune_inputs(digest, target, 16)
-    base = find_base(store, sixteen)
-    assert base is not None and (base.key, base.trials) == (eight, 8)
-    assert find_base(store, tune_inputs(digest, target, 8)).key == four  # only smaller budgets are bases
-    assert find_base(store, tune_inputs(digest, target, 4)) is None
-
-    # The 8-trial database no longer verifies: the 4-trial one is continued, --tune-more counts from 4.
-    (store.path(eight) / RECORD_FILE).write_text("[0, tampered]\n")
-    assert find_base(store, sixteen).key == four
-    assert resolve_trials(store_root, digest, target, 0, 10) == 14
-    # An index entry that names another key than the family's for its budget is ignored.
-    index = store_root / INDEX_DIR / f"{family_key(digest, target)}.json"
-    data = json.loads(index.read_text())
-    data["tunings"]["32"] = four
-    index.write_text(json.dumps(data))
-    assert find_base(store, tune_inputs(digest, target, 64)).key == four
-    assert any("not that tuning's key" in r.getMessage() for r in caplog.records)
-    # An unreadable index is no base at all (a larger budget then starts over).
-    index.write_text("{not json")
-    assert find_base(store, sixteen) is None
-    assert resolve_trials(store_root, digest, target, 0, 10) == 10
-
-
-@pytest.mark.unit
-def test_read_summary__of_a_continued_and_of_an_older_tuning(store_root):
-    target, store = parse_target("llvm"), ArtifactStore(store_root)
-    key = put_tuning(store, "a" * 64, target, 8, estimated_ms=2.5)
-    summary = read_summary(store.get(key), str(store_root))
-    assert summary["key"] == key and summary["trials"] == 8 and summary["estimated_ms"] == 2.5
-    assert (summary["trials_reused"], summary["trials_new"], summary["converged"]) == (0, 8, False)
-    assert summary["history"] == [{"trials": 8, "estimated_ms": 2.5, "seconds": 1.0}] and "tasks" not in summary
-
-
-@pytest.mark.unit
-def test_has_converged__when_two_increments_gained_less_than_one_percent():
-    def history(*estimates):
-        return [{"trials": 64 * (i + 1), "estimated_ms": e, "seconds": 1.0} for i, e in enumerate(estimates)]
-
-    assert not has_converged(history(100.0, 99.9))  # one increment is not enough to tell
-    assert has_converged(history(100.0, 99.6, 99.2))  # 0.8 % over the last two increments
-    assert not has_converged(history(100.0, 99.6, 98.8))  # 1.2 %
-    assert has_converged(history(200.0, 100.0, 99.5, 99.4))  # only the last two count
-    assert not has_converged(history(100.0, 99.9, None))  # a task was never measured: unknown
-
-
-@pytest.mark.unit
-def test_format_latency__us_below_a_millisecond_and_never_zero():
-    assert format_latency(1.4e-8) == "0.014 us"
-    assert format_latency(4.32e-5) == "43.2 us"
-    assert format_latency(1.27e-3) == "1.27 ms"
-    assert format_latency(0.1742) == "174 ms"
-    assert format_latency(None) == format_latency(float("nan")) == "not measured yet"
+# -- continuing a smaller tuning, interrupts, the command line -----------------------------------------------
 
 
 TUNE_SCRIPT = """
@@ -379,7 +257,6 @@ def continued(tuned) -> Continued:
     return Continued(artifact, stderr)
 
 
-@pytest.mark.integration
 def test_tune__larger_budget_continues_from_the_largest_database(tuned, continued):
     root = str(tuned.root)
     before, after = read_report(tuned.tuning, root), read_report(continued.tuning, root)
@@ -400,7 +277,6 @@ def test_tune__larger_budget_continues_from_the_largest_database(tuned, continue
     assert after["estimated_ms"] <= before["estimated_ms"]
 
 
-@pytest.mark.integration
 def test_tune__continuation_measures_no_candidate_of_the_earlier_database_again(tuned, continued, tmp_path):
     import tvm_ffi
     from tvm.s_tir import meta_schedule as ms
@@ -424,7 +300,6 @@ def test_tune__continuation_measures_no_candidate_of_the_earlier_database_again(
         assert set(before.get(workload, [])) <= set(hashes)
 
 
-@pytest.mark.integration
 def test_tune__metaschedule_logs_go_to_the_artifact_and_progress_to_the_log(tuned, continued):
     chatter = ("Evolve iter", "Design space", "task_scheduler.cc", "evolutionary_search.cc", "meta_schedule",
                "LocalBuilder", "ir_module", "Segfault")
@@ -440,7 +315,6 @@ def test_tune__metaschedule_logs_go_to_the_artifact_and_progress_to_the_log(tune
     assert "25/24" not in continued.stderr and " 0.000 ms" not in continued.stderr
 
 
-@pytest.mark.integration
 def test_build__applies_the_continued_database(tuned, continued):
     root, model, target = str(tuned.root), tuned.model, tuned.target
     plan = plan_build(model, target, 3, 2 * TRIALS)
@@ -449,7 +323,6 @@ def test_build__applies_the_continued_database(tuned, continued):
     assert built.built and built.artifact.inputs["tuning"] == continued.tuning.key
 
 
-@pytest.mark.integration
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_tune__a_signal_ends_the_tuning_as_an_interrupt_with_no_worker_left(tmp_path, signum):
     import psutil
@@ -496,7 +369,6 @@ def test_tune__a_signal_ends_the_tuning_as_an_interrupt_with_no_worker_left(tmp_
     assert not list(root.glob(".tmp/*"))  # nor half of one
 
 
-@pytest.mark.integration
 def test_cli__a_larger_budget_tunes_only_the_difference(prefect_api, store_root, tiny_onnx):
     """The issue: --tune-trials 64 then 128 tunes 64 new trials the second time (here 8 then 16)."""
 

@@ -1,0 +1,85 @@
+"""What a tuning artifact holds: MetaSchedule's database files, ``tuning.log`` and the report ``tuning.json``
+(:class:`TuningReport`), with the estimate's history over the increments and whether it has converged
+(:func:`has_converged`)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+WORKLOAD_FILE = "database_workload.json"
+RECORD_FILE = "database_tuning_record.json"
+REPORT_FILE = "tuning.json"
+LOG_FILE = "tuning.log"
+DATABASE_FILES = (WORKLOAD_FILE, RECORD_FILE)
+
+#: Stop rule of --tune-more: tuning has converged when the last two increments gained less than this.
+CONVERGED_GAIN = 0.01
+
+
+@dataclass(frozen=True)
+class TuningReport:
+    """What a tuning run did (stored as ``tuning.json`` in the artifact).
+
+    Attributes:
+        trials: the total trial budget (the key's). trials_reused: trials of the database continued from
+            (0 without one). trials_new: trials this run measured (``trials - trials_reused``).
+        measured: records in the database (failed candidates included).
+        tasks: the tuned kernels with their weight (uses per inference) and best measured latency (ms,
+            ``None`` if never measured), over the whole database.
+        seconds: wall time of this run. runner: where candidates were measured.
+        estimated_ms: sum over tasks of weight x best latency (None while a task was never measured).
+        base: the key of the tuning continued from, or None.
+        history: ``{trials, estimated_ms, seconds}`` of every run of the chain that led here, oldest first.
+        converged: the last two increments improved the estimate by less than 1 % in total.
+    """
+
+    trials: int
+    trials_reused: int
+    trials_new: int
+    measured: int
+    tasks: list[dict[str, Any]]
+    seconds: float
+    runner: str
+    num_cores: int
+    space: str
+    estimated_ms: float | None
+    base: str | None
+    history: list[dict[str, Any]]
+    converged: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def report_tasks(names: list[str], weights: list[float], best: dict[int, float]) -> list[dict[str, Any]]:
+    """The report's ``tasks``: name, weight and best latency (ms, None if never measured) of every task."""
+    return [
+        {"name": name, "weight": w, "best_ms": round(best[i] * 1e3, 6) if i in best else None}
+        for i, (name, w) in enumerate(zip(names, weights))
+    ]
+
+
+def estimate_ms(tasks: list[dict[str, Any]]) -> float | None:
+    """Sum over ``tasks`` of weight x best latency (ms); None while a task was never measured."""
+    if any(t["best_ms"] is None for t in tasks):
+        return None
+    return round(sum(t["weight"] * t["best_ms"] for t in tasks), 6)
+
+
+def has_converged(history: list[dict[str, Any]], threshold: float = CONVERGED_GAIN) -> bool:
+    """Whether the last two increments of ``history`` improved the estimate by less than ``threshold`` in total."""
+    if len(history) < 3:
+        return False
+    before, after = history[-3].get("estimated_ms"), history[-1].get("estimated_ms")
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)) or before <= 0:
+        return False
+    return (before - after) / before < threshold
+
+
+def format_latency(seconds: float | None) -> str:
+    """A kernel's or a model's latency for people, 3 digits: ``0.014 us``, ``43.2 us``, ``1.27 ms``, ``174 ms``."""
+    if seconds is None or not math.isfinite(seconds):
+        return "not measured yet"
+    return f"{seconds * 1e6:.3g} us" if seconds < 1e-3 else f"{seconds * 1e3:.3g} ms"

@@ -1,0 +1,143 @@
+"""The schedule space, the target and cores it is tuned for, and the inputs that key a tuning.
+
+The schedule space, chosen by measuring ResNet-18 v2 (random weights, ``llvm -mcpu=native``, 64 trials) on
+the 2-core Zen 5 development machine:
+
+* TVM's ``static_shape_tuning`` preparation (inference ops decomposed, legalised, fused) with CPU weight
+  prepacking: the constant weights are laid out for each tuned kernel at build time, so the model's
+  interface does not change (73.6 ms after 180 s; without prepacking 78.7 ms after 162 s);
+* ``anchor-block`` task equality: kernels around the same convolution share one task (20 tasks instead of
+  28; structural: 125.8 ms after 241 s);
+* evolutionary search with a population of 64 instead of TVM's 512: one search round of a convolution
+  takes ~5 s instead of ~40 s on 2 cores, which at these budgets is the dominant cost;
+* every task measured in the first round (trials per round = budget / tasks, at most 64), then TVM's
+  gradient task scheduler spends the rest where the latency is.
+
+Re-measured with this code (ResNet-18 v2, 64 trials, on the same 2 cores shared with other work: load
+2-6 while tuning; every library then timed at load ~2, median / min of 15 x 10 runs):
+
+* task scheduler: gradient 128 / 123 ms and 120 / 111 ms (two runs), round-robin 88 / 82 ms, ``weighted``
+  (the rest of the budget in shares of weight x latency after the first round) 96 / 89 ms and 133 / 130 ms.
+  The first round takes 48 of the 64 trials whatever the scheduler (tasks with one or two candidates take
+  fewer than 3), so only 16 trials differ, and two runs of one scheduler differ as much as two schedulers:
+  no scheduler is shown better at this budget and ``gradient`` stays (``weighted`` and ``round-robin`` are
+  there to compare at 256 trials and more);
+* ``num-cores`` 1 instead of this machine's 2: 140 / 122 ms: no gain, the machine's count stays;
+* measurements taken on a loaded machine pick worse schedules: 64 trials gave 73.6 ms on a quiet machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pipeline import keys
+from pipeline.errors import UsageError
+from pipeline.targets import TargetInfo
+
+if TYPE_CHECKING:
+    import tvm
+
+LOCAL_RUNNER = "local"
+
+
+@dataclass(frozen=True)
+class TuningSpace:
+    """How the module is prepared and searched (see :data:`SPACE`; other values are for experiments).
+
+    Attributes:
+        prepack: lay the constant weights out for each tuned kernel (``cpu_weight_prepack``).
+        population: the evolutionary search's population size (TVM's default is 512).
+        equality: how MetaSchedule tells tasks apart: ``"structural"`` (every fused kernel is a task) or
+            ``"anchor-block"`` (kernels with the same main block, e.g. one convolution with different fused
+            epilogues, share a task and its schedule).
+        scheduler: how trials are shared between tasks after the first round: ``"gradient"`` (TVM's
+            gradient task scheduler), ``"round-robin"``, or ``"weighted"`` (each task gets a share of the
+            rest of the budget proportional to weight x its latency after the first round).
+    """
+
+    prepack: bool = True
+    population: int = 64
+    equality: str = "anchor-block"
+    scheduler: str = "gradient"
+
+    @property
+    def name(self) -> str:
+        """A stable name of the space, part of the tuning key."""
+        scheduler = "" if self.scheduler == "gradient" else f",scheduler={self.scheduler}"
+        return (
+            f"static-shape{'+prepack' if self.prepack else ''},{self.equality},population={self.population}"
+            f"{scheduler}"
+        )
+
+
+DEFAULT_SPACE = TuningSpace()
+#: The schedule space this code searches; part of the tuning key.
+SPACE = DEFAULT_SPACE.name
+
+
+def default_num_cores() -> int:
+    """The physical cores of this machine (what the local runner measures on)."""
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:  # pragma: no cover - psutil is a locked dependency
+        return os.cpu_count() or 1
+
+
+def tuning_num_cores(target: TargetInfo) -> int:
+    """Cores the schedules are made for: the target's ``num-cores`` if it has one, else this machine's."""
+    value = json.loads(target.canonical).get("num-cores")
+    return int(value) if value else default_num_cores()
+
+
+def tracker_runner(tracker: str, key: str) -> str:
+    """The ``runner`` text that measures on the device registered as ``key`` at ``tracker`` (``HOST:PORT``)."""
+    return f"{tracker}/{key}"
+
+
+def _parse_runner(runner: str) -> tuple[str, int, str] | None:
+    """None for the local runner, else ``(tracker_host, tracker_port, key)``.
+
+    Raises:
+        UsageError: neither ``local`` nor ``HOST:PORT/KEY``.
+    """
+    if runner == LOCAL_RUNNER:
+        return None
+    from pipeline.device import DeviceSpec
+
+    tracker, sep, key = str(runner).rpartition("/")
+    if not sep or not key:
+        raise UsageError(f"tuning runner {runner!r} is neither 'local' nor TRACKER_HOST:PORT/KEY")
+    host, port = DeviceSpec(tracker=tracker, key=key).tracker_address
+    return host, port, key
+
+
+def check_request(trials: int, runner: str) -> None:
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 1:
+        raise UsageError(f"tuning needs a trial budget of 1 or more (got {trials!r}); 0 means no tuning")
+    _parse_runner(runner)
+
+
+def tuning_target(target: TargetInfo, num_cores: int) -> tvm.target.Target:
+    """The target MetaSchedule tunes for: the build target with ``num-cores`` (its schedule rules need it)."""
+    import tvm
+
+    return tvm.target.Target({**json.loads(target.canonical), "num-cores": int(num_cores)})
+
+
+def tune_inputs(model_digest: str, target: TargetInfo, trials: int) -> dict[str, Any]:
+    """The inputs that key a tuning of ``model_digest`` for ``target`` with ``trials`` (hashed by the plan)."""
+    return keys.tune_inputs(model_digest, target.canonical, trials, num_cores=tuning_num_cores(target), space=SPACE)
+
+
+def tune_manifest_extra(target: TargetInfo, runner: str) -> dict[str, Any]:
+    """What a tuning artifact records besides its key's inputs: the exact tuning target, space and runner."""
+    return {
+        "tuning_target": str(tuning_target(target, tuning_num_cores(target))),
+        "space_options": dict(DEFAULT_SPACE.__dict__),
+        "runner": runner,
+    }
