@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 
 @dataclass(frozen=True)
@@ -64,5 +62,3 @@ def accuracy(outputs: Sequence[np.ndarray], labels: Sequence[int], k: int = 5) -
     hits = [hit(output, label, k) for output, label in zip(outputs, labels)]
     return Accuracy(len(hits), sum(h.top1_hit for h in hits), sum(h.top5_hit for h in hits))
 
-
-accuracy_task = task(name="accuracy", task_run_name="accuracy", cache_policy=NO_CACHE, persist_result=False)(accuracy)

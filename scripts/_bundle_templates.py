@@ -1,0 +1,138 @@
+"""The files a device bundle carries besides the runtime and the wheels: setup-device.sh, start-device.sh and
+README.txt (``scripts/device_bundle.py`` fills them in with :func:`render`)."""
+
+from __future__ import annotations
+
+SETUP_SH = r"""#!/bin/sh
+# Install what this TVM device bundle needs, from the bundle only (no network): ./setup-device.sh [PYTHON]
+# Makes venv/ with PYTHON (default: python3; must be Python @PYVER@) and pip-installs wheels/ into it; where
+# the venv module is missing (Debian without python3-venv) it unpacks the wheels into site/ instead.
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+python=${1:-${PYTHON:-python3}}
+if ! "$python" -c 'import sys; sys.exit(sys.version_info[:2] != (@PYMAJ@, @PYMIN@))' 2>/dev/null; then
+  echo "Error: this bundle is for Python @PYVER@; $python is $("$python" -V 2>&1 || echo missing). Give one: ./setup-device.sh /path/to/python@PYVER@" >&2
+  exit 2
+fi
+if [ -f "$here/venv/.tvmrp-installed" ] || [ -f "$here/site/.tvmrp-installed" ]; then
+  exit 0
+fi
+if "$python" -m venv "$here/venv.tmp" >/dev/null 2>&1; then
+  (
+    # Only the bundle's wheels: no index, and none of this machine's pip settings (constraints, links).
+    unset PIP_CONSTRAINT PIP_FIND_LINKS PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_REQUIRE_VIRTUALENV PIP_TARGET PIP_PREFIX
+    export PIP_CONFIG_FILE=/dev/null
+    "$here/venv.tmp/bin/python" -m pip install --disable-pip-version-check -q --no-index --no-deps \
+      --find-links "$here/wheels" -r "$here/requirements.txt"
+  )
+  touch "$here/venv.tmp/.tvmrp-installed"
+  rm -rf "$here/venv"
+  mv "$here/venv.tmp" "$here/venv"
+  echo "setup-device: installed the bundle's wheels into $here/venv"
+else
+  rm -rf "$here/venv.tmp" "$here/site.tmp"
+  "$python" - "$here" <<'EOF'
+import pathlib, shutil, sys, zipfile
+here = pathlib.Path(sys.argv[1])
+site = here / "site.tmp"
+site.mkdir()
+for wheel in sorted((here / "wheels").glob("*.whl")):
+    zipfile.ZipFile(wheel).extractall(site)
+for data in site.glob("*.data"):
+    for kind in ("purelib", "platlib"):
+        for item in (data / kind).glob("*") if (data / kind).is_dir() else ():
+            shutil.move(str(item), str(site / item.name))
+    shutil.rmtree(data)
+for path in site.rglob("*.so*"):
+    path.chmod(0o755)
+EOF
+  touch "$here/site.tmp/.tvmrp-installed"
+  rm -rf "$here/site"
+  mv "$here/site.tmp" "$here/site"
+  echo "setup-device: no venv module in $python: unpacked the bundle's wheels into $here/site"
+fi
+"""
+
+START_SH = r"""#!/bin/sh
+# A TVM RPC device from this bundle (TVM @TVM@ runtime only, Python @PYVER@, @PLATFORM@@CUDA_NOTE@).
+#
+#   ./start-device.sh [--host 0.0.0.0] [--port 9090] [--tracker HOST:PORT --key KEY] [--python PYTHON]
+#                     [-- EXTRA rpc_server ARGS]
+#
+# Runs in the foreground (exec python -m tvm.exec.rpc_server); stop it with Ctrl-C, or signal its process
+# group (rpc_server leaves a popen_worker child behind when only it is signalled). Installs the bundle's
+# wheels first when that was not done yet (./setup-device.sh).
+set -eu
+here=$(cd "$(dirname "$0")" && pwd)
+host=0.0.0.0
+port=9090
+tracker=
+key=
+python=${PYTHON:-python3}
+cuda=@CUDA@
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --host) host=$2; shift 2 ;;
+    --port) port=$2; shift 2 ;;
+    --tracker) tracker=$2; shift 2 ;;
+    --key) key=$2; shift 2 ;;
+    --python) python=$2; shift 2 ;;
+    --) shift; break ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "start-device: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+if [ -n "$tracker" ] && [ -z "$key" ]; then
+  echo "start-device: --tracker needs --key (the device key clients ask the tracker for)" >&2
+  exit 2
+fi
+if [ ! -f "$here/venv/.tvmrp-installed" ] && [ ! -f "$here/site/.tvmrp-installed" ]; then
+  "$here/setup-device.sh" "$python"
+fi
+if [ -f "$here/venv/.tvmrp-installed" ]; then
+  python="$here/venv/bin/python"
+  PYTHONPATH="$here/runtime"
+else
+  PYTHONPATH="$here/runtime:$here/site"
+fi
+export PYTHONPATH
+# runtime/sitecustomize.py makes every Python process of the device register tvmrp.device_info (who it is);
+# tvmrp_device reads bundle.json from here.
+export TVMRP_DEVICE_BUNDLE="$here"
+export TVM_USE_RUNTIME_LIB=1
+export PYTHONUNBUFFERED=1
+export PYTHONNOUSERSITE=1
+set -- --host "$host" --port "$port" --port-end $((port + 1)) "$@"
+if [ -n "$tracker" ]; then
+  set -- "$@" --tracker "$tracker" --key "$key"
+fi
+if [ "$cuda" = 1 ]; then
+  cudart=$("$python" -c 'import importlib.metadata as m; print(m.distribution("nvidia-cuda-runtime").locate_file("nvidia/cu13/lib"))')
+  LD_LIBRARY_PATH="$cudart${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  export LD_LIBRARY_PATH
+  if ! "$python" -c 'import ctypes; ctypes.CDLL("libcuda.so.1")' 2>/dev/null; then
+    echo "start-device: no NVIDIA driver here (libcuda.so.1 does not load): install the driver (580 or newer, CUDA 13)" >&2
+    exit 2
+  fi
+  set -- "$@" --load-library "$here/runtime/tvm/lib/libtvm_runtime_cuda.so" --no-fork
+fi
+exec "$python" -m tvm.exec.rpc_server "$@"
+"""
+
+README = """TVM RPC device bundle: {name}
+
+TVM {tvm} runtime only (no compiler), for Python {pyver} on {platform}{cuda_note}.
+
+  ./start-device.sh --host 0.0.0.0 --port 9090           serve directly (clients: --host THIS --port 9090)
+  ./start-device.sh --tracker HOST:9190 --key my-device  register with a tracker
+  ./setup-device.sh [PYTHON]                             install the wheels (start-device.sh does it once)
+
+Nothing is downloaded: setup-device.sh installs wheels/ (requirements.txt) into venv/ with --no-index.
+Contents and sizes: bundle.json. Built by tvm-remote-pipeline's scripts/device-bundle.
+"""
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(f"@{key}@", value)
+    return template
