@@ -27,10 +27,7 @@ are wrapped at the boundary with a message that says what to do.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from pipeline.fleet import FleetSummary, PairResult
+from typing import Any
 
 
 def clip(text: object, limit: int = 200) -> str:
@@ -108,7 +105,7 @@ class FleetFailed(PipelineError):
             prints its table, then the error.
     """
 
-    def __init__(self, message: str, summary: FleetSummary | None = None) -> None:
+    def __init__(self, message: str, summary: Any = None) -> None:
         super().__init__(message)
         self.summary = summary
 
@@ -125,7 +122,7 @@ class PairFailed(PipelineError):
         result: the pair's :class:`pipeline.fleet.PairResult` (status ``failed``, with the error and its type).
     """
 
-    def __init__(self, result: PairResult) -> None:
+    def __init__(self, result: Any) -> None:
         super().__init__(result.error or "failed")
         self.result = result
 

@@ -22,7 +22,6 @@ import contextlib
 import difflib
 import json
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -32,6 +31,7 @@ from functools import lru_cache
 from typing import Any, Iterator
 
 from pipeline.errors import ExportError, TargetError, clip
+from pipeline.target_info import TargetInfo, host_arch, normalise_arch  # noqa: F401 - re-exported
 
 OPT_LEVELS = (0, 1, 2, 3)
 
@@ -54,47 +54,6 @@ _CROSS = {
     "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
     "x86_64": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
 }
-_ARCH_ALIASES = {"amd64": "x86_64", "arm64": "aarch64"}
-
-
-@dataclass(frozen=True)
-class TargetInfo:
-    """A parsed target.
-
-    Attributes:
-        canonical: TVM's JSON rendering of the target; stable, hashed into build keys.
-        kind: target kind, ``"llvm"`` or ``"cuda"``.
-        triple: the LLVM triple of the (host) code (TVM's default when the user gave none).
-        arch: the triple's architecture, normalised (``x86_64``, ``aarch64``, ...): picks the linker.
-        device: where the model runs on the device: ``"cpu"`` or ``"cuda"`` (a GPU).
-        gpu_arch: the GPU architecture of a CUDA target (``"sm_90"``), else None.
-    """
-
-    canonical: str
-    kind: str
-    triple: str
-    arch: str
-    device: str = "cpu"
-    gpu_arch: str | None = None
-
-    def tvm_target(self) -> Any:
-        """The ``tvm.target.Target`` for :attr:`canonical`."""
-        import tvm
-
-        return tvm.target.Target(json.loads(self.canonical))
-
-
-def normalise_arch(arch: str) -> str:
-    """``amd64`` -> ``x86_64``, ``arm64`` -> ``aarch64``, others unchanged (lower case)."""
-    arch = arch.lower()
-    return _ARCH_ALIASES.get(arch, arch)
-
-
-def host_arch() -> str:
-    """The architecture of this machine (``x86_64``, ``aarch64``...)."""
-    return normalise_arch(platform.machine())
-
-
 def _parse_value(key: str, value: str) -> Any:
     if key in _LIST_ATTRS:
         return [v for v in value.split(",") if v]

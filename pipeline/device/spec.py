@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.errors import UsageError
-
-if TYPE_CHECKING:
-    from pipeline.device.processes import EmbeddedServer
 
 __all__ = ["SESSION_MARGIN_S", "DeviceSpec", "check_port", "check_seconds", "split_host_port"]
 
@@ -93,7 +90,7 @@ class DeviceSpec:
         if self.session_timeout is not None:
             check_seconds("session_timeout", self.session_timeout, allow_zero=True)
 
-    def describe(self, server: EmbeddedServer | None = None) -> str:
+    def describe(self, server: Any = None) -> str:
         """A short name of the device for messages.
 
         Args:
