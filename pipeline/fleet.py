@@ -122,7 +122,7 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
         target = targets[device.target]
         for index, (entry, model, image, data) in enumerate(models):
             planned = plans[(index, target.canonical)]
-            planned_trials = planned.tune_trials if isinstance(planned, BuildPlan) else spec.tune_trials
+            planned_trials = spec.tune_trials if isinstance(planned, PipelineError) else planned.tune_trials
             request = ResolvedRequest(
                 model=model, target=target, opt_level=spec.opt_level, device=device.spec, image=image, input=data,
                 store=store, timing=timing, refresh=False, device_retries=spec.device_retries,

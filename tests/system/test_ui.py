@@ -19,6 +19,8 @@ from typing import Any
 
 import pytest
 
+from pipeline import chart
+
 pytest_plugins = ["stack_harness"]
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -172,5 +174,5 @@ def test_ui__summary_artifact_renders_the_latency_chart(stack, nightly_runs, bro
         if size:
             break
         time.sleep(0.5)
-    assert size == [720, 300], f"the latency chart is not rendered (image size {size})"
+    assert size == list(chart.SIZE), f"the latency chart is not rendered (image size {size})"
     browser.screenshot(shots / "summary-artifact.png")

@@ -195,6 +195,19 @@ def test_resolve_fleet__a_bad_model_or_target_names_its_entry(tmp_path):
         resolve_fleet(parse_fleet(twice, "f.yaml", base=tmp_path), str(tmp_path / "store"))
 
 
+def test_resolve_fleet__devices_by_models_share_one_plan_per_model_and_target(tmp_path):
+    from pipeline.fleet import resolve_fleet
+
+    models = [make_tiny_onnx(tmp_path / f"m{seed}.onnx", seed=seed) for seed in (0, 1)]
+    text = (f"devices:\n  - {{host: a, port: 1}}\n  - {{host: b, port: 2}}\n"
+            f"models:\n  - {models[0].name}\n  - {models[1].name}\n")
+    fleet = resolve_fleet(parse_fleet(text, "f.yaml", base=tmp_path), str(tmp_path / "store"))
+    assert [pair.name for pair in fleet.pairs] == ["m0.onnx on a:1", "m1.onnx on a:1", "m0.onnx on b:2", "m1.onnx on b:2"]
+    assert all(pair.plan is not None and pair.unplanned is None for pair in fleet.pairs)
+    assert len(fleet.builds()) == 2 and len(fleet.references()) == 2
+    assert {pair.request.tune_trials for pair in fleet.pairs} == {0}
+
+
 def _result(device: str, model: str, status: str = "passed", **extra) -> PairResult:
     fields = dict(target="llvm", target_canonical="{}", latency_ms={"median": 1.25, "p90": 1.5}, check={"passed": True},
                   regression={"regression": False, "change": 0.031}, error=None, error_type=None, build_key="b" * 64,
