@@ -46,13 +46,12 @@ from typing import Any, Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from baselines import resnet_onnx, torch_resnet18_v2  # noqa: E402 - bench/ is sys.path[0]
+from report import FLOW_MODEL, FLOW_TARGET, RESNET, TUNED_TARGET, render  # noqa: E402
+
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 
-FLOW_MODEL = "efficientnet_lite0"
-FLOW_TARGET = "llvm"
-RESNET = "resnet18_v2"
-TUNED_TARGET = "llvm -mcpu=native"
 SERVER_START_S = 120.0
 log = logging.getLogger("bench")
 
@@ -63,10 +62,6 @@ log = logging.getLogger("bench")
 def summary(samples: list[float]) -> dict[str, float]:
     """Median, min and max of ``samples`` (seconds or any unit)."""
     return {"median": statistics.median(samples), "min": min(samples), "max": max(samples), "n": len(samples)}
-
-
-def fmt(s: dict[str, float], scale: float = 1.0, digits: int = 1) -> str:
-    return f"{s['median'] * scale:.{digits}f} ({s['min'] * scale:.{digits}f}–{s['max'] * scale:.{digits}f})"
 
 
 def machine_line() -> str:
@@ -80,9 +75,10 @@ def machine_line() -> str:
                 flags = line.split(":", 1)[1].split()
                 break
     wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile")
+    from importlib import metadata
+
     import psutil
     import tvm
-    from importlib import metadata
 
     versions = ", ".join(
         f"{d} {metadata.version(d)}" for d in ("apache-tvm", "apache-tvm-ffi", "onnxruntime", "torch", "prefect")
@@ -141,10 +137,10 @@ def prefect_server(home: Path) -> Iterator[str]:
 
 def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0) -> dict[str, Any]:
     """import -> (tune) -> build -> export with the plain stage functions; everything cached in the store."""
-    from tasks.chains import compile_chain, run_plain
     from pipeline.plan import plan_build
     from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
+    from tasks.chains import compile_chain, run_plain
     from tasks.export_library import LIBRARY_FILE
     from tasks.tune import read_report
 
@@ -157,66 +153,6 @@ def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0
         "target": target, "imported": compiled.module, "build_key": plan.build.key, "report": report,
         "plan": plan, "library": store.file(compiled.library, LIBRARY_FILE),
     }
-
-
-def resnet_onnx(model: Any, path: Path) -> Path:
-    """The same ONNX graph and weights that the pipeline imports for resnet18_v2 (MXNet -> mx2onnx)."""
-    import mxnet as mx
-
-    from pipeline.models import _mxnet
-
-    with tempfile.TemporaryDirectory(prefix="bench-onnx-") as tmp:
-        work = Path(tmp)
-        net = _mxnet._resnet(model)
-        net.hybridize()
-        net(mx.nd.zeros(_mxnet.INPUT_SHAPE))
-        net.export(str(work / "r"))
-        graph = _mxnet._load_symbol_json(work / "r-symbol.json")
-        params = _mxnet._load_params(work / "r-0000.params")
-        _mxnet._fix_gamma_to_one(graph, params)
-        mx.onnx.export_model(
-            mx.sym.load(str(work / "r-symbol.json")), {k.split(":", 1)[-1]: v for k, v in params.items()},
-            [_mxnet.INPUT_SHAPE], [np.float32], str(path),
-        )
-    # mx2onnx also lists every weight as a graph input, which makes onnxruntime treat them as variables
-    # (no constant folding of BatchNorm, no prepacking): keep only the real input, as a fair baseline.
-    import onnx
-
-    graph = onnx.load(str(path))
-    weights = {init.name for init in graph.graph.initializer}
-    for value in [v for v in graph.graph.input if v.name in weights]:
-        graph.graph.input.remove(value)
-    onnx.save(graph, str(path))
-    return path
-
-
-def torch_resnet18_v2() -> Any:
-    """ResNet-18 v2 (pre-activation, as in MXNet's model zoo) in torch, random weights, eval mode."""
-    import torch
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, cin: int, cout: int, stride: int) -> None:
-            super().__init__()
-            self.bn1, self.bn2 = nn.BatchNorm2d(cin), nn.BatchNorm2d(cout)
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.down = nn.Conv2d(cin, cout, 1, stride, bias=False) if stride != 1 or cin != cout else None
-
-        def forward(self, x: Any) -> Any:
-            a = torch.relu(self.bn1(x))
-            residual = self.down(a) if self.down is not None else x
-            return self.conv2(torch.relu(self.bn2(self.conv1(a)))) + residual
-
-    layers: list[nn.Module] = [nn.BatchNorm2d(3, affine=False), nn.Conv2d(3, 64, 7, 2, 3, bias=False),
-                               nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(3, 2, 1)]
-    cin = 64
-    for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-        layers += [Block(cin, cout, stride), Block(cout, cout, 1)]
-        cin = cout
-    layers += [nn.BatchNorm2d(512), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, 1000)]
-    torch.manual_seed(0)
-    return nn.Sequential(*layers).eval()
 
 
 def timed(fn: Callable[[], Any], repeats: int, number: int = 1, warmup: int = 1) -> dict[str, float]:
@@ -499,151 +435,6 @@ def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- report
 
 
-def render(results: dict[str, Any], command: str) -> str:
-    lat, up, fl, cb = results["latency"], results["upload"], results["flow"], results["cold"]
-    ort_ms = lat["onnxruntime"]["latency"]["median"]
-    pr = results["processes"]
-    lines = [
-        "# Benchmarks",
-        "",
-        f"Generated by one run of `{command}` on {results['date']} ({results['seconds']:.0f} s).",
-        "",
-        f"**Machine**: {results['machine']}",
-        "",
-        f"Medians of {results['repeats']} repeats, (min–max). The machine is shared (2 cores, other users' tests "
-        "may run): compare only numbers of one run.",
-        "",
-        "| # | measurement | pipeline | plain | ratio | goal |",
-        "|---|---|---|---|---|---|",
-        f"| P1 | warm command line, persistent Prefect server, vs a plain TVM script of the same device steps, "
-        f"whole processes, s | {fmt(pr['cli'], 1, 2)} | {fmt(pr['plain'], 1, 2)} | {pr['cli/plain']:.2f}x | ≤ 1.15x |",
-        f"| P1' | the same against the plain script importing TVM without torch, as the pipeline does, s | "
-        f"{fmt(pr['cli'], 1, 2)} | {fmt(pr['plain_lean'], 1, 2)} | {pr['cli/plain_lean']:.2f}x | — |",
-        f"| P1'' | warm command line without any Prefect server (a temporary one per run) vs the plain script, s | "
-        f"{fmt(pr['cli_no_server'], 1, 2)} | {fmt(pr['plain'], 1, 2)} | {pr['cli_no_server/plain']:.2f}x | — |",
-        f"| 1 | warm flow (cached builds, persistent Prefect server; the device kept the library) vs plain TVM "
-        f"device steps, {FLOW_MODEL} @ `{FLOW_TARGET}`, s | {fmt(fl['flow'], 1, 2)} | {fmt(fl['plain'], 1, 2)} | "
-        f"{fl['flow']['median'] / fl['plain']['median']:.2f}x | ≤ 1.15x |",
-        f"| 1b | the same flow uploading every run (`--device-cache off`, like the plain script) vs plain, s | "
-        f"{fmt(fl['flow_off'], 1, 2)} | {fmt(fl['plain'], 1, 2)} | "
-        f"{fl['flow_off']['median'] / fl['plain']['median']:.2f}x | — |",
-        f"| 1c | row 1 with Prefect's default flow-run heartbeats (deployment runs) vs plain, s | "
-        f"{fmt(fl['flow_heartbeats'], 1, 2)} | {fmt(fl['plain'], 1, 2)} | "
-        f"{fl['flow_heartbeats']['median'] / fl['plain']['median']:.2f}x | — |",
-        f"| 2 | cold `build` + `export-library` as tasks in a flow vs `tvm.compile` + `export_library`, "
-        f"{RESNET} @ `{FLOW_TARGET}`, s | {fmt(cb['inside'], 1, 2)} | {fmt(cb['plain'], 1, 2)} | "
-        f"{cb['inside']['median'] / cb['plain']['median']:.2f}x | ≤ 1.05x |",
-    ]
-    tuned = [(k, v) for k, v in lat.items() if "tuned" in k]
-    if tuned:
-        best_label, best = min(tuned, key=lambda kv: kv[1]["latency"]["median"])
-        lines.append(
-            f"| 3 | inference, {best_label} vs onnxruntime, ms | {fmt(best['latency'], 1e3, 2)} | "
-            f"{fmt(lat['onnxruntime']['latency'], 1e3, 2)} | {best['latency']['median'] / ort_ms:.2f}x | ≤ 1.0x (moonshot) |"
-        )
-    rpc, sock = up["rpc upload (file)"], up["socket copy"]
-    mb = up["bytes"] / 1e6
-    lines += [
-        f"| 4 | upload of the {mb:.1f} MB tuned library vs loopback socket copy, MB/s | "
-        f"{mb / rpc['median']:.0f} ({mb / rpc['max']:.0f}–{mb / rpc['min']:.0f}) | "
-        f"{mb / sock['median']:.0f} ({mb / sock['max']:.0f}–{mb / sock['min']:.0f}) | "
-        f"{sock['median'] / rpc['median']:.2f}x | — |",
-        "",
-        "## 1. Warm runs vs a plain script",
-        "",
-        "Whole processes (`bench/processes.py`): each run a fresh process timed from start to exit, the four "
-        "commands alternating: the command line with a persistent Prefect server, the command line without any "
-        "(Prefect starts a temporary server per run), `bench/plain_demo.py` (the same device steps as a plain TVM "
-        "script: start `rpc_server`, connect, load the library the device kept, set the input, run, time 5 "
-        "samples after a warm-up, top-5), and the same script importing TVM without torch in both its processes. "
-        "`tvm_ffi` imports torch whenever it is installed (3.3 s instead of 1.0 s per `import tvm` here); the "
-        "pipeline avoids that (`pipeline/lean_import.py`), a plain script written as usual does not. The "
-        "command line also starts its embedded device before its own imports, verifies the cached builds, "
-        "checks the output against the cached reference, records the run (Prefect, ledger, artifacts).",
-        "",
-        "Then in-process: ",
-        f"`resnet_remote(model={FLOW_MODEL!r}, target={FLOW_TARGET!r}, host, port)` called in this process against "
-        "a Prefect server started by the script (its own PREFECT_HOME, 127.0.0.1), every compile stage cached "
-        f"(stages of the first call: {', '.join(f'{k} {v}' for k, v in fl['stages'].items())}; it took "
-        f"{fl['first_s']:.1f} s). The plain function does, on the same rpc_server: `rpc.connect`, `upload` "
-        f"({fl['library_bytes'] / 1e6:.1f} MB), `load_module`, `set_input`, `time_evaluator` (1 x 5 runs, as the "
-        "flow), `get_outputs`. The flow also preprocesses the image, checks the output against the cached "
-        "reference, and records its runs, task runs and artifacts in Prefect. Calls alternate flow / flow with "
-        "`device_cache='off'` / flow with Prefect's default settings / plain. Row 1 is the flow as it runs by default: the device kept the library "
-        "from the first call, so its upload stage sends nothing (it reads the device's small slot markers and "
-        "loads the kept copy); row 1b uploads every run, like the plain script. Rows 1 and 1b run under the "
-        "command line's Prefect settings (`cli_prefect_settings`: no flow-run heartbeats unless the user set "
-        "them); row 1c under Prefect's defaults, as a deployment run: Prefect's heartbeat thread sleeps in 1 s "
-        "steps and the engine joins it when the run ends.",
-        "",
-        "## 2. Cold build + export",
-        "",
-        f"Per repeat a fresh store holding only the imported module; the flow calls `build_task` and "
-        f"`export_library_task` (refresh, store-keyed Prefect cache): {fmt(cb['inside'], 1, 2)} s inside the "
-        f"flow, {fmt(cb['whole'], 1, 2)} s for the whole flow call (flow run creation included). Plain: "
-        f"`tvm.compile` + `export_library('model.so')`: {fmt(cb['plain'], 1, 2)} s. The flow additionally writes "
-        "the objects (`build.tar`, a plain tar: TVM's own `.tar` export gzips them, which cost ~1.5 s more per "
-        "ResNet-18 build and export) and the library into the store with SHA-256 manifests and fsync, and "
-        "links the library from those objects in the export stage.",
-        "",
-        "## 3. Inference latency, ResNet-18 v2 (random weights), batch 1, 2 threads",
-        "",
-        "| engine | target | ms per image | ratio to onnxruntime | max abs diff vs onnxruntime | tuning |",
-        "|---|---|---|---|---|---|",
-    ]
-    for label, row in lat.items():
-        tuning = (f"{row['trials']} trials ({row.get('trials_new', row['trials'])} new), {row['tuning_s']:.0f} s"
-                  if "tuning_s" in row else "")
-        diff = f"{row['diff']:.1e}" if "diff" in row else "— (own random weights)"
-        lines.append(
-            f"| {label} | `{row.get('target', '')}` | {fmt(row['latency'], 1e3, 2)} | "
-            f"{row['latency']['median'] / ort_ms:.2f}x | {diff} | {tuning} |"
-        )
-    lines += [
-        "",
-        "TVM runs the stored library in this process (`tvm.cpu()`); onnxruntime runs the same ONNX graph and "
-        "weights that TVM imports (mx2onnx export of MXNet's ResNet-18 v2, weights removed from the graph inputs "
-        "so that onnxruntime may fold them); torch runs the same architecture "
-        "written in torch with its own random weights (same FLOPs). The tuning time is the one recorded in "
-        "the tuning artifact (`tuning.json`) when it was tuned; tuned artifacts are reused from the store.",
-        "",
-        "## 3b. Incremental tuning",
-        "",
-        "Each budget continues the tuning of the budget before it (same model, target, cores, schedule space: "
-        "its records are kept, the cost model trained on them, nothing measured twice), as `--tune-more` does "
-        "night after night.",
-        "",
-        "| total trials | new trials | ms per image | vs onnxruntime | this increment's tuning, s | tuning so far, s |",
-        "|---|---|---|---|---|---|",
-        *(f"| {row['trials']} | {row.get('trials_new', row['trials'])} | {fmt(row['latency'], 1e3, 2)} | "
-          f"{row['latency']['median'] / ort_ms:.2f}x | {row['tuning_s']:.0f} | {row.get('tuning_total_s', 0):.0f} |"
-          for row in lat.values() if "tuning_s" in row),
-        "",
-        "## 4. Upload",
-        "",
-        "| transfer | s | MB/s |",
-        "|---|---|---|",
-    ]
-    for label in ("rpc upload (file)", "rpc tensor copy", "socket copy", "new session: upload + load",
-                  "new session: find the copy kept on the device + load"):
-        s = up[label]
-        rate = f"{mb / s['median']:.0f}" if "session" not in label else "—"
-        lines.append(f"| {label} | {fmt(s, 1, 3)} | {rate} |")
-    lines += [
-        "",
-        f"The library ({mb:.1f} MB) is almost all weights. `rpc upload` is `RPCSession.upload` to a local "
-        "`python -m tvm.exec.rpc_server`; `rpc tensor copy` sends the same bytes as one uint8 tensor to the "
-        "device's memory (what keeping the weights out of the library would pay per session); `socket copy` "
-        "sends them over a plain 127.0.0.1 TCP socket to a thread of this process. The last two rows are what a "
-        "new session pays (opening it included): upload + `load_module`, against what the pipeline's upload "
-        "stage does when the device kept the library (`pipeline/device_cache.py`: read the slot markers, find "
-        "the digest, `load_module` the kept copy). The stock rpc_server offers no checksum, so the kept copy is "
-        "trusted through its marker, written only after its upload completed.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5, help="measurements per number (>= 5; default 5)")
@@ -664,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
     command = "scripts/setup && .venv/bin/python bench/bench.py " + " ".join(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
-    results: dict[str, Any] = {"machine": machine_line(), "repeats": args.repeats,
+    results: dict[str, Any] = {"machine": machine_line(), "repeats": args.repeats, "command": command.strip(),
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log.info("machine: %s", results["machine"])
     results["latency"] = bench_latency(store_root, budgets, args.repeats)
