@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from fixtures_models import SOURCES
 from support import REPO, make_tiny_onnx, run_cli  # noqa: F401 - re-exported for older imports
 
 # No network here: keep Prefect from phoning home, for this process and every server it starts.
@@ -43,6 +44,21 @@ def store_root(tmp_path) -> Path:
 def tiny_onnx(tmp_path) -> Path:
     """A tiny ONNX classifier file (see :func:`make_tiny_onnx`)."""
     return make_tiny_onnx(tmp_path / "tiny.onnx")
+
+
+@pytest.fixture
+def model(tiny_onnx):
+    """The tiny ONNX classifier, resolved (``pipeline.models.ResolvedModel``)."""
+    from pipeline.models import ModelSpec, resolve_model
+
+    return resolve_model(ModelSpec(str(tiny_onnx)))
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One tiny model of each kind (seed 0), written once for the module."""
+    folder = tmp_path_factory.mktemp("tiny")
+    return {kind: write(folder, 0) for kind, write in SOURCES.items()}
 
 
 _TIERS = ("unit", "integration", "system")

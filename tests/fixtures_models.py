@@ -7,6 +7,7 @@ small enough to import and compile in well under a second.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -131,3 +132,21 @@ def write_mxnet(prefix: Path, seed: int = 0, classes: int = NUM_CLASSES) -> tupl
     net(mx.nd.zeros(MXNET_SHAPE))
     net.export(str(prefix))
     return Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params")
+
+
+# Each writer puts a tiny model (weights from ``seed``) into ``folder`` and returns the source string.
+def onnx_source(folder: Path, seed: int) -> str:
+    return str(write_onnx(folder / "tiny.onnx", seed=seed))
+
+
+def pt2_source(folder: Path, seed: int) -> str:
+    return str(write_pt2(folder / "tiny.pt2", seed=seed))
+
+
+def mxnet_source(folder: Path, seed: int) -> str:
+    symbol, _ = write_mxnet(folder / "tiny", seed=seed)
+    return str(symbol)
+
+
+#: A writer per kind of model file, by kind (the keys of conftest's ``tiny_models``).
+SOURCES: dict[str, Callable[[Path, int], str]] = {"onnx": onnx_source, "torch": pt2_source, "mxnet": mxnet_source}

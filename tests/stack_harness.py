@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -23,18 +22,12 @@ from typing import Any, Iterator
 
 import pytest
 
-from support import REPO, make_tiny_onnx
+from support import REPO, free_port, make_tiny_onnx
 
 STACK = REPO / "scripts" / "stack"
 UP_TIMEOUT_S = 240
 RUN_TIMEOUT_S = 240
 DEVICE_KEY = "test-x86"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

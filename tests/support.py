@@ -1,4 +1,5 @@
-"""What the tests share besides fixtures: tiny real models, the CLI in a subprocess, the compile chain.
+"""What the tests share besides fixtures: tiny real models, the CLIs in a subprocess, the compile chain, and
+small process helpers (a free port, a child's next line of output).
 
 On ``sys.path`` through pytest's ``pythonpath`` setting (pyproject.toml), so every tier imports it as
 ``from support import ...``.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +24,8 @@ STAGES = ("import-model", "tune", "build", "export-library", "reference", "uploa
           "check", "postprocess")
 COMPILE = ("import-model", "build", "export-library")
 DEVICE = ("upload", "load", "set-input", "run", "postprocess")
+#: The target of the emulated aarch64 device (scripts/aarch64-device) and of the cross-compile tests.
+AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
 
 
 def make_tiny_onnx(path: Path, seed: int = 0, classes: int = 10) -> Path:
@@ -74,6 +79,22 @@ def cli_json(prefect_api, store_root, *args, expect=0):
     return json.loads(proc.stdout.strip().splitlines()[-1]) if expect == 0 else proc
 
 
+def run_fleet(fleet_file: Path, store_root: Path, prefect_api: str | None, *args: str,
+              timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python -m flows.fleet FLEET_FILE --artifacts STORE --json ARGS`` in a fresh process, against
+    ``prefect_api`` when given."""
+    env = {**os.environ}
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
+    return subprocess.run([sys.executable, "-m", "flows.fleet", str(fleet_file), "--artifacts", str(store_root),
+                           "--json", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    """The last line of a finished process's stdout (a ``--json`` summary), parsed."""
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
 def compile_all(model, store_root, target_text="llvm", opt_level=3):
     """The compile chain's plain functions, keyed by the plan (as the flows are)."""
     from pipeline.plan import plan_build
@@ -88,3 +109,34 @@ def compile_all(model, store_root, target_text="llvm", opt_level=3):
     built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
     library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))
     return target, imported, built, library
+
+
+def run_tvm(model, x: np.ndarray) -> np.ndarray:
+    """import_model -> tvm.compile for plain llvm -> Relax VM on the CPU."""
+    import tvm
+    from tvm import relax
+
+    from pipeline.models import import_model
+
+    mod = import_model(model)
+    params = mod["main"].params
+    assert len(params) == 1
+    assert [int(d) for d in params[0].ty.shape] == list(model.input_shape)
+    executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+    vm = relax.VirtualMachine(executable, tvm.cpu())
+    return vm["main"](tvm.runtime.tensor(x)).numpy()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (at the time of asking)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
+    """The next line of a child's stdout (a text pipe), stripped; fails the test after ``timeout`` s of silence."""
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert readable, f"no line from process {proc.pid} within {timeout} s"
+    return proc.stdout.readline().strip()

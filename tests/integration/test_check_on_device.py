@@ -1,8 +1,8 @@
 """Stages ``reference`` and ``check``, and the accuracy mode: TVM's output proven against the source framework.
 
-Unit tests of the comparison; the reference cached in a real store; the check on real compiled output, run on a
-real TVM RPC server, for every model source; a library built from other weights failing it; the accuracy
-command on the labelled image set.
+The check on real compiled output, run on a real TVM RPC server, for every model source; a library built from
+other weights failing it; the accuracy command on the labelled image set. (The comparison itself and the
+cached reference: tests/unit/test_check.py.)
 """
 
 from __future__ import annotations
@@ -16,8 +16,7 @@ import pytest
 
 from support import make_tiny_onnx
 from fixtures_models import write_mxnet, write_onnx, write_pt2
-from pipeline import keys
-from pipeline.device import DeviceSpec, EmbeddedServer, open_session
+from pipeline.device import DeviceSpec, open_session
 from pipeline.errors import CheckFailed
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.labelled import load_labelled_set
@@ -32,12 +31,6 @@ from tasks.check import (
 from tasks.export_library import LIBRARY_FILE
 from tasks.load import load
 from tasks.reference import load_reference, reference
-
-input_digest = keys.input_digest
-
-
-def reference_key(model, x):
-    return plan_reference(model, x).key
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
@@ -46,26 +39,7 @@ from support import compile_all
 FP32 = thresholds_for("float32")
 
 
-def logits(seed: int = 0, classes: int = 1000) -> np.ndarray:
-    return (4.0 * np.random.default_rng(seed).standard_normal((1, classes))).astype(np.float32)
-
-
-# -- check(): pure numpy -------------------------------------------------------------------------------
-
-
-# -- accuracy and the labelled set ---------------------------------------------------------------------
-
-
-# -- reference: cached in the store --------------------------------------------------------------------
-
-
-# -- check on real compiled output, on a real device ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server():
-    with EmbeddedServer() as srv:
-        yield srv
+# -- check on real compiled output, on a real device (``server``: tests/integration/conftest.py) ------
 
 
 def device_output(server, store_root, target, library, x) -> np.ndarray:

@@ -1,15 +1,14 @@
 """CUDA builds on a machine without a GPU: the library holds a cubin, not CUDA source (pipeline/cuda.py).
 
 The compile tests need the optional ``cuda`` extra (``scripts/setup --cuda``: pip's NVRTC, CUDA headers,
-cuda-bindings) and gcc; without them they skip, saying so. The target parsing and byte inspection tests
-need neither.
+cuda-bindings) and gcc; without them they skip, saying so. (Target parsing and byte inspection, which need
+neither: tests/unit/test_cuda_target.py.)
 """
 
 from __future__ import annotations
 
 import json
 import os
-import struct
 import subprocess
 import sys
 import tarfile
@@ -139,14 +138,3 @@ def test_failed_build_is_one_line(toolchain, tiny_module, tmp_path):
 def test_missing_out_dir(toolchain, tiny_module, tmp_path):
     with pytest.raises(BuildError, match="does not exist"):
         cuda.compile_cuda(tiny_module, cuda.parse_cuda_target("t4").canonical, 3, tmp_path / "nope", toolchain=toolchain)
-
-
-# ------------------------------------------------------------------------------------- gpu code bytes
-
-
-def _module_bytes(fmt: bytes, payload: bytes) -> bytes:
-    body = struct.pack("<Q", len(fmt)) + fmt + payload
-    return b"junk" + struct.pack("<Q", 4) + b"cuda" + struct.pack("<Q", len(body)) + body + b"tail"
-
-
-# -------------------------------------------------------------------------------------------- targets

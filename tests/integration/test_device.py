@@ -1,4 +1,5 @@
-"""Tests of pipeline.device: spec validation (unit) and real rpc_server / rpc_tracker processes on 127.0.0.1.
+"""Tests of pipeline.device on real rpc_server / rpc_tracker processes on 127.0.0.1 (spec validation and the
+version rule: tests/unit/test_device_spec.py).
 
 Every server runs in its own process group; tests check that stopping one leaves no process of it. An
 rpc_server serves one session at a time, so every test closes its sessions before the next one opens.
@@ -10,7 +11,6 @@ import dataclasses
 import json
 import os
 import platform
-import select
 import signal
 import socket
 import stat
@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from support import free_port as unused_port
+from support import read_line as _read_line
 
 from pipeline.device import (
     DeviceInfo,
@@ -98,14 +100,11 @@ def assert_group_gone(pgid: int, within: float = 10.0) -> None:
     pytest.fail(f"process group {pgid} still has processes {within} s after stop()")
 
 
-def unused_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclasses.dataclass
 class Stack:
+    """This module's rpc_servers and tracker (not tests/stack_harness.py's Prefect stack, whose fixture is also
+    named ``stack``: this module's own fixture overrides it here)."""
+
     server: EmbeddedServer
     tracker: TrackerProcess
     registered: EmbeddedServer
@@ -161,6 +160,7 @@ def stack() -> Iterator[Stack]:
 
 @pytest.fixture()
 def server(stack: Stack) -> EmbeddedServer:
+    """The stack's server for direct connections (here in place of tests/integration/conftest.py's ``server``)."""
     stack.server.wait_ready()
     return stack.server
 
@@ -170,9 +170,6 @@ def tracked(stack: Stack) -> tuple[TrackerProcess, EmbeddedServer]:
     """A tracker and a server registered with it under KEY."""
     stack.registered.wait_ready()
     return stack.tracker, stack.registered
-
-
-# ------------------------------------------------------------------------------------ DeviceSpec
 
 
 # ------------------------------------------------------------------------------- server processes
@@ -392,13 +389,6 @@ def test_embedded_server__identity_reaches_every_interpreter(tmp_path: Path) -> 
     assert json.loads(proc.stdout)["machine"] == platform.machine()
 
 
-# ------------------------------------------------------------------------------ version rule (unit)
-
-
-def _info(tvm_version: str | None, ffi: str | None = None) -> DeviceInfo:
-    return DeviceInfo(tvm_version=tvm_version, tvm_ffi_version=ffi, address="10.0.0.7:9090")
-
-
 # -------------------------------------------------------------------------------- session timeout
 
 _VANISHING_CLIENT = """
@@ -448,13 +438,6 @@ def test_session_timeout__expired_session_is_a_device_timeout(stack: Stack) -> N
         assert session.broken
     with open_session(DeviceSpec(host=host, port=port, connect_timeout=5)) as session:
         assert device_triple(session)
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert readable, f"no line from process {proc.pid} within {timeout} s"
-    return proc.stdout.readline().strip()
 
 
 def _open_within(spec: DeviceSpec, deadline: float) -> RemoteSession:

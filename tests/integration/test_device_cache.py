@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pipeline import device_cache
-from pipeline.device import DeviceSpec, EmbeddedServer, open_session
+from pipeline.device import DeviceSpec, open_session
 from pipeline.device_cache import DeviceCache, cache_secret, load_placed, place
 from pipeline.errors import RemoteRunError, StoreError, UsageError
 from pipeline.latency import Timing
@@ -31,11 +31,7 @@ from support import compile_all
 
 SECRET = b"k" * 32
 
-
-@pytest.fixture(scope="module")
-def server():
-    with EmbeddedServer() as srv:
-        yield srv
+# ``server``, an embedded rpc_server for the module: tests/integration/conftest.py.
 
 
 @pytest.fixture()

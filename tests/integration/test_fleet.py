@@ -1,5 +1,6 @@
-"""The fleet: its file's validation (unit), and whole fleet runs against a real tracker, real rpc_servers, a real
-Prefect server and real compiled libraries (integration), one device of them the emulated aarch64 one (system)."""
+"""Whole fleet runs against a real tracker, real rpc_servers, a real Prefect server and real compiled libraries.
+(The fleet file's validation and renderings: tests/unit/test_fleet_spec.py; with the emulated aarch64 device:
+tests/system/test_fleet_aarch64.py.)"""
 
 from __future__ import annotations
 
@@ -14,62 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from support import REPO, make_tiny_onnx
-from pipeline.errors import UsageError
-from pipeline.fleet import PairResult
-from pipeline.fleet_spec import parse_fleet
-
-AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
-
-EXAMPLE = """\
-tracker: 127.0.0.1:9190          # optional default for devices
-devices:
-  - key: local-x86               # tracker key (or host/port)
-    target: llvm
-  - key: rpi4
-    target: "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
-    tracker: 10.0.0.5:9190        # per-device override
-models:
-  - efficientnet_lite0
-  - {model: resnet18_v2, weights: random}
-  - {model: path/to/net.onnx, image: data/dog.jpg}
-"""
-
-
-def parse(text: str, base: Path | None = None):
-    return parse_fleet(textwrap.dedent(text), "fleet.yaml", base=base)
-
-
-def error_of(text: str) -> str:
-    with pytest.raises(UsageError) as caught:
-        parse(text)
-    return str(caught.value)
-
-
-# -- the fleet file (unit) ------------------------------------------------------------------------------
-
-
-def _result(device: str, model: str, status: str = "passed", **extra) -> PairResult:
-    fields = dict(target="llvm", target_canonical="{}", latency_ms={"median": 1.25, "p90": 1.5}, check={"passed": True},
-                  regression={"regression": False, "change": 0.031}, error=None, error_type=None, build_key="b" * 64,
-                  run_id="20260101T000000Z-abcdef", device_address=device)
-    return PairResult(device=device, model=model, status=status, **{**fields, **extra})
-
-
-# -- whole fleets (integration) -------------------------------------------------------------------------
-
-
-def run_fleet(fleet_file: Path, store_root: Path, prefect_api: str | None, *args: str,
-              timeout: float = 900) -> subprocess.CompletedProcess:
-    env = {**os.environ}
-    if prefect_api:
-        env["PREFECT_API_URL"] = prefect_api
-    return subprocess.run([sys.executable, "-m", "flows.fleet", str(fleet_file), "--artifacts", str(store_root), "--json",
-                           *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-
-
-def last_json(proc: subprocess.CompletedProcess) -> dict:
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+from support import REPO, last_json, make_tiny_onnx, run_fleet
 
 
 def ledger(store_root: Path, fleet_run: str) -> list[dict]:
@@ -283,26 +229,3 @@ def test_cli__a_bad_fleet_file_exits_2_naming_file_line_and_field(tmp_path, stor
     fleet_file.write_text("tracker: 127.0.0.1:9\ndevices: [{key: a}]\nmodels: [alexnet]\n")
     proc = run_fleet(fleet_file, store_root, None, timeout=120)
     assert proc.returncode == 2 and f"Error: {fleet_file}:3: models[0] (alexnet): Unknown model 'alexnet'" in proc.stderr
-
-
-# -- with the emulated aarch64 device (system) ---------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def aarch64_device(tmp_path_factory):
-    """The emulated aarch64 device (scripts/aarch64-device), under a tracker of its own; yields its tracker."""
-    script = REPO / "scripts" / "aarch64_device.py"
-    env = {**os.environ, "TVMRP_AARCH64_RUN_DIR": str(tmp_path_factory.mktemp("aarch64-run"))}
-
-    def call(*args: str, timeout: float) -> subprocess.CompletedProcess:
-        proc = subprocess.run([sys.executable, str(script), *args], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
-        assert proc.returncode == 0, f"aarch64-device {' '.join(args)}: {proc.stdout}\n{proc.stderr}"
-        return proc
-
-    call("provision", timeout=600)
-    try:
-        info = json.loads(call("start", "--key", "aarch64-qemu", "--json", timeout=300).stdout.strip().splitlines()[-1])
-        yield info["tracker"]
-    finally:
-        call("stop", timeout=120)

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
 from support import COMPILE, DEVICE, STAGES, cli_json, make_tiny_onnx, run_cli
+from support import free_port as _free_port
 from pipeline.device import EmbeddedServer, start_tracker
 from pipeline.store import ArtifactStore
 
@@ -120,12 +120,6 @@ def test_flow__tracker_device(prefect_api, store_root, tiny_onnx):
     # A device other than the embedded one keeps nothing by default (its /tmp is no place to trust a library
     # from): the library goes to the session's directory.
     assert summary["upload"]["remote_name"].startswith("tvmrp-") and not summary["upload"]["reused"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.parametrize(

@@ -7,19 +7,17 @@ grandchildren in sessions of their own. Every wait is bounded; each test ends wh
 from __future__ import annotations
 
 import json
-import select
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import psutil
 import pytest
+from support import REPO
+from support import read_line as _read_line
 
 from pipeline.processes import stop_process_tree
-
-REPO = Path(__file__).resolve().parents[2]
 
 # A grandchild in a session of its own: out of reach of any signal to our process group.
 _DETACHED_SLEEP = (
@@ -62,13 +60,6 @@ print("closed", flush=True)
 
 def _start(script: str) -> subprocess.Popen[str]:
     return subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE, text=True)
-
-
-def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert readable, f"no line from process {proc.pid} within {timeout} s"
-    return proc.stdout.readline().strip()
 
 
 def _snapshot(pids: list[int]) -> list[psutil.Process]:

@@ -10,7 +10,6 @@ import pytest
 from tasks.chains import compile_chain, run_plain
 from pipeline import keys
 from pipeline.errors import BuildError
-from pipeline.models import ModelSpec, resolve_model
 from pipeline.plan import plan_build, plan_reference
 from pipeline.store import MANIFEST, ArtifactStore
 from pipeline.targets import parse_target
@@ -18,9 +17,7 @@ from tasks.build import build
 from tasks.reference import reference
 
 
-@pytest.fixture
-def model(tiny_onnx):
-    return resolve_model(ModelSpec(str(tiny_onnx)))
+# ``model`` (the tiny ONNX classifier, resolved): tests/conftest.py.
 
 
 def test_stored_manifests__hold_the_keys_and_inputs_the_plan_computed(model, store_root):

@@ -6,38 +6,24 @@ import shutil
 
 import numpy as np
 import pytest
+from support import compile_all
 
-from pipeline.device import DeviceSpec, EmbeddedServer, open_session
+from pipeline.device import DeviceSpec, open_session
 from pipeline.errors import ArchMismatch, DeviceError, StoreError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from pipeline.plan import plan_build
 from pipeline.store import ArtifactStore
-from pipeline.targets import parse_target
 from tasks._live import opened
 from tasks.build import OBJECTS_FILE, build
-from tasks.export_library import LIBRARY_FILE, export_library
-from tasks.import_model import MODULE_FILE, import_model
+from tasks.export_library import LIBRARY_FILE
+from tasks.import_model import MODULE_FILE
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
 
-
-def compile_all(model, store_root, target_text="llvm", opt_level=3):
-    """The compile chain's plain functions, keyed by the plan (as the flows are)."""
-    target = parse_target(target_text)
-    plan = plan_build(model, target, opt_level)
-    imported = import_model(model, plan.imported, str(store_root))
-    built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
-    library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))
-    return target, imported, built, library
-
-
-@pytest.fixture(scope="module")
-def server():
-    with EmbeddedServer() as srv:
-        yield srv
+# ``server``, an embedded rpc_server for the module: tests/integration/conftest.py.
 
 
 def test_compile_stages__produce_verified_artifacts_and_reuse_them(tiny_onnx, store_root):

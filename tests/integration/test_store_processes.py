@@ -1,11 +1,10 @@
-"""The artifact store: atomic puts, digest verification, key validation, cross-process locking."""
+"""The artifact store's lock across processes. (Puts, digests, keys: tests/unit/test_store.py.)"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,12 +13,6 @@ from pipeline.store import ArtifactStore
 
 KEY = "ab" + "0" * 62
 OTHER = "cd" + "1" * 62
-
-
-def write_two(directory: Path) -> None:
-    (directory / "a.bin").write_bytes(b"alpha" * 1000)
-    (directory / "b.txt").write_text("beta")
-
 
 _HOLDER = """
 import sys, time

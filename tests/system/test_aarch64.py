@@ -24,7 +24,7 @@ import time
 import numpy as np
 import pytest
 
-from support import REPO, make_tiny_onnx
+from support import AARCH64, REPO, cli_json, compile_all, make_tiny_onnx
 from pipeline import keys
 from pipeline.device import DeviceSpec, device_triple, open_session
 from pipeline.device.probe import check_versions, device_arch, local_tvm_version, probe
@@ -38,10 +38,7 @@ from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
-from support import cli_json
-from support import compile_all
 
-AARCH64 = "llvm -mtriple=aarch64-linux-gnu -mattr=+neon"
 KEY = "aarch64-qemu"
 SCRIPT = REPO / "scripts" / "aarch64_device.py"
 PROVISION_TIMEOUT_S = 600  # cold: apt lists + ~130 MB of downloads + one emulated `import tvm`

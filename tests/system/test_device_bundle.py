@@ -16,7 +16,6 @@ download them.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -33,19 +32,10 @@ import numpy as np
 import pytest
 
 from support import REPO, make_tiny_onnx
+from support import free_port as _free_port
 
 SCRIPT = REPO / "scripts" / "device-bundle"
 START_TIMEOUT_S = 90.0
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("device_bundle", REPO / "scripts" / "device_bundle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-device_bundle = _load_script()
 
 
 def _base_python() -> Path:
@@ -55,12 +45,6 @@ def _base_python() -> Path:
         if candidate.is_file():
             return candidate
     pytest.skip(f"no base interpreter {version} under {sys.base_prefix}")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _build(out: Path, *args: str) -> dict:
@@ -122,9 +106,6 @@ def _setup(root: Path) -> None:
     proc = subprocess.run([str(root / "setup-device.sh"), str(_base_python())], capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-# --------------------------------------------------------------------------------------------- helpers
 
 
 # ------------------------------------------------------------------------------------------ end to end

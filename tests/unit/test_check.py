@@ -1,8 +1,8 @@
 """Stages ``reference`` and ``check``, and the accuracy mode: TVM's output proven against the source framework.
 
-Unit tests of the comparison; the reference cached in a real store; the check on real compiled output, run on a
-real TVM RPC server, for every model source; a library built from other weights failing it; the accuracy
-command on the labelled image set.
+Unit tests of the comparison, the accuracy arithmetic and the labelled set; the reference cached in a real
+store. (The check on real compiled output on a real TVM RPC server, and the accuracy command:
+tests/integration/test_check_on_device.py.)
 """
 
 from __future__ import annotations
@@ -10,28 +10,21 @@ from __future__ import annotations
 import json
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from support import make_tiny_onnx
-from fixtures_models import write_mxnet, write_onnx, write_pt2
 from pipeline import keys
-from pipeline.device import DeviceSpec, EmbeddedServer, open_session
 from pipeline.errors import CheckFailed, InputError, StoreError, UsageError
 from pipeline.image import load_image
 from pipeline.labelled import DEFAULT_LABELLED_DIR, load_labelled_set
 from pipeline.models import ModelSpec, Preprocess, reference_forward, resolve_model
 from pipeline.store import ArtifactStore
-from pipeline.latency import Timing
 from pipeline.plan import plan_reference
-from tasks._live import opened
 from tasks.accuracy import accuracy, hit
 from tasks.check import (
-    CheckResult, Thresholds, check, failure_message, raise_if_failed, thresholds_for,
+    Thresholds, check, failure_message, raise_if_failed, thresholds_for,
 )
-from tasks.load import load
 from tasks.reference import REFERENCE_FILE, load_reference, reference
 from tasks.report import format_check
 
@@ -40,10 +33,7 @@ input_digest = keys.input_digest
 
 def reference_key(model, x):
     return plan_reference(model, x).key
-from tasks.run import run
-from tasks.set_input import set_input
-from tasks.upload import upload
-from support import compile_all
+
 
 FP32 = thresholds_for("float32")
 
@@ -232,56 +222,3 @@ def test_reference__cached_in_store_and_keyed_by_input(tiny_onnx, store_root):
     with pytest.raises(StoreError, match="missing or corrupt"):
         load_reference(first.artifact, str(store_root))
     assert reference(model, x, plan_reference(model, x), str(store_root)).built
-
-
-# -- check on real compiled output, on a real device ---------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def server():
-    with EmbeddedServer() as srv:
-        yield srv
-
-
-def device_output(server, store_root, target, library, x) -> np.ndarray:
-    with open_session(DeviceSpec(), server) as session, opened(session) as ref:
-        loaded = load(upload(ref, library.artifact, str(store_root), target.arch), str(store_root))
-        return run(set_input(loaded, x), Timing(repeat=1)).output
-
-
-def compiled_check(model, store_root, server, x, thresholds=FP32) -> CheckResult:
-    target, _, _, library = compile_all(model, store_root)
-    expected = reference(model, x, plan_reference(model, x), str(store_root))
-    output = device_output(server, store_root, target, library, x)
-    return check(output, load_reference(expected.artifact, str(store_root)), thresholds)
-
-
-def _write_model(source: str, directory: Path, seed: int = 0) -> str:
-    if source == "onnx-tiny":
-        return str(make_tiny_onnx(directory / "tiny.onnx", seed=seed))
-    if source == "onnx":
-        return str(write_onnx(directory / "net.onnx", seed=seed))
-    if source == "pt2":
-        return str(write_pt2(directory / "net.pt2", seed=seed))
-    return str(write_mxnet(directory / "net", seed=seed)[0])
-
-
-# -- the real models (slow) ----------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def real_store(tmp_path_factory):
-    """One store for the real models: each compiles once for the module (the accuracy test reuses it)."""
-    return tmp_path_factory.mktemp("check-artifacts")
-
-
-# -- the accuracy command ------------------------------------------------------------------------------
-
-
-def accuracy_cli(capsys, *args: str) -> tuple[int, dict | None, str]:
-    from flows.accuracy import main
-
-    code = main([*args, "--json"])
-    out, err = capsys.readouterr()
-    lines = out.strip().splitlines()
-    return code, (json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None), out + err

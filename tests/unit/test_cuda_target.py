@@ -1,55 +1,20 @@
 """CUDA builds on a machine without a GPU: the library holds a cubin, not CUDA source (pipeline/cuda.py).
 
-The compile tests need the optional ``cuda`` extra (``scripts/setup --cuda``: pip's NVRTC, CUDA headers,
-cuda-bindings) and gcc; without them they skip, saying so. The target parsing and byte inspection tests
-need neither.
+Here what needs neither the optional ``cuda`` extra nor gcc: the stub driver's source, the package pins, the
+GPU code bytes in a library, target parsing. (The compile tests: tests/integration/test_cuda_build.py.)
 """
 
 from __future__ import annotations
 
 import json
 import struct
-from pathlib import Path
 
 import pytest
 
 from pipeline import cuda
 from pipeline.errors import TargetError
 
-from support import REPO, make_tiny_onnx
-
-
-def _toolchain_or_skip(cache_dir: Path) -> cuda.CudaToolchain:
-    try:
-        return cuda.cuda_toolchain(cache_dir)
-    except cuda.CudaToolchainMissing as exc:
-        pytest.skip(f"the optional CUDA packages are not installed ({exc})")
-
-
-@pytest.fixture(scope="module")
-def toolchain(tmp_path_factory) -> cuda.CudaToolchain:
-    return _toolchain_or_skip(tmp_path_factory.mktemp("cuda-cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_module(tmp_path_factory) -> Path:
-    """The tiny ONNX classifier of conftest as a saved Relax module (what the import stage writes)."""
-    import onnx
-    import tvm
-    from tvm.relax.frontend.onnx import from_onnx
-
-    directory = tmp_path_factory.mktemp("tiny-module")
-    mod = from_onnx(onnx.load(str(make_tiny_onnx(directory / "tiny.onnx"))), keep_params_in_input=False)
-    path = directory / "module.json"
-    path.write_text(tvm.ir.save_json(mod))
-    return path
-
-
-@pytest.fixture(scope="module")
-def cubin_build(toolchain, tiny_module, tmp_path_factory) -> cuda.CudaBuild:
-    out = tmp_path_factory.mktemp("cuda-build")
-    target = cuda.parse_cuda_target("cuda -arch=sm_90")
-    return cuda.compile_cuda(tiny_module, target.canonical, 3, out, link="g++", toolchain=toolchain)
+from support import REPO
 
 
 # ----------------------------------------------------------------------------------------- toolchain
@@ -85,9 +50,6 @@ def test_pins_match_requirements_file():
             name, version = line.split("==")
             pins[name.strip()] = version.strip()
     assert pins == cuda.CUDA_PACKAGES
-
-
-# ------------------------------------------------------------------------------------------- compile
 
 
 # ------------------------------------------------------------------------------------- gpu code bytes

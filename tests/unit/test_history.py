@@ -1,8 +1,8 @@
 """flows/history.py and pipeline/history.py: the run ledger read back (list, filters, renderings, show, compare).
 
-Unit tests build records in code (``RunRecord``) and write them with ``Ledger.write``; the CLI runs
-in-process (``main``). One integration test makes three real runs of a tiny model, then reads them back with
-``python -m flows.history`` in a fresh process.
+The tests build records in code (``RunRecord``) and write them with ``Ledger.write``; the CLI runs
+in-process (``main``). (Three real runs read back by ``python -m flows.history`` in a fresh process:
+tests/integration/test_history_runs.py.)
 """
 
 from __future__ import annotations
@@ -13,12 +13,9 @@ import datetime as dt
 import io
 import json
 import re
-import subprocess
-import sys
 
 import pytest
 
-from support import REPO
 from flows.history import main
 from pipeline.errors import UsageError
 from pipeline.history import (
@@ -366,11 +363,3 @@ def test_regression__noise_alone_is_never_flagged_and_30_percent_slower_is(capsy
     assert "REGRESSION +" in out.splitlines()[2] and "first" in out.splitlines()[1]
     code, out, _ = history(capsys, store_root, "compare", runs[-1].id, slow.id)
     assert "slower by" in out and "same" not in out.split("Differs")[1].split("Same")[0]
-
-
-# -- integration: real runs, read back by a fresh process -----------------------------------------------
-
-
-def history_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.history", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=60)

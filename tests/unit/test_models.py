@@ -1,6 +1,8 @@
 """Models and images: resolve (digests, errors), import into Relax vs the framework, preprocessing.
 
-Tiny models are built in code (tests/fixtures_models.py); the real demo models run in the tests marked slow.
+Tiny models are built in code (tests/fixtures_models.py). The real demo models imported into Relax:
+tests/system/test_models_real.py; resolving without importing a framework:
+tests/integration/test_models_lazy_imports.py.
 """
 
 from __future__ import annotations
@@ -10,11 +12,10 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
-from fixtures_models import MXNET_SHAPE, NUM_CLASSES, SMALL_SHAPE, write_mxnet, write_onnx, write_pt2
+from fixtures_models import MXNET_SHAPE, NUM_CLASSES, SMALL_SHAPE, SOURCES, write_mxnet, write_onnx, write_pt2
 
 from pipeline.errors import BuildError, InputError, ModelError
 from pipeline.image import DEFAULT_IMAGE, load_image
@@ -30,51 +31,16 @@ from pipeline.models import (
 )
 from pipeline.models import _mxnet
 from pipeline.models._digest import ContentDigest
+from support import REPO
+from support import run_tvm as _run_tvm
 
-REPO = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-4
 
-
-def _run_tvm(model: ResolvedModel, x: np.ndarray) -> np.ndarray:
-    """import_model -> tvm.compile for plain llvm -> Relax VM on the CPU."""
-    import tvm
-    from tvm import relax
-
-    mod = import_model(model)
-    params = mod["main"].params
-    assert len(params) == 1
-    assert [int(d) for d in params[0].ty.shape] == list(model.input_shape)
-    executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    return vm["main"](tvm.runtime.tensor(x)).numpy()
+# ``tiny_models`` (one tiny model of each kind in SOURCES, for the module): tests/conftest.py.
 
 
 def _random_input(model: ResolvedModel, seed: int = 0) -> np.ndarray:
     return np.random.RandomState(seed).randn(*model.input_shape).astype(np.float32)
-
-
-# Each writer puts a tiny model (weights from ``seed``) into ``folder`` and returns the source string.
-def _onnx_source(folder: Path, seed: int) -> str:
-    return str(write_onnx(folder / "tiny.onnx", seed=seed))
-
-
-def _pt2_source(folder: Path, seed: int) -> str:
-    return str(write_pt2(folder / "tiny.pt2", seed=seed))
-
-
-def _mxnet_source(folder: Path, seed: int) -> str:
-    symbol, _ = write_mxnet(folder / "tiny", seed=seed)
-    return str(symbol)
-
-
-SOURCES: dict[str, Callable[[Path, int], str]] = {"onnx": _onnx_source, "torch": _pt2_source, "mxnet": _mxnet_source}
-
-
-@pytest.fixture(scope="module")
-def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """One tiny model of each kind (seed 0), written once for the module."""
-    folder = tmp_path_factory.mktemp("tiny")
-    return {kind: write(folder, 0) for kind, write in SOURCES.items()}
 
 
 # --- resolve_model: digests ---------------------------------------------------------------------------

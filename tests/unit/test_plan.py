@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-
 import numpy as np
-import pytest
 
 from pipeline import keys
-from pipeline.models import ModelSpec, resolve_model
 from pipeline.plan import plan_build, plan_reference
 from pipeline.targets import parse_target
 
 
-@pytest.fixture
-def model(tiny_onnx):
-    return resolve_model(ModelSpec(str(tiny_onnx)))
+# ``model`` (the tiny ONNX classifier, resolved): tests/conftest.py.
 
 
 def test_plan__each_key_is_the_hash_of_its_inputs(model):

@@ -1,36 +1,14 @@
-"""Each stage's plain function, on a tiny real ONNX model, a real store and a real TVM RPC server."""
+"""Stage ``postprocess``: top-5 from the logits, probabilities. (The other stages' plain functions, on a real
+store and a real TVM RPC server: tests/integration/test_stages.py.)"""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 
-from pipeline.device import EmbeddedServer
 from pipeline.latency import latency_of
 from pipeline.models import ModelSpec
-from pipeline.plan import plan_build
-from pipeline.targets import parse_target
-from tasks.build import build
-from tasks.export_library import export_library
-from tasks.import_model import import_model
 from tasks.postprocess import postprocess, probabilities
-
-
-def compile_all(model, store_root, target_text="llvm", opt_level=3):
-    """The compile chain's plain functions, keyed by the plan (as the flows are)."""
-    target = parse_target(target_text)
-    plan = plan_build(model, target, opt_level)
-    imported = import_model(model, plan.imported, str(store_root))
-    built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
-    library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))
-    return target, imported, built, library
-
-
-@pytest.fixture(scope="module")
-def server():
-    with EmbeddedServer() as srv:
-        yield srv
 
 
 def test_postprocess__top5_from_logits():

@@ -1,6 +1,6 @@
 """tasks/report.py without a Prefect server: the typed summary and its renderings (text, JSON, tables, the
 chart, the markdown), series keys, and that publishing never fails a run when the API is unreachable.
-(Against a real server: tests/test_stack.py, test_ui.py.)"""
+(Against a real server: tests/system/test_stack.py, test_ui.py.)"""
 
 from __future__ import annotations
 

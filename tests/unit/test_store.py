@@ -1,4 +1,5 @@
-"""The artifact store: atomic puts, digest verification, key validation, cross-process locking."""
+"""The artifact store: atomic puts, digest verification, key validation. (Locking across processes:
+tests/integration/test_store_processes.py.)"""
 
 from __future__ import annotations
 
@@ -139,15 +140,6 @@ def test_put__unwritable_root_is_a_store_error(tmp_path):
     blocker.write_text("not a directory")
     with pytest.raises(StoreError, match="cannot write in the artifact store"):
         ArtifactStore(blocker).put(KEY, "build", write_two)
-
-
-_HOLDER = """
-import sys, time
-from pipeline.store import ArtifactStore
-with ArtifactStore(sys.argv[1]).lock(sys.argv[2]):
-    print("held", flush=True)
-    time.sleep(60)
-"""
 
 
 def test_default_root__honours_environment(tmp_path, monkeypatch):
