@@ -71,3 +71,24 @@ def pytest_collection_modifyitems(config, items):
         for tier in _TIERS:
             if tier in parts:
                 item.add_marker(getattr(pytest.mark, tier))
+
+
+_TIER_SECONDS: dict[str, list[float]] = {}
+
+
+def _tier_of(nodeid: str) -> str:
+    return next((tier for tier in _TIERS if f"{tier}/" in nodeid), "other")
+
+
+def pytest_runtest_logreport(report):
+    """Add each phase's time (setup, call, teardown: fixtures' servers included) to its tier."""
+    seconds = _TIER_SECONDS.setdefault(_tier_of(report.nodeid), [0.0, 0])
+    seconds[0] += report.duration
+    seconds[1] += report.when == "call" or (report.when == "setup" and report.skipped)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One line: the time each tier took (the suite's time per tier, as docs/testing.md quotes it)."""
+    if _TIER_SECONDS:
+        parts = [f"{tier} {s:.0f} s ({int(n)} tests)" for tier, (s, n) in sorted(_TIER_SECONDS.items())]
+        terminalreporter.write_line("time per tier: " + ", ".join(parts))
