@@ -208,6 +208,9 @@ def interrupt(signum, _frame):  # what the command line does (flows/_cli.py)
     raise KeyboardInterrupt(f"signal {signum}")
 
 signal.signal(signal.SIGTERM, interrupt)
+# Ctrl-C as a terminal gives it: a suite started in the background (`cmd &` without job control, nohup) passes
+# SIGINT down ignored, and the tuning rightly keeps an ignored signal ignored.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)d %(name)s: %(message)s")
 try:
     from pipeline.models import ModelSpec, resolve_model
