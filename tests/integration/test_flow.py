@@ -129,6 +129,7 @@ def test_flow__tracker_device(prefect_api, store_root, tiny_onnx):
         (["--model", "/nonexistent/model.onnx"], 2, "/nonexistent/model.onnx"),
         (["--target", "llvm -mcpu"], 2, "-key=value"),
         (["--target", "opencl"], 2, "llvm"),
+        (["--target=llvm -mattr=aaaa"], 2, "closest: "),  # refused before Prefect is imported
         (["--opt-level", "7"], 2, "0, 1, 2, 3"),
         (["--image", "/nonexistent/cat.jpg"], 2, "/nonexistent/cat.jpg"),
         (["--number", "0"], 2, "at least 1"),
