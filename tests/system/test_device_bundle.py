@@ -154,34 +154,45 @@ def test_clean_venv_has_no_tvm(cpu_bundle):
     assert subprocess.run([str(python), "-c", "import tvm"], capture_output=True, env=env, timeout=60).returncode != 0
 
 
-def test_device_from_bundle_runs_a_model(cpu_bundle, tmp_path):
-    """A tiny model compiled here runs on the bundle's device over RPC, with the output of a local run."""
+def _tiny_library(tmp_path: Path, seed: int) -> tuple[Path, np.ndarray, np.ndarray]:
+    """A tiny model compiled here for llvm: its library, an input, and the output of a local run."""
     import onnx
     import tvm
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
+    mod = from_onnx(onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx"))), keep_params_in_input=False)
+    library = tmp_path / "tiny.so"
+    tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})).export_library(str(library))
+    data = np.random.default_rng(seed).standard_normal((1, 3, 32, 32)).astype("float32")
+    expected = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"](
+        tvm.runtime.tensor(data)).numpy()
+    return library, data, expected
+
+
+def _run_remote(session, library: Path, data: np.ndarray) -> np.ndarray:
+    """Upload, load, set the input, run and fetch the output with bare session calls (as the stages do)."""
+    import tvm
+
+    name = session.upload(library)
+    remote_library = session.call("load", session.remote.load_module, name)
+    device = session.device()
+    vm = session.call("vm", tvm.runtime.vm.VirtualMachine, remote_library, device)
+    session.call("set_input", vm.set_input, "main", tvm.runtime.tensor(data, device))
+    session.call("run", vm.invoke_stateful, "main")
+    return session.call("get_outputs", lambda: vm.get_outputs("main").numpy())
+
+
+def test_device_from_bundle_runs_a_model(cpu_bundle, tmp_path):
+    """A tiny model compiled here runs on the bundle's device over RPC, with the output of a local run."""
     from pipeline.device import DeviceSpec, open_session
 
     _, root = cpu_bundle
-    mod = from_onnx(onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx"))), keep_params_in_input=False)
-    executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
-    library = tmp_path / "tiny.so"
-    executable.export_library(str(library))
-    data = np.random.default_rng(3).standard_normal((1, 3, 32, 32)).astype("float32")
-    local = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
-    expected = local["main"](tvm.runtime.tensor(data)).numpy()
-
+    library, data, expected = _tiny_library(tmp_path, seed=3)
     port = _free_port()
     with _device(root, port, tmp_path / "device.log"):
         with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
-            name = session.upload(library)
-            remote_library = session.call("load", session.remote.load_module, name)
-            device = session.device()
-            vm = session.call("vm", tvm.runtime.vm.VirtualMachine, remote_library, device)
-            session.call("set_input", vm.set_input, "main", tvm.runtime.tensor(data, device))
-            session.call("run", vm.invoke_stateful, "main")
-            got = session.call("get_outputs", lambda: vm.get_outputs("main").numpy())
+            got = _run_remote(session, library, data)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
     log = (tmp_path / "device.log").read_text()
     assert "load_module" in log
@@ -296,22 +307,11 @@ def skewed_bundles(tmp_path_factory) -> dict[str, Path]:
 def test_skewed_device__another_minor_version_is_refused(skewed_bundles, tmp_path):
     """A real TVM 0.26.0 rpc_server: refused at session start, naming both versions and the way out; with
     ``allow_skew`` a warning, and a library built here by 0.27 then really runs on it."""
-    import onnx
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
     from pipeline.device import DeviceSpec, open_session
     from pipeline.device.probe import check_versions, probe
     from pipeline.errors import VersionSkew
 
-    mod = from_onnx(onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx"))), keep_params_in_input=False)
-    library = tmp_path / "tiny.so"
-    tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})).export_library(str(library))
-    data = np.random.default_rng(5).standard_normal((1, 3, 32, 32)).astype("float32")
-    expected = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())["main"](
-        tvm.runtime.tensor(data)).numpy()
-
+    library, data, expected = _tiny_library(tmp_path, seed=5)
     port = _free_port()
     with _device(skewed_bundles["0.26.0"], port, tmp_path / "device.log"):
         with open_session(DeviceSpec(host="127.0.0.1", port=port, call_timeout=120)) as session:
@@ -325,13 +325,7 @@ def test_skewed_device__another_minor_version_is_refused(skewed_bundles, tmp_pat
             warning = check_versions(info, allow_skew=True, device=session.description)
             assert warning is not None and "0.26.0" in warning
             print(f"refused: {message}\nallowed: {warning}")
-            name = session.upload(library)
-            remote_library = session.call("load", session.remote.load_module, name)
-            device = session.device()
-            vm = session.call("vm", tvm.runtime.vm.VirtualMachine, remote_library, device)
-            session.call("set_input", vm.set_input, "main", tvm.runtime.tensor(data, device))
-            session.call("run", vm.invoke_stateful, "main")
-            got = session.call("get_outputs", lambda: vm.get_outputs("main").numpy())
+            got = _run_remote(session, library, data)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
