@@ -31,7 +31,6 @@ import logging
 import os
 import platform
 import shutil
-import signal
 import socket
 import statistics
 import subprocess
@@ -96,6 +95,10 @@ def machine_line() -> str:
 @contextlib.contextmanager
 def prefect_server(home: Path) -> Iterator[str]:
     """A persistent Prefect server on a free 127.0.0.1 port, in its own process group; yields the API URL."""
+    import psutil
+
+    from pipeline.processes import stop_process_tree
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -106,6 +109,7 @@ def prefect_server(home: Path) -> Iterator[str]:
         [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         env=env, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True,
     )
+    created = psutil.Process(proc.pid).create_time()
     url = f"http://127.0.0.1:{port}/api"
     try:
         deadline = time.monotonic() + SERVER_START_S
@@ -121,14 +125,7 @@ def prefect_server(home: Path) -> Iterator[str]:
             time.sleep(0.5)
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=15)
+        stop_process_tree(proc.pid, created, grace=15.0, kill_wait=15.0, popen=proc)
         logf.close()
 
 
@@ -447,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 5:
         parser.error("--repeats must be 5 or more")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    from pipeline.processes import start_lifeline
+
+    lifeline = start_lifeline()  # while open, every server this run starts ends with it, even after kill -9
     for noisy in ("prefect", "httpx", "tvm", "RPCServer", "pipeline", "tasks", "flows"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("tasks.tune").setLevel(logging.INFO)
@@ -486,6 +486,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    lifeline.close()  # nothing of ours is left for it to end
     return 0
 
 
