@@ -39,6 +39,7 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows._cli import Parser, run_command
 from tasks.chains import Compiled
+from tasks.report import flow_run_id
 from pipeline.device import tracker_summary
 from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError
 from pipeline.fleet import (
@@ -114,7 +115,7 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
     done = time.perf_counter()
     summary = FleetSummary(
         fleet_run=fleet_run, source=fleet.spec.source, results=tuple(results[i] for i in range(len(fleet.pairs))),
-        builds=prepared.counts, seconds=round(done - clock, 3), flow_run_id=_flow_run_id(),
+        builds=prepared.counts, seconds=round(done - clock, 3), flow_run_id=flow_run_id(),
         phases={"resolve": round(resolved - clock, 3), "compile": round(compiled - resolved, 3),
                 "devices": round(done - compiled, 3)},
     )
@@ -331,15 +332,6 @@ def _outcome(pair: FleetPair, future: Any, fleet_run: str) -> PairResult:
     # Not the pair's own failure (the task could not start, say): record it here.
     error = value if isinstance(value, BaseException) else PipelineError(f"the pair's task ended without a result: {value!r}")
     return not_run(pair, error, fleet_run)
-
-
-def _flow_run_id() -> str | None:
-    try:
-        from prefect.runtime import flow_run
-
-        return str(flow_run.id) if flow_run.id else None
-    except Exception:  # noqa: BLE001
-        return None
 
 
 def artifact_key(source: str) -> str:
