@@ -8,7 +8,6 @@ left unscheduled instead of failing the build.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import shutil
@@ -38,8 +37,11 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target, space: TuningSpace = D
     passes = [
         relax.transform.DecomposeOpsForInference(),
         relax.transform.CanonicalizeBindings(),
-        relax.pipeline.zero_pipeline(),
     ]
+    if space.layout != "NCHW":
+        # The image stays NCHW at the model's interface; one layout_transform at each end of the graph.
+        passes.append(relax.transform.ConvertLayout({"relax.nn.conv2d": [space.layout, "OHWI"]}))
+    passes.append(relax.pipeline.zero_pipeline())
     if space.prepack:
         passes.append(relax.transform.AttachAttrLayoutFreeBuffers())
     with target:
@@ -120,8 +122,7 @@ def apply_tuning(mod: tvm.IRModule, tuning: Artifact, store: ArtifactStore) -> t
     if store.get(tuning.key) is None:
         raise StoreError(f"the tuning database {tuning.key} vanished from the store; run again")
     inputs = tuning.inputs
-    known = {f.name for f in dataclasses.fields(TuningSpace)}
-    space = TuningSpace(**{k: v for k, v in inputs.get("space_options", {}).items() if k in known})
+    space = TuningSpace.from_options(inputs.get("space_options", {}))
     import tvm
 
     target = tvm.target.Target(json.loads(inputs["tuning_target"]))

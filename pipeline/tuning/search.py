@@ -34,11 +34,11 @@ from pipeline.tuning.report import (
 )
 from pipeline.tuning.session import _Session
 from pipeline.tuning.space import (
-    DEFAULT_SPACE,
     LOCAL_RUNNER,
     TuningSpace,
     _parse_runner,
     check_request,
+    space_for,
     tuning_num_cores,
     tuning_target,
 )
@@ -202,7 +202,7 @@ def run_tuning(
     work_dir: Path,
     runner: str = LOCAL_RUNNER,
     num_cores: int | None = None,
-    space: TuningSpace = DEFAULT_SPACE,
+    space: TuningSpace | None = None,
     base: BaseTuning | None = None,
     progress: Callable[[float, float, str], None] | None = None,
     log_file: Path | None = None,
@@ -210,6 +210,7 @@ def run_tuning(
     """Tune ``mod`` for ``target`` up to ``trials`` measurements; write the database files into ``work_dir``.
 
     Args:
+        space: the schedule space (default: the target's, :func:`~pipeline.tuning.space.space_for`).
         base: a database of the same family with fewer trials: it is continued (its records are kept,
             taught to the cost model and seed the search; what it measured is not measured again), and
             only ``trials - base.trials`` new candidates are measured.
@@ -227,6 +228,7 @@ def run_tuning(
     if reused >= trials:
         raise ValueError(f"the base tuning has {reused} trials, not fewer than {trials}")
     _warn_without_cpu(target)
+    space = space or space_for(target)
     _light_tensor_intrin(target.arch)
     cores = num_cores or tuning_num_cores(target)
     tvm_target = tuning_target(target, cores)

@@ -24,10 +24,27 @@ Re-measured with this code (ResNet-18 v2, 64 trials, on the same 2 cores shared 
   there to compare at 256 trials and more);
 * ``num-cores`` 1 instead of this machine's 2: 140 / 122 ms: no gain, the machine's count stays;
 * measurements taken on a loaded machine pick worse schedules: 64 trials gave 73.6 ms on a quiet machine.
+
+The layout (``NHWC`` for CPU targets since this was measured): ResNet-18's 3x3 convolution of each stage
+alone (+ bias + ReLU, weights prepacked), 128 trials each, on the 2-core Zen 4 machine, ms (GFLOP/s):
+
+==================  ===============  ===============
+stage (C, H x W)    NCHW             NHWC
+==================  ===============  ===============
+1 (64, 56 x 56)     2.26 (103)       2.36 (98)
+3 (256, 14 x 14)    3.00 (77)        2.18 (106)
+4 (512, 7 x 7)      3.04 (76)        2.14 (108)
+==================  ===============  ===============
+
+In NCHW a kernel vectorises over the image's width (7 of 16 lanes used at stage 4); in NHWC over the
+output channels. The whole model: bench/RESULTS.md (NCHW after 4096 trials: 45.3 ms). GPU targets keep
+NCHW (:data:`GPU_SPACE`): not measured on a GPU. The layout adds a small task per model (the image's
+transposition), so a tiny model needs one more trial than tasks before every task is measured.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -56,26 +73,46 @@ class TuningSpace:
         scheduler: how trials are shared between tasks after the first round: ``"gradient"`` (TVM's
             gradient task scheduler), ``"round-robin"``, or ``"weighted"`` (each task gets a share of the
             rest of the budget proportional to weight x its latency after the first round).
+        layout: the data layout the convolutions are tuned and built in: ``"NCHW"`` (as imported) or
+            ``"NHWC"`` (``relax.transform.ConvertLayout`` before legalisation: the channels are innermost,
+            so a kernel vectorises over output channels whatever the image size).
     """
 
     prepack: bool = True
     population: int = 64
     equality: str = "anchor-block"
     scheduler: str = "gradient"
+    layout: str = "NCHW"
 
     @property
     def name(self) -> str:
         """A stable name of the space, part of the tuning key."""
         scheduler = "" if self.scheduler == "gradient" else f",scheduler={self.scheduler}"
+        layout = "" if self.layout == "NCHW" else f"+{self.layout.lower()}"
         return (
-            f"static-shape{'+prepack' if self.prepack else ''},{self.equality},population={self.population}"
+            f"static-shape{'+prepack' if self.prepack else ''}{layout},{self.equality},population={self.population}"
             f"{scheduler}"
         )
 
+    @staticmethod
+    def from_options(options: dict[str, Any]) -> TuningSpace:
+        """The space a tuning artifact's ``space_options`` describe (options it predates take their old value:
+        tunings recorded before ``layout`` existed were NCHW)."""
+        known = {f.name for f in dataclasses.fields(TuningSpace)}
+        return TuningSpace(**{"layout": "NCHW", **{k: v for k, v in options.items() if k in known}})
 
-DEFAULT_SPACE = TuningSpace()
-#: The schedule space this code searches; part of the tuning key.
+
+#: The schedule space of CPU targets (see the module's docstring for the figures that chose it).
+DEFAULT_SPACE = TuningSpace(layout="NHWC")
+#: The schedule space of GPU targets: the imported layout (NHWC was measured on CPUs only; no GPU here).
+GPU_SPACE = TuningSpace(layout="NCHW")
+#: The schedule space this code searches for a CPU target; part of the tuning key.
 SPACE = DEFAULT_SPACE.name
+
+
+def space_for(target: TargetInfo) -> TuningSpace:
+    """The schedule space tunings for ``target`` search (part of their key)."""
+    return GPU_SPACE if target.device == "cuda" else DEFAULT_SPACE
 
 
 def default_num_cores() -> int:
@@ -131,13 +168,14 @@ def tuning_target(target: TargetInfo, num_cores: int) -> tvm.target.Target:
 
 def tune_inputs(model_digest: str, target: TargetInfo, trials: int) -> dict[str, Any]:
     """The inputs that key a tuning of ``model_digest`` for ``target`` with ``trials`` (hashed by the plan)."""
-    return keys.tune_inputs(model_digest, target.canonical, trials, num_cores=tuning_num_cores(target), space=SPACE)
+    return keys.tune_inputs(model_digest, target.canonical, trials, num_cores=tuning_num_cores(target),
+                            space=space_for(target).name)
 
 
 def tune_manifest_extra(target: TargetInfo, runner: str) -> dict[str, Any]:
     """What a tuning artifact records besides its key's inputs: the exact tuning target, space and runner."""
     return {
         "tuning_target": str(tuning_target(target, tuning_num_cores(target))),
-        "space_options": dict(DEFAULT_SPACE.__dict__),
+        "space_options": dict(space_for(target).__dict__),
         "runner": runner,
     }
