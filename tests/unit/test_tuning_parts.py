@@ -19,13 +19,16 @@ from pipeline.tuning import (
     RECORD_FILE,
     REPORT_FILE,
     WORKLOAD_FILE,
+    TuningSpace,
     family_key,
     find_base,
     format_latency,
     has_converged,
     remember_tuning,
     resolve_trials,
+    space_for,
     tune_inputs,
+    tune_manifest_extra,
 )
 from tasks.tune import read_summary
 
@@ -140,3 +143,17 @@ def test_format_latency__us_below_a_millisecond_and_never_zero():
     assert format_latency(1.27e-3) == "1.27 ms"
     assert format_latency(0.1742) == "174 ms"
     assert format_latency(None) == format_latency(float("nan")) == "not measured yet"
+
+
+def test_space__cpu_tunings_are_nhwc_gpu_and_older_tunings_nchw():
+    cpu, gpu = parse_target("llvm"), parse_target("cuda -arch=sm_90")
+    assert space_for(cpu).layout == "NHWC" and space_for(gpu).layout == "NCHW"
+    assert space_for(cpu).name == "static-shape+prepack+nhwc,anchor-block,population=64"
+    # The NCHW name is the one tunings had before the layout existed: their keys are unchanged.
+    assert space_for(gpu).name == "static-shape+prepack,anchor-block,population=64"
+    assert tune_inputs("a" * 64, cpu, 8)["space"] != tune_inputs("a" * 64, gpu, 8)["space"]
+    # What a tuning artifact records is what its build replays: an older record without a layout is NCHW.
+    recorded = tune_manifest_extra(cpu, "local")["space_options"]
+    assert TuningSpace.from_options(recorded) == space_for(cpu)
+    older = {k: v for k, v in recorded.items() if k != "layout"}
+    assert TuningSpace.from_options({**older, "unknown": 1}).layout == "NCHW"
