@@ -2,9 +2,11 @@
 
 Uses ``invoke_stateful`` + ``get_outputs`` (TVM's documented path over RPC; a remote ``vm["main"](...)``
 fails for some models, apache/tvm#18108). Timing is device-side (``time_evaluator`` runs the loop on the
-device): a warm-up sample (discarded) estimates the cost of one sample, then as many samples as
-:class:`pipeline.latency.Timing` asks for, each a separate measurement, summarised by
-:func:`pipeline.latency.latency_of` (mean, median, p90, p99, min, max, std, CV).
+device, after a warm-up call of its own): with ``--repeat N`` exactly N samples; adaptive (no ``--repeat``), a
+first sample estimates the cost of one, then the rest of what :class:`pipeline.latency.Timing` asks for. Each
+sample is a separate measurement, summarised by :func:`pipeline.latency.latency_of` (mean, median, p90, p99,
+min, max, std, CV). With ``--repeat N`` the model runs N + 2 times (the invocation whose output is fetched,
+TVM's warm-up call, N samples), as a plain script does; adaptive timing costs one more warm-up call.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ def _single_output(outputs: object, description: str) -> object:
 
 
 def run(inputs: InputSet, timing: Timing = Timing()) -> RunResult:
-    """Invoke ``main`` once, fetch its output, then time it as ``timing`` says.
+    """Invoke ``main`` once, fetch its output, then time it as ``timing`` says (see the module docstring).
 
     Raises:
         DeviceTimeout / RemoteRunError: the device did not answer in time or failed.
@@ -60,8 +62,12 @@ def run(inputs: InputSet, timing: Timing = Timing()) -> RunResult:
         evaluator = vm.time_evaluator("invoke_stateful", device, number=timing.number, repeat=repeat)
         return [float(s) * 1e3 for s in evaluator("main").results]
 
-    warm = session.call("run", measure, 1)  # the first call inside is discarded by TVM, this sample by us
-    samples = session.call("run", measure, timing.samples_for(warm[0] / 1e3))
+    if timing.repeat is not None:
+        samples = session.call("run", measure, timing.repeat)
+    else:  # the first sample (after TVM's own warm-up call) tells how many the rest must be; it is one of them
+        first = session.call("run", measure, 1)
+        rest = timing.samples_for(first[0] / 1e3) - 1
+        samples = first + (session.call("run", measure, rest) if rest > 0 else [])
     return RunResult(np.asarray(output), latency_of(samples, timing.number), time.perf_counter() - start)
 
 

@@ -72,10 +72,13 @@ def test_device_stages__match_reference_on_real_server(tiny_onnx, store_root, se
         inputs = set_input(load(up, str(store_root)), x)
         assert inputs.shape == model.input_shape
         result = run(inputs, Timing(number=2, repeat=3))
+        # Adaptive: the estimating sample is one of the 7.
+        adaptive = run(inputs, Timing(min_samples=7, min_seconds=0.0)).latency
     np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
     lat = result.latency
     assert 0 < lat.min <= lat.median <= lat.max and lat.min <= lat.mean <= lat.max and lat.std >= 0
     assert (lat.number, lat.repeat) == (2, 3)
+    assert (adaptive.number, adaptive.repeat) == (1, 7) and adaptive.min > 0
 
 
 def test_upload__refuses_corrupt_library(tiny_onnx, store_root, server):
