@@ -149,8 +149,8 @@ def device_chain(
 
 UNTUNED_NOTE = (
     "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far above what "
-    "the CPU can do (ResNet-18 v2 on the 2-core bench machine: 1446 ms untuned, 45 ms after 4096 trials tuned "
-    "with -mcpu=native, 18 ms with onnxruntime; see bench/RESULTS.md)"
+    "the CPU can do (ResNet-18 v2 on the 2-core bench machine: 1424 ms untuned; tuned with -mcpu=native 39 ms after "
+    "256 trials, 34 ms after 1024; 18 ms with onnxruntime; see bench/RESULTS.md)"
 )
 
 STAGES = (
