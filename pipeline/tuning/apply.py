@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import StoreError, clip
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.tuning.report import DATABASE_FILES, RECORD_FILE, WORKLOAD_FILE
-from pipeline.tuning.space import DEFAULT_SPACE, TuningSpace
+from pipeline.tuning.space import TuningSpace
 
 if TYPE_CHECKING:
     import tvm
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module
 
 
-def prepare(mod: tvm.IRModule, target: tvm.target.Target, space: TuningSpace = DEFAULT_SPACE) -> tvm.IRModule:
+def prepare(mod: tvm.IRModule, target: tvm.target.Target, space: TuningSpace) -> tvm.IRModule:
     """The module as MetaSchedule sees it: the passes of TVM's ``static_shape_tuning`` pipeline before tuning.
 
     Tuning and :func:`apply_tuning` both start from this, so the database's workloads match the kernels.
