@@ -61,7 +61,7 @@ def _light_tensor_intrin(arch: str) -> None:
     ``TuneContext`` runs ``import tvm.s_tir.tensor_intrin``, which registers the intrinsics of every
     backend (CUDA alone takes 11 s, all of them 17 s here). A CPU target needs its own architecture's
     only, so the package is registered empty and just that submodule imported; other submodules still
-    import on demand. Does nothing when the package is already imported.
+    import on demand, and a later call for another architecture imports that one's.
     """
     import importlib
     import importlib.util
@@ -69,17 +69,19 @@ def _light_tensor_intrin(arch: str) -> None:
     import types
 
     name = "tvm.s_tir.tensor_intrin"
-    if name in sys.modules:
-        return
-    spec = importlib.util.find_spec(name)
-    if spec is None or spec.submodule_search_locations is None:
-        return
-    package = types.ModuleType(name)
-    package.__spec__, package.__file__ = spec, spec.origin
-    package.__path__ = list(spec.submodule_search_locations)
-    package.__package__ = name
-    sys.modules[name] = package
-    setattr(importlib.import_module("tvm.s_tir"), "tensor_intrin", package)
+    package = sys.modules.get(name)
+    if package is None:
+        spec = importlib.util.find_spec(name)
+        if spec is None or spec.submodule_search_locations is None:
+            return
+        package = types.ModuleType(name)
+        package.__spec__, package.__file__ = spec, spec.origin
+        package.__path__ = list(spec.submodule_search_locations)
+        package.__package__ = name
+        sys.modules[name] = package
+        setattr(importlib.import_module("tvm.s_tir"), "tensor_intrin", package)
+    # Another architecture's intrinsics may be needed later in this process (a fleet, an aarch64 build after an
+    # x86_64 one): each call imports its own (a no-op when already imported).
     submodule = {"x86_64": "x86", "i386": "x86", "i686": "x86", "aarch64": "arm_cpu", "arm": "arm_cpu",
                  "armv7": "arm_cpu", "armv7a": "arm_cpu", "riscv64": "riscv_cpu"}.get(arch)
     if submodule:
