@@ -52,8 +52,8 @@ from tasks.upload import upload
 log = logging.getLogger("flows.accuracy")
 
 #: The run options that apply to an accuracy run (the rest of RunRequest is about one image and timing).
-OPTIONS = ("model", "weights", "seed", "target", "opt_level", "artifacts", "refresh", "host", "port", "tracker",
-           "key", "connect_timeout", "request_timeout", "call_timeout", "max_abs_diff")
+OPTIONS = ("model", "weights", "seed", "target", "opt_level", "schedules", "artifacts", "refresh", "host", "port",
+           "tracker", "key", "connect_timeout", "request_timeout", "call_timeout", "max_abs_diff")
 
 
 @dataclass(frozen=True)
@@ -121,7 +121,7 @@ def evaluate(req: ResolvedRequest, images: Sequence[LabelledImage], thresholds: 
             "accuracy mode needs an ImageNet classifier"
         )
     inputs = [load_image(image.path, model.preprocess, model.input_shape) for image in images]
-    plan = plan_build(model, req.target, req.opt_level)
+    plan = plan_build(model, req.target, req.opt_level, schedules=req.schedules)
     with Device(req.device) as device:  # the embedded server imports TVM while we compile
         compiled = compile_chain(plan, req.store, req.refresh, run=run_plain)
         outputs, device_name = _run_all(req, device, compiled.library, inputs)
@@ -136,6 +136,7 @@ def evaluate(req: ResolvedRequest, images: Sequence[LabelledImage], thresholds: 
         "model_digest": model.digest,
         "target": req.target.canonical,
         "opt_level": req.opt_level,
+        "schedules": plan.applied,
         "build_key": plan.build.key,
         "library_key": compiled.library.key,
         "artifact": str(req.store.file(compiled.library, LIBRARY_FILE)),

@@ -91,7 +91,7 @@ def _build_only(req: ResolvedRequest, plan: RunPlan) -> BuildSummary:
         build_key=build.build.key, library_key=build.library.key, artifact=str(library),
         library_bytes=compiled.library.size, gpu_code=library_gpu_code(library) if req.target.device == "cuda" else None,
         stages={name: compiled.stages.get(name, "skipped") for name in STAGES[:4]},
-        notes=req.model.notes,
+        notes=req.model.notes, schedules=build.applied,
     )
 
 

@@ -129,6 +129,7 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
                 allow_version_skew=spec.allow_version_skew, check=spec.check,
                 thresholds=thresholds, tune_trials=planned_trials, build_only=False, tune_runner=LOCAL_RUNNER,
                 device_cache=None,  # a remote device keeps nothing by default, as for resnet_remote
+                schedules=spec.schedules,
             )
             plan = None if isinstance(planned, PipelineError) else planned
             pairs.append(FleetPair(
@@ -196,7 +197,7 @@ def _plans(spec: FleetSpec, targets: dict[str, TargetInfo],
                 try:
                     trials = resolve_trials(store_root, m.model.digest, target, spec.tune_trials, spec.tune_more)
                     plans[(index, target.canonical)] = plan_build(m.model, target, spec.opt_level, trials,
-                                                                  LOCAL_RUNNER)
+                                                                  LOCAL_RUNNER, spec.schedules)
                 except PipelineError as exc:
                     plans[(index, target.canonical)] = exc
     return plans

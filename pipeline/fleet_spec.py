@@ -45,7 +45,7 @@ INLINE_SOURCE = "fleet spec"
 """How messages name a fleet given inline (the flow's ``spec`` parameter) rather than as a file."""
 
 TOP_KEYS = (
-    "tracker", "devices", "models", "opt_level", "tune_trials", "tune_more", "number", "repeat", "connect_timeout",
+    "tracker", "devices", "models", "opt_level", "tune_trials", "tune_more", "schedules", "number", "repeat", "connect_timeout",
     "request_timeout", "call_timeout", "device_retries", "concurrency", "build_concurrency", "check",
     "max_abs_diff", "image", "build_deployment", "build_timeout", "allow_version_skew",
 )
@@ -100,6 +100,7 @@ class FleetSpec:
     opt_level: int = 3
     tune_trials: int = 0
     tune_more: int = 0
+    schedules: str = "rules"
     number: int = 1
     repeat: int | None = None
     device_retries: int = 1
@@ -258,6 +259,7 @@ def _spec(tree: _Node, where: Where, base: Path) -> FleetSpec:
         opt_level=_integer(top.get("opt_level"), "opt_level", where, 0, 3, 3),
         tune_trials=_integer(top.get("tune_trials"), "tune_trials", where, 0, 100_000, 0),
         tune_more=_integer(top.get("tune_more"), "tune_more", where, 0, 100_000, 0),
+        schedules=_schedules(top, where),
         number=_integer(top.get("number"), "number", where, 1, 1_000_000, 1),
         repeat=_integer(top.get("repeat"), "repeat", where, 1, 1_000_000, None),
         device_retries=_integer(top.get("device_retries"), "device_retries", where, 0, 10, 1),
@@ -451,6 +453,13 @@ def _integer(node: _Node | None, field: str, where: Where, low: int, high: int, 
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise where.error(node, field, f"must be a whole number from {low} to {high}, not {_kind(node)}")
     return value
+
+
+def _schedules(top: dict[str, Any], where: Where) -> str:
+    value = _text(top.get("schedules"), "schedules", where)
+    if value is not None and value not in ("rules", "none"):
+        raise where.error(top["schedules"], "schedules", f"must be rules or none, not {clip(value)!r}")
+    return value or "rules"
 
 
 def _number(node: _Node | None, field: str, where: Where) -> float | None:

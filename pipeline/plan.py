@@ -7,7 +7,7 @@ flow, the fleet, the accuracy tool, the bench and the tests all share one chain 
 
     import-model  key_of(model digest, TVM, import code)
     tune          key_of(model digest, canonical target, trials, cores, schedule space, TVM, code)
-    build         key_of(model digest, canonical target, opt_level, TVM, code [, tune key])
+    build         key_of(model digest, canonical target, opt_level, TVM, code [, tune key | rule-based schedules])
     export        key_of(build key, linker identity, export code)
     reference     key_of(model digest, input digest, framework version, code)
 """
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from pipeline import keys
+from pipeline.errors import UsageError
 from pipeline.models import ResolvedModel
 from pipeline.targets import TargetInfo, Toolchain, toolchain_for
 
@@ -57,6 +58,9 @@ class BuildPlan:
 
     Attributes:
         tune: None when ``tune_trials`` is 0 (no tuning; the build key then has no tuning part).
+        schedules: what the build applies to a CPU target without tuning: ``"rules"`` (schedules from
+            MetaSchedule's rules, no search; :mod:`pipeline.tuning.rules`) or None (TVM's default pipeline:
+            a tuned build, a GPU target, or ``schedules="none"`` asked for).
         toolchain: the linker of the library (a missing cross compiler fails at planning, before compiling).
     """
 
@@ -69,10 +73,18 @@ class BuildPlan:
     tune: StageKey | None
     build: StageKey
     library: StageKey
+    schedules: str | None = None
+
+    @property
+    def applied(self) -> str:
+        """The schedules the build applies, as reports name them: ``tuned``, ``rules`` or ``tvm-default``
+        (TVM's default pipeline: no schedules on a CPU, TVM's GPU schedules on a GPU)."""
+        return "tuned" if self.tune is not None else self.schedules or "tvm-default"
 
 
 def plan_build(
-    model: ResolvedModel, target: TargetInfo, opt_level: int, tune_trials: int = 0, tune_runner: str = "local"
+    model: ResolvedModel, target: TargetInfo, opt_level: int, tune_trials: int = 0, tune_runner: str = "local",
+    schedules: str = "rules",
 ) -> BuildPlan:
     """The keys of the compile chain.
 
@@ -81,12 +93,15 @@ def plan_build(
             planning (:func:`pipeline.tuning.resolve_trials`), so the tune and build keys name the total; the
             tune stage then continues from the largest tuning of the same family, found in the store.
         tune_runner: where tuning measures (recorded in the tuning manifest, not hashed).
+        schedules: ``"rules"`` (default) or ``"none"``: what an untuned CPU build applies.
 
     Raises:
         ExportError: the target needs a cross compiler that is not installed.
         CudaToolchainMissing: a CUDA target, and the ``cuda`` extra (NVRTC) is not installed.
     """
     toolchain = toolchain_for(target)
+    if schedules not in ("rules", "none"):
+        raise UsageError(f"schedules must be rules or none (got {schedules!r})")
     imported = StageKey.of(keys.import_inputs(model.digest), name=model.name)
     tune = None
     if tune_trials > 0:
@@ -100,11 +115,17 @@ def plan_build(
         from pipeline.cuda import cuda_toolchain
 
         gpu_toolchain = cuda_toolchain().identity  # missing NVRTC fails here, before anything is compiled
+    rules = None
+    if schedules == "rules" and tune is None and target.device == "cpu":
+        from pipeline.tuning.rules import rules_inputs
+
+        rules = rules_inputs(target)
     build = StageKey.of(keys.build_inputs(
-        model.digest, target.canonical, opt_level, tune.key if tune is not None else None, gpu_toolchain
+        model.digest, target.canonical, opt_level, tune.key if tune is not None else None, gpu_toolchain, rules
     ))
     library = StageKey.of(keys.export_inputs(build.key, toolchain.identity))
-    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library)
+    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library,
+                     "rules" if rules is not None else None)
 
 
 def plan_reference(model: ResolvedModel, data: np.ndarray) -> StageKey:
@@ -123,5 +144,5 @@ class RunPlan:
 
 def plan_run(req: ResolvedRequest) -> RunPlan:
     """The plan of a validated request."""
-    build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner)
+    build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner, req.schedules)
     return RunPlan(build, plan_reference(req.model, req.input) if req.check and not req.build_only else None)

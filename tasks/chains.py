@@ -152,6 +152,12 @@ UNTUNED_NOTE = (
     "the CPU can do (ResNet-18 v2 on the 2-core bench machine: 1424 ms untuned; tuned with -mcpu=native 39 ms after "
     "256 trials, 34 ms after 1024; 18 ms with onnxruntime; see bench/RESULTS.md)"
 )
+RULES_NOTE = (
+    "untuned build: each kernel has one schedule from MetaSchedule's rules, chosen without measuring; tuning "
+    "(--tune-trials N, -mcpu=native) is far faster still (ResNet-18 v2 on the 2-core bench machine: ~330 ms with "
+    "the rules, 1424 ms without; 39 ms after 256 trials, 34 ms after 1024; 18 ms with onnxruntime; see "
+    "bench/RESULTS.md)"
+)
 
 STAGES = (
     "import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
@@ -190,8 +196,9 @@ def run_on_device(
         artifact=str(req.store.file(compiled.library, LIBRARY_FILE)), device=on.device, device_identity=on.identity,
         image=str(req.image), input_shape=tuple(model.input_shape), stages=stages, top5=prediction.top,
         latency=on.result.latency, upload=on.loaded.placement, check=checked,
-        notes=(*model.notes, *([] if build.tune else [UNTUNED_NOTE])),
+        notes=(*model.notes, *{"tuned": [], "rules": [RULES_NOTE]}.get(build.applied, [UNTUNED_NOTE])),
         tuning=read_summary(compiled.tuning, root) if compiled.tuning is not None else None,
+        schedules=build.applied,
     )
     failed = checked is not None and not checked.passed
     return report_task(summary, root, status="failed" if failed else "passed",

@@ -79,7 +79,8 @@ def build_on_deployment(pair: FleetPair, deployment: str, timeout: float) -> Com
     what = f"{req.model.name} for {pair.device.target!r}"
     parameters = {
         "model": entry.source, "weights": entry.weights, "seed": entry.seed, "target": pair.device.target,
-        "opt_level": req.opt_level, "tune_trials": req.tune_trials, "build_only": True, "artifacts": str(req.store.root),
+        "opt_level": req.opt_level, "tune_trials": req.tune_trials, "schedules": req.schedules, "build_only": True,
+        "artifacts": str(req.store.root),
     }
     try:
         run = run_deployment(deployment, parameters=parameters, timeout=timeout, as_subflow=True)

@@ -68,6 +68,8 @@ class RunSummary:
     tuning: dict[str, Any] | None = None
     """What the tuning this build applies did (``tasks.tune.read_summary``): trials (reused, new), estimate,
     convergence; None for an untuned build."""
+    schedules: str = "tvm-default"
+    """The schedules the build applies: ``tuned``, ``rules`` or ``tvm-default`` (``BuildPlan.applied``)."""
 
     @property
     def series(self) -> str:
@@ -93,7 +95,7 @@ class RunSummary:
             },
             "check": self.check.as_dict() if self.check is not None else None,
             "regression": self.regression.as_dict() if self.regression is not None else None,
-            "tuning": self.tuning,
+            "tuning": self.tuning, "schedules": self.schedules,
             "notes": list(self.notes),
         }
 
@@ -117,6 +119,8 @@ class BuildSummary:
     """For a GPU target, what the library holds: ``cubin`` (machine code), ``ptx`` or ``source``."""
     stages: dict[str, str]
     notes: tuple[str, ...] = ()
+    schedules: str = "tvm-default"
+    """The schedules the build applies: ``tuned``, ``rules`` or ``tvm-default`` (``BuildPlan.applied``)."""
 
     def as_json(self) -> dict[str, Any]:
         """The ``--json`` object of a ``--build-only`` run."""
@@ -125,7 +129,7 @@ class BuildSummary:
             "opt_level": self.opt_level, "tune_trials": self.tune_trials, "tuning_key": self.tuning_key,
             "import_key": self.import_key, "build_key": self.build_key, "library_key": self.library_key,
             "artifact": self.artifact, "library_bytes": self.library_bytes, "gpu_code": self.gpu_code,
-            "stages": dict(self.stages), "notes": list(self.notes),
+            "stages": dict(self.stages), "schedules": self.schedules, "notes": list(self.notes),
         }
 
 
@@ -136,7 +140,7 @@ def header_lines(summary: dict[str, Any]) -> list[str]:
     """The report's first lines (from the JSON form): model, target, build, device and each stage's status."""
     return [
         f"Model      {summary['model']}  (digest {summary['model_digest'][:16]})",
-        f"Target     {summary['target']}  opt_level {summary['opt_level']}",
+        f"Target     {summary['target']}  opt_level {summary['opt_level']}  schedules {summary.get('schedules', '-')}",
         f"Build      {summary['build_key'][:16]}  library {summary['artifact']}",
         f"Device     {summary['device']}",
         "Stages     " + ", ".join(f"{name} {status}" for name, status in summary["stages"].items()),
@@ -275,7 +279,7 @@ def record_failure(req: Any, run_id: str, started: str, exc: BaseException, flee
 
     interrupted = isinstance(exc, KeyboardInterrupt)
     try:
-        plan = plan_build(req.model, req.target, req.opt_level, req.tune_trials)
+        plan = plan_build(req.model, req.target, req.opt_level, req.tune_trials, schedules=req.schedules)
         keys = plan.build.key, plan.library.key, plan.tune.key if plan.tune else None
     except Exception:  # noqa: BLE001 - the keys are a courtesy here
         keys = None, None, None

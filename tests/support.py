@@ -95,7 +95,7 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def compile_all(model, store_root, target_text="llvm", opt_level=3):
+def compile_all(model, store_root, target_text="llvm", opt_level=3, schedules="rules"):
     """The compile chain's plain functions, keyed by the plan (as the flows are)."""
     from pipeline.plan import plan_build
     from pipeline.targets import parse_target
@@ -104,7 +104,7 @@ def compile_all(model, store_root, target_text="llvm", opt_level=3):
     from tasks.import_model import import_model
 
     target = parse_target(target_text)
-    plan = plan_build(model, target, opt_level)
+    plan = plan_build(model, target, opt_level, schedules=schedules)
     imported = import_model(model, plan.imported, str(store_root))
     built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
     library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))

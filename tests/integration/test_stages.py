@@ -14,6 +14,7 @@ from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from pipeline.plan import plan_build
 from pipeline.store import ArtifactStore
+from pipeline.targets import parse_target
 from tasks._live import opened
 from tasks.build import OBJECTS_FILE, build
 from tasks.export_library import LIBRARY_FILE
@@ -111,3 +112,37 @@ def test_device_stages__a_closed_session_is_a_clear_error(tiny_onnx, store_root,
     x = np.zeros(model.input_shape, np.float32)
     with pytest.raises(DeviceError, match="session to embedded 127.0.0.1:.* is closed"):
         set_input(loaded, x)
+
+
+def test_build__untuned_cpu_build_schedules_every_kernel_with_the_rules(tiny_onnx):
+    import tvm
+
+    from pipeline.models import import_model
+    from pipeline.tuning.rules import schedule_with_rules
+
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    mod = import_model(model)
+    scheduled = schedule_with_rules(mod, parse_target("llvm"))
+    kernels = {gv.name_hint: f for gv, f in scheduled.functions.items() if isinstance(f, tvm.tirx.PrimFunc)}
+    assert kernels and all(f.attrs.get("tirx.is_scheduled") for f in kernels.values())
+    # Every kernel the model runs has the rules' parallel loops (TVM's default pipeline makes none); the weights'
+    # layout rewrite runs once, when the build folds it into the constants.
+    run_kernels = {name: f for name, f in kernels.items() if not name.endswith("_weight_prepack")}
+    assert any(name.endswith("_prepacked") for name in run_kernels)
+    assert [name for name, f in run_kernels.items() if "parallel" not in str(f)] == []
+
+
+def test_build__rules_and_none_are_two_builds_with_the_same_output_on_device(tiny_onnx, store_root, server):
+    model = resolve_model(ModelSpec(str(tiny_onnx)))
+    x = np.random.default_rng(3).standard_normal(model.input_shape).astype(np.float32)
+    outputs = {}
+    for schedules in ("rules", "none"):
+        plan = plan_build(model, parse_target("llvm"), 3, schedules=schedules)
+        _, _, built, library = compile_all(model, store_root, schedules=schedules)
+        assert built.artifact.key == plan.build.key
+        assert ("schedules" in built.artifact.inputs) == (schedules == "rules")
+        with open_session(DeviceSpec(), server) as session, opened(session) as ref:
+            loaded = load(upload(ref, library.artifact, str(store_root), "x86_64"), str(store_root))
+            outputs[schedules] = run(set_input(loaded, x), Timing(repeat=2)).output
+    np.testing.assert_allclose(outputs["rules"], outputs["none"], atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(outputs["rules"], reference_forward(model, x), atol=1e-4, rtol=1e-4)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pipeline import keys
+from pipeline.errors import UsageError
 from pipeline.plan import plan_build, plan_reference
 from pipeline.targets import parse_target
 
@@ -41,3 +43,23 @@ def test_plan__reference_key_follows_the_input(model):
     a, b = plan_reference(model, x), plan_reference(model, x + 1)
     assert a.key != b.key and a.key == plan_reference(model, x.copy()).key
     assert a.key == keys.key_of(a.inputs) and a.inputs["input"] == keys.input_digest(x)
+
+
+def test_plan__an_untuned_cpu_build_names_its_rule_based_schedules(model):
+    llvm = parse_target("llvm")
+    rules, none = plan_build(model, llvm, 3), plan_build(model, llvm, 3, schedules="none")
+    assert rules.schedules == rules.applied == "rules" and rules.build.inputs["schedules"].startswith("rules-v")
+    assert none.schedules is None and none.applied == "tvm-default" and "schedules" not in none.build.inputs
+    assert rules.build.key != none.build.key and rules.library.key != none.library.key
+    assert none.build.inputs == keys.build_inputs(model.digest, llvm.canonical, 3)  # keys of before stay valid
+    # The schedules are made for a number of cores: another count is another build.
+    four = plan_build(model, parse_target('{"kind": "llvm", "num-cores": 4}'), 3)
+    assert "cores=4" in four.build.inputs["schedules"]
+    # A tuned build applies its database, not the rules.
+    tuned = plan_build(model, llvm, 3, tune_trials=8)
+    assert tuned.applied == "tuned" and tuned.schedules is None and "schedules" not in tuned.build.inputs
+
+
+def test_plan__refuses_unknown_schedules(model):
+    with pytest.raises(UsageError, match="rules or none"):
+        plan_build(model, parse_target("llvm"), 3, schedules="fast")

@@ -1,0 +1,116 @@
+"""Schedules without search: MetaSchedule's schedule rules applied to every kernel, nothing measured.
+
+TVM 0.27's default CPU pipeline applies no schedules at all: every kernel runs as written, on one core,
+without vectors. The untuned default build (``schedules="rules"``) instead gives each kernel one schedule from
+MetaSchedule's CPU schedule rules (multi-level tiling, parallel loops, vectorisation, unrolling, the weights'
+layout rewrite) with the rules' own random choices drawn from a fixed seed, in the schedule space tunings
+search (:data:`~pipeline.tuning.space.DEFAULT_SPACE`, NHWC). Nothing is built or measured to choose it, so it
+costs seconds, not minutes; a tuning (``--tune-trials``) measures candidates and replaces it.
+
+Measured on the 2-core Zen 4 machine, one process each (``bench/bench.py`` has the rows of one run):
+
+==========================  ===============  ==================  ==========================================
+model, target               untuned (none)   rules               what the rules cost (first build, once)
+==========================  ===============  ==================  ==========================================
+EfficientNet-Lite0, llvm    226-242 ms       78-84 ms            ~25 s (13 s of it folding the NHWC weights)
+ResNet-18 v2, llvm          1440 ms          331 ms              ~11 s
+ResNet-18 v2, -mcpu=znver4  1844 ms          318 ms              ~11 s
+==========================  ===============  ==================  ==========================================
+
+Outputs match the unscheduled build's to ~1e-5. In NCHW the rules gave EfficientNet-Lite0 106 ms (prepared in
+10 s instead of 13 s), and one kernel rejected its task's schedule: NHWC stays. The other cheap option measured,
+a first tuning of one trial per task, took 694 s for EfficientNet-Lite0 (108 ms): far over the minute a default
+may cost. GPU targets are not scheduled here (their build applies TVM's GPU schedules).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from pipeline.targets import TargetInfo
+from pipeline.tuning.apply import _finish, prepare
+from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
+from pipeline.tuning.report import RECORD_FILE, WORKLOAD_FILE
+from pipeline.tuning.search import _light_tensor_intrin
+from pipeline.tuning.space import space_for, tuning_num_cores, tuning_target
+
+if TYPE_CHECKING:
+    import tvm
+
+log = logging.getLogger("pipeline.tuning")
+
+#: What the build does when no tuning applies: ``rules`` (schedules from MetaSchedule's rules, no search) or
+#: ``none`` (TVM's default pipeline: no schedules).
+SCHEDULES = ("rules", "none")
+DEFAULT_SCHEDULES = "rules"
+#: The version of this module's choices (seed, tries, space); part of the build key of a rules build.
+RULES_VERSION = 1
+_SEED = 0
+_UNMEASURED_S = 1.0
+_TRIES = 4  # draws per kernel until the rules' postprocessors accept one (one suffices for every kernel seen)
+
+
+def rules_inputs(target: TargetInfo) -> str:
+    """What keys a rules build beside the model and target: this code's version, the space and the cores."""
+    return f"rules-v{RULES_VERSION},{space_for(target).name},cores={tuning_num_cores(target)},seed={_SEED}"
+
+
+def schedule_with_rules(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
+    """``mod`` (as imported) with one schedule from MetaSchedule's CPU rules on every kernel, ready to compile.
+
+    A kernel for which no draw passes the rules' postprocessors is left unscheduled (logged).
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    start = time.perf_counter()
+    space = space_for(target)
+    _light_tensor_intrin(target.arch)
+    tvm_target = tuning_target(target, tuning_num_cores(target))
+    prepared = prepare(mod, tvm_target, space)
+    with tempfile.TemporaryDirectory(prefix="tvmrp-rules-") as work, _meta_schedule_logs(None):
+        database = ms.database.JSONDatabase(
+            path_workload=str(Path(work) / WORKLOAD_FILE), path_tuning_record=str(Path(work) / RECORD_FILE),
+            module_equality=space.equality,
+        )
+        tasks = ms.relax_integration.extract_tasks(prepared, tvm_target, module_equality=space.equality)
+        unscheduled = []
+        for task, seed in zip(tasks, ms.utils.fork_seed(_SEED, n=len(tasks))):
+            kernel = task.dispatched[0]
+            schedule = _draw(kernel, task, seed)
+            if schedule is None:
+                unscheduled.append(task.task_name)
+                continue
+            # A record needs a run time to be applied; nothing was measured, and each kernel has one record.
+            record = ms.database.TuningRecord(
+                schedule.trace, database.commit_workload(kernel), run_secs=[_UNMEASURED_S], target=tvm_target,
+                args_info=ms.arg_info.ArgInfo.from_prim_func(kernel["main"]),
+            )
+            database.commit_tuning_record(record)
+        if unscheduled:
+            log.warning("build: no rule-based schedule for %d kernel(s) (%s); they are built unscheduled",
+                        len(unscheduled), ", ".join(unscheduled[:5]))
+        scheduled = _finish(prepared, tvm_target, Path(work), space)
+    log.info("build: %d kernels scheduled by MetaSchedule's rules, no search (%.1f s)",
+             len(tasks) - len(unscheduled), time.perf_counter() - start)
+    return scheduled
+
+
+def _draw(kernel: tvm.IRModule, task: object, seed: int) -> object | None:
+    """One schedule of ``kernel`` from the rules' design space that every postprocessor accepts, or None."""
+    from tvm.s_tir import meta_schedule as ms
+
+    context = ms.TuneContext(
+        mod=kernel, target=task.target, space_generator="post-order-apply", task_name=task.task_name,  # type: ignore[attr-defined]
+        logger=_MS_LOG, rand_state=seed, num_threads=1,
+    ).clone()
+    generator = context.space_generator
+    for attempt in range(_TRIES):
+        spaces = generator.generate_design_space(context.mod)  # a fresh draw of the rules' choices each call
+        schedule = spaces[attempt % len(spaces)] if spaces else None
+        if schedule is not None and all(postproc.apply(schedule) for postproc in generator.postprocs):
+            return schedule
+    return None
