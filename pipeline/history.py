@@ -265,7 +265,7 @@ def format_csv(records: Sequence[RunRecord]) -> str:
 
 def _tuning(record: RunRecord) -> str:
     if not record.tune_trials:
-        return "none"
+        return f"none (schedules: {record.schedules})" if record.schedules else "none"
     return f"{record.tune_trials} trials (tuning key {record.tuning_key or '-'})"
 
 
@@ -318,8 +318,8 @@ def format_run(record: RunRecord) -> str:
 # -- two runs -------------------------------------------------------------------------------------------
 
 #: What :func:`compare` looks at, besides each entry of ``versions``.
-COMPARED_FIELDS = ("model", "model_digest", "target", "opt_level", "tune_trials", "tuning_key", "build_key",
-                   "library_key", "device", "device_identity", "input_shape", "image", "series", "status")
+COMPARED_FIELDS = ("model", "model_digest", "target", "opt_level", "tune_trials", "schedules", "tuning_key",
+                   "build_key", "library_key", "device", "device_identity", "input_shape", "image", "series", "status")
 
 
 @dataclass(frozen=True)

@@ -90,6 +90,8 @@ class RunRecord:
     weights: str | None = None
     top5: list[dict[str, Any]] | None = None
     upload: dict[str, Any] | None = None
+    schedules: str | None = None
+    """The schedules the build applied: ``tuned``, ``rules`` or ``tvm-default`` (None: recorded before they were)."""
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -264,7 +264,8 @@ def record_of(summary: RunSummary, status: str = "passed", exit_code: int = 0, e
         device=device_name(summary.device), device_identity=summary.device_identity, image=summary.image,
         input_shape=list(summary.input_shape), stages=d["stages"], latency_ms=d["latency_ms"],
         samples=summary.latency.repeat, check=d["check"], regression=d["regression"], versions=versions(),
-        number=summary.latency.number, weights=summary.weights, top5=d["top5"], upload=d["upload"], **context,
+        number=summary.latency.number, weights=summary.weights, top5=d["top5"], upload=d["upload"],
+        schedules=summary.schedules, **context,
     )
 
 
@@ -281,8 +282,9 @@ def record_failure(req: Any, run_id: str, started: str, exc: BaseException, flee
     try:
         plan = plan_build(req.model, req.target, req.opt_level, req.tune_trials, schedules=req.schedules)
         keys = plan.build.key, plan.library.key, plan.tune.key if plan.tune else None
+        schedules = plan.applied
     except Exception:  # noqa: BLE001 - the keys are a courtesy here
-        keys = None, None, None
+        keys, schedules = (None, None, None), None
     record = RunRecord(
         id=run_id, series=None, started=started, finished=_now(), status="interrupted" if interrupted else "failed",
         exit_code=130 if interrupted else int(getattr(exc, "exit_code", 1)), error=str(exc)[:2000] or type(exc).__name__,
@@ -290,7 +292,7 @@ def record_failure(req: Any, run_id: str, started: str, exc: BaseException, flee
         tune_trials=req.tune_trials, tuning_key=keys[2], build_key=keys[0], library_key=keys[1],
         device=device or device_name(req.device.describe()), device_identity=None, image=str(req.image),
         input_shape=list(req.model.input_shape), stages={}, latency_ms=None, samples=None, check=None,
-        regression=None, versions=versions(), flow_run_id=flow_run_id(), fleet_run=fleet_run,
+        regression=None, versions=versions(), flow_run_id=flow_run_id(), fleet_run=fleet_run, schedules=schedules,
     )
     write_record(str(req.store.root), record)
     return record

@@ -254,6 +254,7 @@ def test_cli_show__one_run_in_full_by_prefix(capsys, store_root, ledger):
                  "1x3x224x224", "median 117.4 ms", "p90 120.9 ms", "CV 2.0%", "(30 samples)", "Check      passed",
                  "first run of this series", "apache-tvm 0.27.0.post1", run.flow_run_id):
         assert text in out, text
+    assert "schedules" not in out  # a record from before the schedules were recorded
     code, out, _ = history(capsys, store_root, "show", run.id, "--json")
     assert code == 0 and json.loads(out) == run.as_json()
     code, out, _ = history(capsys, store_root, "--json", "show", run.id)  # --json before the command too
@@ -363,3 +364,14 @@ def test_regression__noise_alone_is_never_flagged_and_30_percent_slower_is(capsy
     assert "REGRESSION +" in out.splitlines()[2] and "first" in out.splitlines()[1]
     code, out, _ = history(capsys, store_root, "compare", runs[-1].id, slow.id)
     assert "slower by" in out and "same" not in out.split("Differs")[1].split("Same")[0]
+
+
+def test_compare__names_the_schedules_of_two_untuned_builds(capsys, store_root, ledger):
+    a = record(NOW - dt.timedelta(hours=1), schedules="tvm-default")
+    b = record(NOW, schedules="rules", build_key="cd" * 32, latency_ms=latency(50.0))
+    write(ledger, a, b)
+    c = compare(a, b)
+    assert [d.field for d in c.differences][:2] == ["schedules", "build_key"]
+    assert (c.differences[0].a, c.differences[0].b) == ("tvm-default", "rules")
+    code, out, _ = history(capsys, store_root, "show", b.id)
+    assert code == 0 and "tuning none (schedules: rules)" in out
