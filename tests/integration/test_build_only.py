@@ -47,13 +47,24 @@ def test_build_only__compiles_and_exports_without_a_device(prefect_api, store_ro
                     env={"PREFECT_API_URL": prefect_api})
     assert again.returncode == 0 and "Device     none (--build-only)" in again.stdout
     assert f"build {summary['build_key']}" in again.stdout and "build cached" in again.stdout
+    assert summary["schedules"] == "rules" and "schedules rules" in again.stdout
+
+
+def test_build_only__schedules_none_is_another_build_without_the_rules(prefect_api, store_root, tiny_onnx):
+    common = ("--model", str(tiny_onnx), "--artifacts", str(store_root), "--build-only", "--json")
+    rules = _json(run_cli(*common, env={"PREFECT_API_URL": prefect_api}))
+    none = _json(run_cli(*common, "--schedules", "none", env={"PREFECT_API_URL": prefect_api}))
+    assert (rules["schedules"], none["schedules"]) == ("rules", "tvm-default")
+    assert none["build_key"] != rules["build_key"] and none["stages"]["import-model"] == "cached"
+    bad = run_cli(*common, "--schedules", "fast", env={"PREFECT_API_URL": prefect_api})
+    assert bad.returncode == 2 and "--schedules" in bad.stderr and "rules" in bad.stderr
 
 
 @needs_cuda_extra
 def test_build_only__cuda_target_holds_gpu_machine_code(prefect_api, store_root, tiny_onnx):
     summary = _json(run_cli("--model", str(tiny_onnx), "--artifacts", str(store_root), "--target",
                             "cuda -arch=sm_90", "--build-only", "--json", env={"PREFECT_API_URL": prefect_api}))
-    assert summary["gpu_code"] == "cubin"
+    assert summary["gpu_code"] == "cubin" and summary["schedules"] == "tvm-default"  # TVM's GPU schedules
     assert json.loads(summary["target"])["arch"] == "sm_90"
     other = _json(run_cli("--model", str(tiny_onnx), "--artifacts", str(store_root), "--target", "nvidia/a100",
                           "--build-only", "--json", env={"PREFECT_API_URL": prefect_api}))

@@ -52,6 +52,7 @@ def test_parse_fleet__the_issue_example(tmp_path):
     assert [m.source for m in spec.models] == ["efficientnet_lite0", "resnet18_v2", str(tmp_path / "path/to/net.onnx")]
     assert spec.models[1].weights == "random" and spec.models[2].image == str(tmp_path / "data/dog.jpg")
     assert (spec.opt_level, spec.tune_trials, spec.number, spec.repeat, spec.check) == (3, 0, 1, None, True)
+    assert spec.schedules == "rules"
 
 
 def test_parse_fleet__options_and_host_port_devices():
@@ -61,6 +62,7 @@ def test_parse_fleet__options_and_host_port_devices():
         request_timeout: 4
         concurrency: 2
         check: false
+        schedules: none
         devices:
           - {host: 192.168.1.20, port: 9090, target: llvm}
           - {host: 192.168.1.21, port: 9090, name: bench-2, call_timeout: 60}
@@ -69,7 +71,7 @@ def test_parse_fleet__options_and_host_port_devices():
     assert [d.name for d in spec.devices] == ["192.168.1.20:9090", "bench-2"]
     assert spec.devices[0].spec.kind == "host" and spec.devices[0].spec.request_timeout == 4
     assert spec.devices[1].spec.call_timeout == 60 and spec.devices[1].target == "llvm"
-    assert (spec.opt_level, spec.repeat, spec.concurrency, spec.check) == (2, 5, 2, False)
+    assert (spec.opt_level, spec.repeat, spec.concurrency, spec.check, spec.schedules) == (2, 5, 2, False, "none")
 
 
 def test_parse_fleet__unknown_key_names_line_field_and_the_closest_key():
@@ -134,6 +136,7 @@ def test_parse_fleet__bad_device_names_line_and_field(device, expected):
     ("opt_level: 7", "fleet.yaml:4: opt_level: must be a whole number from 0 to 3, not 7"),
     ("repeat: 0", "fleet.yaml:4: repeat: must be a whole number from 1"),
     ("check: maybe", "fleet.yaml:4: check: must be true or false"),
+    ("schedules: fast", "fleet.yaml:4: schedules: must be rules or none, not 'fast'"),
     ("max_abs_diff: -1", "fleet.yaml:4: max_abs_diff: must be a positive number"),
     ("tracker: 'x'", "fleet.yaml:4: tracker: 'x' is not HOST:PORT"),
     ("models: [m]", "fleet.yaml:4: models: given twice (first on line 3)"),
@@ -199,6 +202,10 @@ def test_resolve_fleet__devices_by_models_share_one_plan_per_model_and_target(tm
     assert all(pair.plan is not None and pair.unplanned is None for pair in fleet.pairs)
     assert len(fleet.builds()) == 2 and len(fleet.references()) == 2
     assert {pair.request.tune_trials for pair in fleet.pairs} == {0}
+    assert {pair.plan.applied for pair in fleet.pairs} == {"rules"}
+    plain = resolve_fleet(parse_fleet(text + "schedules: none\n", "f.yaml", base=tmp_path), str(tmp_path / "store"))
+    assert {pair.plan.applied for pair in plain.pairs} == {"tvm-default"}
+    assert {pair.request.schedules for pair in plain.pairs} == {"none"}
 
 
 def _result(device: str, model: str, status: str = "passed", **extra) -> PairResult:
