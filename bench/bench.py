@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench.py [--repeats 5] [--budgets 64,256] [--out bench/RESULTS.md]
 
-Four measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken in this one process:
+Five measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken in this one process:
 
 1. warm flow vs plain script: ``resnet_remote`` (all builds cached, a persistent Prefect server that this
    script starts on a free 127.0.0.1 port with its own PREFECT_HOME, and stops at the end) against a plain
@@ -10,12 +10,17 @@ Four measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken
    rpc_server. Model: efficientnet_lite0 (the demo; real weights shipped offline), target ``llvm``. The flow
    runs as by default (the device keeps the library between runs) and with ``device_cache="off"``.
 2. cold ``build`` + ``export-library`` as Prefect tasks inside a flow (fresh store each time) against plain
-   ``tvm.compile`` + ``export_library``. Model: resnet18_v2 (random weights), untuned.
+   ``tvm.compile`` + ``export_library``. Model: resnet18_v2 (random weights), untuned, no schedules (as the plain
+   ``tvm.compile``).
 3. inference latency of ResNet-18 v2 (random weights, seed 0): TVM default build, TVM tuned with each
    budget (tuned artifacts are reused from the store; the tuning time is the one recorded in the tuning
    artifact), onnxruntime on the same ONNX graph and weights, torch (the same architecture written in torch,
    random weights), as ratios to onnxruntime. TVM runs in this process on ``tvm.cpu()``.
-4. upload: the tuned library uploaded to the rpc_server (MB/s) against a plain loopback socket copy of the
+4. the untuned default: the demo (efficientnet_lite0) and resnet18_v2 @ ``llvm`` built with the rule-based
+   schedules (``schedules="rules"``, the default) and without (``"none"``, TVM's default pipeline, the default
+   before): build + export seconds (fresh store each, the imported module given) and ms per image in this
+   process.
+5. upload: the tuned library uploaded to the rpc_server (MB/s) against a plain loopback socket copy of the
    same bytes, the same bytes sent as one tensor (what "weights out of the library" would pay), and a new
    session's upload + load against finding the copy the device kept + load.
 
@@ -132,7 +137,8 @@ def prefect_server(home: Path) -> Iterator[str]:
 # ----------------------------------------------------------------------------------- pipeline pieces
 
 
-def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0) -> dict[str, Any]:
+def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0,
+                  schedules: str = "rules") -> dict[str, Any]:
     """import -> (tune) -> build -> export with the plain stage functions; everything cached in the store."""
     from pipeline.plan import plan_build
     from pipeline.store import ArtifactStore
@@ -142,7 +148,7 @@ def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0
     from tasks.tune import read_report
 
     target = parse_target(target_text)
-    plan = plan_build(model, target, 3, trials)
+    plan = plan_build(model, target, 3, trials, schedules=schedules)
     store = ArtifactStore(store_root)
     compiled = compile_chain(plan, store, False, run=run_plain)
     report = read_report(compiled.tuning, store_root) if compiled.tuning else None
@@ -204,15 +210,16 @@ def bench_latency(store_root: str, budgets: list[int], repeats: int) -> dict[str
 
     rows["torch"] = {"latency": timed(run_torch, repeats, number_for(run_torch)), "note": f"{torch.get_num_threads()} threads"}
 
-    variants = [("TVM default (untuned)", 0, "llvm"), ("TVM default, -mcpu=native", 0, TUNED_TARGET)]
-    variants += [(f"TVM tuned, {b} trials", b, TUNED_TARGET) for b in budgets]
-    for label, trials, target_text in variants:
-        compiled = compile_model(model, target_text, store_root, trials)
-        vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled["library"])), tvm.cpu())
-        tx_tvm = tvm.runtime.tensor(x)
-        out = vm["main"](tx_tvm)
-        out = (out[0] if isinstance(out, (list, tuple)) else out).numpy()
-        run_tvm = lambda: vm["main"](tx_tvm)  # noqa: E731
+    variants = [
+        ("TVM default, no schedules (untuned)", 0, "llvm", "none"),
+        ("TVM rule-based schedules, no search (untuned)", 0, "llvm", "rules"),
+        ("TVM default, no schedules, -mcpu=native", 0, TUNED_TARGET, "none"),
+        ("TVM rule-based schedules, -mcpu=native", 0, TUNED_TARGET, "rules"),
+    ]
+    variants += [(f"TVM tuned, {b} trials", b, TUNED_TARGET, "rules") for b in budgets]
+    for label, trials, target_text, schedules in variants:
+        compiled = compile_model(model, target_text, store_root, trials, schedules)
+        run_tvm, out = library_runner(compiled["library"], x)
         row = {"latency": timed(run_tvm, repeats, number_for(run_tvm), warmup=0),
                "diff": float(np.abs(out - expected).max()), "target": target_text}
         if compiled["report"]:
@@ -376,6 +383,55 @@ def bench_flow(store_root: str, repeats: int) -> dict[str, Any]:
             "first_s": first_s, "stages": summary0["stages"], "library_bytes": library.stat().st_size}
 
 
+def library_runner(library: Path, x: np.ndarray) -> tuple[Callable[[], Any], np.ndarray]:
+    """A call that runs the compiled ``library`` on ``x`` in this process, and its output."""
+    import tvm
+    from tvm import relax
+
+    vm = relax.VirtualMachine(tvm.runtime.load_module(str(library)), tvm.cpu())
+    tx_tvm = tvm.runtime.tensor(x)
+    out = vm["main"](tx_tvm)
+    return (lambda: vm["main"](tx_tvm)), (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+
+
+def bench_untuned(store_root: str, repeats: int) -> dict[str, Any]:
+    """Section 5: the untuned default build, rule-based schedules vs none: build time and latency."""
+    from pipeline.models import ModelSpec, resolve_model
+    from pipeline.plan import plan_build
+    from pipeline.store import ArtifactStore
+    from pipeline.targets import parse_target
+    from tasks.build import build
+    from tasks.export_library import export_library
+
+    target = parse_target(FLOW_TARGET)
+    rows: dict[str, Any] = {}
+    for spec in (ModelSpec(FLOW_MODEL), ModelSpec(RESNET, weights="random")):
+        model = resolve_model(spec)
+        x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+        outputs = {}
+        for schedules in ("none", "rules"):
+            compiled = compile_model(model, FLOW_TARGET, store_root, 0, schedules)
+            imported, plan = compiled["imported"], compiled["plan"]
+            seconds = []
+            for _ in range(repeats):
+                with tempfile.TemporaryDirectory(prefix="bench-untuned-") as tmp:
+                    root = Path(tmp) / "artifacts"
+                    shutil.copytree(ArtifactStore(store_root).path(imported.key), ArtifactStore(root).path(imported.key))
+                    start = time.perf_counter()
+                    built = build(imported, target, 3, plan.build, str(root))
+                    export_library(built.artifact, target, plan.toolchain, plan.library, str(root))
+                    seconds.append(time.perf_counter() - start)
+            run_tvm, outputs[schedules] = library_runner(compiled["library"], x)
+            rows[f"{model.name} {schedules}"] = {
+                "model": model.name, "schedules": schedules, "build": summary(seconds),
+                "latency": timed(run_tvm, repeats, number_for(run_tvm), warmup=1),
+            }
+            log.info("untuned %s %s: build %.1f s, %.2f ms", model.name, schedules, rows[f"{model.name} {schedules}"]
+                     ["build"]["median"], rows[f"{model.name} {schedules}"]["latency"]["median"] * 1e3)
+        rows[f"{model.name} rules"]["diff"] = float(np.abs(outputs["rules"] - outputs["none"]).max())
+    return rows
+
+
 def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
     """Section 2: build + export-library as Prefect tasks in a flow, in a fresh store, vs plain TVM."""
     import tvm
@@ -392,7 +448,7 @@ def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
 
     model = resolve_model(ModelSpec(RESNET, weights="random"))
     target = parse_target(FLOW_TARGET)
-    compiled = compile_model(model, FLOW_TARGET, store_root)
+    compiled = compile_model(model, FLOW_TARGET, store_root, schedules="none")  # like the plain tvm.compile
     imported, plan = compiled["imported"], compiled["plan"]
     source = ArtifactStore(store_root)
     mod_text = source.file(imported, MODULE_FILE).read_text()
@@ -460,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log.info("machine: %s", results["machine"])
     results["latency"] = bench_latency(store_root, budgets, args.repeats)
+    results["untuned"] = bench_untuned(store_root, args.repeats)
+    log.info("untuned builds done")
     from pipeline.models import ModelSpec, resolve_model
 
     best = compile_model(resolve_model(ModelSpec(RESNET, weights="random")), TUNED_TARGET, store_root, max(budgets))
@@ -480,12 +538,12 @@ def main(argv: list[str] | None = None) -> int:
                 results["cold"] = bench_cold_build(store_root, args.repeats)
                 log.info("cold build done")
     results["seconds"] = time.perf_counter() - started
+    if args.json:  # first: the numbers survive a report that fails to render (bench/report.py renders them again)
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     text = render(results, command.strip())
     print(text)
     if args.out:
         Path(args.out).write_text(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     lifeline.close()  # nothing of ours is left for it to end
     return 0
 

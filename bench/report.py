@@ -34,6 +34,7 @@ def render(results: dict[str, Any], command: str) -> str:
         _cold_build(results["cold"]),
         _latency(results["latency"], ort_ms),
         _tuning(results["latency"], ort_ms),
+        *([_untuned(results["untuned"], ort_ms)] if "untuned" in results else []),
         _upload(results["upload"], mb),
     )
     return "\n".join(line for section in sections for line in section)
@@ -80,6 +81,18 @@ def _summary(results: dict[str, Any], ort_ms: float, mb: float, command: str) ->
             f"| 3 | inference, {best_label} vs onnxruntime, ms | {fmt(best['latency'], 1e3, 2)} | "
             f"{fmt(lat['onnxruntime']['latency'], 1e3, 2)} | {best['latency']['median'] / ort_ms:.2f}x | ≤ 2.0x (moonshot 1.0x) |"
         )
+    un = results.get("untuned")
+    if un:
+        rules, none = un[f"{FLOW_MODEL} rules"], un[f"{FLOW_MODEL} none"]
+        lines += [
+            f"| U | the untuned demo, {FLOW_MODEL} @ `{FLOW_TARGET}`: rule-based schedules (the default now) vs "
+            f"none (TVM's default pipeline, the default before), ms per image | {fmt(rules['latency'], 1e3, 1)} | "
+            f"{fmt(none['latency'], 1e3, 1)} | {rules['latency']['median'] / none['latency']['median']:.2f}x | "
+            "not 100x off onnxruntime |",
+            f"| U' | what the rules cost: its build + export, s | {fmt(rules['build'], 1, 1)} | "
+            f"{fmt(none['build'], 1, 1)} | {rules['build']['median'] / none['build']['median']:.2f}x | "
+            f"≤ ~60 s more (+{rules['build']['median'] - none['build']['median']:.0f} s) |",
+        ]
     rpc, sock = up["rpc upload (file)"], up["socket copy"]
     lines += [
         f"| 4 | upload of the {mb:.1f} MB tuned library vs loopback socket copy, MB/s | "
@@ -180,6 +193,33 @@ def _tuning(lat: dict[str, Any], ort_ms: float) -> list[str]:
           for row in lat.values() if "tuning_s" in row),
         "",
     ]
+
+
+def _untuned(un: dict[str, Any], ort_ms: float) -> list[str]:
+    lines = [
+        "## 3c. The untuned default: rule-based schedules",
+        "",
+        "An untuned CPU build now gives every kernel one schedule from MetaSchedule's rules, chosen without "
+        "measuring anything (`--schedules rules`, the default; `pipeline/tuning/rules.py`); before, TVM's default "
+        "pipeline compiled every kernel unscheduled (`--schedules none`). Target `llvm`, 2 threads; the build is "
+        "build + export-library in a fresh store holding the imported module; the latency in this process.",
+        "",
+        "| model | schedules | build + export, s | ms per image | rules vs none | max abs diff rules vs none |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in un.values():
+        none = un[f"{row['model']} none"]
+        speedup = (f"{none['latency']['median'] / row['latency']['median']:.2f}x faster"
+                   if row["schedules"] == "rules" else "")
+        diff = f"{row['diff']:.1e}" if "diff" in row else ""
+        lines.append(f"| {row['model']} | {row['schedules']} | {fmt(row['build'], 1, 1)} | "
+                     f"{fmt(row['latency'], 1e3, 1)} | {speedup} | {diff} |")
+    resnet = un.get(f"{RESNET} rules")
+    if resnet:
+        lines += ["", f"ResNet-18 v2 with the rules: {resnet['latency']['median'] / ort_ms:.1f}x onnxruntime "
+                  "(section 3 has the rows with `-mcpu=native` and after tuning)."]
+    lines.append("")
+    return lines
 
 
 def _upload(up: dict[str, Any], mb: float) -> list[str]:
