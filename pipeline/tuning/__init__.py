@@ -27,6 +27,8 @@ The modules, one per concern:
 * :mod:`~pipeline.tuning.space`: the schedule space (and the measurements that chose it), the tuning target
   and its cores, the runner, the key inputs;
 * :mod:`~pipeline.tuning.apply`: preparing a module, applying a database to it for the build;
+* :mod:`~pipeline.tuning.rules`: the untuned default build's schedules: one per kernel from MetaSchedule's
+  rules, nothing measured;
 * :mod:`~pipeline.tuning.search`: :func:`run_tuning`, its builder and runner, continuing a database;
 * :mod:`~pipeline.tuning.session` and :mod:`~pipeline.tuning.hooks`: the run's state and MetaSchedule's hooks
   that share it (progress, the budget, skipping what was measured before);
