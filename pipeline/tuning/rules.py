@@ -35,7 +35,7 @@ from pipeline.targets import TargetInfo
 from pipeline.tuning.apply import _finish, prepare
 from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
 from pipeline.tuning.report import RECORD_FILE, WORKLOAD_FILE
-from pipeline.tuning.search import _light_tensor_intrin
+from pipeline.tuning.search import _light_tensor_intrin, _register_missing_rules
 from pipeline.tuning.space import space_for, tuning_num_cores, tuning_target
 
 if TYPE_CHECKING:
@@ -69,6 +69,7 @@ def schedule_with_rules(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
     start = time.perf_counter()
     space = space_for(target)
     _light_tensor_intrin(target.arch)
+    _register_missing_rules()
     tvm_target = tuning_target(target, tuning_num_cores(target))
     prepared = prepare(mod, tvm_target, space)
     with tempfile.TemporaryDirectory(prefix="tvmrp-rules-") as work, _meta_schedule_logs(None):

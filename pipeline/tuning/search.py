@@ -88,6 +88,24 @@ def _light_tensor_intrin(arch: str) -> None:
         setattr(package, submodule, importlib.import_module(f"{name}.{submodule}"))
 
 
+#: The CPU schedule rule TVM's max-pooling kernels name (their ``schedule_rule`` annotation), which TVM 0.27 does
+#: not register.
+_POOL_MAX_RULE = "s_tir.meta_schedule.cpu.meta_schedule.pool_max"
+
+
+def _register_missing_rules() -> None:
+    """Register the CPU schedule rule that TVM's pooling kernels ask for, as "leave the kernel as written".
+
+    MetaSchedule leaves a kernel that names an unregistered rule as written anyway, but prints a C++ warning on
+    stderr for every design space of it (ResNet-18's max-pooling: on every build and tuning). The same
+    behaviour, registered, is silent. A registration that exists already (a later TVM's) is kept.
+    """
+    import tvm
+
+    if tvm.get_global_func(_POOL_MAX_RULE, allow_missing=True) is None:
+        tvm.register_global_func(_POOL_MAX_RULE)(lambda sch, _block: [sch])
+
+
 def _warn_without_cpu(target: TargetInfo) -> None:
     if "mcpu" not in json.loads(target.canonical):
         log.warning(
@@ -232,6 +250,7 @@ def run_tuning(
     _warn_without_cpu(target)
     space = space or space_for(target)
     _light_tensor_intrin(target.arch)
+    _register_missing_rules()
     cores = num_cores or tuning_num_cores(target)
     tvm_target = tuning_target(target, cores)
     start = time.perf_counter()
