@@ -154,8 +154,8 @@ UNTUNED_NOTE = (
 )
 RULES_NOTE = (
     "untuned build: each kernel has one schedule from MetaSchedule's rules, chosen without measuring; tuning "
-    "(--tune-trials N, -mcpu=native) is far faster still (ResNet-18 v2 on the 2-core bench machine: ~330 ms with "
-    "the rules, 1424 ms without; 39 ms after 256 trials, 34 ms after 1024; 18 ms with onnxruntime; see "
+    "(--tune-trials N, -mcpu=native) is far faster still (ResNet-18 v2 on the 2-core bench machine: ~280-340 ms "
+    "with the rules, ~1450 ms without; 38 ms after 256 trials, 36 ms after 4096; 18-20 ms with onnxruntime; see "
     "bench/RESULTS.md)"
 )
 

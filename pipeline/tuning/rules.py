@@ -7,14 +7,14 @@ layout rewrite) with the rules' own random choices drawn from a fixed seed, in t
 search (:data:`~pipeline.tuning.space.DEFAULT_SPACE`, NHWC). Nothing is built or measured to choose it, so it
 costs seconds, not minutes; a tuning (``--tune-trials``) measures candidates and replaces it.
 
-Measured on the 2-core Zen 4 machine, one process each (``bench/bench.py`` has the rows of one run):
+Measured on the 2-core Zen 4 machine (``bench/bench.py``, section 3c of ``bench/RESULTS.md``: one run, medians):
 
 ==========================  ===============  ==================  ==========================================
-model, target               untuned (none)   rules               what the rules cost (first build, once)
+model, target               untuned (none)   rules               build + export (none -> rules), once
 ==========================  ===============  ==================  ==========================================
-EfficientNet-Lite0, llvm    226-242 ms       78-84 ms            ~25 s (13 s of it folding the NHWC weights)
-ResNet-18 v2, llvm          1440 ms          331 ms              ~11 s
-ResNet-18 v2, -mcpu=znver4  1844 ms          318 ms              ~11 s
+EfficientNet-Lite0, llvm    235 ms           97 ms               5.9 s -> 40 s (NHWC weights folded, prepacked)
+ResNet-18 v2, llvm          1440 ms          275 ms              3.4 s -> 26 s
+ResNet-18 v2, -mcpu=native  1885 ms          252 ms              (section 3)
 ==========================  ===============  ==================  ==========================================
 
 Outputs match the unscheduled build's to ~1e-5. In NCHW the rules gave EfficientNet-Lite0 106 ms (prepared in
