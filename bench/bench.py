@@ -422,12 +422,12 @@ def bench_untuned(store_root: str, repeats: int) -> dict[str, Any]:
                     export_library(built.artifact, target, plan.toolchain, plan.library, str(root))
                     seconds.append(time.perf_counter() - start)
             run_tvm, outputs[schedules] = library_runner(compiled["library"], x)
-            rows[f"{model.name} {schedules}"] = {
+            row = rows[f"{model.name} {schedules}"] = {
                 "model": model.name, "schedules": schedules, "build": summary(seconds),
                 "latency": timed(run_tvm, repeats, number_for(run_tvm), warmup=1),
             }
-            log.info("untuned %s %s: build %.1f s, %.2f ms", model.name, schedules, rows[f"{model.name} {schedules}"]
-                     ["build"]["median"], rows[f"{model.name} {schedules}"]["latency"]["median"] * 1e3)
+            log.info("untuned %s %s: build %.1f s, %.2f ms", model.name, schedules, row["build"]["median"],
+                     row["latency"]["median"] * 1e3)
         rows[f"{model.name} rules"]["diff"] = float(np.abs(outputs["rules"] - outputs["none"]).max())
     return rows
 

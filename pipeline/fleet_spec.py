@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.device.spec import DeviceSpec, split_host_port
+from pipeline.request import DEFAULT_SCHEDULES, SCHEDULES
 from pipeline.errors import UsageError, clip
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
@@ -100,7 +101,7 @@ class FleetSpec:
     opt_level: int = 3
     tune_trials: int = 0
     tune_more: int = 0
-    schedules: str = "rules"
+    schedules: str = DEFAULT_SCHEDULES
     number: int = 1
     repeat: int | None = None
     device_retries: int = 1
@@ -457,9 +458,9 @@ def _integer(node: _Node | None, field: str, where: Where, low: int, high: int, 
 
 def _schedules(top: dict[str, Any], where: Where) -> str:
     value = _text(top.get("schedules"), "schedules", where)
-    if value is not None and value not in ("rules", "none"):
-        raise where.error(top["schedules"], "schedules", f"must be rules or none, not {clip(value)!r}")
-    return value or "rules"
+    if value is not None and value not in SCHEDULES:
+        raise where.error(top["schedules"], "schedules", f"must be {' or '.join(SCHEDULES)}, not {clip(value)!r}")
+    return value or DEFAULT_SCHEDULES
 
 
 def _number(node: _Node | None, field: str, where: Where) -> float | None:

@@ -22,6 +22,7 @@ import numpy as np
 from pipeline import keys
 from pipeline.errors import UsageError
 from pipeline.models import ResolvedModel
+from pipeline.request import DEFAULT_SCHEDULES, SCHEDULES
 from pipeline.targets import TargetInfo, Toolchain, toolchain_for
 
 if TYPE_CHECKING:
@@ -58,9 +59,6 @@ class BuildPlan:
 
     Attributes:
         tune: None when ``tune_trials`` is 0 (no tuning; the build key then has no tuning part).
-        schedules: what the build applies to a CPU target without tuning: ``"rules"`` (schedules from
-            MetaSchedule's rules, no search; :mod:`pipeline.tuning.rules`) or None (TVM's default pipeline:
-            a tuned build, a GPU target, or ``schedules="none"`` asked for).
         toolchain: the linker of the library (a missing cross compiler fails at planning, before compiling).
     """
 
@@ -73,7 +71,13 @@ class BuildPlan:
     tune: StageKey | None
     build: StageKey
     library: StageKey
-    schedules: str | None = None
+
+    @property
+    def schedules(self) -> str | None:
+        """What the build applies to a CPU target without tuning: ``"rules"`` (schedules from MetaSchedule's
+        rules, no search; :mod:`pipeline.tuning.rules`) when its key names them, else None (TVM's default
+        pipeline: a tuned build, a GPU target, or ``schedules="none"`` asked for)."""
+        return "rules" if "schedules" in self.build.inputs else None
 
     @property
     def applied(self) -> str:
@@ -84,7 +88,7 @@ class BuildPlan:
 
 def plan_build(
     model: ResolvedModel, target: TargetInfo, opt_level: int, tune_trials: int = 0, tune_runner: str = "local",
-    schedules: str = "rules",
+    schedules: str = DEFAULT_SCHEDULES,
 ) -> BuildPlan:
     """The keys of the compile chain.
 
@@ -100,7 +104,7 @@ def plan_build(
         CudaToolchainMissing: a CUDA target, and the ``cuda`` extra (NVRTC) is not installed.
     """
     toolchain = toolchain_for(target)
-    if schedules not in ("rules", "none"):
+    if schedules not in SCHEDULES:
         raise UsageError(f"schedules must be rules or none (got {schedules!r})")
     imported = StageKey.of(keys.import_inputs(model.digest), name=model.name)
     tune = None
@@ -124,8 +128,7 @@ def plan_build(
         model.digest, target.canonical, opt_level, tune.key if tune is not None else None, gpu_toolchain, rules
     ))
     library = StageKey.of(keys.export_inputs(build.key, toolchain.identity))
-    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library,
-                     "rules" if rules is not None else None)
+    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library)
 
 
 def plan_reference(model: ResolvedModel, data: np.ndarray) -> StageKey:

@@ -29,6 +29,10 @@ from pipeline.thresholds import Thresholds, thresholds_for
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_TARGET = "llvm"
 LOCAL_RUNNER = "local"
+#: What an untuned CPU build applies: ``rules`` (one schedule per kernel from MetaSchedule's rules, no search;
+#: :mod:`pipeline.tuning.rules`) or ``none`` (TVM's default pipeline, no schedules).
+SCHEDULES = ("rules", "none")
+DEFAULT_SCHEDULES = "rules"
 
 
 def arg(group: str, help: str, flag: str | None = None, **argparse: Any) -> dict[str, Any]:
@@ -59,10 +63,10 @@ class RunRequest:
         "build", "MetaSchedule trials to add to the largest tuning of this model and target already in the store "
         "(it is continued; with none, tune this many). The total is resolved before compiling, so the build "
         "names it. Not with --tune-trials", metavar="N"))
-    schedules: str = field(default="rules", metadata=arg(
+    schedules: str = field(default=DEFAULT_SCHEDULES, metadata=arg(
         "build", "what an untuned CPU build applies: rules (default): one schedule per kernel from MetaSchedule's "
-        "rules, no search (ResNet-18 ~4x, EfficientNet-Lite0 ~2.5x faster than none, for ~10-25 s of build time "
-        "once); none: TVM's default pipeline, no schedules. Tuned and GPU builds ignore it", choices=("rules", "none")))
+        "rules, no search (ResNet-18 ~5x, EfficientNet-Lite0 ~2.4x faster than none, for ~25-35 s more build "
+        "time, once); none: TVM's default pipeline, no schedules. Tuned and GPU builds ignore it", choices=SCHEDULES))
     tune_on: str = field(default="host", metadata=arg(
         "build", "measure tuning candidates on this host, or on the --tracker/--key device", choices=("host", "device")))
     build_only: bool = field(default=False, metadata=arg(
@@ -129,7 +133,7 @@ class ResolvedRequest:
     """Where tuning measures: ``local`` or ``TRACKER_HOST:PORT/KEY`` (the run's device, ``--tune-on device``)."""
     device_cache: str | None
     """Directory on the device that keeps libraries between runs; None: upload every run."""
-    schedules: str = "rules"
+    schedules: str = DEFAULT_SCHEDULES
     """What an untuned CPU build applies: ``rules`` (MetaSchedule's rules, no search) or ``none``."""
 
 
@@ -142,7 +146,7 @@ def _check_numbers(request: RunRequest) -> None:
         raise UsageError(f"--tune-trials must be 0 (no tuning) to 100000 (got {request.tune_trials})")
     if not 0 <= request.tune_more <= 100_000:
         raise UsageError(f"--tune-more must be 0 to 100000 (got {request.tune_more})")
-    if request.schedules not in ("rules", "none"):
+    if request.schedules not in SCHEDULES:
         raise UsageError(f"--schedules must be rules or none (got {request.schedules!r})")
     if request.tune_on not in ("host", "device"):
         raise UsageError(f"--tune-on must be host or device (got {request.tune_on!r})")

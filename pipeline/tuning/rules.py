@@ -43,10 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pipeline.tuning")
 
-#: What the build does when no tuning applies: ``rules`` (schedules from MetaSchedule's rules, no search) or
-#: ``none`` (TVM's default pipeline: no schedules).
-SCHEDULES = ("rules", "none")
-DEFAULT_SCHEDULES = "rules"
 #: The version of this module's choices (seed, tries, space); part of the build key of a rules build.
 RULES_VERSION = 1
 _SEED = 0
