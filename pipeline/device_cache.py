@@ -15,8 +15,10 @@ rename, no checksum. The cache is built from those three calls alone:
   damaged) is ignored and removed where the device lets us;
 - a run looks its library's sha256 up in the few (:data:`SLOTS`) markers, one small download each;
 - a new library takes the slot that held the same digest, else a free slot, else the oldest slot written
-  more than :data:`GRACE_S` ago, and removes the file that slot named. When every slot is younger, nothing
-  is evicted and this run's copy is not kept;
+  more than :data:`GRACE_S` ago, and removes the file that slot named. A slot younger than that is never
+  taken, not even by the same digest: the run that wrote it may not have loaded its copy yet (two runs of
+  one library that both found nothing upload it twice). When no slot can be taken, nothing is evicted and
+  this run's copy is not kept;
 - after loading, a run whose marker was overwritten by a concurrent run removes its own (already loaded)
   copy, so racing runs leave no unreferenced file behind.
 
@@ -175,8 +177,8 @@ class DeviceCache:
         slot, replaced = self._choose_slot(session, sha256, now)
         copy = DeviceCopy(slot if slot is not None else -1, sha256, len(data), name, now)
         if slot is None:
-            log.info("device cache %s: all %d slots were written in the last %.0f s; this copy is not kept",
-                     self.directory, self.slots, GRACE_S)
+            log.info("device cache %s: no slot was free or older than %.0f s (or a concurrent run has just kept the "
+                     "same library); this copy is not kept", self.directory, GRACE_S)
             return copy
         _, refused = _call(session, session.remote.upload, bytearray(self._marker(copy)), self.path(_MARKER.format(slot)))
         if refused is not None:
@@ -233,7 +235,8 @@ class DeviceCache:
         copies = self.copies(session)
         for slot, copy in enumerate(copies):
             if copy is not None and copy.sha256 == sha256:
-                return slot, copy
+                # The same library, uploaded by a concurrent run that may not have loaded it yet: leave it.
+                return (slot, copy) if copy.time < now - GRACE_S else (None, None)
         for slot, copy in enumerate(copies):
             if copy is None:
                 return slot, None

@@ -117,9 +117,22 @@ def test_find__a_marker_needs_this_clients_secret_and_directory(session, tmp_pat
     assert DeviceCache(str(tmp_path / "b"), SECRET).find(session, sha, len(data)) is None
 
 
-def test_put__same_library_again_replaces_its_own_slot(session, tmp_path):
+def test_put__same_library_again_leaves_a_young_copy_a_concurrent_run_may_still_load(session, tmp_path):
+    # Two runs of one library that both found nothing upload it twice. The second must not remove the first's
+    # copy: that run loads it after its put returns (CI once failed a run of three concurrent CLIs this way).
     cache = DeviceCache(str(tmp_path), SECRET, slots=2)
     first = cache.put(session, blob(3))
+    again = cache.put(session, blob(3))
+    assert again.slot == -1 and again.file != first.file
+    assert (tmp_path / first.file).read_bytes() == blob(3)  # still there for the run that is about to load it
+    assert not cache.settle(session, again) and cache.settle(session, first)
+    assert names(tmp_path) == sorted([first.file, f"tvmrp-slot-{first.slot}.json"])
+
+
+def test_put__same_library_again_replaces_its_own_slot_once_old(session, tmp_path, monkeypatch):
+    cache = DeviceCache(str(tmp_path), SECRET, slots=2)
+    first = cache.put(session, blob(3))
+    monkeypatch.setattr(device_cache, "GRACE_S", 0.0)
     again = cache.put(session, blob(3))
     assert again.slot == first.slot and again.file != first.file
     assert names(tmp_path) == sorted([again.file, f"tvmrp-slot-{again.slot}.json"])  # the old copy is removed
@@ -144,12 +157,16 @@ def test_put__evicts_the_oldest_slot_but_not_a_young_one(session, tmp_path, monk
     assert cache.find(session, a.sha256, a.size) is None
 
 
-def test_settle__removes_a_copy_a_concurrent_run_displaced(session, tmp_path):
+def test_settle__removes_a_copy_a_concurrent_run_displaced(session, tmp_path, monkeypatch):
     cache = DeviceCache(str(tmp_path), SECRET)
     mine = cache.put(session, blob(8))
-    theirs = cache.put(session, blob(8))  # the same library, uploaded by another run in between
+    # Another run read the slots before our marker was written, saw slot 0 free and takes it too.
+    monkeypatch.setattr(DeviceCache, "copies", lambda self, s: [None] * self.slots)
+    theirs = cache.put(session, blob(8))
+    monkeypatch.undo()
     assert theirs.slot == mine.slot
-    assert not cache.settle(session, mine) and not (tmp_path / mine.file).exists()
+    assert (tmp_path / mine.file).exists()  # not removed under the run that is loading it
+    assert not cache.settle(session, mine) and not (tmp_path / mine.file).exists()  # but once it has loaded it
     assert cache.settle(session, theirs) and (tmp_path / theirs.file).exists()
 
 

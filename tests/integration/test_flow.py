@@ -181,7 +181,8 @@ def test_flow__concurrent_runs_of_one_key_build_once(prefect_api, store_root, tm
     procs = [subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(3)]
     outputs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0, 0], [err[-2000:] for _, err in outputs]
+    failed = [err[-6000:] for p, (_, err) in zip(procs, outputs) if p.returncode != 0]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n----\n".join(failed)
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
     for stage in COMPILE:
         assert sorted(s["stages"][stage] for s in summaries) == ["cached", "cached", "ran"], stage
