@@ -315,38 +315,40 @@ def _connect_error(host: str, port: int, exc: BaseException) -> DeviceUnavailabl
     )
 
 
-def _open_fds() -> set[int]:
+def _open_fds() -> set[tuple[int, int, int]]:
+    """The open descriptors as ``(fd, st_dev, st_ino)``: a descriptor number closed and reused for another file
+    (a socket garbage-collected while ``rpc.connect`` ran, say) counts as new."""
     for directory in ("/proc/self/fd", "/dev/fd"):
         try:
             listed = {int(name) for name in os.listdir(directory)}
         except (OSError, ValueError):
             continue
-        # Drop the descriptor listdir itself used: it is closed now, and the next socket may get its number.
-        return {fd for fd in listed if _is_open(fd)}
+        # The descriptor listdir itself used is closed now, and fstat drops it.
+        return {identity for fd in listed if (identity := _identity(fd)) is not None}
     return set()
 
 
-def _is_open(fd: int) -> bool:
+def _identity(fd: int) -> tuple[int, int, int] | None:
     try:
-        os.fstat(fd)
+        info = os.fstat(fd)
     except OSError:
-        return False
-    return True
+        return None
+    return fd, info.st_dev, info.st_ino
 
 
-def _new_connection(before: set[int], host: str, port: int) -> socket.socket | None:
+def _new_connection(before: set[tuple[int, int, int]], host: str, port: int) -> socket.socket | None:
     """A duplicate of the one TCP socket opened since ``before`` that is connected to host:port.
 
-    TVM does not expose the socket of a session; the descriptors opened during ``rpc.connect`` do. None if
-    there is not exactly one (another thread connecting to the same server at the same moment): a socket
-    that might not be ours is never touched.
+    TVM does not expose the socket of a session; the descriptors opened during ``rpc.connect`` do (by number
+    and inode: the number may be one that was closed meanwhile). None if there is not exactly one (another
+    thread connecting to the same server at the same moment): a socket that might not be ours is never touched.
     """
     try:
         peers = {info[4][:2] for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)}
     except OSError:
         return None
     found: list[socket.socket] = []
-    for fd in _open_fds() - before:
+    for fd, _, _ in _open_fds() - before:
         sock = _socket_of(fd)
         if sock is None:
             continue

@@ -244,6 +244,32 @@ def test_call__remote_error_is_remote_run_error(server: EmbeddedServer) -> None:
         session.call("load", lambda: None)
 
 
+def test_close__frees_the_server_when_the_sessions_socket_reuses_a_closed_descriptor(
+    server: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A descriptor closed while ``rpc.connect`` runs (a garbage-collected socket) hands its number to the
+    session's socket. close() must still find and shut it: a caller that keeps a remote object would otherwise
+    keep the one-session server busy, and the next session would get no handshake (seen in the test suite)."""
+    import tvm.rpc
+
+    host, port = server.address
+    spare = socket.socket()  # the lowest free descriptor number
+    real_connect = tvm.rpc.connect
+
+    def connect_after_a_close(*args, **kwargs):
+        spare.close()  # its number is free again: the session's socket takes it
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(tvm.rpc, "connect", connect_after_a_close)
+    first = open_session(DeviceSpec(host=host, port=port))
+    monkeypatch.undo()
+    kept = first.remote.get_function("tvmrp.device_info")  # holds TVM's session open
+    first.close()
+    with open_session(DeviceSpec(host=host, port=port, connect_timeout=5)) as second:
+        assert json.loads(second.remote.get_function("tvmrp.device_info")())["schema"] >= 1
+    del kept
+
+
 def test_open_session__nothing_listening() -> None:
     port = unused_port()
     started = time.monotonic()
