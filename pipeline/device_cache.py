@@ -17,8 +17,8 @@ rename, no checksum. The cache is built from those three calls alone:
 - a new library takes the slot that held the same digest, else a free slot, else the oldest slot written
   more than :data:`GRACE_S` ago, and removes the file that slot named. A slot younger than that is never
   taken, not even by the same digest: the run that wrote it may not have loaded its copy yet (two runs of
-  one library that both found nothing upload it twice). When no slot can be taken, nothing is evicted and
-  this run's copy is not kept;
+  one library that both found nothing upload it twice), unless the caller does not trust that copy (a retry
+  after a lost device). When no slot can be taken, nothing is evicted and this run's copy is not kept;
 - after loading, a run whose marker was overwritten by a concurrent run removes its own (already loaded)
   copy, so racing runs leave no unreferenced file behind.
 
@@ -157,11 +157,15 @@ class DeviceCache:
                 return copy
         return None
 
-    def put(self, session: RemoteSession, data: bytes | bytearray, sha256: str | None = None) -> DeviceCopy:
+    def put(
+        self, session: RemoteSession, data: bytes | bytearray, sha256: str | None = None, *, replace_kept: bool = False
+    ) -> DeviceCopy:
         """Upload ``data`` under a fresh name, then record it in a slot (when one can be taken).
 
         Args:
             sha256: The digest of ``data`` when the caller has checked it already.
+            replace_kept: Take the slot of a kept copy of the same library even if it is young (the caller
+                does not trust that copy, e.g. after a lost device); by default a young one is left alone.
 
         Returns:
             The new copy (slot -1 when it is not kept); load it, then call :meth:`settle`.
@@ -174,7 +178,7 @@ class DeviceCache:
         name = f"tvmrp-{secrets.token_hex(16)}.so"
         session.call("upload", session.remote.upload, _as_bytearray(data), self.path(name))
         now = time.time()
-        slot, replaced = self._choose_slot(session, sha256, now)
+        slot, replaced = self._choose_slot(session, sha256, now, replace_kept)
         copy = DeviceCopy(slot if slot is not None else -1, sha256, len(data), name, now)
         if slot is None:
             log.info("device cache %s: no slot was free or older than %.0f s (or a concurrent run has just kept the "
@@ -231,12 +235,14 @@ class DeviceCache:
         )
         return copy if valid else None
 
-    def _choose_slot(self, session: RemoteSession, sha256: str, now: float) -> tuple[int | None, DeviceCopy | None]:
+    def _choose_slot(
+        self, session: RemoteSession, sha256: str, now: float, replace_kept: bool
+    ) -> tuple[int | None, DeviceCopy | None]:
         copies = self.copies(session)
         for slot, copy in enumerate(copies):
             if copy is not None and copy.sha256 == sha256:
-                # The same library, uploaded by a concurrent run that may not have loaded it yet: leave it.
-                return (slot, copy) if copy.time < now - GRACE_S else (None, None)
+                # A young one may be a concurrent run's, not loaded yet: leave it unless the caller distrusts it.
+                return (slot, copy) if replace_kept or copy.time < now - GRACE_S else (None, None)
         for slot, copy in enumerate(copies):
             if copy is None:
                 return slot, None
@@ -300,7 +306,7 @@ def place(
         if copy is not None:
             return Placement(cache.path(copy.file), len(data), time.perf_counter() - start, True, copy)
         try:
-            copy = cache.put(session, data, sha256)
+            copy = cache.put(session, data, sha256, replace_kept=not reuse)
             return Placement(cache.path(copy.file), len(data), time.perf_counter() - start, False, copy)
         except DeviceLost:
             raise

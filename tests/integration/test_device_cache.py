@@ -129,13 +129,18 @@ def test_put__same_library_again_leaves_a_young_copy_a_concurrent_run_may_still_
     assert names(tmp_path) == sorted([first.file, f"tvmrp-slot-{first.slot}.json"])
 
 
-def test_put__same_library_again_replaces_its_own_slot_once_old(session, tmp_path, monkeypatch):
+@pytest.mark.parametrize("why", ["old", "distrusted"])
+def test_put__same_library_again_replaces_its_own_slot_once_old_or_distrusted(session, tmp_path, monkeypatch, why):
     cache = DeviceCache(str(tmp_path), SECRET, slots=2)
     first = cache.put(session, blob(3))
-    monkeypatch.setattr(device_cache, "GRACE_S", 0.0)
-    again = cache.put(session, blob(3))
+    if why == "old":
+        monkeypatch.setattr(device_cache, "GRACE_S", 0.0)
+    again = cache.put(session, blob(3), replace_kept=why == "distrusted")  # e.g. the retry after a lost device
     assert again.slot == first.slot and again.file != first.file
     assert names(tmp_path) == sorted([again.file, f"tvmrp-slot-{again.slot}.json"])  # the old copy is removed
+    data = blob(3)  # place() without reuse is that retry
+    third = place(session, cache, data, hashlib.sha256(data).hexdigest(), reuse=False, session_name="x.so")
+    assert third.copy.slot == first.slot and not (tmp_path / again.file).exists()
 
 
 def test_put__evicts_the_oldest_slot_but_not_a_young_one(session, tmp_path, monkeypatch, caplog):
