@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from pipeline.errors import PipelineError, UsageError
+from pipeline.errors import OrchestrationError, PipelineError, UsageError, clip
 
 log = logging.getLogger("flows")
 
@@ -330,9 +330,44 @@ def run_command(
     except KeyboardInterrupt as exc:
         print(f"Error: interrupted{f' ({exc})' if str(exc) else ''}; nothing of the run is left running", file=sys.stderr)
         return 130
+    except Exception as exc:
+        failure = _prefect_api_failure(exc)
+        if failure is None:
+            raise
+        settle()
+        return _fail(_orchestration_error(failure), verbose)
     settle()
     show(result, as_json)
     return 0
+
+
+def _prefect_api_failure(exc: BaseException) -> BaseException | None:
+    """The error of Prefect's client behind ``exc`` (itself, or what it was raised from) when its API failed a
+    request after the client's own retries; else None."""
+    import httpx
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 5:  # e.g. RuntimeError("Failed to reach API") from a 503
+        if isinstance(current, (PrefectHTTPStatusError, httpx.HTTPError)):
+            return current
+        current, seen = current.__cause__ or current.__context__, seen + 1
+    return None
+
+
+def _orchestration_error(failure: BaseException) -> OrchestrationError:
+    """A failure of Prefect's client as one line that says what failed and what to do."""
+    from prefect.settings import PREFECT_API_URL, PREFECT_CLIENT_MAX_RETRIES
+
+    response = getattr(failure, "response", None)
+    what = (f"answered {response.status_code} {response.reason_phrase} to {response.request.method} "
+            f"{clip(response.request.url)}" if response is not None else f"failed: {type(failure).__name__}: {clip(failure)}")
+    return OrchestrationError(
+        f"the Prefect API ({clip(PREFECT_API_URL.value() or 'the temporary server')}) {what}, after its client's "
+        f"{PREFECT_CLIENT_MAX_RETRIES.value()} retries. The server is down or overloaded (too many runs at once "
+        "for its database?): run again, or check the server (PREFECT_API_URL, prefect server start)"
+    )
 
 
 def _fail(exc: PipelineError, verbose: bool) -> int:

@@ -16,6 +16,7 @@ are wrapped at the boundary with a message that says what to do.
     +-- CheckFailed               the compiled model's output differs from its framework's beyond the thresholds
     +-- FleetFailed               some pairs of a fleet run failed, the others completed (carries the summary)
     +-- PairFailed                one (device, model) pair of a fleet run failed (carries the pair's result)
+    +-- OrchestrationError        the Prefect API failed the run (down, or overloaded past its client's retries)
     +-- DeviceError               anything on the device side
         +-- DeviceUnavailable     cannot connect / tracker has no device for the key
         +-- DeviceTimeout         a remote call exceeded its timeout
@@ -64,6 +65,10 @@ class TargetError(UsageError):
 
 class InputError(UsageError):
     """The input image cannot be read or preprocessed."""
+
+
+class OrchestrationError(PipelineError):
+    """The Prefect API did not serve the run: unreachable, or still failing after its client's retries."""
 
 
 class BuildError(PipelineError):

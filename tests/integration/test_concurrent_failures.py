@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 
-from support import REPO
+from support import REPO, run_cli
 
 RUNS = 20
 
@@ -28,5 +28,45 @@ def test_twenty_concurrent_failing_runs__one_error_line_each_no_traceback(prefec
         lines = err.rstrip().splitlines()
         errors = [line for line in lines if line.startswith("Error:")]
         assert code == 1 and len(errors) == 1, err[-3000:]
-        assert lines[-1] == errors[0] and f"127.0.0.1:{port}" in errors[0], err[-3000:]
+        # The tracker's error; or, when twenty clients overload the test's SQLite Prefect server past its
+        # client's retries (seen in CI on 2 cores), the Prefect API's: either way one clean line.
+        assert lines[-1] == errors[0] and (f"127.0.0.1:{port}" in errors[0] or "the Prefect API" in errors[0]), err[-3000:]
         assert "Traceback" not in err, err[-3000:]
+    assert any(f"127.0.0.1:{port}" in err for _, _, err in results)  # the server was not down for all of them
+
+
+def test_prefect_api_failing__one_error_line_naming_it_no_traceback(tmp_path, store_root, tiny_onnx):
+    """A Prefect server that answers 503 (overloaded) or nothing at all: ``Error:`` naming the API, exit 1."""
+    import http.server
+    import threading
+
+    class Overloaded(http.server.BaseHTTPRequestHandler):
+        def _unavailable(self) -> None:
+            body = b'{"exception_message": "Service Unavailable"}'
+            self.send_response(503)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = do_PATCH = do_PUT = do_DELETE = _unavailable
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        down = s.getsockname()[1]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Overloaded)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for port, expected in ((server.server_port, "answered 503 Service Unavailable"), (down, "ConnectError")):
+            proc = run_cli("--model", str(tiny_onnx), "--artifacts", str(store_root), "--no-check", timeout=300,
+                           env={"PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PREFECT_CLIENT_MAX_RETRIES": "0"})
+            lines = proc.stderr.rstrip().splitlines()
+            assert proc.returncode == 1 and lines[-1].startswith("Error: the Prefect API"), proc.stderr[-3000:]
+            assert expected in lines[-1] and f"127.0.0.1:{port}" in lines[-1], lines[-1]
+            assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    finally:
+        server.shutdown()
+        server.server_close()
