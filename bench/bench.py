@@ -140,7 +140,7 @@ def prefect_server(home: Path) -> Iterator[str]:
 def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0,
                   schedules: str = "rules") -> dict[str, Any]:
     """import -> (tune) -> build -> export with the plain stage functions; everything cached in the store."""
-    from pipeline.plan import plan_build
+    from pipeline.planning.plan import plan_build
     from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
     from tasks.chains import compile_chain, run_plain
@@ -292,7 +292,7 @@ def bench_upload(library: Path, repeats: int) -> dict[str, Any]:
     import hashlib
 
     from pipeline.device import DeviceSpec, EmbeddedServer, open_session
-    from pipeline.device_cache import DeviceCache
+    from pipeline.device.cache import DeviceCache
 
     data = library.read_bytes()
     sha256, size = hashlib.sha256(data).hexdigest(), len(data)
@@ -351,7 +351,7 @@ def bench_flow(store_root: str, repeats: int) -> dict[str, Any]:
     from flows._cli import cli_prefect_settings
     from flows.resnet_remote import resnet_remote
     from pipeline.device import EmbeddedServer
-    from pipeline.request import RunRequest, resolve
+    from pipeline.planning.request import RunRequest, resolve
 
     # 1 x 5 samples, as the plain function times (by default the flow takes at least 30 samples and 1 s)
     common = dict(model=FLOW_MODEL, target=FLOW_TARGET, artifacts=store_root, number=1, repeat=5)
@@ -397,7 +397,7 @@ def library_runner(library: Path, x: np.ndarray) -> tuple[Callable[[], Any], np.
 def bench_untuned(store_root: str, repeats: int) -> dict[str, Any]:
     """Section 5: the untuned default build, rule-based schedules vs none: build time and latency."""
     from pipeline.models import ModelSpec, resolve_model
-    from pipeline.plan import plan_build
+    from pipeline.planning.plan import plan_build
     from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
     from tasks.build import build

@@ -241,7 +241,7 @@ def _upload(up: dict[str, Any], mb: float) -> list[str]:
         "device's memory (what keeping the weights out of the library would pay per session); `socket copy` "
         "sends them over a plain 127.0.0.1 TCP socket to a thread of this process. The last two rows are what a "
         "new session pays (opening it included): upload + `load_module`, against what the pipeline's upload "
-        "stage does when the device kept the library (`pipeline/device_cache.py`: read the slot markers, find "
+        "stage does when the device kept the library (`pipeline/device/cache.py`: read the slot markers, find "
         "the digest, `load_module` the kept copy). The stock rpc_server offers no checksum, so the kept copy is "
         "trusted through its marker, written only after its upload completed.",
         "",

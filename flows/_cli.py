@@ -1,6 +1,6 @@
 """What the command lines share: parsers generated from the request type, and one way to run and fail.
 
-The run's parameters are declared once, as the fields of :class:`pipeline.request.RunRequest` (with their
+The run's parameters are declared once, as the fields of :class:`pipeline.planning.request.RunRequest` (with their
 defaults, flags and help). :func:`add_request_arguments` builds the argparse options from them, and
 :func:`request_signature` gives the flow the same parameters (so a deployment's parameters stay flat:
 ``--param key=rpi4``). :func:`run_command` is the command-line contract of every entry point: ``Error:
@@ -46,7 +46,7 @@ def _arg_type(annotation: Any) -> Any:
 
 
 def add_request_arguments(parser: argparse.ArgumentParser, cls: type, only: Sequence[str] | None = None) -> None:
-    """Add an option for every field of the dataclass ``cls`` that has ``metadata["cli"]`` (see ``pipeline.request.arg``)."""
+    """Add an option for every field of the dataclass ``cls`` that has ``metadata["cli"]`` (see ``pipeline.planning.request.arg``)."""
     hints = typing.get_type_hints(cls)
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(cls):

@@ -36,8 +36,8 @@ from pipeline.image import load_image
 from pipeline.labelled import DEFAULT_LABELLED_DIR, LabelledImage, load_labelled_set
 from pipeline.latency import Timing
 from pipeline.models import ResolvedModel, label_for
-from pipeline.plan import plan_build, plan_reference
-from pipeline.request import ResolvedRequest, RunRequest, resolve
+from pipeline.planning.plan import plan_build, plan_reference
+from pipeline.planning.request import ResolvedRequest, RunRequest, resolve
 from tasks._live import opened
 from tasks.accuracy import accuracy, hit
 from tasks.check import CheckResult, Thresholds, check, failure_message, thresholds_for

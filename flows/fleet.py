@@ -8,8 +8,8 @@
                 has under its key); the pairs of one device one after another
 
 Run ``python -m flows.fleet FLEET.yaml`` (``--help``); the flow is ``flows/fleet.py:fleet`` for Prefect
-deployments (``fleet-nightly`` in ``prefect.yaml``). :mod:`pipeline.fleet_spec` reads and checks the fleet file
-(``docs/fleet.md`` describes it), :mod:`pipeline.fleet` resolves and plans its pairs, and :mod:`tasks.fleet` holds
+deployments (``fleet-nightly`` in ``prefect.yaml``). :mod:`pipeline.fleet.spec` reads and checks the fleet file
+(``docs/fleet.md`` describes it), :mod:`pipeline.fleet.plan` resolves and plans its pairs, and :mod:`tasks.fleet` holds
 the stages wired here (``compile``, ``remote-build``, ``prepare-reference``, ``run-pair``). A pair that fails (its device down, a key with no server, a failed check)
 fails alone, with its reason; the run then ends ``Failed`` (exit 1) with the whole table. Each pair records
 its run in the run ledger as a ``resnet_remote`` run does, with ``fleet_run`` set to the fleet run's id.
@@ -42,7 +42,7 @@ from tasks.chains import Compiled
 from tasks.report import flow_run_id
 from pipeline.device import tracker_summary
 from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError
-from pipeline.fleet import (
+from pipeline.fleet.plan import (
     BuildCounts,
     FleetPair,
     FleetSummary,
@@ -54,8 +54,8 @@ from pipeline.fleet import (
     resolve_fleet,
     table_rows,
 )
-from pipeline.fleet_spec import FleetSpec, fleet_from_mapping, load_fleet
-from pipeline.ledger import new_run_id
+from pipeline.fleet.spec import FleetSpec, fleet_from_mapping, load_fleet
+from pipeline.store.ledger import new_run_id
 from tasks.fleet import (
     Reference,
     compile_task,

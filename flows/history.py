@@ -4,11 +4,11 @@
     python -m flows.history show RUN [--json]
     python -m flows.history compare RUN_A RUN_B [--json]
 
-Every ``python -m flows.resnet_remote`` run writes one record (``<store>/.runs/``, see :mod:`pipeline.ledger`);
+Every ``python -m flows.resnet_remote`` run writes one record (``<store>/.runs/``, see :mod:`pipeline.store.ledger`);
 this reads the same store: ``--artifacts DIR``, else ``$TVMRP_ARTIFACTS``, else ``artifacts/``. RUN is a run
 id or a unique prefix of one. Exit codes: 0 ok (an empty ledger too), 2 bad usage (unknown or ambiguous run,
 bad date). Plain Python, no Prefect and no TVM: it answers in a fraction of a second. The renderings are
-:mod:`pipeline.history`.
+:mod:`pipeline.views.history`.
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from flows._cli import Parser, run_command
-from pipeline.history import (
+from pipeline.views.history import (
     Selection, compare, format_comparison, format_csv, format_markdown, format_run, format_table, parse_since,
     runs_json, select,
 )
-from pipeline.ledger import Ledger
+from pipeline.store.ledger import Ledger
 from pipeline.store import ENV_VAR, ArtifactStore
 
 

@@ -5,7 +5,7 @@
 
 Run ``python -m flows.resnet_remote --help`` for the command line; the flow is
 ``flows/resnet_remote.py:resnet_remote`` for Prefect deployments. Its parameters are the fields of
-:class:`pipeline.request.RunRequest`, where their defaults live.
+:class:`pipeline.planning.request.RunRequest`, where their defaults live.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from prefect import flow
 
 from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
 from tasks.chains import STAGES, compile_chain, preflight, run_on_device
-from pipeline.cuda import library_gpu_code
+from pipeline.cuda.builder import library_gpu_code
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, PipelineError
-from pipeline.ledger import new_run_id
-from pipeline.plan import RunPlan, plan_run
-from pipeline.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
+from pipeline.store.ledger import new_run_id
+from pipeline.planning.plan import RunPlan, plan_run
+from pipeline.planning.request import DEFAULT_MODEL, DEFAULT_TARGET, ResolvedRequest, RunRequest, resolve
 from tasks._cache import run_cached
 from tasks.check import raise_if_failed
 from tasks.export_library import LIBRARY_FILE

@@ -106,7 +106,7 @@ class FleetFailed(PipelineError):
     """Some pairs of a fleet run failed (exit 1); the others completed.
 
     Attributes:
-        summary: the run's :class:`pipeline.fleet.FleetSummary` (every pair's result), when known; the CLI
+        summary: the run's :class:`pipeline.fleet.plan.FleetSummary` (every pair's result), when known; the CLI
             prints its table, then the error.
     """
 
@@ -124,7 +124,7 @@ class PairFailed(PipelineError):
     The message is the error's line (``result.error``, else ``failed``).
 
     Attributes:
-        result: the pair's :class:`pipeline.fleet.PairResult` (status ``failed``, with the error and its type).
+        result: the pair's :class:`pipeline.fleet.plan.PairResult` (status ``failed``, with the error and its type).
     """
 
     def __init__(self, result: Any) -> None:

@@ -1,7 +1,7 @@
 """Ending the processes we started: one way to stop a process tree, and a lifeline for when we die first.
 
 :func:`stop_process_tree` is the single implementation of "stop this process, its process group and every
-process they spawned" used by the embedded rpc_server and tracker (:mod:`pipeline.device.processes`), the
+process they spawned" used by the embedded rpc_server and tracker (:mod:`pipeline.device.servers`), the
 local stack (``scripts/stack.py``) and the emulated aarch64 device (``scripts/aarch64_device.py``): SIGTERM
 and SIGCONT (a stopped process must run to terminate), a grace period, SIGKILL, reaping. A process is only
 ever signalled while its pid still has the start time we recorded, so a pid the kernel gave to another

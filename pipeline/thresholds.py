@@ -1,6 +1,6 @@
 """Check thresholds per precision: what the compiled output must satisfy against its framework's output.
 
-Validated where a run starts (``pipeline.request``); applied by the ``check`` stage (``tasks/check.py``,
+Validated where a run starts (``pipeline.planning.request``); applied by the ``check`` stage (``tasks/check.py``,
 whose docstring explains the defaults).
 """
 

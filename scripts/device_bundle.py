@@ -38,7 +38,7 @@ What goes in (``bundle.json`` lists it, with the sizes):
   ``--load-library runtime/tvm/lib/libtvm_runtime_cuda.so`` (the server serves each session in a fresh
   interpreter, so the CUDA loader must be loaded there) and ``--no-fork`` (a forked session failed CUDA
   initialisation), and ``libcudart.so.13`` on ``LD_LIBRARY_PATH``. CUDA libraries must be built with
-  ``pipeline.cuda.compile_cuda`` (a cubin): a runtime-only device cannot JIT-compile CUDA source.
+  ``pipeline.cuda.builder.compile_cuda`` (a cubin): a runtime-only device cannot JIT-compile CUDA source.
 
 The result is ``OUT/<name>.tar.xz`` (``<name>`` = ``tvmrp-device-cp311-x86_64[-cuda]``), built in a
 temporary directory and renamed into place. Downloads go through pip (its cache makes reruns fast).
@@ -85,7 +85,7 @@ STRIP_FILES = ("lib/libtvm_compiler.so",)
 CUDA_FILES = ("lib/libtvm_runtime_cuda.so",)
 #: What a runtime-only ``rpc_server`` imports (checked in a clean venv: tests/test_device_bundle.py).
 HOST_PINNED = ("apache-tvm-ffi", "cloudpickle", "psutil", "typing_extensions")
-CUDA_RUNTIME = ("nvidia-cuda-runtime", "13.0.96")  # = pipeline.cuda.CUDA_PACKAGES; libcudart.so.13
+CUDA_RUNTIME = ("nvidia-cuda-runtime", "13.0.96")  # = pipeline.cuda.builder.CUDA_PACKAGES; libcudart.so.13
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # _bundle_templates, also when loaded by path (tests)

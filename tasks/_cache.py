@@ -32,7 +32,7 @@ from prefect.serializers import Serializer
 from pydantic import Field
 
 from pipeline.errors import PipelineError, StoreError
-from pipeline.plan import StageKey
+from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore, FileEntry, check_key
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ applies schedules from MetaSchedule's rules without search (:mod:`pipeline.tunin
 EfficientNet-Lite0 2.5-3x faster than TVM's unscheduled default, for seconds of build time), and its key
 names them.
 
-A CUDA target is compiled by :func:`pipeline.cuda.compile_cuda` in a subprocess that makes TVM's CUDA
+A CUDA target is compiled by :func:`pipeline.cuda.builder.compile_cuda` in a subprocess that makes TVM's CUDA
 runtime load on this GPU-less machine, so the kernels are compiled to GPU machine code (cubin) here, once
 per build key, instead of by every device at every load; the GPU compiler's identity is then part of the key.
 """
@@ -25,7 +25,7 @@ from pathlib import Path
 from prefect import task
 
 from pipeline.errors import BuildError, StoreError
-from pipeline.plan import StageKey
+from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
 from tasks._cache import Built, ensure_artifact
@@ -77,8 +77,8 @@ def build(
     def produce(directory: Path) -> None:
         if store.get(module.key) is None:
             raise StoreError(f"the imported module {module.key} vanished from the store; run again")
-        if target.device == "cuda":  # GPU machine code, compiled here once (pipeline/cuda.py)
-            from pipeline.cuda import compile_cuda
+        if target.device == "cuda":  # GPU machine code, compiled here once (pipeline/cuda/builder.py)
+            from pipeline.cuda.builder import compile_cuda
 
             compile_cuda(store.file(module, MODULE_FILE), target.canonical, opt_level, directory)
             return

@@ -18,11 +18,11 @@ from typing import Any, Callable
 import numpy as np
 
 from pipeline.device import Device
-from pipeline.device_cache import cache_secret
+from pipeline.device.cache import cache_secret
 from pipeline.errors import DeviceLost, StoreError
 from pipeline.latency import Timing
-from pipeline.plan import BuildPlan, StageKey
-from pipeline.request import ResolvedRequest
+from pipeline.planning.plan import BuildPlan, StageKey
+from pipeline.planning.request import ResolvedRequest
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
 from tasks._cache import run_cached

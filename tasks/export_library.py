@@ -14,7 +14,7 @@ from pathlib import Path
 from prefect import task
 
 from pipeline.errors import ExportError, StoreError
-from pipeline.plan import StageKey
+from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo, Toolchain
 from tasks._cache import Built, ensure_artifact

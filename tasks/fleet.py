@@ -24,9 +24,9 @@ from prefect.cache_policies import NO_CACHE
 from tasks.chains import Compiled, compile_chain, preflight, run_on_device
 from pipeline.device import Device
 from pipeline.errors import BuildError, PairFailed, StoreError
-from pipeline.fleet import FleetPair, PairResult, now, one_line
-from pipeline.ledger import new_run_id
-from pipeline.plan import BuildPlan
+from pipeline.fleet.plan import FleetPair, PairResult, now, one_line
+from pipeline.store.ledger import new_run_id
+from pipeline.planning.plan import BuildPlan
 from pipeline.store import Artifact, ArtifactStore
 from tasks._cache import run_cached
 from tasks.check import failure_message

@@ -13,7 +13,7 @@ from prefect import task
 
 from pipeline.errors import BuildError, PipelineError
 from pipeline.models import ResolvedModel, import_model as to_relax
-from pipeline.plan import StageKey
+from pipeline.planning.plan import StageKey
 from pipeline.store import ArtifactStore
 from tasks._cache import Built, ensure_artifact
 

@@ -10,7 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.device import RemoteSession
-from pipeline.device_cache import Placement, load_placed
+from pipeline.device.cache import Placement, load_placed
 from pipeline.errors import RemoteRunError
 from tasks._live import LiveRef, SessionRef, device_of, keep, session_of
 from tasks.upload import Uploaded, open_cache, verified_library

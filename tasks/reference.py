@@ -4,7 +4,7 @@ The ground truth that the compiled model's output is checked against (stage ``ch
 efficientnet_lite0 and ``*.pt2``, MXNet for resnet18_v2 and MXNet export files, onnxruntime for ``*.onnx``
 (``pipeline.models.reference_forward``). Stored as ``reference.npy`` in the artifact store like a build,
 keyed by the model's content digest, the input's content digest, the framework's version and our code
-version (``pipeline.plan.plan_reference``), so a repeated run on the same image never loads the framework
+version (``pipeline.planning.plan.plan_reference``), so a repeated run on the same image never loads the framework
 again.
 """
 
@@ -17,7 +17,7 @@ from prefect import task
 
 from pipeline.errors import StoreError
 from pipeline.models import ResolvedModel, reference_forward
-from pipeline.plan import StageKey
+from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from tasks._cache import Built, ensure_artifact
 

@@ -2,7 +2,7 @@
 
 * :func:`format_text`: what the command line prints;
 * :meth:`RunSummary.as_json`: the ``--json`` object (the flow's return value);
-* :func:`record_of`: the run ledger's record (:mod:`pipeline.ledger`), also for a run that failed;
+* :func:`record_of`: the run ledger's record (:mod:`pipeline.store.ledger`), also for a run that failed;
 * :func:`publish_artifacts`: the Prefect artifacts of the flow run, keyed by the run's series so that the
   UI's Artifacts page keeps each series' history: ``summary-<series>`` (markdown, with the trend chart),
   ``top5-<series>`` and ``latency-<series>`` (tables), ``latency-trend-<series>`` (image);
@@ -24,11 +24,11 @@ from typing import Any
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pipeline.chart import TrendPoint, data_url, draw_trend
-from pipeline.device_cache import Placement
-from pipeline.history import target_short
+from pipeline.views.chart import TrendPoint, data_url, draw_trend
+from pipeline.device.cache import Placement
+from pipeline.views.history import target_short
 from pipeline.latency import HISTORY, Latency, Verdict, judge
-from pipeline.ledger import Ledger, RunRecord, device_name, series_of
+from pipeline.store.ledger import Ledger, RunRecord, device_name, series_of
 from tasks.check import CheckResult
 from tasks.postprocess import Top
 
@@ -274,9 +274,9 @@ def record_failure(req: Any, run_id: str, started: str, exc: BaseException, flee
     """Write the ledger record of a run that failed before it had a summary (device down, build failed...).
 
     Args:
-        req: the run's :class:`pipeline.request.ResolvedRequest`.
+        req: the run's :class:`pipeline.planning.request.ResolvedRequest`.
     """
-    from pipeline.plan import plan_build
+    from pipeline.planning.plan import plan_build
 
     interrupted = isinstance(exc, KeyboardInterrupt)
     try:

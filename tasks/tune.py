@@ -23,7 +23,7 @@ from typing import Any
 from prefect import task
 
 from pipeline.errors import BuildError, StoreError
-from pipeline.plan import StageKey
+from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
 from pipeline.tuning import (

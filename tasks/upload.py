@@ -2,7 +2,7 @@
 
 The device is asked what it is first (its TVM version, architecture and GPU), and a library it could not run
 is refused before anything is sent. The library's bytes are checked against the digest in its manifest right before sending,
-so a copy corrupted on disk is never uploaded. With a device cache (:mod:`pipeline.device_cache`) the
+so a copy corrupted on disk is never uploaded. With a device cache (:mod:`pipeline.device.cache`) the
 library goes to a directory the device keeps between sessions, and a later run that finds the same digest
 there (under a marker this client authenticated) sends nothing.
 """
@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.device import DeviceInfo, probe
 from pipeline.device.probe import check_versions, device_arch
-from pipeline.device_cache import DeviceCache, Placement, cache_secret, place
+from pipeline.device.cache import DeviceCache, Placement, cache_secret, place
 from pipeline.errors import ArchMismatch, StoreError
 from pipeline.store import Artifact, ArtifactStore
 from tasks._live import SessionRef, session_of

@@ -97,7 +97,7 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 
 def compile_all(model, store_root, target_text="llvm", opt_level=3, schedules="rules"):
     """The compile chain's plain functions, keyed by the plan (as the flows are)."""
-    from pipeline.plan import plan_build
+    from pipeline.planning.plan import plan_build
     from pipeline.targets import parse_target
     from tasks.build import build
     from tasks.export_library import export_library

@@ -17,7 +17,7 @@ One module per concern:
 
 * :mod:`~pipeline.device.spec`: :class:`DeviceSpec` and its checks;
 * :mod:`~pipeline.device.calls`: bounded calls and what TVM's errors mean;
-* :mod:`~pipeline.device.processes`: :class:`EmbeddedServer`, :class:`TrackerProcess`;
+* :mod:`~pipeline.device.servers`: :class:`EmbeddedServer`, :class:`TrackerProcess`;
 * :mod:`~pipeline.device.tracker`: the tracker's protocol (summary, request a server, known keys);
 * :mod:`~pipeline.device.session`: :class:`RemoteSession`, :func:`open_session`, :class:`Device`;
 * :mod:`~pipeline.device.probe`: what a device tells about itself (:func:`probe`, :func:`device_triple`).
@@ -26,7 +26,7 @@ One module per concern:
 """
 
 from pipeline.device.probe import DeviceInfo, device_triple, probe
-from pipeline.device.processes import EmbeddedServer, TrackerProcess, start_tracker
+from pipeline.device.servers import EmbeddedServer, TrackerProcess, start_tracker
 from pipeline.device.session import Device, RemoteSession, open_session, prestart_embedded_server
 from pipeline.device.spec import DeviceSpec, split_host_port
 from pipeline.device.tracker import ServerGrant, known_keys, request_server, tracker_summary

@@ -27,7 +27,7 @@ from pipeline.device.calls import (
     secs,
     tvm_message,
 )
-from pipeline.device.processes import EmbeddedServer
+from pipeline.device.servers import EmbeddedServer
 from pipeline.device.spec import DeviceSpec
 from pipeline.device.tracker import request_server
 from pipeline.errors import DeviceLost, DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError

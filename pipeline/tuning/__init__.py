@@ -35,7 +35,7 @@ The modules, one per concern:
 * :mod:`~pipeline.tuning.interrupt`: signals, interruptible waits, MetaSchedule's worker processes;
 * :mod:`~pipeline.tuning.logs`: MetaSchedule's logging to ``tuning.log``;
 * :mod:`~pipeline.tuning.family`: the family index, :func:`find_base`, :func:`resolve_trials`;
-* :mod:`~pipeline.tuning.report`: the artifact's files, :class:`TuningReport` and the convergence rule.
+* :mod:`~pipeline.tuning.result`: the artifact's files, :class:`TuningReport` and the convergence rule.
 
 Importing this package does not import TVM.
 """
@@ -51,7 +51,7 @@ from pipeline.tuning.family import (
     remember_tuning,
     resolve_trials,
 )
-from pipeline.tuning.report import (
+from pipeline.tuning.result import (
     CONVERGED_GAIN,
     DATABASE_FILES,
     LOG_FILE,

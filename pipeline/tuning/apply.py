@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StoreError, clip
 from pipeline.store import Artifact, ArtifactStore
-from pipeline.tuning.report import DATABASE_FILES, RECORD_FILE, WORKLOAD_FILE
+from pipeline.tuning.result import DATABASE_FILES, RECORD_FILE, WORKLOAD_FILE
 from pipeline.tuning.space import TuningSpace
 
 if TYPE_CHECKING:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import StoreError, UsageError
 from pipeline.store import Artifact, ArtifactStore, check_key
 from pipeline.targets import TargetInfo
-from pipeline.tuning.report import DATABASE_FILES, REPORT_FILE
+from pipeline.tuning.result import DATABASE_FILES, REPORT_FILE
 from pipeline.tuning.space import tune_inputs
 
 log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module

@@ -22,7 +22,7 @@ from tvm.ir.utils import derived_object
 from tvm.s_tir import meta_schedule as ms
 
 from pipeline.tuning.interrupt import _interruptible
-from pipeline.tuning.report import format_latency
+from pipeline.tuning.result import format_latency
 from pipeline.tuning.session import _Session
 
 log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module

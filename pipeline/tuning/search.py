@@ -22,7 +22,7 @@ from pipeline.tuning.apply import prepare
 from pipeline.tuning.family import BaseTuning
 from pipeline.tuning.interrupt import _noting_interrupts, _own_workers
 from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
-from pipeline.tuning.report import (
+from pipeline.tuning.result import (
     DATABASE_FILES,
     RECORD_FILE,
     WORKLOAD_FILE,

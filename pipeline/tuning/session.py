@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from pipeline.tuning.report import format_latency
+from pipeline.tuning.result import format_latency
 
 
 class _Session:

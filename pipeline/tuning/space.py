@@ -53,7 +53,7 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import UsageError
 from pipeline.targets import TargetInfo
 

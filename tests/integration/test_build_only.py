@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from support import run_cli
-from pipeline.cuda import find_cuda_packages
+from pipeline.cuda.builder import find_cuda_packages
 from pipeline.errors import BuildError
 
 

@@ -23,7 +23,7 @@ from pipeline.labelled import load_labelled_set
 from pipeline.models import ModelSpec, resolve_model
 from pipeline.store import ArtifactStore
 from pipeline.latency import Timing
-from pipeline.plan import plan_reference
+from pipeline.planning.plan import plan_reference
 from tasks._live import opened
 from tasks.check import (
     CheckResult, check, raise_if_failed, thresholds_for,

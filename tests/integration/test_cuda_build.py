@@ -1,4 +1,4 @@
-"""CUDA builds on a machine without a GPU: the library holds a cubin, not CUDA source (pipeline/cuda.py).
+"""CUDA builds on a machine without a GPU: the library holds a cubin, not CUDA source (pipeline/cuda/builder.py).
 
 The compile tests need the optional ``cuda`` extra (``scripts/setup --cuda``: pip's NVRTC, CUDA headers,
 cuda-bindings) and gcc; without them they skip, saying so. (Target parsing and byte inspection, which need
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import cuda
+from pipeline.cuda import builder as cuda
 from pipeline.errors import BuildError
 
 from support import make_tiny_onnx

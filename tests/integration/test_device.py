@@ -37,7 +37,7 @@ from pipeline.device import (
     start_tracker,
     tracker_summary,
 )
-from pipeline.device import processes as device_processes
+from pipeline.device import servers as device_processes
 from pipeline.device.probe import check_versions, device_arch, local_tvm_version
 from pipeline.errors import DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError
 from pipeline.targets import host_arch

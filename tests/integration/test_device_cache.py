@@ -16,9 +16,9 @@ import subprocess
 import numpy as np
 import pytest
 
-from pipeline import device_cache
+from pipeline.device import cache as device_cache
 from pipeline.device import DeviceSpec, open_session
-from pipeline.device_cache import DeviceCache, cache_secret, load_placed, place
+from pipeline.device.cache import DeviceCache, cache_secret, load_placed, place
 from pipeline.errors import RemoteRunError, StoreError, UsageError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
@@ -148,7 +148,7 @@ def test_put__evicts_the_oldest_slot_but_not_a_young_one(session, tmp_path, monk
     a, b = cache.put(session, blob(4)), cache.put(session, blob(5))
     assert {a.slot, b.slot} == {0, 1}
     # Both slots were written just now: a concurrent run may be loading them, so a third library is not kept.
-    with caplog.at_level(logging.INFO, logger="pipeline.device_cache"):
+    with caplog.at_level(logging.INFO, logger="pipeline.device.cache"):
         c = cache.put(session, blob(6))
     assert c.slot == -1 and "not kept" in caplog.text
     assert (tmp_path / c.file).exists()  # usable by this run
@@ -226,7 +226,7 @@ def test_load_stage__a_kept_copy_that_vanished_is_forgotten_and_uploaded_again(
     with open_session(DeviceSpec(), server) as s, opened(s) as ref:
         up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
         assert up.reused
-        with caplog.at_level(logging.WARNING, logger="pipeline.device_cache"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.device.cache"):
             loaded = load(up, str(store_root))
         assert "did not load" in caplog.text and "upload it again" in caplog.text
         assert not loaded.placement.reused and loaded.remote_name != up.remote_name
@@ -241,7 +241,7 @@ def test_upload_stage__falls_back_to_the_session_directory(tiny_onnx, store_root
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
     with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-        with caplog.at_level(logging.WARNING, logger="pipeline.device_cache"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.device.cache"):
             up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir / "missing"))
         assert not up.reused and not up.remote_name.startswith("/")
         assert "--device-cache" in caplog.text

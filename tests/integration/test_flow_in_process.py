@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.ledger import Ledger
+from pipeline.store.ledger import Ledger
 from support import COMPILE
 
 

@@ -1,4 +1,4 @@
-"""pipeline/plan.py: every cached stage's key is computed once, and is the key its artifact is stored under."""
+"""pipeline/planning/plan.py: every cached stage's key is computed once, and is the key its artifact is stored under."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from tasks.chains import compile_chain, run_plain
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import BuildError
-from pipeline.plan import plan_build, plan_reference
+from pipeline.planning.plan import plan_build, plan_reference
 from pipeline.store import MANIFEST, ArtifactStore
 from pipeline.targets import parse_target
 from tasks.build import build

@@ -12,7 +12,7 @@ from pipeline.device import DeviceSpec, open_session
 from pipeline.errors import ArchMismatch, DeviceError, StoreError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
-from pipeline.plan import plan_build
+from pipeline.planning.plan import plan_build
 from pipeline.store import ArtifactStore
 from pipeline.targets import parse_target
 from tasks._live import opened

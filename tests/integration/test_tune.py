@@ -25,12 +25,12 @@ import numpy as np
 import pytest
 
 from support import REPO, make_tiny_onnx, run_cli
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session, start_tracker
 from pipeline.errors import UsageError
 from pipeline.models import ModelSpec, ResolvedModel, reference_forward, resolve_model
 from pipeline.latency import Timing
-from pipeline.plan import StageKey, plan_build
+from pipeline.planning.plan import StageKey, plan_build
 from pipeline.store import MANIFEST, Artifact, ArtifactStore
 from pipeline.targets import TargetInfo, parse_target
 from pipeline.tuning import (
@@ -214,7 +214,7 @@ signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCreated)d %(name)s: %(message)s")
 try:
     from pipeline.models import ModelSpec, resolve_model
-    from pipeline.plan import plan_build
+    from pipeline.planning.plan import plan_build
     from pipeline.targets import parse_target
     from tasks.import_model import import_model
     from tasks.tune import tune

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 from support import AARCH64, REPO, cli_json, compile_all, make_tiny_onnx
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.device import DeviceSpec, device_triple, open_session
 from pipeline.device.probe import check_versions, device_arch, local_tvm_version, probe
 from pipeline.errors import ArchMismatch

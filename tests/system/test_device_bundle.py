@@ -205,7 +205,7 @@ def test_cuda_bundle_loads_a_cubin_without_a_compiler(tmp_path_factory, tmp_path
     ``--load-library libtvm_runtime_cuda.so`` to register the CUDA loader. A library with CUDA source
     instead would need NVRTC on the device and fails; running needs a real GPU.
     """
-    from pipeline import cuda
+    from pipeline.cuda import builder as cuda
 
     try:
         toolchain = cuda.cuda_toolchain(tmp_path_factory.mktemp("cuda-cache"))

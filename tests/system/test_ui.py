@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from pipeline import chart
+from pipeline.views import chart
 
 pytest_plugins = ["stack_harness"]
 

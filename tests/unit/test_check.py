@@ -14,13 +14,13 @@ import pickle
 import numpy as np
 import pytest
 
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import CheckFailed, InputError, StoreError, UsageError
 from pipeline.image import load_image
 from pipeline.labelled import DEFAULT_LABELLED_DIR, load_labelled_set
 from pipeline.models import ModelSpec, Preprocess, reference_forward, resolve_model
 from pipeline.store import ArtifactStore
-from pipeline.plan import plan_reference
+from pipeline.planning.plan import plan_reference
 from tasks.accuracy import accuracy, hit
 from tasks.check import (
     Thresholds, check, failure_message, raise_if_failed, thresholds_for,

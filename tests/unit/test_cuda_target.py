@@ -1,4 +1,4 @@
-"""CUDA builds on a machine without a GPU: the library holds a cubin, not CUDA source (pipeline/cuda.py).
+"""CUDA builds on a machine without a GPU: the library holds a cubin, not CUDA source (pipeline/cuda/builder.py).
 
 Here what needs neither the optional ``cuda`` extra nor gcc: the stub driver's source, the package pins, the
 GPU code bytes in a library, target parsing. (The compile tests: tests/integration/test_cuda_build.py.)
@@ -11,7 +11,7 @@ import struct
 
 import pytest
 
-from pipeline import cuda
+from pipeline.cuda import builder as cuda
 from pipeline.errors import TargetError
 
 from support import REPO

@@ -11,8 +11,8 @@ import pytest
 
 from support import AARCH64, REPO, make_tiny_onnx
 from pipeline.errors import UsageError
-from pipeline.fleet import BuildCounts, FleetSummary, PairResult, change_text, format_markdown, format_text
-from pipeline.fleet_spec import DEFAULT_REQUEST_TIMEOUT, fleet_from_mapping, load_fleet, parse_fleet
+from pipeline.fleet.plan import BuildCounts, FleetSummary, PairResult, change_text, format_markdown, format_text
+from pipeline.fleet.spec import DEFAULT_REQUEST_TIMEOUT, fleet_from_mapping, load_fleet, parse_fleet
 
 EXAMPLE = """\
 tracker: 127.0.0.1:9190          # optional default for devices
@@ -175,7 +175,7 @@ def test_load_fleet__missing_file_and_the_repository_example(tmp_path):
 
 
 def test_resolve_fleet__a_bad_model_or_target_names_its_entry(tmp_path):
-    from pipeline.fleet import resolve_fleet
+    from pipeline.fleet.plan import resolve_fleet
 
     model = make_tiny_onnx(tmp_path / "tiny.onnx")
     text = f"devices:\n  - {{host: h, port: 1, target: 'llvm -mcpu=nosuchcpu'}}\nmodels:\n  - {model}\n  - missing.onnx\n"
@@ -192,7 +192,7 @@ def test_resolve_fleet__a_bad_model_or_target_names_its_entry(tmp_path):
 
 
 def test_resolve_fleet__devices_by_models_share_one_plan_per_model_and_target(tmp_path):
-    from pipeline.fleet import resolve_fleet
+    from pipeline.fleet.plan import resolve_fleet
 
     models = [make_tiny_onnx(tmp_path / f"m{seed}.onnx", seed=seed) for seed in (0, 1)]
     text = (f"devices:\n  - {{host: a, port: 1}}\n  - {{host: b, port: 2}}\n"

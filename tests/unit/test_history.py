@@ -1,4 +1,4 @@
-"""flows/history.py and pipeline/history.py: the run ledger read back (list, filters, renderings, show, compare).
+"""flows/history.py and pipeline/views/history.py: the run ledger read back (list, filters, renderings, show, compare).
 
 The tests build records in code (``RunRecord``) and write them with ``Ledger.write``; the CLI runs
 in-process (``main``). (Three real runs read back by ``python -m flows.history`` in a fresh process:
@@ -18,12 +18,12 @@ import pytest
 
 from flows.history import main
 from pipeline.errors import UsageError
-from pipeline.history import (
+from pipeline.views.history import (
     CSV_COLUMNS, Selection, compare, format_csv, format_markdown, format_table, latency_change, parse_since,
     select, target_short,
 )
 from pipeline.latency import judge
-from pipeline.ledger import Ledger, RunRecord, new_run_id, series_of
+from pipeline.store.ledger import Ledger, RunRecord, new_run_id, series_of
 
 TARGET = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-gnu"}'
 AARCH64 = '{"kind":"llvm","tag":"","keys":["arm_cpu","cpu"],"mtriple":"aarch64-linux-gnu","mattr":["+neon"]}'

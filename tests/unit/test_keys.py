@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from pipeline import keys
+from pipeline.planning import keys
 
 
 def build_key(**overrides):

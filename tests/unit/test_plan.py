@@ -1,13 +1,13 @@
-"""pipeline/plan.py: every cached stage's key is computed once, and is the key its artifact is stored under."""
+"""pipeline/planning/plan.py: every cached stage's key is computed once, and is the key its artifact is stored under."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import UsageError
-from pipeline.plan import plan_build, plan_reference
+from pipeline.planning.plan import plan_build, plan_reference
 from pipeline.targets import parse_target
 
 

@@ -15,8 +15,8 @@ from datetime import datetime, timedelta, timezone
 
 from PIL import Image
 
-from pipeline.chart import SIZE, TrendPoint, draw_trend
-from pipeline.device_cache import Placement
+from pipeline.views.chart import SIZE, TrendPoint, draw_trend
+from pipeline.device.cache import Placement
 from pipeline.latency import judge, latency_of
 from tasks.postprocess import Top
 from tasks.report import (

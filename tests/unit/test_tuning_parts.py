@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import UsageError
 from pipeline.store import ArtifactStore
 from pipeline.targets import TargetInfo, parse_target

@@ -66,10 +66,10 @@ def _run_time_uses(source: str) -> list[str]:
 
 def test_type_only_imports__the_check_sees_a_run_time_use():
     source = ("from __future__ import annotations\nfrom typing import TYPE_CHECKING\nif TYPE_CHECKING:\n"
-              "    from pipeline.plan import BuildPlan\n"
+              "    from pipeline.planning.plan import BuildPlan\n"
               "def f(x: BuildPlan) -> BuildPlan:\n    return isinstance(x, BuildPlan)\n")
     assert _run_time_uses(source) == ["6: BuildPlan"]
-    assert _run_time_uses(source.replace("    return", "    from pipeline.plan import BuildPlan\n    return")) == []
+    assert _run_time_uses(source.replace("    return", "    from pipeline.planning.plan import BuildPlan\n    return")) == []
 
 
 def test_type_only_imports__none_is_used_at_run_time():

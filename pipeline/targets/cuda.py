@@ -72,7 +72,7 @@ class CudaTarget:
     def target_info(self) -> Any:
         """The pipeline's :class:`pipeline.targets.TargetInfo` (``kind="cuda"``, the host's triple and arch),
         for :func:`pipeline.targets.toolchain_for`."""
-        from pipeline.target_info import TargetInfo
+        from pipeline.targets.info import TargetInfo
 
         return TargetInfo(canonical=self.canonical, kind="cuda", triple=self.host_triple, arch=self.host_arch,
                           device="cuda", gpu_arch=self.arch)

@@ -1,5 +1,5 @@
 """What a parsed target is (:class:`TargetInfo`) and the machine architectures it names, shared by the CPU
-(:mod:`pipeline.targets`) and CUDA (:mod:`pipeline.cuda_target`) target parsers."""
+(:mod:`pipeline.targets`) and CUDA (:mod:`pipeline.targets.cuda`) target parsers."""
 
 from __future__ import annotations
 

@@ -16,7 +16,7 @@
 flow's ``spec`` parameter) as a typed :class:`FleetSpec` (``docs/fleet.md`` describes every key). Pure and
 cheap: no TVM, no file but the fleet file. Every mistake is a :class:`~pipeline.errors.UsageError` that names
 the file, the line and the field (``fleet.yaml:7: devices[1].targt: unknown key; did you mean 'target'?``).
-What comes next, the models, targets and images resolved and every pair planned, is :mod:`pipeline.fleet`.
+What comes next, the models, targets and images resolved and every pair planned, is :mod:`pipeline.fleet.plan`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.device.spec import DeviceSpec, split_host_port
-from pipeline.request import DEFAULT_SCHEDULES, SCHEDULES
+from pipeline.planning.request import DEFAULT_SCHEDULES, SCHEDULES
 from pipeline.errors import UsageError, clip
 
 DEFAULT_REQUEST_TIMEOUT = 10.0

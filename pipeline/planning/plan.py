@@ -19,14 +19,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline import keys
+from pipeline.planning import keys
 from pipeline.errors import UsageError
 from pipeline.models import ResolvedModel
-from pipeline.request import DEFAULT_SCHEDULES, SCHEDULES
+from pipeline.planning.request import DEFAULT_SCHEDULES, SCHEDULES
 from pipeline.targets import TargetInfo, Toolchain, toolchain_for
 
 if TYPE_CHECKING:
-    from pipeline.request import ResolvedRequest
+    from pipeline.planning.request import ResolvedRequest
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def plan_build(
         )
     gpu_toolchain = None
     if target.device == "cuda":
-        from pipeline.cuda import cuda_toolchain
+        from pipeline.cuda.builder import cuda_toolchain
 
         gpu_toolchain = cuda_toolchain().identity  # missing NVRTC fails here, before anything is compiled
     rules = None

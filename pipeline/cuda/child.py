@@ -1,18 +1,18 @@
 """The CUDA build subprocess: load the CUDA runtime (and, without a driver, the stub) BEFORE ``import tvm``.
 
-    python -m pipeline.cuda_build --module module.json --target CANONICAL_JSON --opt-level 3 --out DIR \\
+    python -m pipeline.cuda.child --module module.json --target CANONICAL_JSON --opt-level 3 --out DIR \\
         --result result.json [--toolchain TOOLCHAIN_JSON] [--link g++]
 
-Started by :func:`pipeline.cuda.compile_cuda` (use that); it can be run by hand to debug a CUDA build. It
+Started by :func:`pipeline.cuda.builder.compile_cuda` (use that); it can be run by hand to debug a CUDA build. It
 preloads pip's ``libcudart.so.13`` and then either the real ``libcuda.so.1`` (a machine with a driver) or
-the stub from ``pipeline/cuda_stub.c`` (``RTLD_GLOBAL``, by absolute path: nothing goes on
+the stub from ``pipeline/cuda/stub.c`` (``RTLD_GLOBAL``, by absolute path: nothing goes on
 ``LD_LIBRARY_PATH``, so the compilers and linkers it starts never see the stub), imports TVM, checks that
 ``libtvm_runtime_cuda.so`` loaded (else TVM would silently keep CUDA source), compiles under
 ``with target, PassContext(opt_level)``, writes ``DIR/build.tar`` (objects, uncompressed) and optionally
 links ``DIR/model.so``, and checks that the objects hold a cubin. It writes ``--result``: ``{"files",
 "gpu_code", "stub", "seconds"}`` or ``{"error", "kind"}`` and exits 0 or 1.
 
-Keep the imports above :func:`preload` free of TVM (``pipeline.cuda`` imports none).
+Keep the imports above :func:`preload` free of TVM (``pipeline.cuda.builder`` imports none).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import time
 import traceback
 from pathlib import Path
 
-from pipeline.cuda import (
+from pipeline.cuda.builder import (
     LIBRARY_FILE,
     OBJECTS_FILE,
     CudaToolchain,
@@ -116,13 +116,13 @@ def build(module: Path, canonical: str, opt_level: int, out: Path, link: str | N
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.cuda_build", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.cuda.child", description=__doc__.splitlines()[0])
     parser.add_argument("--module", required=True, type=Path, help="module.json (tvm.ir.save_json)")
-    parser.add_argument("--target", required=True, help="canonical CUDA target JSON (pipeline.cuda.parse_cuda_target)")
+    parser.add_argument("--target", required=True, help="canonical CUDA target JSON (pipeline.cuda.builder.parse_cuda_target)")
     parser.add_argument("--opt-level", type=int, default=3)
     parser.add_argument("--out", required=True, type=Path, help="existing directory for build.tar [and model.so]")
     parser.add_argument("--result", type=Path, help="where to write the result JSON (default: stdout)")
-    parser.add_argument("--toolchain", help="CudaToolchain JSON (default: pipeline.cuda.cuda_toolchain())")
+    parser.add_argument("--toolchain", help="CudaToolchain JSON (default: pipeline.cuda.builder.cuda_toolchain())")
     parser.add_argument("--link", help="also link model.so with this compiler (e.g. g++)")
     args = parser.parse_args(argv)
 

@@ -1,13 +1,13 @@
 """A fleet: every model on every device in one run, resolved and planned; and what the run gave.
 
-The fleet file and its validation are :mod:`pipeline.fleet_spec` (``docs/fleet.md`` describes every key).
-From its :class:`~pipeline.fleet_spec.FleetSpec`:
+The fleet file and its validation are :mod:`pipeline.fleet.spec` (``docs/fleet.md`` describes every key).
+From its :class:`~pipeline.fleet.spec.FleetSpec`:
 
 * :func:`resolve_fleet`: the models (``pipeline.models.resolve_model``), targets
   (``pipeline.targets.parse_target``), images and store, resolved up front like one run's
-  (``pipeline.request.resolve``); a bad one is a UsageError naming its entry and line.
-* the plan: every (device, model) pair as the :class:`~pipeline.request.ResolvedRequest` of a
-  ``resnet_remote`` run, with the keys of its compile chain (``pipeline.plan.plan_build``): pairs with
+  (``pipeline.planning.request.resolve``); a bad one is a UsageError naming its entry and line.
+* the plan: every (device, model) pair as the :class:`~pipeline.planning.request.ResolvedRequest` of a
+  ``resnet_remote`` run, with the keys of its compile chain (``pipeline.planning.plan.plan_build``): pairs with
   equal keys share one build.
 
 The results: :class:`PairResult` per pair, :class:`FleetSummary` for the run, and their renderings (the
@@ -24,14 +24,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from pipeline.errors import PipelineError, UsageError, clip
-from pipeline.fleet_spec import FleetDevice, FleetModel, FleetSpec, Where, on_line
+from pipeline.fleet.spec import FleetDevice, FleetModel, FleetSpec, Where, on_line
 
 if TYPE_CHECKING:
     import numpy as np
 
     from pipeline.models import ResolvedModel
-    from pipeline.plan import BuildPlan, StageKey
-    from pipeline.request import ResolvedRequest
+    from pipeline.planning.plan import BuildPlan, StageKey
+    from pipeline.planning.request import ResolvedRequest
     from pipeline.store import ArtifactStore
     from pipeline.targets import TargetInfo
 
@@ -45,7 +45,7 @@ class FleetPair:
 
     Attributes:
         label: the model's name in the table (its name; its path when two models share a name).
-        request: the run as ``pipeline.request.resolve`` would give it.
+        request: the run as ``pipeline.planning.request.resolve`` would give it.
         plan: the keys of its compile chain; None when planning failed (``unplanned`` says why: a missing
             cross compiler fails the pairs of that target, not the fleet).
         reference: the key of the model's reference output (None with ``check: false``).
@@ -103,8 +103,8 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
             cannot be used.
     """
     from pipeline.latency import Timing
-    from pipeline.plan import plan_reference
-    from pipeline.request import LOCAL_RUNNER, ResolvedRequest
+    from pipeline.planning.plan import plan_reference
+    from pipeline.planning.request import LOCAL_RUNNER, ResolvedRequest
     from pipeline.store import ArtifactStore
     from pipeline.thresholds import thresholds_for
 
@@ -185,8 +185,8 @@ def _plans(spec: FleetSpec, targets: dict[str, TargetInfo],
            models: list[_Model], store_root: Path) -> dict[tuple[int, str], BuildPlan | PipelineError]:
     """The compile chain of each (model index, canonical target), planned once; the error where planning failed
     (e.g. no cross compiler: those pairs fail, the others run)."""
-    from pipeline.plan import plan_build
-    from pipeline.request import LOCAL_RUNNER
+    from pipeline.planning.plan import plan_build
+    from pipeline.planning.request import LOCAL_RUNNER
     from pipeline.tuning import resolve_trials
 
     plans: dict[tuple[int, str], BuildPlan | PipelineError] = {}

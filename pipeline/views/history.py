@@ -1,6 +1,6 @@
 """The run ledger read back: which runs to list, and every rendering of runs for ``python -m flows.history``.
 
-Pure functions of :class:`pipeline.ledger.RunRecord` (no Prefect, no TVM: the history command starts in
+Pure functions of :class:`pipeline.store.ledger.RunRecord` (no Prefect, no TVM: the history command starts in
 a fraction of a second):
 
 * :func:`select`: the runs that pass a :class:`Selection` (model, device, target, since, last), newest first;
@@ -22,7 +22,7 @@ from typing import Any, Iterable, Sequence
 
 from pipeline.errors import UsageError, clip
 from pipeline.latency import MIN_CHANGE, NOISY_SPREAD
-from pipeline.ledger import RunRecord
+from pipeline.store.ledger import RunRecord
 
 LATENCY_FIELDS = ("mean", "median", "p90", "p99", "min", "max", "std", "cv")
 _RELATIVE = re.compile(r"(\d{1,6})([mhdw])")

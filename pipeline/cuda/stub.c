@@ -8,11 +8,11 @@
  * call fails with CUDA_ERROR_NO_DEVICE, so a process that tried to *run* CUDA code would fail loudly
  * instead of silently doing nothing.
  *
- * NEVER let a process that drives a real GPU see this file: pipeline/cuda.py loads it only into the build
- * subprocess (pipeline/cuda_build.py), and only when no real libcuda.so.1 can be loaded.
+ * NEVER let a process that drives a real GPU see this file: pipeline/cuda/builder.py loads it only into the build
+ * subprocess (pipeline/cuda/child.py), and only when no real libcuda.so.1 can be loaded.
  *
- * Built by pipeline/cuda.py with: gcc -shared -fPIC -O2 -Wl,-soname,libcuda.so.1 -o libcuda.so.1 <this>
- * pipeline/cuda.py appends a generic stub for any further cu* symbol a newer libtvm_runtime_cuda.so
+ * Built by pipeline/cuda/builder.py with: gcc -shared -fPIC -O2 -Wl,-soname,libcuda.so.1 -o libcuda.so.1 <this>
+ * pipeline/cuda/builder.py appends a generic stub for any further cu* symbol a newer libtvm_runtime_cuda.so
  * needs, so that the soname's undefined symbols are always covered.
  */
 
@@ -23,7 +23,7 @@ typedef int CUresult;
 
 static const char stub_name[] = "CUDA_ERROR_NO_DEVICE";
 static const char stub_text[] =
-    "no CUDA device: this is the build-only libcuda.so.1 stub of tvm-remote-pipeline (pipeline/cuda_stub.c)";
+    "no CUDA device: this is the build-only libcuda.so.1 stub of tvm-remote-pipeline (pipeline/cuda/stub.c)";
 
 /* The two error helpers fill in their out-parameter: callers print it. */
 CUresult cuGetErrorName(CUresult error, const char **p_str) {

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.device import DeviceSpec
-from pipeline.device_cache import check_directory
+from pipeline.device.cache import check_directory
 from pipeline.errors import UsageError
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.latency import Timing

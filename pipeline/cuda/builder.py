@@ -9,15 +9,15 @@ EfficientNet-Lite0 on an H200, and the device needs NVRTC, CUDA headers and TVM'
 This module makes the build machine produce the cubin:
 
 * :func:`cuda_toolchain` finds pip's NVRTC, CUDA headers (with CCCL) and ``libcudart.so.13`` (the optional
-  ``cuda`` extra: ``scripts/setup --cuda``), builds once a stub ``libcuda.so.1`` from ``cuda_stub.c`` whose
+  ``cuda`` extra: ``scripts/setup --cuda``), builds once a stub ``libcuda.so.1`` from ``stub.c`` whose
   functions all fail with CUDA_ERROR_NO_DEVICE, and lays out a ``CUDA_PATH`` tree of symlinks where TVM's
   ``tvm.support.nvcc`` looks for headers. Cached under ``<cache>/cuda/<digest>/`` (``$TVMRP_CACHE_DIR``,
   else ``$XDG_CACHE_HOME/tvmrp``, else ``~/.cache/tvmrp``).
-* :func:`compile_cuda` runs the compile and export in a subprocess (``python -m pipeline.cuda_build``):
+* :func:`compile_cuda` runs the compile and export in a subprocess (``python -m pipeline.cuda.child``):
   the runtime and the stub must be loaded *before* ``import tvm``, and the stub must never be seen by a
   process that drives a real GPU. The stub is loaded only when no real ``libcuda.so.1`` can be.
 * :func:`library_gpu_code` tells from a library's bytes what GPU code it holds.
-* CUDA targets are parsed by :mod:`pipeline.cuda_target`.
+* CUDA targets are parsed by :mod:`pipeline.targets.cuda`.
 
 Nothing here imports TVM at module level.
 """
@@ -45,13 +45,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from pipeline.cuda_target import _ARCH_RE, MIN_SM, CudaTarget, parse_cuda_target  # noqa: F401 - re-exported
+from pipeline.targets.cuda import _ARCH_RE, MIN_SM, CudaTarget, parse_cuda_target  # noqa: F401 - re-exported
 from pipeline.errors import BuildError
 
 log = logging.getLogger(__name__)
 
-REPO = Path(__file__).resolve().parents[1]
-STUB_SOURCE = Path(__file__).with_name("cuda_stub.c")
+REPO = Path(__file__).resolve().parents[2]
+STUB_SOURCE = Path(__file__).with_name("stub.c")
 
 #: The pip packages of the ``cuda`` extra (requirements-cuda.txt): NVRTC 13.0 to match TVM 0.27's
 #: ``libtvm_runtime_cuda.so`` (``libcudart.so.13``) and drivers from 580 (CUDA 13.0) on.
@@ -198,12 +198,12 @@ def _driver_symbols(library: Path | None) -> list[str]:
 
 
 def stub_source(symbols: list[str] | None = None) -> str:
-    """``cuda_stub.c`` plus a failing stub for each of ``symbols`` it does not define yet."""
+    """``stub.c`` plus a failing stub for each of ``symbols`` it does not define yet."""
     source = STUB_SOURCE.read_text()
     defined = set(re.findall(r"\b(cu[A-Z]\w*)\s*\(", source)) | set(re.findall(r"TVMRP_NO_DEVICE\((\w+)\)", source))
     extra = [s for s in (symbols or []) if s not in defined]
     if extra:
-        source += "\n/* Added by pipeline/cuda.py for this libtvm_runtime_cuda.so. */\n"
+        source += "\n/* Added by pipeline/cuda/builder.py for this libtvm_runtime_cuda.so. */\n"
         source += "".join(f"TVMRP_NO_DEVICE({s})\n" for s in extra)
     return source
 
@@ -445,7 +445,7 @@ def compile_cuda(
         raise BuildError(f"the output directory {out} does not exist")
     with tempfile.TemporaryDirectory(prefix="tvmrp-cuda-") as work:
         argv = [
-            os.fspath(python or sys.executable), "-m", "pipeline.cuda_build",
+            os.fspath(python or sys.executable), "-m", "pipeline.cuda.child",
             "--module", os.fspath(module_json), "--target", target_canonical, "--opt-level", str(int(opt_level)),
             "--out", str(out), "--result", str(Path(work) / "result.json"), "--toolchain", toolchain.to_json(),
             *(["--link", link] if link else []),

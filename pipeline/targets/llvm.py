@@ -31,7 +31,7 @@ from functools import lru_cache
 from typing import Any, Iterator
 
 from pipeline.errors import ExportError, TargetError, clip
-from pipeline.target_info import TargetInfo, host_arch, normalise_arch  # noqa: F401 - re-exported
+from pipeline.targets.info import TargetInfo, host_arch, normalise_arch  # noqa: F401 - re-exported
 
 OPT_LEVELS = (0, 1, 2, 3)
 
@@ -105,7 +105,7 @@ def parse_target(text: str) -> TargetInfo:
         TargetError: TVM cannot parse it, or LLVM does not know its triple, CPU or a feature (with the
             closest names LLVM knows), or an ``-mattr`` entry has no ``+``/``-``.
     """
-    from pipeline.cuda_target import is_cuda_target, parse_cuda_target
+    from pipeline.targets.cuda import is_cuda_target, parse_cuda_target
 
     if is_cuda_target(text):
         return parse_cuda_target(text).target_info()

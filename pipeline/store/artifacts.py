@@ -1,6 +1,6 @@
 """A content-addressed artifact store: ``<root>/<key[:2]>/<key[2:]>/`` holds files and a ``manifest.json``.
 
-The key is a 64-hex SHA-256 of everything that determines the artifact (see :mod:`pipeline.keys`). The
+The key is a 64-hex SHA-256 of everything that determines the artifact (see :mod:`pipeline.planning.keys`). The
 manifest records what produced the artifact and the SHA-256 and size of every file in it. An artifact is
 only returned by :meth:`ArtifactStore.get` if its manifest parses and every file still has its recorded
 digest; otherwise it is treated as absent (and rebuilt by the caller).
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 ENV_VAR = "TVMRP_ARTIFACTS"
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_ROOT = REPO_ROOT / "artifacts"
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
