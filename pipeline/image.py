@@ -40,8 +40,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: The bundled photo of a cat (CC0, from scikit-image; see data/LICENSE-cat.txt).
-DEFAULT_IMAGE: pathlib.Path = pathlib.Path(__file__).resolve().parent.parent / "data" / "cat.png"
+#: The bundled photo of a cat (CC0, from scikit-image; see data/LICENSE-cat.txt): package data, so an installed
+#: package has it too (``data/`` at the repository root is a link to ``pipeline/data/``).
+DEFAULT_IMAGE: pathlib.Path = pathlib.Path(__file__).resolve().parent / "data" / "cat.png"
 
 
 #: Modes whose PIL conversion to RGB is exact or the standard formula.

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pipeline.errors import InputError
 
-#: The bundled set (shipped with the repository, works offline).
-DEFAULT_LABELLED_DIR: Path = Path(__file__).resolve().parent.parent / "data" / "labelled"
+#: The bundled set (package data, works offline; ``data/labelled/`` in a checkout).
+DEFAULT_LABELLED_DIR: Path = Path(__file__).resolve().parent / "data" / "labelled"
 LABELS_FILE = "labels.json"
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any
 
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, clip
 
 __all__ = ["SESSION_MARGIN_S", "DeviceSpec", "check_port", "check_seconds", "split_host_port"]
 
@@ -142,22 +143,42 @@ class DeviceSpec:
 def split_host_port(text: str) -> tuple[str, int]:
     """``"HOST:PORT"`` (``"[::1]:9190"`` for IPv6) as ``(host, port)``.
 
+    HOST is a name or an address: printable, without whitespace or brackets (but those around an IPv6
+    address); PORT is a whole number from 1 to 65535 in ASCII digits. Spaces around either are ignored.
+
     Raises:
-        UsageError: Not ``HOST:PORT``, or the port is outside 1-65535.
+        UsageError: Not ``HOST:PORT``, or the port is outside 1-65535 (the text is echoed clipped).
     """
-    host, sep, port_text = str(text).rpartition(":")
-    host = host.strip().removeprefix("[").removesuffix("]")
-    if not sep or not host or not port_text.strip().isdigit():
-        raise UsageError(f"Tracker address {text!r} is not HOST:PORT; give e.g. --tracker 127.0.0.1:9190.")
-    port = int(port_text)
-    check_port(port, f"port of tracker {text!r}")
+    text = str(text)
+    host, sep, port_text = text.rpartition(":")
+    host, port_text = host.strip(), port_text.strip()
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not _is_host(host) or not _DIGITS.fullmatch(port_text):
+        raise UsageError(f"Tracker address {clip(text)!r} is not HOST:PORT; give e.g. --tracker 127.0.0.1:9190.")
+    port = int(port_text) if len(port_text) <= 9 else None  # int() refuses over 4300 digits
+    if port is None or not 1 <= port <= 65535:
+        raise UsageError(
+            f"port of tracker {clip(text)!r} must be a whole number from 1 to 65535, not {clip(port_text, 20)}."
+        )
     return host, port
+
+
+_DIGITS = re.compile(r"[0-9]+")
+
+
+def _is_host(host: str) -> bool:
+    return bool(host) and host.isprintable() and not any(c.isspace() or c in "[]" for c in host)
 
 
 def check_port(port: Any, what: str) -> None:
     """Raises UsageError naming ``what`` unless ``port`` is a whole number from 1 to 65535."""
     if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise UsageError(f"{what} must be a whole number from 1 to 65535, not {port!r}.")
+        try:
+            shown = clip(repr(port), 40)
+        except ValueError:  # an int of more than 4300 digits has no repr
+            shown = f"a number of {port.bit_length()} bits"
+        raise UsageError(f"{what} must be a whole number from 1 to 65535, not {shown}.")
 
 
 def check_seconds(name: str, value: Any, *, allow_zero: bool) -> None:

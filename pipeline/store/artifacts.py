@@ -37,7 +37,9 @@ MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 ENV_VAR = "TVMRP_ARTIFACTS"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout this code runs from (for an installed package: the directory the package is installed in)."""
 DEFAULT_ROOT = REPO_ROOT / "artifacts"
+"""The store of a checkout: ``artifacts/`` at its root (:func:`default_root` uses it only in a checkout)."""
 
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -84,9 +86,22 @@ def file_digest(path: str | os.PathLike[str]) -> str:
 
 
 def default_root() -> Path:
-    """The store root: ``$TVMRP_ARTIFACTS`` if set, else ``artifacts/`` at the repository root."""
+    """The store root: ``$TVMRP_ARTIFACTS`` if set; else, running from a checkout, ``artifacts/`` at the
+    repository root (:data:`DEFAULT_ROOT`); else (an installed package) this user's
+    ``$XDG_DATA_HOME/tvmrp/artifacts`` (by default ``~/.local/share/tvmrp/artifacts``)."""
     env = os.environ.get(ENV_VAR)
-    return Path(env).expanduser().resolve() if env else DEFAULT_ROOT
+    if env:
+        return Path(env).expanduser().resolve()
+    if _is_checkout(REPO_ROOT):
+        return DEFAULT_ROOT
+    data_home = os.environ.get("XDG_DATA_HOME", "")
+    base = Path(data_home) if os.path.isabs(data_home) else Path.home() / ".local" / "share"  # XDG: relative = unset
+    return (base / "tvmrp" / "artifacts").resolve()
+
+
+def _is_checkout(root: Path) -> bool:
+    """Whether ``root`` is this project's source tree (not the site-packages an installed package sits in)."""
+    return (root / "pyproject.toml").is_file() and (root / "pipeline" / "store").is_dir()
 
 
 @dataclass(frozen=True)

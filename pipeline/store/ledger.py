@@ -18,9 +18,12 @@ import logging
 import os
 import re
 import secrets
-from dataclasses import asdict, dataclass, field, fields
+import sys
+import types
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import StoreError, UsageError, clip
 
@@ -100,21 +103,73 @@ class RunRecord:
 
     @classmethod
     def from_json(cls, data: Any) -> RunRecord:
-        """A record from its JSON; ValueError when it is not one (wrong types, missing fields)."""
+        """A record from its JSON; ValueError when it is not one.
+
+        Every field is checked against its annotation (:func:`_conforms`: ``int`` is no bool, ``float`` takes
+        an int, ``list[int]`` checks each item, ``X | None`` takes null), so code reading a record never meets
+        a wrong type. Keys this version does not know are ignored (a newer writer's); a missing field without
+        a default is an error.
+        """
         if not isinstance(data, dict) or data.get("format") != FORMAT or not _ID.fullmatch(str(data.get("id", ""))):
             raise ValueError("not a run record")
-        names = {f.name for f in fields(cls)}
-        record = cls(**{k: v for k, v in data.items() if k in names})
-        for name in ("id", "started", "finished", "status", "model", "target", "device"):
-            if not isinstance(getattr(record, name), str):
-                raise ValueError(f"{name} is not text")
-        if not isinstance(record.stages, dict) or (record.latency_ms is not None and not isinstance(record.latency_ms, dict)):
-            raise ValueError("bad stages or latency")
-        return record
+        values = {}
+        for item in fields(cls):
+            if item.name not in data:
+                if item.default is MISSING and item.default_factory is MISSING:
+                    raise ValueError(f"{item.name} is missing")
+                continue
+            value, annotation = data[item.name], _field_types(cls)[item.name]
+            if not _conforms(value, annotation):
+                raise ValueError(f"{item.name} is not {_type_name(annotation)} (got {type(value).__name__})")
+            values[item.name] = value
+        return cls(**values)
 
     @property
     def median_ms(self) -> float | None:
         return None if not self.latency_ms else float(self.latency_ms["median"])
+
+
+@cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The evaluated annotations of a dataclass's fields (this module uses postponed annotations)."""
+    return get_type_hints(cls)
+
+
+def _conforms(value: Any, annotation: Any) -> bool:
+    """Whether a JSON value has the type ``annotation`` names (``Any``, ``None``, ``bool``, ``int``, ``float``,
+    ``str``, ``list[T]``, ``dict[K, V]`` and unions of these). JSON gives exact types: a bool is no int, an int
+    is a float if a float can hold it.
+
+    Raises:
+        TypeError: an annotation this check does not know (a programming error, found by the first read).
+    """
+    if annotation is Any:
+        return True
+    if annotation is None or annotation is type(None):
+        return value is None
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        return any(_conforms(value, arm) for arm in get_args(annotation))
+    if origin is list:
+        (item,) = get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_conforms(entry, item) for entry in value)
+    if origin is dict:
+        key, item = get_args(annotation) or (Any, Any)
+        return isinstance(value, dict) and all(_conforms(k, key) and _conforms(v, item) for k, v in value.items())
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return type(value) is int
+    if annotation is float:  # an int too large for a float would raise in float()
+        return isinstance(value, float) or (type(value) is int and abs(value) <= sys.float_info.max)
+    if annotation is str:
+        return isinstance(value, str)
+    raise TypeError(f"a run record cannot check the type {annotation!r}")
+
+
+def _type_name(annotation: Any) -> str:
+    name = str(annotation) if get_origin(annotation) else getattr(annotation, "__name__", str(annotation))
+    return name.replace("typing.", "")
 
 
 class Ledger:

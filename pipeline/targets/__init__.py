@@ -7,7 +7,8 @@ CUDA targets, :mod:`~pipeline.targets.info` holds :class:`TargetInfo` (no TVM), 
 """
 
 from pipeline.targets.info import TargetInfo, host_arch, normalise_arch
-from pipeline.targets.llvm import OPT_LEVELS, Toolchain, check_llvm_target, check_opt_level, parse_target, target_dict, toolchain_for
+from pipeline.targets.llvm import OPT_LEVELS, check_llvm_target, check_opt_level, parse_target, target_dict
+from pipeline.targets.toolchain import Toolchain, toolchain_for
 
 __all__ = [
     "OPT_LEVELS", "TargetInfo", "Toolchain", "check_llvm_target", "check_opt_level", "host_arch", "normalise_arch",

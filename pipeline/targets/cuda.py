@@ -12,7 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.errors import TargetError
+from pipeline.errors import TargetError, clip
+from pipeline.targets import grammar
 
 #: CUDA 13's NVRTC compiles for Turing (sm_75) and newer only.
 MIN_SM = 75
@@ -43,8 +44,6 @@ GPU_NAMES: dict[str, str | dict[str, Any]] = {
     "jetson-orin-nano": {"arch": "sm_87", "host": _JETSON_HOST},
     "jetson-agx-orin": "nvidia/jetson-agx-orin-32gb",
 }
-_EXAMPLES = '"cuda -arch=sm_90", "nvidia/h100", "jetson-orin", \'{"kind": "cuda", "arch": "sm_89"}\''
-
 _EXAMPLES = '"cuda -arch=sm_90", "nvidia/h100", "jetson-orin", \'{"kind": "cuda", "arch": "sm_89"}\''
 
 
@@ -92,43 +91,38 @@ def cuda_target_dict(text: str) -> dict[str, Any]:
     Accepts ``cuda -arch=sm_90 [-max_threads_per_block=1024 ...] [-host=aarch64-linux-gnu]``, TVM's JSON
     (``{"kind": "cuda", "arch": ..., "host": {...}}``), a TVM tag (``nvidia/nvidia-a100``), or a GPU name
     (:data:`GPU_NAMES`: ``h100``, ``nvidia/h100``, ``a100``, ``l4``, ``rtx40xx``, ``t4``, ``jetson-orin``...).
+    The CLI and JSON forms are those of every target (:mod:`pipeline.targets.grammar`); ``-host=`` names the
+    host's LLVM triple.
+
+    Raises:
+        TargetError: the text is none of these, or not well formed (its message echoes the text clipped).
     """
     text = (text or "").strip()
     if not text:
         raise TargetError(f"the CUDA target is empty. Examples: {_EXAMPLES}")
     if text.startswith("{"):
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TargetError(f"target JSON is invalid ({exc}). Examples: {_EXAMPLES}") from None
-        if not isinstance(config, dict) or config.get("kind") != "cuda":
+        config = grammar.parse_json(text, _EXAMPLES)
+        if config.get("kind") != "cuda":
             raise TargetError(f'a CUDA target JSON needs "kind": "cuda". Examples: {_EXAMPLES}')
-        return dict(config)
-    words = text.split()
+        return config
+    words = grammar.split_words(text, _EXAMPLES)
     if words[0] == "cuda":
-        config: dict[str, Any] = {"kind": "cuda"}
-        for word in words[1:]:
-            if not word.startswith("-") or "=" not in word:
-                raise TargetError(f"cannot parse {word!r} in {text!r}: options are -key=value. Examples: {_EXAMPLES}")
-            key, value = word.lstrip("-").split("=", 1)
-            if key == "host":
-                config["host"] = {"kind": "llvm", "mtriple": value} if value != "llvm" else {"kind": "llvm"}
-            elif key in ("keys", "libs", "mattr"):
-                config[key] = [v for v in value.split(",") if v]
-            else:
-                config[key] = int(value) if value.isdigit() else value
+        config: dict[str, Any] = {"kind": "cuda", **grammar.parse_options(words[1:], text, _EXAMPLES)}
+        host = config.get("host")
+        if isinstance(host, str):  # -host=TRIPLE (or llvm): the host code's LLVM target
+            config["host"] = {"kind": "llvm", "mtriple": host} if host != "llvm" else {"kind": "llvm"}
         return config
     if len(words) == 1:
-        name = _normalise_name(text)
+        name = _normalise_name(words[0])
         known = GPU_NAMES.get(name)
-        if known is None and text.startswith("nvidia/"):
-            known = text
+        if known is None and words[0].startswith("nvidia/"):
+            known = words[0]
         if isinstance(known, dict):
             return {"kind": "cuda", "keys": ["cuda", "gpu"], **_GPU_DEFAULTS, **known}
         if isinstance(known, str):
             return {"tag": known}
     raise TargetError(
-        f"{text!r} is not a CUDA target this pipeline knows. Examples: {_EXAMPLES}; GPU names: "
+        f"{clip(text)!r} is not a CUDA target this pipeline knows. Examples: {_EXAMPLES}; GPU names: "
         f"{', '.join(sorted(GPU_NAMES))}, or a TVM tag (python -c 'import tvm; print(tvm.target.list_tags())')"
     )
 
@@ -152,7 +146,7 @@ def parse_cuda_target(text: str) -> CudaTarget:
     try:
         if "tag" in config:
             if config["tag"] not in tvm.target.list_tags():
-                raise TargetError(f"TVM does not know the target tag {config['tag']!r}. Examples: {_EXAMPLES}")
+                raise TargetError(f"TVM does not know the target tag {clip(config['tag'])!r}. Examples: {_EXAMPLES}")
             tagged = tvm.target.Target(config["tag"])
             config = json.loads(str(tagged))
             config.pop("tag", None)
@@ -162,12 +156,13 @@ def parse_cuda_target(text: str) -> CudaTarget:
         match = _ARCH_RE.match(arch)
         if not match:
             raise TargetError(
-                f"the CUDA target {text!r} needs an arch like sm_90 (got {arch or 'none'}): TVM would otherwise "
-                f"guess sm_50. Examples: {_EXAMPLES}"
+                f"the CUDA target {clip(text)!r} needs an arch like sm_90 (got {clip(arch, 60) or 'none'}): TVM "
+                f"would otherwise guess sm_50. Examples: {_EXAMPLES}"
             )
         if int(match.group(1)) < MIN_SM:
             raise TargetError(
-                f"{arch} is too old for CUDA 13 (the NVRTC this pipeline uses compiles for sm_{MIN_SM} and newer)"
+                f"{clip(arch, 60)} is too old for CUDA 13 (the NVRTC this pipeline uses compiles for sm_{MIN_SM} "
+                "and newer)"
             )
         for key, value in _GPU_DEFAULTS.items():
             config.setdefault(key, value)
@@ -179,7 +174,9 @@ def parse_cuda_target(text: str) -> CudaTarget:
         raise
     except Exception as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TargetError(f"TVM cannot use the CUDA target {text!r}: {first}. Examples: {_EXAMPLES}") from None
+        raise TargetError(
+            f"TVM cannot use the CUDA target {clip(text)!r}: {clip(first)}. Examples: {_EXAMPLES}"
+        ) from None
     triple = str(target.host.attrs.get("mtriple", "")) or tvm.target.codegen.llvm_get_system_triple()
     host_arch = triple.split("-")[0].lower()
     host_arch = {"amd64": "x86_64", "arm64": "aarch64"}.get(host_arch, host_arch)

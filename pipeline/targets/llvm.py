@@ -1,7 +1,7 @@
 """Turn what users type as a target into a TVM 0.27 ``Target`` and its canonical string.
 
 TVM 0.27 only accepts a bare kind (``"llvm"``) or the JSON/dict form. Users (and the seed script) type the
-old CLI form, so we translate it:
+old CLI form, so we translate it (:mod:`pipeline.targets.grammar`, the grammar CUDA targets share):
 
     llvm                                         -> {"kind": "llvm"}
     llvm -mtriple=aarch64-linux-gnu -mattr=+neon -> {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}
@@ -20,86 +20,40 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import os
-import shlex
-import shutil
-import subprocess
 import sys
-from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Iterator
 
-from pipeline.errors import ExportError, TargetError, clip
-from pipeline.targets.info import TargetInfo, host_arch, normalise_arch  # noqa: F401 - re-exported
+from pipeline.errors import TargetError, clip
+from pipeline.targets import grammar
+from pipeline.targets.info import TargetInfo, host_arch, normalise_arch
 
 OPT_LEVELS = (0, 1, 2, 3)
 
-# Old CLI spellings -> TVM 0.27 attribute names.
-_ALIASES = {"target": "mtriple"}
-# Attributes that TVM 0.27 stores as arrays.
-_LIST_ATTRS = {"mattr", "keys", "libs"}
 _EXAMPLES = (
     '"llvm", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", '
     '\'{"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"]}\''
 )
 
-# Debian cross compilers by target architecture (the first component of the LLVM triple).
-_CROSS = {
-    "aarch64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
-    "arm64": ("aarch64-linux-gnu-gcc", "gcc-aarch64-linux-gnu"),
-    "armv7": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
-    "armv7a": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
-    "arm": ("arm-linux-gnueabihf-gcc", "gcc-arm-linux-gnueabihf"),
-    "riscv64": ("riscv64-linux-gnu-gcc", "gcc-riscv64-linux-gnu"),
-    "x86_64": ("x86_64-linux-gnu-gcc", "gcc-x86-64-linux-gnu"),
-}
-def _parse_value(key: str, value: str) -> Any:
-    if key in _LIST_ATTRS:
-        return [v for v in value.split(",") if v]
-    if value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    try:
-        return int(value)
-    except ValueError:
-        return value
-
 
 def target_dict(text: str) -> dict[str, Any]:
-    """Parse a user's target text (CLI form or JSON) into TVM's dict form, without TVM.
+    """Parse a user's target text (CLI form or JSON) into TVM's dict form, without TVM (the grammar:
+    :mod:`pipeline.targets.grammar`).
 
     Raises:
-        TargetError: empty text, bad JSON, or a flag that is not ``-key=value``.
+        TargetError: empty text, bad JSON, unbalanced quotes, or a flag that is not ``-key=value``.
     """
-    text = (text or "").strip()
-    if not text:
-        raise TargetError(f"the target is empty. Examples: {_EXAMPLES}")
-    if text.startswith("{"):
-        try:
-            config = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise TargetError(f"target JSON is invalid ({clip(exc)}). Examples: {_EXAMPLES}") from None
-        if not isinstance(config, dict) or "kind" not in config:
-            raise TargetError(f'target JSON needs a "kind" key. Examples: {_EXAMPLES}')
-        return config
-    try:
-        words = shlex.split(text)
-    except ValueError as exc:
-        raise TargetError(f"cannot split target {clip(text)!r}: {clip(exc)}") from None
-    config: dict[str, Any] = {"kind": words[0]}
-    for word in words[1:]:
-        if not word.startswith("-") or "=" not in word:
-            raise TargetError(
-                f"cannot parse {clip(word)!r} in target {clip(text)!r}: options are -key=value. Examples: {_EXAMPLES}"
-            )
-        key, value = word.lstrip("-").split("=", 1)
-        key = _ALIASES.get(key, key)
-        config[key] = _parse_value(key, value)
-    return config
+    return grammar.target_dict(text, _EXAMPLES)
 
 
+@lru_cache(maxsize=64)
 def parse_target(text: str) -> TargetInfo:
     """Parse and validate a target with TVM and LLVM; return its canonical form.
+
+    Memoised: the answer depends on the text alone (and this machine, for ``-mcpu=native`` and the default
+    triple), and a command line parses its target several times (early check, request, plan). Errors are not
+    remembered.
 
     Raises:
         TargetError: TVM cannot parse it, or LLVM does not know its triple, CPU or a feature (with the
@@ -320,49 +274,3 @@ def check_opt_level(opt_level: int) -> int:
     if isinstance(opt_level, bool) or opt_level not in OPT_LEVELS:
         raise TargetError(f"opt_level must be one of 0, 1, 2, 3 (got {opt_level!r})")
     return int(opt_level)
-
-
-@dataclass(frozen=True)
-class Toolchain:
-    """The C compiler that links a library for a target.
-
-    Attributes:
-        compiler: executable name, e.g. ``"g++"`` (TVM's default) or ``"aarch64-linux-gnu-gcc"``.
-        identity: compiler path and first line of ``--version``: part of the export key.
-        cross: True when the target architecture is not the host's.
-    """
-
-    compiler: str
-    identity: str
-    cross: bool
-
-
-@lru_cache(maxsize=None)
-def _compiler_identity(compiler: str) -> str:
-    path = shutil.which(compiler) or compiler
-    try:
-        out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError):
-        out = ""
-    return f"{path} {out.splitlines()[0] if out else 'unknown version'}"
-
-
-def toolchain_for(target: TargetInfo) -> Toolchain:
-    """The compiler that links libraries for ``target`` on this machine.
-
-    Raises:
-        ExportError: the target is foreign and its cross compiler is not installed (names the Debian package).
-    """
-    if target.arch == host_arch():
-        compiler = "g++"
-        if not shutil.which(compiler):
-            raise ExportError("no C++ compiler found to link the library: install g++ (Debian: apt-get install g++)")
-        return Toolchain(compiler, _compiler_identity(compiler), cross=False)
-    compiler, package = _CROSS.get(target.arch, (f"{target.arch}-linux-gnu-gcc", f"gcc-{target.arch}-linux-gnu"))
-    if not shutil.which(compiler):
-        raise ExportError(
-            f"the target {target.triple} is not this machine's architecture ({host_arch()}), so the library must be "
-            f"linked with the cross compiler {compiler}, which is not installed. On Debian/Ubuntu: "
-            f"apt-get install {package}"
-        )
-    return Toolchain(compiler, _compiler_identity(compiler), cross=True)

@@ -120,3 +120,22 @@ def test_parse_cuda_target(text, arch, host_arch):
 def test_parse_cuda_target_rejects(text, match):
     with pytest.raises(TargetError, match=match):
         cuda.parse_cuda_target(text)
+
+
+def test_parse_cuda_target__quoted_values_are_unquoted():
+    from pipeline.targets import parse_target
+
+    assert cuda.parse_cuda_target('cuda -arch="sm_90"') == cuda.parse_cuda_target("cuda -arch=sm_90")
+    quoted = parse_target("cuda -arch='sm_89' -host=\"aarch64-linux-gnu\"")
+    assert quoted == parse_target("cuda -arch=sm_89 -host=aarch64-linux-gnu") and quoted.arch == "aarch64"
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["cuda -arch=" + "x" * 5000, "cuda -" + "y" * 5000, "cuda " + "z" * 5000, "voodoo" * 900,
+     '{"kind": "cuda", "arch": "' + "q" * 5000 + '"}', "nvidia/" + "n" * 5000, 'cuda -arch="' + "u" * 5000],
+)
+def test_parse_cuda_target__long_junk_is_echoed_clipped(text):
+    with pytest.raises(TargetError) as info:
+        cuda.parse_cuda_target(text)
+    assert len(str(info.value)) < 800, len(str(info.value))

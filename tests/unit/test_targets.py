@@ -19,6 +19,27 @@ def test_target_dict__cli_forms():
     assert target_dict("llvm -mattr=+avx2,+fma -num-cores=2") == {"kind": "llvm", "mattr": ["+avx2", "+fma"], "num-cores": 2}
 
 
+def test_target_dict__quotes_group_and_are_removed():
+    assert target_dict('llvm -mtriple="aarch64-linux-gnu" \'-mattr=+neon,+dotprod\'') == {
+        "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon", "+dotprod"]}
+    assert target_dict('llvm -mcpu="" -opt=true -n=-2') == {"kind": "llvm", "mcpu": "", "opt": True, "n": -2}
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [('llvm -mtriple="x', "cannot split"), ("llvm -=1", "options are -key=value"), ("llvm -kind=c", "first word"),
+     ("{" + "[" * 100_000, "JSON is invalid"), ('{"kind": ' + "1" * 5000 + "}", "JSON is invalid")],
+)
+def test_target_dict__invalid_is_target_error(text, match):
+    with pytest.raises(TargetError, match=match) as info:
+        target_dict(text)
+    assert len(str(info.value)) < 800
+
+
+def test_parse_target__is_memoised():
+    assert parse_target("llvm -mtriple=aarch64-linux-gnu") is parse_target("llvm -mtriple=aarch64-linux-gnu")
+
+
 def test_parse_target__seed_string():
     info = parse_target("llvm -target=x86_64-pc-linux-gnu")
     assert json.loads(info.canonical)["mtriple"] == "x86_64-pc-linux-gnu"
