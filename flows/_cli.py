@@ -160,9 +160,10 @@ def cli_prefect_settings() -> Iterator[None]:
 
     Heartbeats (Prefect's default: one every 180 s) let an automation mark a run whose process died as
     crashed; a command line run has its user watching. Prefect's heartbeat thread sleeps in 1 s steps and the
-    engine waits for it when the run ends: 0.8 s of a 2.1 s warm run here (bench/RESULTS.md). Deployment
-    runs (a worker starts them, not this command) keep Prefect's setting; so does a command line run when
-    ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set in the environment or the Prefect profile.
+    engine waits for it when the run ends, a large share of a warm run (measurements:
+    docs/performance.md#command-line-start-up). Deployment runs (a worker starts them, not this command) keep
+    Prefect's setting; so does a command line run when ``PREFECT_FLOWS_HEARTBEAT_FREQUENCY`` is set in the
+    environment or the Prefect profile.
     """
     from prefect.context import get_settings_context
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
@@ -200,7 +201,8 @@ _LIFELINES: list[Any] = []
 def start_early(argv: Sequence[str], embedded_device: bool) -> None:
     """What a command line starts before its heavy imports (Prefect, TVM): the lifeline, and the embedded
     device when the command will use it (no --host/--tracker/--build-only, not --help), so that the device's
-    start-up runs beside those imports instead of after them (warm run of the demo: 1.5 s less waiting)."""
+    start-up runs beside those imports instead of after them, and a warm run waits less (measurements:
+    docs/performance.md#command-line-start-up)."""
     _watch_children()
     if embedded_device and not {"--host", "--tracker", "--build-only", "-h", "--help"} & set(argv):
         from pipeline.device import prestart_embedded_server
@@ -214,9 +216,9 @@ def start_early(argv: Sequence[str], embedded_device: bool) -> None:
 
 def _check_target_early(argv: Sequence[str]) -> None:
     """A ``--target`` that LLVM or TVM refuses ends the command here (exit 2), before Prefect is imported
-    (~2 s, more on a busy machine); the run checks it again with everything else (18 ms). TVM is imported
-    now instead of a moment later, while the embedded device starts beside it. An early device is stopped
-    at exit."""
+    (which takes seconds, more on a busy machine); the run checks it again with everything else, which is
+    cheap (measurements: docs/performance.md#command-line-start-up). TVM is imported now instead of a moment
+    later, while the embedded device starts beside it. An early device is stopped at exit."""
     if {"-h", "--help"} & set(argv):
         return
     target = next((argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--target"), None)

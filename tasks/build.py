@@ -3,12 +3,13 @@
 ``tvm.compile`` under ``PassContext(opt_level=N)``; the compiled objects are saved with
 ``Executable.export_library("build.tar", fcompile=write_tar)``, which writes the object files for the target's
 architecture into a plain tar without linking them (so a cross build needs no cross compiler yet). TVM's own
-``.tar`` export gzips them (``tar -czf``): 1.3 s of a 4 s ResNet-18 build here, for weights that hardly
-compress, and the export stage then paid again to inflate them. Keyed (by the plan) by model digest,
-canonical target, opt_level, TVM version, our build code version and the tuning's key; an untuned CPU build
-applies schedules from MetaSchedule's rules without search (:mod:`pipeline.tuning.rules`: ResNet-18 4x and
-EfficientNet-Lite0 2.5-3x faster than TVM's unscheduled default, for seconds of build time), and its key
-names them.
+``.tar`` export gzips them (``tar -czf``): a large share of a build's time, for weights that hardly
+compress, and the export stage then paid again to inflate them (measurements:
+docs/performance.md#reading-the-benchmarks). Keyed (by the plan) by model digest, canonical target,
+opt_level, TVM version, our build code version and the tuning's key; an untuned CPU build applies schedules
+from MetaSchedule's rules without search (:mod:`pipeline.tuning.rules`: several times faster than TVM's
+unscheduled default, for a longer build and no measurement; measurements:
+docs/performance.md#the-untuned-default-rule-based-schedules), and its key names them.
 
 A CUDA target is compiled by :func:`pipeline.cuda.builder.compile_cuda` in a subprocess that makes TVM's CUDA
 runtime load on this GPU-less machine, so the kernels are compiled to GPU machine code (cubin) here, once

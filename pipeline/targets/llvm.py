@@ -152,7 +152,8 @@ def _llvm_cpus(triple: str) -> tuple[str, ...]:
 
 @lru_cache(maxsize=64)
 def _llvm_cpu_features(triple: str) -> frozenset[str]:
-    """Every feature that some CPU of ``triple`` enables (x86_64: 171 names from 131 CPUs, ~20 ms)."""
+    """Every feature that some CPU of ``triple`` enables: LLVM is asked about each of its CPUs, once per triple
+    (cached; cost: docs/performance.md#command-line-start-up)."""
     from tvm.target import codegen
 
     features: set[str] = set()

@@ -5,22 +5,16 @@ without vectors. The untuned default build (``schedules="rules"``) instead gives
 MetaSchedule's CPU schedule rules (multi-level tiling, parallel loops, vectorisation, unrolling, the weights'
 layout rewrite) with the rules' own random choices drawn from a fixed seed, in the schedule space tunings
 search (:data:`~pipeline.tuning.space.DEFAULT_SPACE`, NHWC). Nothing is built or measured to choose it, so it
-costs seconds, not minutes; a tuning (``--tune-trials``) measures candidates and replaces it.
+costs no search; a tuning (``--tune-trials``) measures candidates and replaces it.
 
-Measured on the 2-core Zen 4 machine (``bench/bench.py``, section 3c of ``bench/RESULTS.md``: one run, medians):
+The drawn schedules make an untuned model several times faster than TVM's unscheduled build, with the same
+outputs up to rounding, for a longer first build (the NHWC weights are folded and prepacked, and the scheduled
+kernels take longer to compile), once per build key. NHWC rather than NCHW: in NCHW the rules gave a slower
+model (though a shorter preparation), and one kernel rejected its task's schedule. The other cheap option, a
+first tuning of one trial per task, gave a model no faster and took far longer than a default may cost. GPU
+targets are not scheduled here (their build applies TVM's GPU schedules).
 
-==========================  ===============  ==================  ==========================================
-model, target               untuned (none)   rules               build + export (none -> rules), once
-==========================  ===============  ==================  ==========================================
-EfficientNet-Lite0, llvm    235 ms           97 ms               5.9 s -> 40 s (NHWC weights folded, prepacked)
-ResNet-18 v2, llvm          1440 ms          275 ms              3.4 s -> 26 s
-ResNet-18 v2, -mcpu=native  1885 ms          252 ms              (section 3)
-==========================  ===============  ==================  ==========================================
-
-Outputs match the unscheduled build's to ~1e-5. In NCHW the rules gave EfficientNet-Lite0 106 ms (prepared in
-10 s instead of 13 s), and one kernel rejected its task's schedule: NHWC stays. The other cheap option measured,
-a first tuning of one trial per task, took 694 s for EfficientNet-Lite0 (108 ms): far over the minute a default
-may cost. GPU targets are not scheduled here (their build applies TVM's GPU schedules).
+(measurements: docs/performance.md#the-untuned-default-rule-based-schedules)
 """
 
 from __future__ import annotations

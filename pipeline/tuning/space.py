@@ -1,48 +1,33 @@
 """The schedule space, the target and cores it is tuned for, and the inputs that key a tuning.
 
-The schedule space, chosen by measuring ResNet-18 v2 (random weights, ``llvm -mcpu=native``, 64 trials) on
-the 2-core Zen 5 development machine:
+The schedule space (:data:`DEFAULT_SPACE` for CPU targets, :data:`GPU_SPACE` for GPU targets) and why each
+part of it was chosen, by measuring ResNet-18 tunings:
 
 * TVM's ``static_shape_tuning`` preparation (inference ops decomposed, legalised, fused) with CPU weight
   prepacking: the constant weights are laid out for each tuned kernel at build time, so the model's
-  interface does not change (73.6 ms after 180 s; without prepacking 78.7 ms after 162 s);
-* ``anchor-block`` task equality: kernels around the same convolution share one task (20 tasks instead of
-  28; structural: 125.8 ms after 241 s);
-* evolutionary search with a population of 64 instead of TVM's 512: one search round of a convolution
-  takes ~5 s instead of ~40 s on 2 cores, which at these budgets is the dominant cost;
+  interface does not change, and the same budget tunes a faster model than without prepacking;
+* ``anchor-block`` task equality: kernels around the same convolution share one task, so there are fewer
+  tasks to share the budget; with ``structural`` equality the same budget gave a much slower model;
+* evolutionary search with a population of 64 instead of TVM's 512: on a machine of a few cores a search
+  round of a convolution at TVM's population takes several times as long, and at the budgets used here the
+  search rounds are the dominant cost;
 * every task measured in the first round (trials per round = budget / tasks, at most 64), then TVM's
-  gradient task scheduler spends the rest where the latency is.
+  gradient task scheduler spends the rest where the latency is. At small budgets the first round takes most
+  of the trials whatever the scheduler, so the scheduler decides little, and two tunings with one scheduler
+  differ as much as two schedulers; at a larger budget round-robin and ``weighted`` (the rest of the budget
+  in shares of weight x latency after the first round) were no better, so ``gradient`` stays (the other two
+  remain for experiments);
+* schedules for the machine's own core count: tuning for fewer cores than the machine has gave no gain.
+  Measurements taken on a loaded machine pick worse schedules, so tune on a quiet one.
 
-Re-measured with this code (ResNet-18 v2, 64 trials, on the same 2 cores shared with other work: load
-2-6 while tuning; every library then timed at load ~2, median / min of 15 x 10 runs):
-
-* task scheduler: gradient 128 / 123 ms and 120 / 111 ms (two runs), round-robin 88 / 82 ms, ``weighted``
-  (the rest of the budget in shares of weight x latency after the first round) 96 / 89 ms and 133 / 130 ms.
-  The first round takes 48 of the 64 trials whatever the scheduler (tasks with one or two candidates take
-  fewer than 3), so only 16 trials differ, and two runs of one scheduler differ as much as two schedulers:
-  no scheduler is shown better at this budget. At 256 trials in the NHWC space (below; from scratch, quiet
-  machine, timed as median / min of 15 x 10 runs; MetaSchedule's estimate in brackets): gradient 37.8 / 36.5 ms
-  (37.3) in 228 s, round-robin 45.5 / 37.8 ms (37.1) in 261 s, ``weighted`` 38.3 / 37.8 ms (40.7) in 245 s:
-  ``gradient`` is at least as good as either and stays (the other two remain for experiments);
-* ``num-cores`` 1 instead of this machine's 2: 140 / 122 ms: no gain, the machine's count stays;
-* measurements taken on a loaded machine pick worse schedules: 64 trials gave 73.6 ms on a quiet machine.
-
-The layout (``NHWC`` for CPU targets since this was measured): ResNet-18's 3x3 convolution of each stage
-alone (+ bias + ReLU, weights prepacked), 128 trials each, on the 2-core Zen 4 machine, ms (GFLOP/s):
-
-==================  ===============  ===============
-stage (C, H x W)    NCHW             NHWC
-==================  ===============  ===============
-1 (64, 56 x 56)     2.26 (103)       2.36 (98)
-3 (256, 14 x 14)    3.00 (77)        2.18 (106)
-4 (512, 7 x 7)      3.04 (76)        2.14 (108)
-==================  ===============  ===============
-
-In NCHW a kernel vectorises over the image's width (7 of 16 lanes used at stage 4); in NHWC over the
-output channels. The whole model, incremental tuning on the same machine: NCHW 91.6 / 59.0 / 48.3 / 45.3 ms
-after 64 / 256 / 2048 / 4096 trials, NHWC 58.4 / 37.9 / 34.5 / 34.6 ms (bench/RESULTS.md). GPU targets keep
-NCHW (:data:`GPU_SPACE`): not measured on a GPU. The layout adds a small task per model (the image's
+The layout: CPU targets tune and build their convolutions in NHWC. In NCHW a kernel vectorises over the
+image's width, which leaves most vector lanes idle on the small images of a network's last stages; in NHWC
+over the output channels, whatever the image size. NHWC kernels are about as fast at the first stage and faster at
+the later ones, and the whole model tunes to a lower latency in fewer trials. GPU targets keep NCHW
+(:data:`GPU_SPACE`): not measured on a GPU. The layout adds a small task per model (the image's
 transposition), so a tiny model needs one more trial than tasks before every task is measured.
+
+(measurements, with the machines they were taken on: docs/performance.md#the-schedule-space)
 """
 
 from __future__ import annotations
@@ -105,7 +90,7 @@ class TuningSpace:
         return TuningSpace(**{"layout": "NCHW", **{k: v for k, v in options.items() if k in known}})
 
 
-#: The schedule space of CPU targets (see the module's docstring for the figures that chose it).
+#: The schedule space of CPU targets (the module's docstring says why; docs/performance.md#the-schedule-space).
 DEFAULT_SPACE = TuningSpace(layout="NHWC")
 #: The schedule space of GPU targets: the imported layout (NHWC was measured on CPUs only; no GPU here).
 GPU_SPACE = TuningSpace(layout="NCHW")
