@@ -144,14 +144,14 @@ def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0
     from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
     from tasks.chains import compile_chain, run_plain
-    from tasks.export_library import LIBRARY_FILE
+    from pipeline.store.layout import LIBRARY_FILE
     from tasks.tune import read_report
 
     target = parse_target(target_text)
     plan = plan_build(model, target, 3, trials, schedules=schedules)
     store = ArtifactStore(store_root)
     compiled = compile_chain(plan, store, False, run=run_plain)
-    report = read_report(compiled.tuning, store_root) if compiled.tuning else None
+    report = read_report(compiled.tuning, store) if compiled.tuning else None
     return {
         "target": target, "imported": compiled.module, "build_key": plan.build.key, "report": report,
         "plan": plan, "library": store.file(compiled.library, LIBRARY_FILE),
@@ -444,7 +444,7 @@ def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
     from tasks._cache import run_cached
     from tasks.build import build_task
     from tasks.export_library import export_library_task
-    from tasks.import_model import MODULE_FILE
+    from pipeline.store.layout import MODULE_FILE
 
     model = resolve_model(ModelSpec(RESNET, weights="random"))
     target = parse_target(FLOW_TARGET)

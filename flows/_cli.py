@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import os
@@ -176,26 +177,32 @@ def cli_prefect_settings() -> Iterator[None]:
         yield
 
 
-def _settle_prefect() -> None:
+def _temporary_servers() -> list[Any]:
+    """Prefect's temporary servers in this process (Prefect 3.9's registry of them). Prefect imported its server
+    module if it started one; importing it here for nothing would cost seconds (the whole server application)."""
+    server_module = sys.modules.get("prefect.server.api.server")
+    return list(getattr(server_module, "SubprocessASGIServer")._instances.values()) if server_module else []
+
+
+def _settle_prefect(before: Sequence[Any] = ()) -> None:
     """Let Prefect finish before the command's last line: flush its log and event queues to the API, then stop
-    the temporary server it started (it shares our stderr; stopped at exit, its shutdown output would come
-    after our ``Error:`` line)."""
+    the temporary server it started for this command, not one that ran ``before`` it (it shares our stderr;
+    stopped at exit, its shutdown output would come after our ``Error:`` line)."""
     try:
         from prefect.events.worker import EventsWorker
         from prefect.logging.handlers import APILogWorker
 
         APILogWorker.drain_all(timeout=5)
         EventsWorker.drain_all(timeout=5)
-        # Prefect imported its server module if it started a temporary server; importing it here for nothing
-        # would cost seconds (the whole server application).
-        server_module = sys.modules.get("prefect.server.api.server")
-        for server in list(getattr(server_module, "SubprocessASGIServer")._instances.values()) if server_module else []:
-            server.stop()  # Prefect 3.9's registry of its temporary servers
+        for server in _temporary_servers():
+            if not any(server is earlier for earlier in before):
+                server.stop()
     except Exception as exc:  # noqa: BLE001 - the run's outcome is already decided
         log.debug("could not settle Prefect before exiting: %s", exc)
 
 
 _LIFELINES: list[Any] = []
+_LIFELINE_STARTED = threading.Event()
 
 
 def start_early(argv: Sequence[str], embedded_device: bool) -> None:
@@ -237,8 +244,12 @@ def _watch_children() -> None:
     """Start the lifeline (:class:`pipeline.processes.Lifeline`): if this process is killed (even SIGKILL: the
     OOM killer, a CI timeout), a watchdog ends every process it started (the embedded rpc_server and its
     workers, Prefect's temporary server) within about 2 s. Started on a thread: it is watching long before
-    the first child starts, and the run does not wait for it."""
+    the first child starts, and the run does not wait for it. One per process: a second call does nothing."""
     from pipeline.processes import Lifeline
+
+    if _LIFELINE_STARTED.is_set():
+        return
+    _LIFELINE_STARTED.set()
 
     def start() -> None:
         try:
@@ -312,7 +323,8 @@ def run_command(
     signal.signal(signal.SIGTERM, _interrupt)
     _watch_children()
     as_json = False
-    settle = _settle_prefect if uses_prefect else (lambda: None)
+    earlier = _temporary_servers()
+    settle = functools.partial(_settle_prefect, earlier) if uses_prefect else (lambda: None)
     try:
         args = parser.parse_args(argv)
         as_json = bool(getattr(args, "json", False))

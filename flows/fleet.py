@@ -38,33 +38,15 @@ from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows._cli import Parser, run_command
-from tasks.chains import Compiled
-from tasks.report import flow_run_id
 from pipeline.device import tracker_summary
-from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError
-from pipeline.fleet.plan import (
-    BuildCounts,
-    FleetPair,
-    FleetSummary,
-    PairResult,
-    ResolvedFleet,
-    format_markdown,
-    format_text,
-    one_line,
-    resolve_fleet,
-    table_rows,
-)
+from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError, one_line
+from pipeline.fleet.plan import FleetPair, ResolvedFleet, resolve_fleet
 from pipeline.fleet.spec import FleetSpec, fleet_from_mapping, load_fleet
-from pipeline.store.ledger import new_run_id
-from tasks.fleet import (
-    Reference,
-    compile_task,
-    in_store,
-    not_run,
-    pair_task,
-    reference_once_task,
-    remote_build_task,
-)
+from pipeline.results import BuildCounts, FleetSummary, PairResult, RunStamp
+from pipeline.views.fleet import format_markdown, format_text, table_rows
+from tasks.chains import Compiled, Prepared, Reference
+from tasks.fleet import compile_task, in_store, not_run, pair_task, reference_once_task, remote_build_task
+from tasks.report import flow_run_id
 
 log = logging.getLogger("flows.fleet")
 
@@ -104,7 +86,7 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
         FleetFailed: some pairs failed; the others completed. It carries the summary.
     """
     clock = time.perf_counter()
-    fleet_run = new_run_id()
+    fleet_run = RunStamp.new().id
     fleet = resolve_fleet(load_spec(fleet_file, spec), artifacts)
     log.info("fleet run %s: %d device(s) x %d model(s), store %s", fleet_run, len(fleet.spec.devices),
              len(fleet.spec.models), fleet.store.root)
@@ -132,7 +114,7 @@ fleet = flow(name="fleet", flow_run_name=_run_name, log_prints=False)(_fleet)
 
 
 @dataclass(frozen=True)
-class Prepared:
+class CompilePhase:
     """What the compile phase left for the pairs: libraries and references by key, or why there are none."""
 
     compiled: dict[str, Compiled]
@@ -144,13 +126,21 @@ class Prepared:
         """Why ``pair`` cannot run (its planning, build or reference failed); None when it can."""
         if pair.plan is None:
             return PipelineError(pair.unplanned or "its build could not be planned")
-        for key in (pair.plan.library.key, pair.reference.key if pair.reference else None):
+        reference = pair.plan.reference
+        for key in (pair.plan.build.library.key, reference.key if reference else None):
             if key is not None and key in self.failures:
                 return self.failures[key]
         return None
 
+    def for_pair(self, pair: FleetPair) -> Prepared:
+        """What ``pair`` runs with (a pair without a :meth:`blocker`)."""
+        assert pair.plan is not None
+        reference = pair.plan.reference
+        return Prepared(self.compiled[pair.plan.build.library.key],
+                        self.references[reference.key] if reference is not None else None)
 
-def _prepare(fleet: ResolvedFleet) -> Prepared:
+
+def _prepare(fleet: ResolvedFleet) -> CompilePhase:
     """Compile every distinct build and compute every reference, each once.
 
     What the store already holds is looked up here, one after another (milliseconds: digests are checked, nothing
@@ -161,17 +151,17 @@ def _prepare(fleet: ResolvedFleet) -> Prepared:
     With ``build_deployment``, the builds run on that deployment's workers instead
     (:func:`tasks.fleet.build_on_deployment`).
     """
-    spec, store, root = fleet.spec, fleet.store, str(fleet.store.root)
+    spec, store = fleet.spec, fleet.store
     builds, references = fleet.builds(), fleet.references()
     jobs: dict[str, tuple[Any, dict[str, Any], str]] = {}
     for key, pair in builds.items():
-        plan = pair.plan
-        assert plan is not None
+        assert pair.plan is not None
+        plan = pair.plan.build
         name = f"compile {plan.model.name} for {plan.target.arch} ({plan.build.key[:12]})"
-        jobs[key] = compile_task, {"plan": plan, "store_root": root}, name
+        jobs[key] = compile_task, {"plan": plan, "store": store}, name
     for key, pair in references.items():
         jobs[key] = reference_once_task, {"pair": pair}, f"reference {pair.label}"
-    stored = {key for key, pair in builds.items() if pair.plan is not None and in_store(store, pair.plan)}
+    stored = {key for key, pair in builds.items() if pair.plan is not None and in_store(store, pair.plan.build)}
     stored |= {key for key in references if store.get(key) is not None}
     to_produce = [key for key in jobs if key not in stored]
     remote = [key for key in to_produce if key in builds and spec.build_deployment]
@@ -208,7 +198,7 @@ def _prepare(fleet: ResolvedFleet) -> Prepared:
     ran = sum(1 for c in compiled.values() if "ran" in c.stages.values())
     counts = BuildCounts(ran=ran, cached=len(compiled) - ran, failed=sum(1 for k in builds if k in failures))
     log.info("builds: %d ran, %d cached, %d failed", counts.ran, counts.cached, counts.failed)
-    return Prepared(compiled, refs, failures, counts)
+    return CompilePhase(compiled, refs, failures, counts)
 
 
 def default_build_concurrency() -> int:
@@ -261,7 +251,7 @@ def _sessions(fleet: ResolvedFleet) -> dict[str, int]:
     return sessions
 
 
-def _run_devices(fleet: ResolvedFleet, prepared: Prepared, fleet_run: str) -> dict[int, PairResult]:
+def _run_devices(fleet: ResolvedFleet, prepared: CompilePhase, fleet_run: str) -> dict[int, PairResult]:
     """Run every pair: devices side by side, each device's pairs one after another (or one per server).
 
     A pair whose device was unavailable (no session within its timeouts) leaves that device's remaining
@@ -296,9 +286,7 @@ def _run_devices(fleet: ResolvedFleet, prepared: Prepared, fleet_run: str) -> di
                     results[index] = not_run(pair, DeviceUnavailable(down[name]), fleet_run)
                     continue
                 future = runner.submit(pair_task.with_options(task_run_name=pair.name[:120]), {
-                    "pair": pair, "compiled": prepared.compiled[pair.plan.library.key],  # type: ignore[union-attr]
-                    "reference": prepared.references.get(pair.reference.key) if pair.reference else None,
-                    "fleet_run": fleet_run,
+                    "pair": pair, "prepared": prepared.for_pair(pair), "fleet_run": fleet_run,
                 })
                 in_flight[future.wrapped_future] = (name, index, future)
                 return
@@ -334,8 +322,8 @@ def _outcome(pair: FleetPair, future: Any, fleet_run: str) -> PairResult:
     return not_run(pair, error, fleet_run)
 
 
-def artifact_key(source: str) -> str:
-    """The artifact key suffix of a fleet file: ``fleet.yaml`` -> ``fleet``, so each file keeps its history."""
+def ui_key(source: str) -> str:
+    """The Prefect artifact key suffix of a fleet file: ``fleet.yaml`` -> ``fleet``, so each file keeps its history."""
     stem = os.path.splitext(os.path.basename(source))[0]
     return re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-")[:40] or "fleet"
 
@@ -345,7 +333,7 @@ def _publish(summary: FleetSummary) -> None:
     try:
         from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-        key = artifact_key(summary.source)
+        key = ui_key(summary.source)
         create_table_artifact(table_rows(summary), key=f"fleet-{key}", description=f"Fleet {summary.source}: device x model")
         create_markdown_artifact(format_markdown(summary), key=f"fleet-summary-{key}",
                                  description=f"Fleet run {summary.fleet_run} of {summary.source}")
@@ -373,12 +361,7 @@ def build_parser() -> Parser:
 
 def _execute(args: Any) -> FleetSummary:
     resolve_fleet(load_fleet(args.fleet_file), args.artifacts)  # fail fast on a bad file, before Prefect starts
-    try:
-        return fleet(fleet_file=args.fleet_file, artifacts=args.artifacts)
-    except FleetFailed as exc:  # the table of every pair, then the error line
-        if exc.summary is not None:
-            _show(exc.summary, bool(args.json))
-        raise
+    return fleet(fleet_file=args.fleet_file, artifacts=args.artifacts)  # a FleetFailed carries the table
 
 
 def _show(summary: FleetSummary, as_json: bool) -> None:

@@ -90,7 +90,7 @@ def _list(ledger: Ledger, args: argparse.Namespace) -> Output:
 
 
 def _execute(args: argparse.Namespace) -> Output:
-    ledger = Ledger(ArtifactStore(args.artifacts).root)  # reads only: the store is not created
+    ledger = ArtifactStore(args.artifacts).ledger  # reads only: the store is not created
     if args.command == "show":
         record = ledger.find(args.run)
         return Output(json.dumps(record.as_json(), indent=1) if args.json else format_run(record))

@@ -28,7 +28,10 @@ are wrapped at the boundary with a message that says what to do.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.results import AccuracySummary, FleetSummary, PairResult, RunSummary
 
 
 def clip(text: object, limit: int = 200) -> str:
@@ -41,6 +44,13 @@ def clip(text: object, limit: int = 200) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}... ({len(text)} characters)"
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An error's first line, capped: what tables and JSON show (the ledger keeps the whole message)."""
+    text = str(exc).strip()
+    first = next((line.strip() for line in text.splitlines() if line.strip()), "")
+    return clip(first or (type(exc).__name__ if isinstance(exc, BaseException) else ""), limit)
 
 
 class PipelineError(Exception):
@@ -87,12 +97,12 @@ class CheckFailed(PipelineError):
     """The compiled model's output broke the accuracy thresholds against its own framework's output.
 
     Attributes:
-        check: the check's figures (``tasks.check.CheckResult.as_dict()``), when known.
-        summary: the run's summary, when the run got that far (the CLI still prints it, then the error).
+        check: the check's figures (``CheckResult.as_dict()``), when known.
+        summary: what the run produced, when it got that far (the CLI still prints it, then the error).
     """
 
     def __init__(
-        self, message: str, check: dict[str, Any] | None = None, summary: dict[str, Any] | None = None
+        self, message: str, check: dict[str, Any] | None = None, summary: RunSummary | AccuracySummary | None = None
     ) -> None:
         super().__init__(message)
         self.check = check
@@ -106,11 +116,11 @@ class FleetFailed(PipelineError):
     """Some pairs of a fleet run failed (exit 1); the others completed.
 
     Attributes:
-        summary: the run's :class:`pipeline.fleet.plan.FleetSummary` (every pair's result), when known; the CLI
+        summary: the run's :class:`pipeline.results.FleetSummary` (every pair's result), when known; the CLI
             prints its table, then the error.
     """
 
-    def __init__(self, message: str, summary: Any = None) -> None:
+    def __init__(self, message: str, summary: FleetSummary | None = None) -> None:
         super().__init__(message)
         self.summary = summary
 
@@ -124,10 +134,10 @@ class PairFailed(PipelineError):
     The message is the error's line (``result.error``, else ``failed``).
 
     Attributes:
-        result: the pair's :class:`pipeline.fleet.plan.PairResult` (status ``failed``, with the error and its type).
+        result: the pair's :class:`pipeline.results.PairResult` (status ``failed``, with the error and its type).
     """
 
-    def __init__(self, result: Any) -> None:
+    def __init__(self, result: PairResult) -> None:
         super().__init__(result.error or "failed")
         self.result = result
 

@@ -21,7 +21,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,8 @@ from pydantic import Field
 
 from pipeline.errors import PipelineError, StoreError
 from pipeline.planning.plan import StageKey
-from pipeline.store import Artifact, ArtifactStore, FileEntry, check_key
+from pipeline.store import Artifact, ArtifactStore, FileEntry
+from pipeline.store.layout import ArtifactKind
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +69,35 @@ def _built_to_json(built: Built) -> dict[str, Any]:
     }
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_MAX_RECORD = 1 << 20
+
+
 def _built_from_json(data: Any) -> Built:
-    """The :class:`Built` a record holds; ValueError unless it has exactly the shape we write."""
+    """The :class:`Built` a record holds; ValueError unless it has exactly the shape and types we write."""
     if not isinstance(data, dict) or set(data) != {"key", "kind", "inputs", "built", "seconds", "files"}:
         raise ValueError("not an artifact reference")
-    files = data["files"]
-    if not (isinstance(files, list) and all(isinstance(f, dict) and set(f) == {"name", "sha256", "size"} for f in files)):
-        raise ValueError("bad file list")
-    entries = tuple(FileEntry(str(f["name"]), str(f["sha256"]), int(f["size"])) for f in files)
-    if not isinstance(data["inputs"], dict) or not isinstance(data["built"], bool):
+    key, kind, inputs, built, seconds, files = (data[k] for k in ("key", "kind", "inputs", "built", "seconds", "files"))
+    if not (isinstance(key, str) and _HEX64.fullmatch(key) and isinstance(kind, str) and isinstance(inputs, dict)
+            and isinstance(built, bool) and _is_number(seconds) and isinstance(files, list)):
         raise ValueError("bad fields")
-    artifact = Artifact(check_key(str(data["key"])), str(data["kind"]), entries, dict(data["inputs"]))
-    return Built(artifact, data["built"], float(data["seconds"]))
+    entries = []
+    for f in files:
+        if not (isinstance(f, dict) and set(f) == {"name", "sha256", "size"} and isinstance(f["name"], str)
+                and isinstance(f["sha256"], str) and _HEX64.fullmatch(f["sha256"])
+                and isinstance(f["size"], int) and not isinstance(f["size"], bool) and f["size"] >= 0):
+            raise ValueError("bad file list")
+        entries.append(FileEntry(f["name"], f["sha256"], f["size"]))
+    return Built(Artifact(key, kind, tuple(entries), dict(inputs)), built, float(seconds))
+
+
+def _is_number(value: Any) -> bool:
+    """A JSON number a float holds: finite, not a bool, not an integer too large for a float."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) < 2**53
+    return isinstance(value, float) and math.isfinite(value)
 
 
 class ArtifactRefSerializer(Serializer):
@@ -91,7 +111,12 @@ class ArtifactRefSerializer(Serializer):
         return json.dumps(_built_to_json(obj), sort_keys=True).encode()
 
     def loads(self, blob: bytes) -> Built | PipelineError:
-        data = json.loads(blob)
+        if len(blob) > _MAX_RECORD:
+            raise ValueError("a cache record larger than 1 MiB is not ours")
+        try:
+            data = json.loads(blob)
+        except RecursionError:
+            raise ValueError("a cache record nested too deeply is not ours") from None
         if isinstance(data, dict) and set(data) == {"error", "message"}:
             return PipelineError(f"{data['error']}: {data['message']}")
         return _built_from_json(data)
@@ -154,7 +179,7 @@ def run_cached(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: 
     """
     stale = refresh or store.get(stage.key) is None
     state = stage_task.with_options(**store_cache_options(store, stale))(
-        **params, stage=stage, store_root=str(store.root), refresh=refresh, return_state=True
+        **params, stage=stage, store=store, refresh=refresh, return_state=True
     )
     built: Built = state.result()  # raises the stage's exception if it failed
     artifact = built.artifact if built.built else store.get(stage.key)
@@ -164,7 +189,7 @@ def run_cached(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: 
 
 
 def ensure_artifact(
-    store: ArtifactStore, stage: StageKey, kind: str, produce: Callable[[Path], None], refresh: bool = False
+    store: ArtifactStore, stage: StageKey, kind: ArtifactKind, produce: Callable[[Path], None], refresh: bool = False
 ) -> Built:
     """Return the verified artifact of ``stage``, producing it (once across processes) if needed.
 

@@ -6,42 +6,11 @@ the labelled set in ``data/labelled/`` (see :mod:`pipeline.labelled`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
-
-@dataclass(frozen=True)
-class Hit:
-    """Where one image's label ranks in one output."""
-
-    top5: tuple[int, ...]
-    top1_hit: bool
-    top5_hit: bool
-
-
-@dataclass(frozen=True)
-class Accuracy:
-    """Top-1 and top-5 hits over ``count`` labelled images."""
-
-    count: int
-    top1: int
-    top5: int
-
-    @property
-    def top1_rate(self) -> float:
-        return self.top1 / self.count if self.count else 0.0
-
-    @property
-    def top5_rate(self) -> float:
-        return self.top5 / self.count if self.count else 0.0
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "count": self.count, "top1": self.top1, "top5": self.top5,
-            "top1_accuracy": self.top1_rate, "top5_accuracy": self.top5_rate,
-        }
+from pipeline.results import Accuracy, Hit
 
 
 def hit(output: np.ndarray, label: int, k: int = 5) -> Hit:

@@ -1,4 +1,4 @@
-"""Stage ``build``: compile the Relax module for the target (the seed's ``relay.build``).
+"""Stage ``build``: compile the Relax module for the target (TVM 0.27's ``tvm.compile``; "relay-build" in issues).
 
 ``tvm.compile`` under ``PassContext(opt_level=N)``; the compiled objects are saved with
 ``Executable.export_library("build.tar", fcompile=write_tar)``, which writes the object files for the target's
@@ -28,11 +28,9 @@ from prefect import task
 from pipeline.errors import BuildError, StoreError
 from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.store.layout import BUILD, MODULE_FILE, OBJECTS_FILE
 from pipeline.targets import TargetInfo
 from tasks._cache import Built, ensure_artifact
-from tasks.import_model import MODULE_FILE
-
-OBJECTS_FILE = "build.tar"
 
 # TVM's compiler is not safe for two compiles at once in one process (two threads fail with "nested op_tag
 # is not allowed"); builds of one process take turns, builds of several processes (the store's lock keeps them
@@ -55,7 +53,7 @@ def build(
     target: TargetInfo,
     opt_level: int,
     stage: StageKey,
-    store_root: str,
+    store: ArtifactStore,
     refresh: bool = False,
     tuning: Artifact | None = None,
 ) -> Built:
@@ -72,8 +70,6 @@ def build(
         BuildError: TVM failed to compile the module for the target.
     """
     import tvm
-
-    store = ArtifactStore(store_root)
 
     def produce(directory: Path) -> None:
         if store.get(module.key) is None:
@@ -107,7 +103,7 @@ def build(
 
     if (tuning is not None) != ("tuning" in stage.inputs) or (tuning is not None and stage.inputs["tuning"] != tuning.key):
         raise BuildError(f"the build plan {stage.key[:16]} does not name the tuning it is given; plan the build again")
-    return ensure_artifact(store, stage, "build", produce, refresh)
+    return ensure_artifact(store, stage, BUILD, produce, refresh)
 
 
 build_task = task(name="build", task_run_name="build", retries=0)(build)

@@ -1,41 +1,46 @@
-"""The stage chains the flows and the fleet's tasks share: compile (cached) and device (always), from the plan.
+"""The stage chains every run shares, from its plan.
 
-    import-model -> [tune] -> build -> export-library          compile_chain (cached by the plan's keys)
-    upload -> load -> set-input -> run                          device_chain (one session, retried when lost)
-    device_chain -> check -> postprocess -> report               run_on_device (one model on one device)
+    import-model -> [tune] -> build -> export-library      compile_chain (cached by the plan's keys)
+    upload -> load -> (set-input -> run) per input          device_chain (one session; retried when the device
+                                                            is lost, on a fresh session)
+    device start -> [preflight] -> prepare -> device_chain -> check -> postprocess -> report
+                                                            run_one: one model on one device, every failure
+                                                            recorded in the ledger with the plan
 
-Both take how to run a stage: :func:`tasks._cache.run_cached` (a Prefect task with the store-backed cache:
-the flows) or :func:`run_plain` (the plain function: the accuracy tool, the bench).
+A single run (``flows.resnet_remote``), each pair of a fleet (``tasks.fleet``) and the accuracy tool
+(``flows.accuracy``: compile_chain and device_chain, over many inputs) go through these. The compile chain
+takes how to run a stage: :func:`tasks._cache.run_cached` (a Prefect task with the store-backed cache) or
+:func:`run_plain` (the plain function: the bench).
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
+from pipeline.cuda.builder import library_gpu_code
 from pipeline.device import Device
-from pipeline.device.cache import cache_secret
 from pipeline.errors import DeviceLost, StoreError
 from pipeline.latency import Timing
-from pipeline.planning.plan import BuildPlan, StageKey
-from pipeline.planning.request import ResolvedRequest
+from pipeline.planning.plan import BuildPlan, RunPlan, StageKey
+from pipeline.planning.request import DevicePolicy
+from pipeline.results import COMPILE_STAGES, BuildSummary, DeviceOutcome, RunStamp, RunSummary, Upload
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.store.layout import LIBRARY_FILE
 from pipeline.targets import TargetInfo
 from tasks._cache import run_cached
-from tasks.check import check_task
-from tasks.export_library import LIBRARY_FILE
-from tasks.postprocess import postprocess_task
-from tasks.reference import load_reference
-from tasks.report import RunSummary, report_task
 from tasks._live import opened
 from tasks.build import build_task
+from tasks.check import check_task
 from tasks.export_library import export_library_task
 from tasks.import_model import import_model_task
 from tasks.load import Loaded, load_task
+from tasks.postprocess import postprocess_task
+from tasks.reference import load_reference, reference_task
+from tasks.report import record_failure, report_task
 from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
 from tasks.tune import read_summary, tune_task
@@ -48,8 +53,11 @@ StageRunner = Callable[..., tuple[Artifact, str]]
 
 def run_plain(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: bool, **params: Any) -> tuple[Artifact, str]:
     """Run a cached stage's plain function (no Prefect): same contract as :func:`run_cached`."""
-    built = stage_task.fn(**params, stage=stage, store_root=str(store.root), refresh=refresh)
+    built = stage_task.fn(**params, stage=stage, store=store, refresh=refresh)
     return built.artifact, "ran" if built.built else "cached"
+
+
+# -- compiling ------------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -79,6 +87,65 @@ def compile_chain(plan: BuildPlan, store: ArtifactStore, refresh: bool, run: Sta
     return Compiled(module, tuning, build, library, stages)
 
 
+UNTUNED_NOTE = (
+    "untuned build: TVM 0.27's default CPU pipeline applies no schedules, so this latency is far above what the CPU "
+    "can do; the rule-based schedules (--schedules rules, the default) or tuning (--tune-trials N, -mcpu=native) "
+    "are much faster (docs/performance.md)"
+)
+RULES_NOTE = (
+    "untuned build: each kernel has one schedule from MetaSchedule's rules, chosen without measuring; tuning "
+    "(--tune-trials N, -mcpu=native) is far faster still (docs/performance.md)"
+)
+_NOTES = {"tuned": (), "rules": (RULES_NOTE,), "tvm-default": (UNTUNED_NOTE,)}
+
+
+def build_summary(plan: BuildPlan, compiled: Compiled, store: ArtifactStore) -> BuildSummary:
+    """What the compile chain of ``plan`` gave (``compiled``), as the report shows it."""
+    model, library = plan.model, store.file(compiled.library, LIBRARY_FILE)
+    notes = _NOTES[plan.applied] if plan.target.device == "cpu" else ()
+    return BuildSummary(
+        model=model.name, model_digest=model.digest,
+        weights=model.spec.weights if model.kind == "resnet18_v2" else None, target=plan.target.canonical,
+        opt_level=plan.opt_level, tune_trials=plan.tune_trials, schedules=plan.applied,
+        tuning_key=plan.tune.key if plan.tune else None, import_key=plan.imported.key, build_key=plan.build.key,
+        library_key=plan.library.key, artifact=str(library), library_bytes=compiled.library.size,
+        gpu_code=library_gpu_code(library) if plan.target.device == "cuda" else None,
+        stages={name: compiled.stages.get(name, "skipped") for name in COMPILE_STAGES},
+        tuning=read_summary(compiled.tuning, store) if compiled.tuning is not None else None,
+        notes=(*model.notes, *notes),
+    )
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A model's reference output in the store, and whether this run computed it (``ran``) or found it."""
+
+    artifact: Artifact
+    status: str
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What a run needs before its device stages: its compile chain and its reference output (None: no check)."""
+
+    compiled: Compiled
+    reference: Reference | None
+
+
+def prepare_here(plan: RunPlan, run: StageRunner = run_cached) -> Prepared:
+    """The compile chain and the reference output of ``plan``, found in the store or produced here."""
+    req = plan.request
+    compiled = compile_chain(plan.build, req.store, req.refresh, run)
+    reference = None
+    if plan.reference is not None:  # the framework's output, found or computed before the device is held
+        reference = Reference(*run(reference_task, req.store, plan.reference, req.refresh, model=req.model,
+                                   data=req.input))
+    return Prepared(compiled, reference)
+
+
+# -- the device -------------------------------------------------------------------------------------------------------
+
+
 def preflight(device: Device, target: TargetInfo, allow_version_skew: bool = False) -> None:
     """Ask the device, before anything is compiled, whether it can run what the target builds (for a CUDA
     target: before a compile of many seconds; the upload stage asks again).
@@ -92,11 +159,27 @@ def preflight(device: Device, target: TargetInfo, allow_version_skew: bool = Fal
 
 
 @dataclass(frozen=True)
+class DeviceJob:
+    """What the device chain runs: one library, its inputs, how to time them and how to treat the device.
+
+    Attributes:
+        inputs: set and run one after another on the loaded library; the first is timed as ``timing`` says.
+        timing: None: no input is timed (each runs once).
+    """
+
+    library: Artifact
+    target: TargetInfo
+    inputs: tuple[np.ndarray, ...]
+    timing: Timing | None
+    policy: DevicePolicy
+
+
+@dataclass(frozen=True)
 class OnDevice:
-    """What the device chain produced: the loaded library (with its placement) and the run's result."""
+    """What the device chain produced: the loaded library (with its placement) and each input's result."""
 
     loaded: Loaded
-    result: RunResult
+    results: tuple[RunResult, ...]
     device: str
     identity: str
     """What the device reports about itself (part of the run's series)."""
@@ -108,98 +191,85 @@ def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str 
     if device_cache is None:
         return None
     try:
-        cache_secret(store.root)
+        store.device_cache_secret()
         if device.spec.kind == "local":
-            Path(device_cache).mkdir(mode=0o700, parents=True, exist_ok=True)  # the embedded server's, in the store
+            store.layout.device_cache.mkdir(mode=0o700, parents=True, exist_ok=True)
     except (OSError, StoreError) as exc:
         log.warning("the device cache is off for this run: %s", exc)
         return None
     return device_cache
 
 
-def device_chain(
-    device: Device, library: Artifact, store: ArtifactStore, target: TargetInfo, data: np.ndarray, timing: Timing,
-    device_cache: str | None, retries: int, allow_version_skew: bool = False,
-) -> OnDevice:
-    """upload -> load -> set-input -> run on a fresh session; retried (only here) when the device is lost.
+def device_chain(device: Device, store: ArtifactStore, job: DeviceJob) -> OnDevice:
+    """upload -> load -> (set-input -> run) per input, on a fresh session; retried (only here) when the device
+    is lost.
 
     After a lost device the retry uploads again (a kept copy is not trusted to have survived) and the
     embedded device is restarted.
     """
-    device_cache = usable_device_cache(device, store, device_cache)
+    policy, target = job.policy, job.target
+    device_cache = usable_device_cache(device, store, policy.device_cache)
     attempt, reuse = 1, True
     while True:
         try:
             with device.session() as session, opened(session) as ref:
-                uploaded = upload_task(ref, library, str(store.root), target.arch, device_cache, reuse, target.gpu_arch,
-                                       allow_version_skew)
-                loaded = load_task(uploaded, str(store.root))
-                result = run_task(set_input_task(loaded, data), timing)
-                return OnDevice(loaded, result, ref.description, uploaded.device_identity)
+                uploaded = upload_task(ref, job.library, store, target.arch, device_cache, reuse, target.gpu_arch,
+                                       policy.allow_version_skew)
+                loaded = load_task(uploaded, store)
+                results = tuple(run_task(set_input_task(loaded, data), job.timing if i == 0 else None)
+                                for i, data in enumerate(job.inputs))
+                return OnDevice(loaded, results, ref.description, uploaded.device_identity)
         except DeviceLost as exc:
-            if attempt > retries:
+            if attempt > policy.retries:
                 raise DeviceLost(
                     f"{exc}. Gave up after {attempt} attempt(s): check that the device is up and stable "
                     f"(or allow more with --device-retries)"
                 ) from exc
             attempt, reuse = attempt + 1, False
-            log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)", exc, attempt, retries + 1)
+            log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)", exc, attempt,
+                        policy.retries + 1)
             device.recover()
 
 
-UNTUNED_NOTE = (
-    "untuned build: TVM 0.27's default CPU pipeline applies no tuned schedules, so this latency is far above what "
-    "the CPU can do (ResNet-18 v2 on the 2-core bench machine: 1424 ms untuned; tuned with -mcpu=native 39 ms after "
-    "256 trials, 34 ms after 1024; 18 ms with onnxruntime; see bench/RESULTS.md)"
-)
-RULES_NOTE = (
-    "untuned build: each kernel has one schedule from MetaSchedule's rules, chosen without measuring; tuning "
-    "(--tune-trials N, -mcpu=native) is far faster still (ResNet-18 v2 on the 2-core bench machine: ~280-340 ms "
-    "with the rules, ~1450 ms without; 38 ms after 256 trials, 36 ms after 4096; 18-20 ms with onnxruntime; see "
-    "bench/RESULTS.md)"
-)
-
-STAGES = (
-    "import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
-    "postprocess",
-)
+# -- one model on one device ----------------------------------------------------------------------------------------
 
 
-def run_on_device(
-    req: ResolvedRequest, build: BuildPlan, compiled: Compiled, device: Device, reference: tuple[Artifact, str] | None,
-    run_id: str, started: str, fleet_run: str | None = None,
-) -> RunSummary:
-    """One model on one device: the device chain, then check (against ``reference``: its artifact and stage
-    status), postprocess and report (judged against its series, recorded in the ledger with ``fleet_run``).
+def run_one(plan: RunPlan, stamp: RunStamp, prepare: Callable[[], Prepared], fleet_run: str | None = None) -> RunSummary:
+    """One model on one device: start the device, [preflight a GPU device], ``prepare`` (compile and reference,
+    or find what a fleet prepared), then the device chain, check, postprocess and report (judged against the
+    series, recorded in the ledger with ``fleet_run``).
 
-    Returns:
-        The judged summary; a failed check is in ``summary.check`` (the caller decides to raise).
+    Every failure is recorded in the ledger with ``plan``'s keys before it is raised. A failed check is not
+    raised: the summary says so (``summary.passed``) and the caller decides.
     """
-    root = str(req.store.root)
-    on = device_chain(device, compiled.library, req.store, req.target, req.input, req.timing, req.device_cache,
-                      req.device_retries, req.allow_version_skew)
-    stages = {name: "skipped" for name in STAGES} | compiled.stages
-    stages.update({"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"})
-    checked = None
-    if reference is not None:
-        artifact, stages["reference"] = reference
-        checked = check_task(on.result.output, load_reference(artifact, root), req.thresholds)
-        stages["check"] = "ran"
-    prediction = postprocess_task(req.model, on.result.output, on.result.latency)
-    stages["postprocess"] = "ran"
-    model = req.model
-    summary = RunSummary(
-        run_id=run_id, started=started, model=model.name, model_digest=model.digest,
-        weights=model.spec.weights if model.kind == "resnet18_v2" else None, target=req.target.canonical,
-        opt_level=req.opt_level, tune_trials=req.tune_trials, tuning_key=build.tune.key if build.tune else None,
-        import_key=build.imported.key, build_key=build.build.key, library_key=build.library.key,
-        artifact=str(req.store.file(compiled.library, LIBRARY_FILE)), device=on.device, device_identity=on.identity,
-        image=str(req.image), input_shape=tuple(model.input_shape), stages=stages, top5=prediction.top,
-        latency=on.result.latency, upload=on.loaded.placement, check=checked,
-        notes=(*model.notes, *{"tuned": [], "rules": [RULES_NOTE]}.get(build.applied, [UNTUNED_NOTE])),
-        tuning=read_summary(compiled.tuning, root) if compiled.tuning is not None else None,
-        schedules=build.applied,
-    )
-    failed = checked is not None and not checked.passed
-    return report_task(summary, root, status="failed" if failed else "passed",
-                       error="check failed" if failed else None, fleet_run=fleet_run)
+    req = plan.request
+    store = req.store
+    try:
+        with Device(req.device) as device:  # the embedded server starts now and imports TVM while we compile
+            if req.target.device == "cuda":
+                preflight(device, req.target, req.policy.allow_version_skew)  # before a compile of many seconds
+            prepared = prepare()
+            job = DeviceJob(prepared.compiled.library, req.target, (req.input,), req.timing, req.policy)
+            on = device_chain(device, store, job)
+        result = on.results[0]
+        stages = {"reference": prepared.reference.status if prepared.reference else "skipped",
+                  "upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"}
+        checked = None
+        if prepared.reference is not None:
+            checked = check_task(result.output, load_reference(prepared.reference.artifact, store), req.thresholds)
+            stages["check"] = "ran"
+        assert result.latency is not None  # the first input is timed
+        prediction = postprocess_task(req.model, result.output, result.latency)
+        stages["postprocess"] = "ran"
+        placement = on.loaded.placement
+        outcome = DeviceOutcome(
+            device=on.device, device_identity=on.identity, image=str(req.image),
+            input_shape=tuple(req.model.input_shape), stages=stages, top5=prediction.top, latency=result.latency,
+            upload=Upload(placement.remote_name, placement.bytes, placement.seconds, placement.reused),
+            check=checked,
+        )
+        summary = RunSummary(stamp, build_summary(plan.build, prepared.compiled, store), outcome)
+        return report_task(summary, store, fleet_run=fleet_run)
+    except (Exception, KeyboardInterrupt) as exc:
+        record_failure(req, plan, stamp, exc, fleet_run=fleet_run)
+        raise

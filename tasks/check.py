@@ -26,71 +26,18 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from pipeline.errors import CheckFailed
-from pipeline.thresholds import PRECISIONS, Thresholds, thresholds_for  # noqa: F401 - re-exported
+from pipeline.results import CheckResult, RunSummary
+from pipeline.thresholds import Thresholds
 
 log = logging.getLogger(__name__)
 
 TOP_K = 5
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """How far the compiled output is from the reference, and whether that is within the thresholds.
-
-    Attributes:
-        max_abs_diff: ``max |output - reference|``.
-        max_rel_diff: ``max |output - reference| / |reference|``, with ``|reference|`` floored at
-            1e-3 x its largest value so that values near zero do not dominate.
-        cosine: cosine similarity of the flattened outputs (1.0 = same direction).
-        psnr_db: peak signal-to-noise ratio in dB, the peak being the reference's range; inf if identical.
-        top1_match: the top-1 class is the reference's (in every row; ties aside).
-        top5_match: the top-5 classes are the reference's, in the same order (in every row; ties aside).
-        passed: every threshold holds.
-        reason: what broke, with figures; or what held.
-        thresholds: what was checked.
-        output_top5: the compiled output's top-5 class indices (first row).
-        reference_top5: the reference's top-5 class indices (first row).
-    """
-
-    max_abs_diff: float
-    max_rel_diff: float
-    cosine: float
-    psnr_db: float
-    top1_match: bool
-    top5_match: bool
-    passed: bool
-    reason: str
-    thresholds: Thresholds
-    output_top5: tuple[int, ...] = ()
-    reference_top5: tuple[int, ...] = ()
-
-    def as_dict(self) -> dict[str, Any]:
-        """The JSON form (the summary's ``check`` object); NaN and infinity become null (psnr_db null: identical)."""
-        return {
-            "passed": self.passed,
-            "max_abs_diff": _json_float(self.max_abs_diff),
-            "max_rel_diff": _json_float(self.max_rel_diff),
-            "cosine": _json_float(self.cosine),
-            "psnr_db": _json_float(self.psnr_db),
-            "top1_match": self.top1_match,
-            "top5_match": self.top5_match,
-            "output_top5": list(self.output_top5),
-            "reference_top5": list(self.reference_top5),
-            "thresholds": self.thresholds.as_dict(),
-            "reason": self.reason,
-        }
-
-
-def _json_float(value: float) -> float | None:
-    return float(value) if math.isfinite(value) else None
 
 
 def _top(values: np.ndarray, k: int) -> np.ndarray:
@@ -194,7 +141,7 @@ def failure_message(result: CheckResult, subject: str = "the compiled model") ->
     )
 
 
-def raise_if_failed(result: CheckResult, subject: str = "the compiled model", summary: Any = None) -> None:
+def raise_if_failed(result: CheckResult, subject: str = "the compiled model", summary: RunSummary | None = None) -> None:
     """Raise :class:`CheckFailed` (exit code 1) with :func:`failure_message` if ``result`` did not pass.
 
     Args:

@@ -16,11 +16,9 @@ from prefect import task
 from pipeline.errors import ExportError, StoreError
 from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.store.layout import LIBRARY, LIBRARY_FILE, OBJECTS_FILE
 from pipeline.targets import TargetInfo, Toolchain
 from tasks._cache import Built, ensure_artifact
-from tasks.build import OBJECTS_FILE
-
-LIBRARY_FILE = "model.so"
 
 
 def export_library(
@@ -28,7 +26,7 @@ def export_library(
     target: TargetInfo,
     toolchain: Toolchain,
     stage: StageKey,
-    store_root: str,
+    store: ArtifactStore,
     refresh: bool = False,
 ) -> Built:
     """Link ``build`` into ``model.so`` with ``toolchain`` and store it under ``stage.key`` (``plan.library``).
@@ -37,8 +35,6 @@ def export_library(
         ExportError: the linker failed.
     """
     from tvm.support import cc
-
-    store = ArtifactStore(store_root)
 
     def produce(directory: Path) -> None:
         if store.get(build.key) is None:
@@ -56,7 +52,7 @@ def export_library(
                     f"{str(exc).strip()[-500:]}"
                 ) from exc
 
-    return ensure_artifact(store, stage, "library", produce, refresh)
+    return ensure_artifact(store, stage, LIBRARY, produce, refresh)
 
 
 export_library_task = task(name="export-library", task_run_name="export-library", retries=0)(export_library)

@@ -15,14 +15,13 @@ from pipeline.errors import BuildError, PipelineError
 from pipeline.models import ResolvedModel, import_model as to_relax
 from pipeline.planning.plan import StageKey
 from pipeline.store import ArtifactStore
+from pipeline.store.layout import MODULE_FILE, RELAX_IR
 from tasks._cache import Built, ensure_artifact
 
 log = logging.getLogger(__name__)
 
-MODULE_FILE = "module.json"
 
-
-def import_model(model: ResolvedModel, stage: StageKey, store_root: str, refresh: bool = False) -> Built:
+def import_model(model: ResolvedModel, stage: StageKey, store: ArtifactStore, refresh: bool = False) -> Built:
     """Import ``model`` into Relax and store it under ``stage.key`` (``plan.imported``).
 
     Raises:
@@ -40,7 +39,7 @@ def import_model(model: ResolvedModel, stage: StageKey, store_root: str, refresh
             raise BuildError(f"TVM could not import {model.name}: {str(exc).strip().splitlines()[0]}") from exc
         (directory / MODULE_FILE).write_text(tvm.ir.save_json(module))
 
-    return ensure_artifact(ArtifactStore(store_root), stage, "relax-ir", produce, refresh)
+    return ensure_artifact(store, stage, RELAX_IR, produce, refresh)
 
 
 import_model_task = task(name="import-model", task_run_name="import-model", retries=0)(import_model)

@@ -12,6 +12,7 @@ from prefect.cache_policies import NO_CACHE
 from pipeline.device import RemoteSession
 from pipeline.device.cache import Placement, load_placed
 from pipeline.errors import RemoteRunError
+from pipeline.store import ArtifactStore
 from tasks._live import LiveRef, SessionRef, device_of, keep, session_of
 from tasks.upload import Uploaded, open_cache, verified_library
 
@@ -55,7 +56,7 @@ def _vm_loader(session: RemoteSession, device: Any) -> Any:
     return load_vm
 
 
-def load(uploaded: Uploaded, store_root: str) -> Loaded:
+def load(uploaded: Uploaded, store: ArtifactStore) -> Loaded:
     """``remote.load_module`` the uploaded library and wrap it in ``relax.VirtualMachine``.
 
     A copy the device kept from an earlier run that does not load (or is not a Relax library) is forgotten,
@@ -69,8 +70,8 @@ def load(uploaded: Uploaded, store_root: str) -> Loaded:
     start = time.perf_counter()
     device = device_of(uploaded.session, uploaded.device_kind)
     vm, placement = load_placed(
-        session, open_cache(uploaded.device_cache, store_root), uploaded.placement, _vm_loader(session, device),
-        reread=lambda: verified_library(uploaded.library, store_root)[0],
+        session, open_cache(uploaded.device_cache, store), uploaded.placement, _vm_loader(session, device),
+        reread=lambda: verified_library(uploaded.library, store)[0],
     )
     return Loaded(uploaded.session, keep(uploaded.session, vm, "vm"), placement, time.perf_counter() - start,
                   uploaded.device_kind)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from prefect import task
@@ -12,20 +11,9 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.models import ResolvedModel, label_for
 from pipeline.latency import Latency
+from pipeline.results import Top
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Top:
-    """One of the top-k classes."""
-
-    index: int
-    label: str
-    prob: float
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"class": self.index, "label": self.label, "prob": self.prob}
 
 
 @dataclass(frozen=True)

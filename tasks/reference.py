@@ -19,12 +19,11 @@ from pipeline.errors import StoreError
 from pipeline.models import ResolvedModel, reference_forward
 from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.store.layout import REFERENCE, REFERENCE_FILE
 from tasks._cache import Built, ensure_artifact
 
-REFERENCE_FILE = "reference.npy"
 
-
-def reference(model: ResolvedModel, data: np.ndarray, stage: StageKey, store_root: str, refresh: bool = False) -> Built:
+def reference(model: ResolvedModel, data: np.ndarray, stage: StageKey, store: ArtifactStore, refresh: bool = False) -> Built:
     """Run ``model`` on ``data`` in its own framework and store the output (float32 ``(1, N)``) under ``stage.key``.
 
     Args:
@@ -39,16 +38,15 @@ def reference(model: ResolvedModel, data: np.ndarray, stage: StageKey, store_roo
     def produce(directory: Path) -> None:
         np.save(directory / REFERENCE_FILE, reference_forward(model, data), allow_pickle=False)
 
-    return ensure_artifact(ArtifactStore(store_root), stage, "reference", produce, refresh)
+    return ensure_artifact(store, stage, REFERENCE, produce, refresh)
 
 
-def load_reference(artifact: Artifact, store_root: str) -> np.ndarray:
+def load_reference(artifact: Artifact, store: ArtifactStore) -> np.ndarray:
     """The stored reference output, verified against its digest first (never unpickled).
 
     Raises:
         StoreError: the artifact is missing or corrupt (run again to recompute it).
     """
-    store = ArtifactStore(store_root)
     if store.get(artifact.key) is None:
         raise StoreError(f"the reference output {artifact.key} is missing or corrupt in {store.root}; run again")
     return np.load(store.file(artifact, REFERENCE_FILE), allow_pickle=False)

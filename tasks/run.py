@@ -26,10 +26,10 @@ from tasks.set_input import InputSet
 
 @dataclass(frozen=True)
 class RunResult:
-    """The model's output (as fetched from the device) and its latency."""
+    """The model's output (as fetched from the device) and its latency (None: not timed)."""
 
     output: np.ndarray
-    latency: Latency
+    latency: Latency | None
     seconds: float
 
 
@@ -45,8 +45,9 @@ def _single_output(outputs: object, description: str) -> object:
     return outputs
 
 
-def run(inputs: InputSet, timing: Timing = Timing()) -> RunResult:
-    """Invoke ``main`` once, fetch its output, then time it as ``timing`` says (see the module docstring).
+def run(inputs: InputSet, timing: Timing | None = Timing()) -> RunResult:
+    """Invoke ``main`` once, fetch its output, then time it as ``timing`` says (see the module docstring; None:
+    not timed, e.g. each image of an accuracy run).
 
     Raises:
         DeviceTimeout / RemoteRunError: the device did not answer in time or failed.
@@ -57,6 +58,8 @@ def run(inputs: InputSet, timing: Timing = Timing()) -> RunResult:
     start = time.perf_counter()
     session.call("run", vm.invoke_stateful, "main")
     output = session.call("run", lambda: _single_output(vm.get_outputs("main"), session.description).numpy())
+    if timing is None:
+        return RunResult(np.asarray(output), None, time.perf_counter() - start)
 
     def measure(repeat: int) -> list[float]:
         evaluator = vm.time_evaluator("invoke_stateful", device, number=timing.number, repeat=repeat)

@@ -26,11 +26,9 @@ from pipeline.errors import BuildError, StoreError
 from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
+from pipeline.store.layout import MODULE_FILE, TUNING, TUNING_DATABASE_FILES, TUNING_LOG_FILE, TUNING_REPORT_FILE
 from pipeline.tuning import (
-    DATABASE_FILES,
     LOCAL_RUNNER,
-    LOG_FILE,
-    REPORT_FILE,
     check_request,
     find_base,
     remember_tuning,
@@ -38,7 +36,6 @@ from pipeline.tuning import (
     tuning_num_cores,
 )
 from tasks._cache import Built, ensure_artifact
-from tasks.import_model import MODULE_FILE
 from tasks.progress import Progress
 
 PROGRESS_KEY = "tuning-progress"
@@ -49,7 +46,7 @@ def tune(
     target: TargetInfo,
     trials: int,
     stage: StageKey,
-    store_root: str,
+    store: ArtifactStore,
     refresh: bool = False,
     runner: str = LOCAL_RUNNER,
 ) -> Built:
@@ -73,7 +70,6 @@ def tune(
         KeyboardInterrupt: SIGINT or SIGTERM while tuning (MetaSchedule's workers are ended; nothing is stored).
     """
     check_request(trials, runner)
-    store = ArtifactStore(store_root)
 
     def produce(directory: Path) -> None:
         base = find_base(store, stage.inputs)
@@ -87,31 +83,31 @@ def tune(
             mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
             with tempfile.TemporaryDirectory(prefix="tvmrp-tune-") as work:
                 report = run_tuning(mod, target, trials, Path(work), runner, tuning_num_cores(target), base=base,
-                                    progress=progress.update, log_file=directory / LOG_FILE)
-                for file_name in DATABASE_FILES:
+                                    progress=progress.update, log_file=directory / TUNING_LOG_FILE)
+                for file_name in TUNING_DATABASE_FILES:
                     source = Path(work) / file_name
                     if not source.exists():
                         raise BuildError(
                             f"MetaSchedule wrote no {file_name}: no task could be tuned for {target.canonical}"
                         )
                     shutil.copyfile(source, directory / file_name)
-            (directory / REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+            (directory / TUNING_REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True))
 
-    built = ensure_artifact(store, stage, "tuning", produce, refresh)
+    built = ensure_artifact(store, stage, TUNING, produce, refresh)
     remember_tuning(store, stage.inputs, built.artifact.key)  # also a tuning made before the index existed
     return built
 
 
-def read_report(tuning: Artifact, store_root: str) -> dict[str, Any]:
+def read_report(tuning: Artifact, store: ArtifactStore) -> dict[str, Any]:
     """The ``tuning.json`` of a tuning artifact (tuning time, tasks, trials reused and new, estimated latency,
     history, converged)."""
-    return json.loads(ArtifactStore(store_root).file(tuning, REPORT_FILE).read_text())
+    return json.loads(store.file(tuning, TUNING_REPORT_FILE).read_text())
 
 
-def read_summary(tuning: Artifact, store_root: str) -> dict[str, Any]:
+def read_summary(tuning: Artifact, store: ArtifactStore) -> dict[str, Any]:
     """What a run reports about its tuning (the ``tuning`` object of ``--json``): ``tuning.json`` without the
     per-task list, with the defaults of a tuning stored before tunings could continue."""
-    report = read_report(tuning, store_root)
+    report = read_report(tuning, store)
     trials = int(report["trials"])
     history = report.get("history") or [
         {"trials": trials, "estimated_ms": report.get("estimated_ms"), "seconds": report.get("seconds")}

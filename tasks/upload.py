@@ -17,12 +17,12 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.device import DeviceInfo, probe
 from pipeline.device.probe import check_versions, device_arch
-from pipeline.device.cache import DeviceCache, Placement, cache_secret, place
+from pipeline.device.cache import DeviceCache, Placement, place
 from pipeline.errors import ArchMismatch, StoreError
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.store.layout import LIBRARY_FILE
 from tasks._live import SessionRef, session_of
 from tasks.progress import while_waiting
-from tasks.export_library import LIBRARY_FILE
 
 log = logging.getLogger(__name__)
 
@@ -60,19 +60,19 @@ class Uploaded:
         return self.placement.reused
 
 
-def open_cache(device_cache: str | None, store_root: str) -> DeviceCache | None:
+def open_cache(device_cache: str | None, store: ArtifactStore) -> DeviceCache | None:
     """The device cache of a run (its markers are authenticated with the store's secret), or None."""
-    return None if device_cache is None else DeviceCache(device_cache, cache_secret(store_root))
+    return None if device_cache is None else DeviceCache(device_cache, store.device_cache_secret())
 
 
-def verified_library(library: Artifact, store_root: str) -> tuple[bytearray, str]:
+def verified_library(library: Artifact, store: ArtifactStore) -> tuple[bytearray, str]:
     """The library's bytes and sha256, read once and checked against its manifest in the store.
 
     Raises:
         StoreError: the library on disk no longer matches its digest (it is not uploaded).
     """
     try:
-        data, sha256 = ArtifactStore(store_root).read_verified(library.key, LIBRARY_FILE)
+        data, sha256 = store.read_verified(library.key, LIBRARY_FILE)
     except StoreError as exc:
         raise StoreError(f"{exc}; it was not uploaded. Run again to rebuild it") from exc
     return bytearray(data), sha256
@@ -144,7 +144,7 @@ def _check_gpu(info: DeviceInfo, session: SessionRef, gpu_arch: str) -> str:
 def upload(
     session: SessionRef,
     library: Artifact,
-    store_root: str,
+    store: ArtifactStore,
     target_arch: str,
     device_cache: str | None = None,
     reuse: bool = True,
@@ -166,10 +166,10 @@ def upload(
         DeviceTimeout / RemoteRunError: the upload did not finish in time or failed.
     """
     identity = inspect_device(session, target_arch, gpu_arch, allow_version_skew)
-    data, sha256 = verified_library(library, store_root)
+    data, sha256 = verified_library(library, store)
     with while_waiting(f"upload-{library.key[:16]}", f"upload of the library ({len(data) / 1e6:.1f} MB) to "
                        f"{session.description}"):
-        placement = place(session_of(session), open_cache(device_cache, store_root), data, sha256, reuse=reuse,
+        placement = place(session_of(session), open_cache(device_cache, store), data, sha256, reuse=reuse,
                           session_name=f"tvmrp-{library.key[:16]}.so")
     return Uploaded(session, library, placement, device_cache, identity, "cuda" if gpu_arch else "cpu")
 

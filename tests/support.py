@@ -98,17 +98,51 @@ def last_json(proc: subprocess.CompletedProcess) -> dict:
 def compile_all(model, store_root, target_text="llvm", opt_level=3, schedules="rules"):
     """The compile chain's plain functions, keyed by the plan (as the flows are)."""
     from pipeline.planning.plan import plan_build
+    from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
     from tasks.build import build
     from tasks.export_library import export_library
     from tasks.import_model import import_model
 
-    target = parse_target(target_text)
+    target, store = parse_target(target_text), ArtifactStore(store_root)
     plan = plan_build(model, target, opt_level, schedules=schedules)
-    imported = import_model(model, plan.imported, str(store_root))
-    built = build(imported.artifact, target, opt_level, plan.build, str(store_root))
-    library = export_library(built.artifact, target, plan.toolchain, plan.library, str(store_root))
+    imported = import_model(model, plan.imported, store)
+    built = build(imported.artifact, target, opt_level, plan.build, store)
+    library = export_library(built.artifact, target, plan.toolchain, plan.library, store)
     return target, imported, built, library
+
+
+LLVM_CANONICAL = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-gnu"}'
+
+
+def make_summary(**changes):
+    """A run's summary (``pipeline.results.RunSummary``) built in code; ``changes`` name fields of its
+    BuildSummary or DeviceOutcome, ``run_id``, or ``regression`` (a ``Verdict``)."""
+    import dataclasses
+
+    from pipeline.latency import latency_of
+    from pipeline.results import BuildSummary, DeviceOutcome, RunStamp, RunSummary, Top, Upload
+
+    build = BuildSummary(
+        model="efficientnet_lite0", model_digest="1f69048b3289aee0" * 4, weights=None, target=LLVM_CANONICAL,
+        opt_level=3, tune_trials=0, schedules="rules", tuning_key=None, import_key="cd" * 32, build_key="ab" * 32,
+        library_key="ef" * 32, artifact="/store/ab/cd/model.so", library_bytes=20_000_000, gpu_code=None,
+        stages={"import-model": "cached", "tune": "skipped", "build": "cached", "export-library": "cached"},
+    )
+    outcome = DeviceOutcome(
+        device="embedded 127.0.0.1:46055", device_identity="x86_64-conda-linux-gnu", image="data/cat.png",
+        input_shape=(1, 3, 224, 224),
+        stages={"upload": "ran", "load": "ran", "set-input": "ran", "run": "ran", "postprocess": "ran"},
+        top5=tuple(Top(285 - i, f"cat {i}", 0.3 - i * 0.05) for i in range(5)),
+        latency=latency_of([116.9, 118.97, 121.9, 118.0, 119.8], 1),
+        upload=Upload("/tmp/tvmrp-x.so", 20_000_000, 0.33, False), check=None,
+    )
+    build_names = {f.name for f in dataclasses.fields(BuildSummary)}
+    outcome_names = {f.name for f in dataclasses.fields(DeviceOutcome)}
+    build = dataclasses.replace(build, **{k: v for k, v in changes.items() if k in build_names})
+    outcome = dataclasses.replace(outcome, **{k: v for k, v in changes.items() if k in outcome_names})
+    stamp = RunStamp(changes.get("run_id", "20261128T020000Z-abcdef"), "2026-11-28T02:00:00+00:00")
+    return RunSummary(stamp, build, outcome, changes.get("regression"))
 
 
 def run_tvm(model, x: np.ndarray) -> np.ndarray:

@@ -66,9 +66,6 @@ _TIMEOUT_S = 3600.0
 _KILL_WAIT_S = 5.0
 INSTALL_HINT = "run scripts/setup --cuda (pip install -r requirements-cuda.txt)"
 
-#: What ``compile_cuda`` writes (the same names as the CPU build and export stages).
-OBJECTS_FILE = "build.tar"
-LIBRARY_FILE = "model.so"
 
 
 

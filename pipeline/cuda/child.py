@@ -28,9 +28,8 @@ import time
 import traceback
 from pathlib import Path
 
+from pipeline.store.layout import LIBRARY_FILE, OBJECTS_FILE
 from pipeline.cuda.builder import (
-    LIBRARY_FILE,
-    OBJECTS_FILE,
     CudaToolchain,
     CudaToolchainMissing,
     cuda_toolchain,

@@ -10,7 +10,7 @@ rename, no checksum. The cache is built from those three calls alone:
 - only once that upload has returned (the server has written the whole file) does a *marker* name it:
   ``tvmrp-slot-<i>.json`` holds the library's sha256, size, file name, upload time and an HMAC-SHA256 of
   all of these and the directory, keyed by a secret that never leaves this client's artifact store
-  (``<store>/.keys/device-cache.key``, mode 0600). A run killed mid-upload leaves no marker, so its partial
+  (``ArtifactStore.device_cache_secret``: ``<store>/.keys/device-cache.key``, mode 0600). A run killed mid-upload leaves no marker, so its partial
   file is never loaded; a marker that does not authenticate (forged, copied from another directory,
   damaged) is ignored and removed where the device lets us;
 - a run looks its library's sha256 up in the few (:data:`SLOTS`) markers, one small download each;
@@ -39,17 +39,16 @@ import hashlib
 import hmac
 import json
 import logging
-import os
+import math
 import posixpath
 import re
 import secrets
 import time
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Callable, TypeVar
 
 from pipeline.device import RemoteSession
-from pipeline.errors import DeviceLost, RemoteRunError, StoreError, UsageError, clip
+from pipeline.errors import DeviceLost, RemoteRunError, UsageError, clip
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +60,9 @@ SLOTS = 4
 GRACE_S = 600.0
 """A slot written less than this many seconds ago is not evicted: a concurrent run may be loading it."""
 
-SECRET_FILE = Path(".keys") / "device-cache.key"
 _MARKER = "tvmrp-slot-{}.json"
 _FORMAT = 2
+_MARKER_LIMIT = 4096  # bytes of a marker read back; ours are ~250
 _HEX = re.compile(r"[0-9a-f]{64}")
 _FILE = re.compile(r"tvmrp-[0-9a-f]{32}\.so")
 
@@ -73,41 +72,6 @@ def check_directory(directory: str) -> str:
     if not isinstance(directory, str) or not directory.startswith("/") or "\\" in directory or "\0" in directory:
         raise UsageError(f"--device-cache must be an absolute directory on the device, auto or off (got {clip(repr(directory))})")
     return directory
-
-
-def cache_secret(store_root: str | os.PathLike[str]) -> bytes:
-    """This client's secret for the device cache: 32 random bytes in ``<store>/.keys/device-cache.key`` (0600).
-
-    Created on first use (atomically; a racing process's file wins).
-
-    Raises:
-        StoreError: the file cannot be created or read, or other users can read or write it.
-    """
-    path = Path(store_root) / SECRET_FILE
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            pass
-        else:
-            with os.fdopen(fd, "wb") as f:
-                f.write(secrets.token_bytes(32))
-        info = path.stat()
-        if info.st_mode & 0o077 or info.st_uid != os.getuid():
-            raise StoreError(
-                f"{path} (the device cache's secret) is readable or writable by other users or not yours: "
-                f"remove it (a new one is made) or chmod 600 it"
-            )
-        secret = path.read_bytes()
-    except OSError as exc:
-        raise StoreError(f"cannot create or read the device cache's secret {path} ({exc.strerror})") from exc
-    if len(secret) < 32:  # a racing creator had not written it yet
-        time.sleep(0.1)
-        secret = path.read_bytes()
-    if len(secret) < 32:
-        raise StoreError(f"{path} (the device cache's secret) is damaged: remove it (a new one is made)")
-    return secret
 
 
 @dataclass(frozen=True)
@@ -220,20 +184,31 @@ class DeviceCache:
         return json.dumps({**record, "mac": self._mac(record)}, sort_keys=True).encode()
 
     def _parse(self, raw: bytes, slot: int) -> DeviceCopy | None:
+        """The copy an authenticated marker names; None for anything else (partly written, forged, not ours)."""
+        if len(raw) > _MARKER_LIMIT:
+            return None
         try:
             record = json.loads(raw)
-            mac = str(record.pop("mac"))
-            copy = DeviceCopy(slot, str(record["sha256"]), int(record["bytes"]), str(record["file"]), float(record["time"]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            return None  # partly written, or not ours
+        except (ValueError, RecursionError):
+            return None
+        if not isinstance(record, dict) or set(record) != {"format", "sha256", "bytes", "file", "time", "mac"}:
+            return None
+        mac, sha256, size, name, when = (record[k] for k in ("mac", "sha256", "bytes", "file", "time"))
         valid = (
-            record.get("format") == _FORMAT
-            and set(record) == {"format", "sha256", "bytes", "file", "time"}
-            and _HEX.fullmatch(copy.sha256) is not None
-            and _FILE.fullmatch(copy.file) is not None
-            and hmac.compare_digest(mac, self._mac(record))
+            record["format"] == _FORMAT
+            and isinstance(mac, str) and _HEX.fullmatch(mac) is not None
+            and isinstance(sha256, str) and _HEX.fullmatch(sha256) is not None
+            and isinstance(size, int) and not isinstance(size, bool) and 0 <= size < 1 << 48
+            and isinstance(name, str) and _FILE.fullmatch(name) is not None
+            and ((isinstance(when, int) and not isinstance(when, bool) and abs(when) < 2**53)
+                 or (isinstance(when, float) and math.isfinite(when)))
         )
-        return copy if valid else None
+        if not valid:
+            return None
+        body = {k: v for k, v in record.items() if k != "mac"}
+        if not hmac.compare_digest(mac, self._mac(body)):
+            return None
+        return DeviceCopy(slot, sha256, size, name, float(when))
 
     def _choose_slot(
         self, session: RemoteSession, sha256: str, now: float, replace_kept: bool

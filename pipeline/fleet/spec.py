@@ -31,8 +31,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from pipeline.device.spec import DeviceSpec, split_host_port
-from pipeline.planning.request import DEFAULT_SCHEDULES, SCHEDULES
 from pipeline.errors import UsageError, clip
+from pipeline.planning.request import FLEET_DEVICE, FLEET_MODEL, FLEET_TOP, RunRequest, field_kind, request_fields
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 """Seconds to wait for a tracker to hand out a device: short, so that a key with no server fails its pairs
@@ -45,13 +45,15 @@ DEFAULT_BUILD_TIMEOUT = 3600.0
 INLINE_SOURCE = "fleet spec"
 """How messages name a fleet given inline (the flow's ``spec`` parameter) rather than as a file."""
 
-TOP_KEYS = (
-    "tracker", "devices", "models", "opt_level", "tune_trials", "tune_more", "schedules", "number", "repeat", "connect_timeout",
-    "request_timeout", "call_timeout", "device_retries", "concurrency", "build_concurrency", "check",
-    "max_abs_diff", "image", "build_deployment", "build_timeout", "allow_version_skew",
-)
-DEVICE_KEYS = ("name", "key", "tracker", "host", "port", "target", "connect_timeout", "request_timeout", "call_timeout")
-MODEL_KEYS = ("model", "weights", "seed", "image")
+FLEET_DEFAULTS: dict[str, Any] = {"request_timeout": DEFAULT_REQUEST_TIMEOUT}
+"""Where a fleet's default differs from a single run's (:class:`RunRequest`'s)."""
+
+#: The fleet file's own keys; every other key is a :class:`RunRequest` field that may be given there.
+FLEET_ONLY_KEYS = ("devices", "models", "concurrency", "build_concurrency", "build_deployment", "build_timeout")
+TOP_KEYS = (*FLEET_ONLY_KEYS, *(f.name for f in request_fields(FLEET_TOP)))
+DEVICE_KEYS = ("name", *(f.name for f in request_fields(FLEET_DEVICE)))
+MODEL_KEYS = tuple(f.name for f in request_fields(FLEET_MODEL))
+_FIELDS = {f.name: f for f in request_fields()}
 _TIMEOUTS = ("connect_timeout", "request_timeout", "call_timeout")
 _DEPLOYMENT = re.compile(r"[^/\s]+/[^/\s]+")
 
@@ -64,12 +66,14 @@ class FleetDevice:
         name: how the table names it (default: the key, or ``host:port``); unique in the fleet.
         target: the TVM target as written (``pipeline.targets.parse_target`` reads it).
         spec: where it is and how long to wait for it (validated).
+        fields: the :class:`RunRequest` fields this device sets (target, address, timeouts).
         line: its line in the fleet file (None for an inline spec).
     """
 
     name: str
     target: str
     spec: DeviceSpec
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     line: int | None = None
 
 
@@ -83,35 +87,39 @@ class FleetModel:
     image: str | None = None
     line: int | None = None
 
+    @property
+    def fields(self) -> dict[str, Any]:
+        """The :class:`RunRequest` fields this model sets."""
+        return {"model": self.source, "weights": self.weights, "seed": self.seed, "image": self.image}
+
 
 @dataclass(frozen=True)
 class FleetSpec:
     """A validated fleet file: the devices, the models, and what every pair shares.
 
-    The shared fields mean what the same ``python -m flows.resnet_remote`` options mean, except
-    ``request_timeout`` (default :data:`DEFAULT_REQUEST_TIMEOUT`). ``concurrency`` bounds the device
-    sessions open at once (a device holds one at a time, or as many as its tracker has servers under its
-    key); ``build_concurrency`` bounds the compilations at once (None: half the cores, see
-    ``flows.fleet.default_build_concurrency``; at most ``os.cpu_count()`` is useful).
+    Attributes:
+        shared: the :class:`RunRequest` of every pair before its device's and model's fields: the file's top-level
+            keys over :data:`FLEET_DEFAULTS` over RunRequest's own defaults (so ``shared.opt_level`` means what
+            ``--opt-level`` means).
+        concurrency: device sessions open at once (a device holds one at a time, or as many as its tracker has
+            servers under its key).
+        build_concurrency: compilations at once (None: half the cores, ``flows.fleet.default_build_concurrency``).
+        build_deployment, build_timeout: build on that deployment's work pool, each within that many seconds.
     """
 
     source: str
     devices: tuple[FleetDevice, ...]
     models: tuple[FleetModel, ...]
-    opt_level: int = 3
-    tune_trials: int = 0
-    tune_more: int = 0
-    schedules: str = DEFAULT_SCHEDULES
-    number: int = 1
-    repeat: int | None = None
-    device_retries: int = 1
+    shared: RunRequest = dataclasses.field(default_factory=lambda: RunRequest(**FLEET_DEFAULTS))
     concurrency: int = DEFAULT_CONCURRENCY
     build_concurrency: int | None = None
-    check: bool = True
-    allow_version_skew: bool = False
-    max_abs_diff: float | None = None
     build_deployment: str | None = None
     build_timeout: float = DEFAULT_BUILD_TIMEOUT
+
+    def request(self, device: FleetDevice, model: FleetModel) -> RunRequest:
+        """The :class:`RunRequest` of the pair (``device``, ``model``): what ``python -m flows.resnet_remote``
+        would be given for it."""
+        return dataclasses.replace(self.shared, **device.fields, **model.fields)
 
 
 @dataclass(frozen=True)
@@ -146,7 +154,12 @@ def load_fleet(path: str | os.PathLike[str]) -> FleetSpec:
     """
     file = Path(path).expanduser()
     try:
-        text = file.read_text(encoding="utf-8")
+        with open(file, "rb") as f:
+            data = f.read(MAX_FLEET_BYTES + 1)
+        if len(data) > MAX_FLEET_BYTES:
+            raise UsageError(f"the fleet file {clip(file)} is larger than {MAX_FLEET_BYTES // 1024} KiB: a fleet file "
+                             "lists devices and models (see docs/fleet.md)")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise UsageError(f"fleet file not found: {clip(file)}; give the path of a fleet YAML file (see docs/fleet.md)") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -165,6 +178,8 @@ def parse_fleet(text: str, source: str = "fleet.yaml", base: str | os.PathLike[s
     import yaml
 
     where = Where(source)
+    if len(text) > MAX_FLEET_BYTES:
+        raise where.error(None, "", f"larger than {MAX_FLEET_BYTES // 1024} KiB: a fleet file lists devices and models")
     try:
         loader = yaml.SafeLoader(text)
         try:
@@ -172,6 +187,8 @@ def parse_fleet(text: str, source: str = "fleet.yaml", base: str | os.PathLike[s
             tree = None if root is None else _tree(root, loader, where)
         finally:
             loader.dispose()
+    except RecursionError:  # PyYAML's parser recurses per level: [[[[... nests beyond Python's stack first
+        raise where.error(None, "", f"too deeply nested for a fleet file (more than {_MAX_DEPTH} levels)") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         raise where.error(mark.line + 1 if mark else None, "", f"not valid YAML: {exc.problem or exc}") from None
@@ -185,9 +202,11 @@ def parse_fleet(text: str, source: str = "fleet.yaml", base: str | os.PathLike[s
 def fleet_from_mapping(data: Any, source: str = INLINE_SOURCE, base: str | os.PathLike[str] | None = None) -> FleetSpec:
     """Validate a fleet given as plain data (the flow's ``spec`` parameter: the YAML file's content as a dict)."""
     where = Where(source)
-    return _spec(_plain_tree(data), where, Path(base) if base is not None else Path.cwd())
+    return _spec(_plain_tree(data, where), where, Path(base) if base is not None else Path.cwd())
 
 
+MAX_FLEET_BYTES = 1 << 20
+"""The largest fleet file read (a fleet of hundreds of devices and models is a few tens of KiB)."""
 _MAX_NODES = 20_000
 _MAX_DEPTH = 20
 
@@ -219,63 +238,77 @@ def _tree(node: Any, loader: Any, where: Where, budget: list[int] | None = None,
         return _Node(items, line)
     if isinstance(node, yaml.SequenceNode):
         return _Node([_tree(item, loader, where, budget, depth + 1) for item in node.value], line)
-    return _Node(loader.construct_object(node, deep=True), line, str(node.value))
+    try:
+        value = loader.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, OverflowError) as exc:  # !!int abc, 2001-02-30
+        raise where.error(line, "", f"cannot read the value {clip(node.value, 80)!r} ({clip(exc, 120)}); quote it "
+                                    "if it is text") from None
+    return _Node(value, line, str(node.value))
 
 
-def _plain_tree(data: Any) -> _Node:
+def _plain_tree(data: Any, where: Where, budget: list[int] | None = None, depth: int = 0) -> _Node:
+    """Plain data (the flow's ``spec`` parameter) as :class:`_Node` values, bounded like :func:`_tree`."""
+    budget = budget if budget is not None else [_MAX_NODES]
+    budget[0] -= 1
+    if budget[0] < 0 or depth > _MAX_DEPTH:
+        raise where.error(None, "", f"too large or too deeply nested for a fleet (more than {_MAX_NODES} values or "
+                                    f"{_MAX_DEPTH} levels)")
     if isinstance(data, dict):
-        return _Node({str(k): _plain_tree(v) for k, v in data.items()}, None)
+        return _Node({str(k): _plain_tree(v, where, budget, depth + 1) for k, v in data.items()}, None)
     if isinstance(data, (list, tuple)):
-        return _Node([_plain_tree(v) for v in data], None)
+        return _Node([_plain_tree(v, where, budget, depth + 1) for v in data], None)
     return _Node(data, None, None if data is None else str(data))
 
 
 def _spec(tree: _Node, where: Where, base: Path) -> FleetSpec:
     top = _mapping(tree, "", TOP_KEYS, where)
-    shared = {name: _seconds(top.get(name), name, where) for name in _TIMEOUTS}
-    tracker = _text(top.get("tracker"), "tracker", where)
-    if tracker is not None:
-        _tracker_address(top["tracker"], "tracker", tracker, where)
-    image = _path_text(top.get("image"), "image", where, base)
-    devices = tuple(_device(node, f"devices[{i}]", tracker, shared, where)
+    given = {name: _value(top.get(name), name, name, where) for name in TOP_KEYS if name in _FIELDS}
+    given = {name: value for name, value in given.items() if value is not None}
+    if "tracker" in given:
+        _tracker_address(top["tracker"], "tracker", given["tracker"], where)
+    if "image" in given:
+        given["image"] = _path_text(top["image"], "image", where, base)
+    if given.get("tune_trials") and given.get("tune_more"):
+        raise where.error(top["tune_more"], "tune_more", "give tune_trials (a total) or tune_more (trials added "
+                                                         "to the largest tuning), not both")
+    shared = RunRequest(**{**FLEET_DEFAULTS, **given})
+    devices = tuple(_device(node, f"devices[{i}]", shared, where)
                     for i, node in enumerate(_entries(top.get("devices"), tree, "devices", where,
                                                       "list the devices to run on (each with key: or host: and port:)")))
     _check_unique_devices(devices, where)
-    models = tuple(_model(node, f"models[{i}]", image, where, base)
+    models = tuple(_model(node, f"models[{i}]", shared.image, where, base)
                    for i, node in enumerate(_entries(top.get("models"), tree, "models", where,
                                                      "list the models to run (names such as efficientnet_lite0, or "
                                                      "{model: PATH})")))
     _check_unique_models(models, where)
-    check, skew = (_flag(top.get(name), name, where) for name in ("check", "allow_version_skew"))
-    max_abs_diff = _number(top.get("max_abs_diff"), "max_abs_diff", where)
-    if max_abs_diff is not None and not (math.isfinite(max_abs_diff) and max_abs_diff > 0):
-        raise where.error(top["max_abs_diff"], "max_abs_diff", f"must be a positive number, not {max_abs_diff!r}")
     build_deployment = _text(top.get("build_deployment"), "build_deployment", where)
     if build_deployment is not None and not _DEPLOYMENT.fullmatch(build_deployment):
         raise where.error(top["build_deployment"], "build_deployment",
                           f"{clip(build_deployment)!r} is not FLOW/DEPLOYMENT, e.g. resnet-remote/build "
                           "(prefect deployment ls lists them)")
     return FleetSpec(
-        source=where.source, devices=devices, models=models,
-        opt_level=_integer(top.get("opt_level"), "opt_level", where, 0, 3, 3),
-        tune_trials=_integer(top.get("tune_trials"), "tune_trials", where, 0, 100_000, 0),
-        tune_more=_integer(top.get("tune_more"), "tune_more", where, 0, 100_000, 0),
-        schedules=_schedules(top, where),
-        number=_integer(top.get("number"), "number", where, 1, 1_000_000, 1),
-        repeat=_integer(top.get("repeat"), "repeat", where, 1, 1_000_000, None),
-        device_retries=_integer(top.get("device_retries"), "device_retries", where, 0, 10, 1),
+        source=where.source, devices=devices, models=models, shared=shared,
         concurrency=_integer(top.get("concurrency"), "concurrency", where, 1, MAX_CONCURRENCY, DEFAULT_CONCURRENCY),
         build_concurrency=_integer(top.get("build_concurrency"), "build_concurrency", where, 1, MAX_CONCURRENCY, None),
-        check=True if check is None else check, allow_version_skew=bool(skew),
-        max_abs_diff=max_abs_diff, build_deployment=build_deployment,
+        build_deployment=build_deployment,
         build_timeout=_seconds(top.get("build_timeout"), "build_timeout", where) or DEFAULT_BUILD_TIMEOUT,
     )
 
 
-def _flag(node: _Node | None, field: str, where: Where) -> bool | None:
-    if node is not None and not isinstance(node.value, bool):
-        raise where.error(node, field, f"must be true or false, not {clip(node.text)!r}")
-    return None if node is None else bool(node.value)
+def _value(node: _Node | None, name: str, label: str, where: Where) -> Any:
+    """The value of the :class:`RunRequest` field ``name`` as the file gives it (None: not given), checked against
+    the field's rule: the same rule as its command-line option."""
+    if node is None or node.value is None:
+        return None
+    f = _FIELDS[name]
+    kind = field_kind(f)
+    value = _text(node, label, where) if kind is str else node.value
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    problem = f.metadata["rule"].problem(value, kind)
+    if problem is not None:
+        raise where.error(node, label, f"{problem}, not {_kind(node)}")
+    return value
 
 
 def _entries(node: _Node | None, parent: _Node, field: str, where: Where, hint: str) -> list[_Node]:
@@ -288,12 +321,10 @@ def _entries(node: _Node | None, parent: _Node, field: str, where: Where, hint: 
     return node.value
 
 
-def _device(node: _Node, field: str, tracker: str | None, shared: dict[str, float | None], where: Where) -> FleetDevice:
+def _device(node: _Node, field: str, shared: RunRequest, where: Where) -> FleetDevice:
     items = _mapping(node, field, DEVICE_KEYS, where)
-    key = _text(items.get("key"), f"{field}.key", where)
-    host = _text(items.get("host"), f"{field}.host", where)
-    port = _integer(items.get("port"), f"{field}.port", where, 1, 65535, None)
-    own_tracker = _text(items.get("tracker"), f"{field}.tracker", where)
+    given = {name: _value(items.get(name), name, f"{field}.{name}", where) for name in DEVICE_KEYS if name in _FIELDS}
+    key, host, port, own_tracker = given["key"], given["host"], given["port"], given["tracker"]
     if own_tracker is not None:
         _tracker_address(items["tracker"], f"{field}.tracker", own_tracker, where)
     if key is not None and host is not None:
@@ -309,19 +340,12 @@ def _device(node: _Node, field: str, tracker: str | None, shared: dict[str, floa
                                                           "from the tracker")
     if host is not None and own_tracker is not None:
         raise where.error(items["tracker"], f"{field}.tracker", "a host:/port: device is reached directly: drop tracker:")
-    if key is not None and (own_tracker or tracker) is None:
+    tracker = (own_tracker or shared.tracker) if key is not None else None
+    if key is not None and tracker is None:
         raise where.error(items["key"], f"{field}.key",
                           "needs a tracker: set tracker: HOST:PORT at the top of the file or on this device")
-    timeouts = {}
-    for name in _TIMEOUTS:
-        own = _seconds(items.get(name), f"{field}.{name}", where)
-        timeouts[name] = own if own is not None else shared[name]
-    spec = DeviceSpec(
-        host=host, port=port, tracker=(own_tracker or tracker) if key is not None else None, key=key,
-        connect_timeout=timeouts["connect_timeout"] or 10.0,
-        request_timeout=timeouts["request_timeout"] or DEFAULT_REQUEST_TIMEOUT,
-        call_timeout=timeouts["call_timeout"] or 300.0,
-    )
+    timeouts = {name: given[name] if given[name] is not None else getattr(shared, name) for name in _TIMEOUTS}
+    spec = DeviceSpec(host=host, port=port, tracker=tracker, key=key, **timeouts)
     try:
         spec.validate()
     except UsageError as exc:
@@ -329,10 +353,12 @@ def _device(node: _Node, field: str, tracker: str | None, shared: dict[str, floa
     name = _text(items.get("name"), f"{field}.name", where)
     if name is not None and not name.strip():
         raise where.error(items["name"], f"{field}.name", "is empty")
-    target = _text(items.get("target"), f"{field}.target", where)
+    target = given["target"]
     if target is not None and not target.strip():
         raise where.error(items["target"], f"{field}.target", 'is empty: give a TVM target such as "llvm"')
-    return FleetDevice(name or key or f"{host}:{port}", target or "llvm", spec, node.line)
+    target = target or "llvm"
+    fields = {"host": host, "port": port, "tracker": tracker, "key": key, "target": target, **timeouts}
+    return FleetDevice(name or key or f"{host}:{port}", target, spec, fields, node.line)
 
 
 def _check_unique_devices(devices: Iterable[FleetDevice], where: Where) -> None:
@@ -360,7 +386,7 @@ def _model(node: _Node, field: str, image: str | None, where: Where, base: Path)
         source = _text(node, field, where)
         if source is None or not source.strip():
             raise where.error(node, field, "is empty: name a model or give a file")
-        return FleetModel(_relative(base, source), image=image, line=node.line)
+        return FleetModel(_relative(base, source, node, field, where), image=image, line=node.line)
     items = _mapping(node, field, MODEL_KEYS, where)
     source = _text(items.get("model"), f"{field}.model", where)
     if source is None or not source.strip():
@@ -369,9 +395,10 @@ def _model(node: _Node, field: str, image: str | None, where: Where, base: Path)
     weights = _text(items.get("weights"), f"{field}.weights", where) or "pretrained"
     if weights not in ("pretrained", "random"):
         weights = str(base / weights) if not os.path.isabs(os.path.expanduser(weights)) else weights
+    seed = _value(items.get("seed"), "seed", f"{field}.seed", where)
     return FleetModel(
-        source=_relative(base, source), weights=weights,
-        seed=_integer(items.get("seed"), f"{field}.seed", where, 0, 2**32 - 1, 0),
+        source=_relative(base, source, items["model"], f"{field}.model", where), weights=weights,
+        seed=0 if seed is None else seed,
         image=_path_text(items.get("image"), f"{field}.image", where, base) or image, line=node.line,
     )
 
@@ -387,19 +414,22 @@ def _check_unique_models(models: Iterable[FleetModel], where: Where) -> None:
         seen[ident] = i, model
 
 
-def _relative(base: Path, source: str) -> str:
+def _relative(base: Path, source: str, node: _Node, field: str, where: Where) -> str:
     """A model file's path from the fleet file's directory; a model name stays a name."""
     from pipeline.models._types import MODEL_NAMES  # the names only: no framework is imported
 
     if source in MODEL_NAMES:
         return source
-    expanded = os.path.expanduser(source)
-    if os.path.isabs(expanded):
-        return expanded
-    candidate = base / expanded
-    looks_like_path = "/" in source or os.sep in source or Path(source).suffix != ""
-    if looks_like_path or candidate.exists() or Path(f"{candidate}-symbol.json").exists():
-        return str(candidate)
+    try:
+        expanded = os.path.expanduser(source)
+        if os.path.isabs(expanded):
+            return expanded
+        candidate = base / expanded
+        looks_like_path = "/" in source or os.sep in source or Path(source).suffix != ""
+        if looks_like_path or candidate.exists() or Path(f"{candidate}-symbol.json").exists():
+            return str(candidate)
+    except (ValueError, OSError) as exc:  # a NUL byte, a name longer than the file system allows
+        raise where.error(node, field, f"{clip(source, 80)!r} is not a usable path ({clip(exc, 80)})") from None
     return source  # an unknown name: resolve_model lists the known ones
 
 
@@ -454,13 +484,6 @@ def _integer(node: _Node | None, field: str, where: Where, low: int, high: int, 
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise where.error(node, field, f"must be a whole number from {low} to {high}, not {_kind(node)}")
     return value
-
-
-def _schedules(top: dict[str, Any], where: Where) -> str:
-    value = _text(top.get("schedules"), "schedules", where)
-    if value is not None and value not in SCHEDULES:
-        raise where.error(top["schedules"], "schedules", f"must be {' or '.join(SCHEDULES)}, not {clip(value)!r}")
-    return value or DEFAULT_SCHEDULES
 
 
 def _number(node: _Node | None, field: str, where: Where) -> float | None:

@@ -139,13 +139,19 @@ def plan_reference(model: ResolvedModel, data: np.ndarray) -> StageKey:
 
 @dataclass(frozen=True)
 class RunPlan:
-    """Everything a run of ``resnet_remote`` looks up in the store: the compile chain and the reference."""
+    """A validated request and everything its run looks up in the store: the compile chain and the reference
+    (None without the check). One model on one device runs from this (``tasks.chains.run_one``)."""
 
+    request: ResolvedRequest
     build: BuildPlan
     reference: StageKey | None
 
 
 def plan_run(req: ResolvedRequest) -> RunPlan:
-    """The plan of a validated request."""
+    """The plan of a validated request.
+
+    Raises:
+        ExportError, CudaToolchainMissing: as :func:`plan_build`.
+    """
     build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner, req.schedules)
-    return RunPlan(build, plan_reference(req.model, req.input) if req.check and not req.build_only else None)
+    return RunPlan(req, build, plan_reference(req.model, req.input) if req.check and not req.build_only else None)

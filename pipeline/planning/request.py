@@ -10,15 +10,21 @@ compiled or any device is contacted, and returns typed specs. Every problem with
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from pipeline.device import DeviceSpec
 from pipeline.device.cache import check_directory
-from pipeline.errors import UsageError
+from pipeline.errors import UsageError, clip
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.latency import Timing
 from pipeline.models import MODEL_NAMES, ModelSpec, ResolvedModel, resolve_model
@@ -33,80 +39,203 @@ LOCAL_RUNNER = "local"
 #: :mod:`pipeline.tuning.rules`) or ``none`` (TVM's default pipeline, no schedules).
 SCHEDULES = ("rules", "none")
 DEFAULT_SCHEDULES = "rules"
+MAX_TRIALS = 100_000
+
+#: Where a field may be given besides the command line of ``flows.resnet_remote``: the fleet file's top level
+#: (shared by every pair), one of its devices, one of its models; the accuracy tool's command line.
+FLEET_TOP, FLEET_DEVICE, FLEET_MODEL, ACCURACY = "fleet", "fleet-device", "fleet-model", "accuracy"
 
 
-def arg(group: str, help: str, flag: str | None = None, **argparse: Any) -> dict[str, Any]:
-    """A field's command-line option: its group, help, flag (default ``--field-name``) and argparse extras."""
-    return {"cli": {"group": group, "help": help, "flag": flag, **argparse}}
+@dataclass(frozen=True)
+class Rule:
+    """What values a field takes, beyond its type: a range, a set of choices, or a positive finite number."""
+
+    low: float | None = None
+    high: float | None = None
+    choices: tuple[Any, ...] | None = None
+    positive: bool = False
+    unit: str | None = None
+    """What a positive number counts (``seconds``), for messages."""
+
+    def problem(self, value: Any, kind: type) -> str | None:
+        """Why ``value`` breaks the rule (``"must be ..."``), or None."""
+        if value is None:
+            return None
+        positive = f"must be a number of {self.unit}, more than 0" if self.unit else "must be a positive number"
+        if kind is bool:
+            return None if isinstance(value, bool) else "must be true or false"
+        if kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                return f"must be a whole number{self._range()}"
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                return positive if self.positive else "must be a number"
+        elif kind is str and not isinstance(value, str):
+            return "must be text"
+        if self.choices is not None and value not in self.choices:
+            return f"must be {' or '.join(str(c) for c in self.choices)}"
+        if self.positive and not value > 0:
+            return positive
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            return f"must be a whole number{self._range()}" if kind is int else f"must be a number{self._range()}"
+        return None
+
+    def _range(self) -> str:
+        def text(x: float) -> str:
+            return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+        if self.low is not None and self.high is not None:
+            return f" from {text(self.low)} to {text(self.high)}"
+        return f" of at least {text(self.low)}" if self.low is not None else ""
+
+
+def arg(group: str, help: str, flag: str | None = None, *, rule: Rule | None = None,
+        where: tuple[str, ...] = (), **argparse: Any) -> dict[str, Any]:
+    """A field's metadata: its command-line option (group, help, flag (default ``--field-name``), argparse
+    extras), the :class:`Rule` its values follow, and where else it may be given (:data:`FLEET_TOP`...)."""
+    return {"cli": {"group": group, "help": help, "flag": flag, **argparse}, "rule": rule or Rule(), "where": where}
 
 
 @dataclass(frozen=True)
 class RunRequest:
-    """The parameters of one run, as the user gave them (``python -m flows.resnet_remote --help``)."""
+    """The parameters of one run, as the user gave them (``python -m flows.resnet_remote --help``).
+
+    Each field's metadata (:func:`arg`) is its whole schema: the command line, the flow's parameters, the fleet
+    file's keys and the accuracy tool's options are derived from it, and :func:`check_request` validates it.
+    """
 
     model: str = field(default=DEFAULT_MODEL, metadata=arg(
         "model", f"one of {', '.join(MODEL_NAMES)}, or a path to an .onnx file, a torch.export .pt2 file, or MXNet "
-        "export files (PREFIX-symbol.json with PREFIX-0000.params)"))
+        "export files (PREFIX-symbol.json with PREFIX-0000.params)", where=(FLEET_MODEL, ACCURACY)))
     weights: str = field(default="pretrained", metadata=arg(
         "model", "resnet18_v2 only: pretrained (MXNet model store; downloads when online), random (seeded; the "
-        "labels then mean nothing), or a path to a Gluon .params file"))
-    seed: int = field(default=0, metadata=arg("model", "seed for --weights random"))
+        "labels then mean nothing), or a path to a Gluon .params file", where=(FLEET_MODEL, ACCURACY)))
+    seed: int = field(default=0, metadata=arg(
+        "model", "seed for --weights random", rule=Rule(0, 2**32 - 1), where=(FLEET_MODEL, ACCURACY)))
     target: str = field(default=DEFAULT_TARGET, metadata=arg(
         "build", 'TVM target: "llvm", "llvm -mtriple=aarch64-linux-gnu -mattr=+neon", "llvm -target=x86_64-pc-'
-        'linux-gnu", or JSON \'{"kind": "llvm", "mcpu": "znver4"}\'; -mcpu=native means this host\'s CPU'))
+        'linux-gnu", or JSON \'{"kind": "llvm", "mcpu": "znver4"}\'; -mcpu=native means this host\'s CPU',
+        where=(FLEET_DEVICE, ACCURACY)))
     opt_level: int = field(default=3, metadata=arg(
-        "build", "TVM PassContext opt_level", choices=range(4), metavar="{0,1,2,3}"))
+        "build", "TVM PassContext opt_level", rule=Rule(0, 3), where=(FLEET_TOP, ACCURACY), choices=range(4),
+        metavar="{0,1,2,3}"))
     tune_trials: int = field(default=0, metadata=arg(
         "build", "MetaSchedule tuning budget (trials); 0 = no tuning. Tuned once per (model, target, budget) and "
-        "cached like the build"))
+        "cached like the build", rule=Rule(0, MAX_TRIALS), where=(FLEET_TOP, ACCURACY)))
     tune_more: int = field(default=0, metadata=arg(
         "build", "MetaSchedule trials to add to the largest tuning of this model and target already in the store "
         "(it is continued; with none, tune this many). The total is resolved before compiling, so the build "
-        "names it. Not with --tune-trials", metavar="N"))
+        "names it. Not with --tune-trials", rule=Rule(0, MAX_TRIALS), where=(FLEET_TOP, ACCURACY), metavar="N"))
     schedules: str = field(default=DEFAULT_SCHEDULES, metadata=arg(
         "build", "what an untuned CPU build applies: rules (default): one schedule per kernel from MetaSchedule's "
         "rules, no search (ResNet-18 ~5x, EfficientNet-Lite0 ~2.4x faster than none, for ~25-35 s more build "
-        "time, once); none: TVM's default pipeline, no schedules. Tuned and GPU builds ignore it", choices=SCHEDULES))
+        "time, once); none: TVM's default pipeline, no schedules. Tuned and GPU builds ignore it",
+        rule=Rule(choices=SCHEDULES), where=(FLEET_TOP, ACCURACY), choices=SCHEDULES))
     tune_on: str = field(default="host", metadata=arg(
-        "build", "measure tuning candidates on this host, or on the --tracker/--key device", choices=("host", "device")))
+        "build", "measure tuning candidates on this host, or on the --tracker/--key device",
+        rule=Rule(choices=("host", "device")), where=(ACCURACY,), choices=("host", "device")))
     build_only: bool = field(default=False, metadata=arg(
         "build", "compile and export for the target without any device (CI, GPU targets from a laptop); prints "
         "the library and its key", action="store_true"))
     artifacts: str | None = field(default=None, metadata=arg(
-        "build", f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)"))
+        "build", f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)",
+        where=(ACCURACY,)))
     refresh: bool = field(default=False, metadata=arg(
-        "build", "rebuild import-model, build, export-library and the reference (not the tuning)", action="store_true"))
-    host: str | None = field(default=None, metadata=arg("device", "a running TVM RPC server (python -m tvm.exec.rpc_server)"))
-    port: int | None = field(default=None, metadata=arg("device", "its port (with --host)"))
+        "build", "rebuild import-model, build, export-library and the reference (not the tuning)",
+        where=(ACCURACY,), action="store_true"))
+    host: str | None = field(default=None, metadata=arg(
+        "device", "a running TVM RPC server (python -m tvm.exec.rpc_server)", where=(FLEET_DEVICE, ACCURACY)))
+    port: int | None = field(default=None, metadata=arg(
+        "device", "its port (with --host)", rule=Rule(1, 65535), where=(FLEET_DEVICE, ACCURACY)))
     tracker: str | None = field(default=None, metadata=arg(
-        "device", "a TVM RPC tracker to request a device from", metavar="HOST:PORT"))
-    key: str | None = field(default=None, metadata=arg("device", "the device key to request from the tracker"))
-    connect_timeout: float = field(default=10.0, metadata=arg("device", "seconds to open a session"))
+        "device", "a TVM RPC tracker to request a device from", where=(FLEET_TOP, FLEET_DEVICE, ACCURACY),
+        metavar="HOST:PORT"))
+    key: str | None = field(default=None, metadata=arg(
+        "device", "the device key to request from the tracker", where=(FLEET_DEVICE, ACCURACY)))
+    connect_timeout: float = field(default=10.0, metadata=arg(
+        "device", "seconds to open a session", rule=Rule(positive=True, unit="seconds"), where=(FLEET_TOP, FLEET_DEVICE, ACCURACY)))
     request_timeout: float = field(default=30.0, metadata=arg(
-        "device", "seconds to wait for the tracker to hand out a device"))
+        "device", "seconds to wait for the tracker to hand out a device", rule=Rule(positive=True, unit="seconds"),
+        where=(FLEET_TOP, FLEET_DEVICE, ACCURACY)))
     call_timeout: float = field(default=300.0, metadata=arg(
         "device", "seconds any one remote call (upload, load, run...) may take; the device ends a session that "
-        "lasts longer than this plus 60 s, so a vanished client never holds it"))
+        "lasts longer than this plus 60 s, so a vanished client never holds it", rule=Rule(positive=True, unit="seconds"),
+        where=(FLEET_TOP, FLEET_DEVICE, ACCURACY)))
     device_cache: str = field(default="auto", metadata=arg(
         "device", "directory on the device that keeps uploaded libraries between runs, so an unchanged library is "
         "not sent again; it must exist there and only the device's rpc_server user should be able to write it. "
         "auto: inside the artifact store for the embedded server, off for other devices; off: upload every run",
-        metavar="DIR|auto|off"))
+        where=(ACCURACY,), metavar="DIR|auto|off"))
     allow_version_skew: bool = field(default=False, metadata=arg(
         "device", "use a device whose TVM is another minor version than this machine's (refused by default; "
-        "another patch version only warns)", action="store_true"))
+        "another patch version only warns)", where=(FLEET_TOP, ACCURACY), action="store_true"))
     device_retries: int = field(default=1, metadata=arg(
-        "device", "fresh sessions to try when the device is lost mid-run; the embedded device is restarted"))
+        "device", "fresh sessions to try when the device is lost mid-run; the embedded device is restarted",
+        rule=Rule(0, 10), where=(FLEET_TOP, ACCURACY)))
     image: str | None = field(default=None, metadata=arg(
-        "input and output", "image to classify (default: the cat photo in data/cat.png)"))
-    number: int = field(default=1, metadata=arg("input and output", "time_evaluator: inferences per latency sample"))
+        "input and output", "image to classify (default: the cat photo in data/cat.png)",
+        where=(FLEET_TOP, FLEET_MODEL)))
+    number: int = field(default=1, metadata=arg(
+        "input and output", "time_evaluator: inferences per latency sample", rule=Rule(1, 10**9),
+        where=(FLEET_TOP,)))
     repeat: int | None = field(default=None, metadata=arg(
         "input and output", "latency samples (default: adaptive, at least 30 samples and 1 s of measuring after a "
-        "warm-up, at most 60 s)"))
+        "warm-up, at most 60 s)", rule=Rule(1, 1_000_000), where=(FLEET_TOP,)))
     check: bool = field(default=True, metadata=arg(
-        "check", "skip the reference output and the check", flag="--no-check", action="store_false"))
+        "check", "skip the reference output and the check", flag="--no-check", where=(FLEET_TOP,),
+        action="store_false"))
     max_abs_diff: float | None = field(default=None, metadata=arg(
-        "check", "largest allowed |TVM - reference| (default for float32: 1e-4; top-5 must match)"))
+        "check", "largest allowed |TVM - reference| (default for float32: 1e-4; top-5 must match)",
+        rule=Rule(positive=True), where=(FLEET_TOP, ACCURACY)))
+
+
+def request_fields(where: str | None = None) -> tuple[dataclasses.Field[Any], ...]:
+    """The fields of :class:`RunRequest` (those that may be given ``where``, e.g. :data:`FLEET_TOP`)."""
+    return tuple(f for f in dataclasses.fields(RunRequest) if where is None or where in f.metadata["where"])
+
+
+def field_kind(f: dataclasses.Field[Any]) -> type:
+    """The value type of a field: ``int | None`` -> int."""
+    hint = typing.get_type_hints(RunRequest)[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return hint
+
+
+def flag_of(f: dataclasses.Field[Any]) -> str:
+    """A field's command-line flag, e.g. ``--opt-level``."""
+    return f.metadata["cli"]["flag"] or "--" + f.name.replace("_", "-")
+
+
+def check_request(request: RunRequest) -> None:
+    """Every field of ``request`` against its :class:`Rule` (and the rules that tie fields together).
+
+    Raises:
+        UsageError: naming the flag, the problem and the value.
+    """
+    for f in dataclasses.fields(RunRequest):
+        value = getattr(request, f.name)
+        problem = f.metadata["rule"].problem(value, field_kind(f))
+        if problem is not None:
+            raise UsageError(f"{flag_of(f)} {problem} (got {clip(repr(value), 80)})")
+    if request.tune_trials and request.tune_more:
+        raise UsageError("give --tune-trials (a total) or --tune-more (trials added to the largest tuning), not both")
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    """How the device chain treats a device: where it keeps libraries, how often a lost device is retried, and
+    whether another minor TVM version is accepted.
+
+    Attributes:
+        device_cache: the directory on the device that keeps libraries between runs; None: upload every run.
+        retries: fresh sessions to try after the device was lost mid-run.
+        allow_version_skew: use a device that runs another minor TVM version (a warning instead of a refusal).
+    """
+
+    device_cache: str | None = None
+    retries: int = 1
+    allow_version_skew: bool = False
 
 
 @dataclass(frozen=True)
@@ -116,40 +245,51 @@ class ResolvedRequest:
     model: ResolvedModel
     target: TargetInfo
     opt_level: int
-    device: DeviceSpec
-    image: Path
-    input: np.ndarray
-    store: ArtifactStore
-    timing: Timing
-    refresh: bool
-    device_retries: int
-    allow_version_skew: bool
-    check: bool
-    thresholds: Thresholds
+    schedules: str
+    """What an untuned CPU build applies: ``rules`` (MetaSchedule's rules, no search) or ``none``."""
     tune_trials: int
-    build_only: bool
-    """Compile and export only: no device, no reference, no check."""
+    """The tuning's total budget (``--tune-more`` resolved against the store); 0: no tuning."""
     tune_runner: str
     """Where tuning measures: ``local`` or ``TRACKER_HOST:PORT/KEY`` (the run's device, ``--tune-on device``)."""
-    device_cache: str | None
-    """Directory on the device that keeps libraries between runs; None: upload every run."""
-    schedules: str = DEFAULT_SCHEDULES
-    """What an untuned CPU build applies: ``rules`` (MetaSchedule's rules, no search) or ``none``."""
+    device: DeviceSpec
+    policy: DevicePolicy
+    image: Path
+    input: np.ndarray
+    timing: Timing
+    check: bool
+    thresholds: Thresholds
+    store: ArtifactStore
+    refresh: bool = False
+    build_only: bool = False
+    """Compile and export only: no device, no reference, no check."""
 
 
-def _check_numbers(request: RunRequest) -> None:
-    if request.number < 1 or (request.repeat is not None and request.repeat < 1):
-        raise UsageError(f"--number and --repeat must be at least 1 (got {request.number}, {request.repeat})")
-    if not 0 <= request.device_retries <= 10:
-        raise UsageError(f"--device-retries must be 0-10 (got {request.device_retries})")
-    if not 0 <= request.tune_trials <= 100_000:
-        raise UsageError(f"--tune-trials must be 0 (no tuning) to 100000 (got {request.tune_trials})")
-    if not 0 <= request.tune_more <= 100_000:
-        raise UsageError(f"--tune-more must be 0 to 100000 (got {request.tune_more})")
-    if request.schedules not in SCHEDULES:
-        raise UsageError(f"--schedules must be rules or none (got {request.schedules!r})")
-    if request.tune_on not in ("host", "device"):
-        raise UsageError(f"--tune-on must be host or device (got {request.tune_on!r})")
+@dataclass
+class Resolutions:
+    """What resolving requests found, kept so that many requests over the same models, images and store (a
+    fleet's pairs) resolve each once."""
+
+    models: dict[ModelSpec, ResolvedModel] = field(default_factory=dict)
+    inputs: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
+    stores: dict[str | None, ArtifactStore] = field(default_factory=dict)
+
+    def model(self, spec: ModelSpec) -> ResolvedModel:
+        if spec not in self.models:
+            self.models[spec] = resolve_model(spec)
+        return self.models[spec]
+
+    def input(self, image: Path, model: ResolvedModel) -> np.ndarray:
+        key = (str(image), model.preprocess, tuple(model.input_shape))
+        if key not in self.inputs:
+            self.inputs[key] = load_image(image, model.preprocess, model.input_shape)
+        return self.inputs[key]
+
+    def store(self, artifacts: str | None) -> ArtifactStore:
+        if artifacts not in self.stores:
+            store = ArtifactStore(artifacts)
+            store.check_root()
+            self.stores[artifacts] = store
+        return self.stores[artifacts]
 
 
 def _tune_runner(tune_on: str, device: DeviceSpec) -> str:
@@ -160,13 +300,20 @@ def _tune_runner(tune_on: str, device: DeviceSpec) -> str:
     return f"{device.tracker}/{device.key}"
 
 
-def resolve(request: RunRequest) -> ResolvedRequest:
+def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRequest:
     """Validate ``request`` and resolve its model, target, device, image and store.
+
+    Cheap: models are located and digested, the target parsed, the image read; nothing is compiled and no device
+    is contacted.
+
+    Args:
+        found: what earlier resolutions found (models, inputs, stores), shared by the pairs of a fleet.
 
     Raises:
         UsageError: (or a subclass) naming what is wrong and the valid choices.
     """
-    _check_numbers(request)
+    found = found if found is not None else Resolutions()
+    check_request(request)
     opt_level = check_opt_level(request.opt_level)
     thresholds = thresholds_for("float32", request.max_abs_diff)
     device = DeviceSpec(
@@ -175,27 +322,25 @@ def resolve(request: RunRequest) -> ResolvedRequest:
         call_timeout=request.call_timeout,
     )
     device.validate()
-    store = ArtifactStore(request.artifacts)
-    store.check_root()
+    store = found.store(request.artifacts)
     device_cache = _device_cache_dir(request.device_cache, device, store)
     tune_runner = _tune_runner(request.tune_on, device)
-    model = resolve_model(ModelSpec(source=request.model, weights=request.weights, seed=request.seed))
+    model = found.model(ModelSpec(source=request.model, weights=request.weights, seed=request.seed))
     target = parse_target(request.target)
     from pipeline.tuning import resolve_trials
 
-    tune_trials = resolve_trials(store.root, model.digest, target, request.tune_trials, request.tune_more)
+    tune_trials = resolve_trials(store, model.digest, target, request.tune_trials, request.tune_more)
     if target.device == "cuda" and tune_trials and request.tune_on != "device":
         raise UsageError("tuning a CUDA build measures on the GPU: add --tune-on device with --tracker/--key of a "
                          "GPU device, or leave --tune-trials out (the default build applies TVM's GPU schedules)")
     image = Path(request.image).expanduser() if request.image else DEFAULT_IMAGE
-    data = load_image(image, model.preprocess, model.input_shape)
     return ResolvedRequest(
-        model=model, target=target, opt_level=opt_level, device=device, image=image, input=data, store=store,
-        timing=Timing(number=request.number, repeat=request.repeat), refresh=request.refresh,
-        device_retries=request.device_retries, allow_version_skew=request.allow_version_skew, check=request.check,
-        thresholds=thresholds,
-        tune_trials=tune_trials, build_only=request.build_only, tune_runner=tune_runner,
-        device_cache=device_cache, schedules=request.schedules,
+        model=model, target=target, opt_level=opt_level, schedules=request.schedules, tune_trials=tune_trials,
+        tune_runner=tune_runner, device=device,
+        policy=DevicePolicy(device_cache, request.device_retries, request.allow_version_skew),
+        image=image, input=found.input(image, model), timing=Timing(number=request.number, repeat=request.repeat),
+        check=request.check, thresholds=thresholds, store=store, refresh=request.refresh,
+        build_only=request.build_only,
     )
 
 
@@ -204,5 +349,29 @@ def _device_cache_dir(value: str, device: DeviceSpec, store: ArtifactStore) -> s
     if value == "off":
         return None
     if value == "auto":
-        return str(store.root / ".device") if device.kind == "local" else None
+        return str(store.layout.device_cache) if device.kind == "local" else None
     return check_directory(value)
+
+
+_RESOLVED: contextvars.ContextVar[tuple[RunRequest, ResolvedRequest] | None] = contextvars.ContextVar(
+    "tvmrp_resolved", default=None)
+
+
+@contextlib.contextmanager
+def resolved_in_advance(request: RunRequest) -> Iterator[ResolvedRequest]:
+    """Resolve ``request`` now (a command line fails fast, before Prefect starts) and let the flow it runs next
+    use that resolution (:func:`resolve_once`) instead of resolving it a second time."""
+    resolved = resolve(request)
+    token = _RESOLVED.set((request, resolved))
+    try:
+        yield resolved
+    finally:
+        _RESOLVED.reset(token)
+
+
+def resolve_once(request: RunRequest) -> ResolvedRequest:
+    """The resolution of ``request`` made in advance by :func:`resolved_in_advance`, else :func:`resolve`."""
+    ahead = _RESOLVED.get()
+    if ahead is not None and ahead[0] == request:
+        return ahead[1]
+    return resolve(request)

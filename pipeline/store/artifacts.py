@@ -1,5 +1,9 @@
 """A content-addressed artifact store: ``<root>/<key[:2]>/<key[2:]>/`` holds files and a ``manifest.json``.
 
+The store is a value that runs pass around (never its path): it owns every entry of its root
+(:mod:`pipeline.store.layout`), the run ledger in it (:attr:`ArtifactStore.ledger`) and this client's secret that
+authenticates the libraries devices keep (:meth:`ArtifactStore.device_cache_secret`, read once per store object).
+
 The key is a 64-hex SHA-256 of everything that determines the artifact (see :mod:`pipeline.planning.keys`). The
 manifest records what produced the artifact and the SHA-256 and size of every file in it. An artifact is
 only returned by :meth:`ArtifactStore.get` if its manifest parses and every file still has its recorded
@@ -20,20 +24,25 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
+import stat
 import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.errors import StoreError, UsageError, clip
+from pipeline.store.layout import MANIFEST, ArtifactKind, StoreLayout
+
+if TYPE_CHECKING:
+    from pipeline.store.ledger import Ledger
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 ENV_VAR = "TVMRP_ARTIFACTS"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -157,18 +166,57 @@ def _store_error(action: str, root: Path, exc: OSError) -> StoreError:
 
 
 class ArtifactStore:
-    """A directory of content-addressed artifacts. Safe for concurrent use by several processes."""
+    """A directory of content-addressed artifacts. Safe for concurrent use by several processes.
+
+    Attributes:
+        root: the store's directory.
+        layout: every path under it (:class:`pipeline.store.layout.StoreLayout`).
+    """
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser().resolve() if root else default_root()
+        self.layout = StoreLayout(self.root)
+        self._secret: bytes | None = None
+        self._secret_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"ArtifactStore({str(self.root)!r})"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, ArtifactStore) and other.root == self.root
+
+    def __hash__(self) -> int:
+        return hash(self.root)
+
+    def __getstate__(self) -> dict[str, Any]:  # a store sent to a worker process carries its root, not its secret
+        return {"root": self.root}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["root"])  # type: ignore[misc]
+
     def path(self, key: str) -> Path:
         """The directory of ``key`` (which may not exist)."""
-        check_key(key)
-        return self.root / key[:2] / key[2:]
+        return self.layout.artifact(check_key(key))
+
+    @property
+    def ledger(self) -> Ledger:
+        """The run ledger kept in this store."""
+        from pipeline.store.ledger import Ledger
+
+        return Ledger(self.layout.ledger)
+
+    def device_cache_secret(self) -> bytes:
+        """This client's secret that authenticates the libraries devices keep: 32 random bytes in the store's
+        keys directory (mode 0600), created on first use (atomically; a racing process's file wins) and read once
+        per store object.
+
+        Raises:
+            StoreError: the file cannot be created or read, or other users can read or write it.
+        """
+        with self._secret_lock:
+            if self._secret is None:
+                self._secret = _read_secret(self.layout.device_cache_key)
+            return self._secret
 
     def file(self, artifact: Artifact, name: str) -> Path:
         """The path of file ``name`` of ``artifact``."""
@@ -202,11 +250,6 @@ class ArtifactStore:
                 f"the artifact store {clip(self.root)} cannot be created: {clip(existing)} is a file, not a "
                 f"directory. {where}"
             )
-
-    @property
-    def prefect_dir(self) -> Path:
-        """Where Prefect keeps its cache records for this store (so they move with the artifacts)."""
-        return self.root / ".prefect"
 
     # -- reading -------------------------------------------------------------------------------------
 
@@ -296,7 +339,7 @@ class ArtifactStore:
     def put(
         self,
         key: str,
-        kind: str,
+        kind: ArtifactKind | str,
         produce: Callable[[Path], None],
         inputs: dict[str, Any] | None = None,
     ) -> Artifact:
@@ -334,7 +377,7 @@ class ArtifactStore:
 
     def _new_tmp(self, key: str) -> Path:
         """A fresh temporary directory for ``key``'s files (dead writers' leftovers swept first)."""
-        tmp_root = self.root / ".tmp"
+        tmp_root = self.layout.tmp
         try:
             tmp_root.mkdir(parents=True, exist_ok=True)
             self._sweep_tmp(tmp_root)
@@ -345,7 +388,7 @@ class ArtifactStore:
         return tmp
 
     @staticmethod
-    def _write_manifest(tmp: Path, key: str, kind: str, inputs: dict[str, Any] | None) -> None:
+    def _write_manifest(tmp: Path, key: str, kind: ArtifactKind | str, inputs: dict[str, Any] | None) -> None:
         """fsync every file ``produce`` wrote, then write (and fsync) the manifest with their digests."""
         files = {}
         for path in sorted(tmp.iterdir()):
@@ -357,7 +400,7 @@ class ArtifactStore:
         manifest = {
             "version": MANIFEST_VERSION,
             "key": key,
-            "kind": kind,
+            "kind": kind.name if isinstance(kind, ArtifactKind) else kind,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "files": files,
             "inputs": inputs or {},
@@ -404,7 +447,7 @@ class ArtifactStore:
     def ensure(
         self,
         key: str,
-        kind: str,
+        kind: ArtifactKind | str,
         produce: Callable[[Path], None],
         inputs: dict[str, Any] | None = None,
         refresh: bool = False,
@@ -434,7 +477,7 @@ class ArtifactStore:
             self._discard_dir(path)
 
     def _discard_dir(self, path: Path) -> None:
-        trash = self.root / ".trash"
+        trash = self.layout.trash
         trash.mkdir(parents=True, exist_ok=True)
         aside = trash / f"{path.parent.name}{path.name}.{uuid.uuid4().hex[:8]}"
         os.rename(path, aside)
@@ -449,7 +492,7 @@ class ArtifactStore:
         """
         check_key(key)
         try:
-            lock_dir = self.root / ".locks"
+            lock_dir = self.layout.locks
             lock_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
@@ -482,3 +525,33 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _read_secret(path: Path) -> bytes:
+    """The 32-byte secret at ``path``, created (mode 0600) if missing; see :meth:`ArtifactStore.device_cache_secret`."""
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+        info = path.lstat()
+        if not stat.S_ISREG(info.st_mode):
+            raise StoreError(f"{path} (the device cache's secret) is not a regular file: remove it (a new one is made)")
+        if info.st_mode & 0o077 or info.st_uid != os.getuid():
+            raise StoreError(
+                f"{path} (the device cache's secret) is readable or writable by other users or not yours: "
+                f"remove it (a new one is made) or chmod 600 it"
+            )
+        secret = path.read_bytes()
+        if len(secret) < 32:  # a racing creator had not written it yet
+            time.sleep(0.1)
+            secret = path.read_bytes()
+    except OSError as exc:
+        raise StoreError(f"cannot create or read the device cache's secret {path} ({exc.strerror})") from exc
+    if len(secret) < 32:
+        raise StoreError(f"{path} (the device cache's secret) is damaged: remove it (a new one is made)")
+    return secret

@@ -11,33 +11,28 @@ itself) and the input shape. Regressions are judged within a series (:func:`pipe
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
 import json
 import logging
 import os
 import re
-import secrets
 import sys
 import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import StoreError, UsageError, clip
+from pipeline.results import utc_now
+
+if TYPE_CHECKING:
+    from pipeline.results import RunSummary
 
 log = logging.getLogger(__name__)
 
-LEDGER_DIR = ".runs"
 FORMAT = 1
 _ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
-
-
-def new_run_id(now: dt.datetime | None = None) -> str:
-    """A fresh run id: UTC time to the second, then 24 random bits."""
-    now = now or dt.datetime.now(dt.timezone.utc)
-    return f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}"
 
 
 def device_name(description: str) -> str:
@@ -129,6 +124,20 @@ class RunRecord:
         return None if not self.latency_ms else float(self.latency_ms["median"])
 
 
+def record_of(summary: RunSummary, status: str, exit_code: int, error: str | None, **context: Any) -> RunRecord:
+    """The record of a run that got as far as a summary: the summary's JSON form, field by field (the device
+    by its :func:`device_name`), with how the run ended and ``context`` (versions, flow_run_id, fleet_run)."""
+    data = summary.as_json()
+    names = {f.name for f in fields(RunRecord)}
+    latency = summary.latency
+    return RunRecord(
+        **{k: v for k, v in data.items() if k in names and k != "device"},
+        id=summary.run_id, started=summary.started, finished=utc_now(), status=status, exit_code=exit_code,
+        error=error, device=device_name(summary.outcome.device), input_shape=list(summary.outcome.input_shape),
+        samples=latency.repeat, number=latency.number, **context,
+    )
+
+
 @cache
 def _field_types(cls: type) -> dict[str, Any]:
     """The evaluated annotations of a dataclass's fields (this module uses postponed annotations)."""
@@ -173,10 +182,10 @@ def _type_name(annotation: Any) -> str:
 
 
 class Ledger:
-    """The run records of an artifact store."""
+    """The run records of an artifact store (``ArtifactStore.ledger``: its ``.runs`` directory)."""
 
-    def __init__(self, store_root: str | os.PathLike[str]) -> None:
-        self.directory = Path(store_root) / LEDGER_DIR
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
 
     def write(self, record: RunRecord) -> Path:
         """Write ``record`` atomically.

@@ -1,6 +1,6 @@
 """Turn what users type as a target into a TVM 0.27 ``Target`` and its canonical string.
 
-TVM 0.27 only accepts a bare kind (``"llvm"``) or the JSON/dict form. Users (and the seed script) type the
+TVM 0.27 only accepts a bare kind (``"llvm"``) or the JSON/dict form. Users type the
 old CLI form, so we translate it (:mod:`pipeline.targets.grammar`, the grammar CUDA targets share):
 
     llvm                                         -> {"kind": "llvm"}

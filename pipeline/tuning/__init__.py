@@ -35,14 +35,13 @@ The modules, one per concern:
 * :mod:`~pipeline.tuning.interrupt`: signals, interruptible waits, MetaSchedule's worker processes;
 * :mod:`~pipeline.tuning.logs`: MetaSchedule's logging to ``tuning.log``;
 * :mod:`~pipeline.tuning.family`: the family index, :func:`find_base`, :func:`resolve_trials`;
-* :mod:`~pipeline.tuning.result`: the artifact's files, :class:`TuningReport` and the convergence rule.
+* :mod:`~pipeline.tuning.result`: :class:`TuningReport` (``tuning.json``) and the convergence rule.
 
 Importing this package does not import TVM.
 """
 
 from pipeline.tuning.apply import apply_tuning, prepare
 from pipeline.tuning.family import (
-    INDEX_DIR,
     MAX_TRIALS,
     BaseTuning,
     family_key,
@@ -53,11 +52,6 @@ from pipeline.tuning.family import (
 )
 from pipeline.tuning.result import (
     CONVERGED_GAIN,
-    DATABASE_FILES,
-    LOG_FILE,
-    RECORD_FILE,
-    REPORT_FILE,
-    WORKLOAD_FILE,
     TuningReport,
     format_latency,
     has_converged,
@@ -80,16 +74,10 @@ from pipeline.tuning.space import (
 
 __all__ = [
     "CONVERGED_GAIN",
-    "DATABASE_FILES",
     "DEFAULT_SPACE",
-    "INDEX_DIR",
     "LOCAL_RUNNER",
-    "LOG_FILE",
     "MAX_TRIALS",
-    "RECORD_FILE",
-    "REPORT_FILE",
     "SPACE",
-    "WORKLOAD_FILE",
     "BaseTuning",
     "TuningReport",
     "TuningSpace",

@@ -17,13 +17,13 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import StoreError, clip
 from pipeline.store import Artifact, ArtifactStore
-from pipeline.tuning.result import DATABASE_FILES, RECORD_FILE, WORKLOAD_FILE
+from pipeline.store.layout import RECORD_FILE, TUNING_DATABASE_FILES, WORKLOAD_FILE
 from pipeline.tuning.space import TuningSpace
 
 if TYPE_CHECKING:
     import tvm
 
-log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module
+log = logging.getLogger("pipeline.tuning")  # one logger for the package: its lines read as one stage's
 
 
 def prepare(mod: tvm.IRModule, target: tvm.target.Target, space: TuningSpace) -> tvm.IRModule:
@@ -127,6 +127,6 @@ def apply_tuning(mod: tvm.IRModule, tuning: Artifact, store: ArtifactStore) -> t
 
     target = tvm.target.Target(json.loads(inputs["tuning_target"]))
     with tempfile.TemporaryDirectory(prefix="tvmrp-apply-") as work:
-        for name in DATABASE_FILES:
+        for name in TUNING_DATABASE_FILES:
             shutil.copyfile(store.file(tuning, name), Path(work) / name)
         return _finish(prepare(mod, target, space), target, Path(work), space)

@@ -1,7 +1,7 @@
 """The family index: earlier tunings to continue from.
 
 Tunings that differ only in their budget form a *family* (:func:`family_key`); the store indexes each family
-in ``<store>/.tuning/<family>.json`` (:func:`remember_tuning`). A larger budget continues from the largest
+in the store's tuning index, ``<store>/.tuning/<family>.json`` (:func:`remember_tuning`). A larger budget continues from the largest
 verified database of its family (:func:`find_base`). ``--tune-more N`` is that largest budget + N
 (:func:`resolve_trials`).
 """
@@ -20,12 +20,11 @@ from pipeline.planning import keys
 from pipeline.errors import StoreError, UsageError
 from pipeline.store import Artifact, ArtifactStore, check_key
 from pipeline.targets import TargetInfo
-from pipeline.tuning.result import DATABASE_FILES, REPORT_FILE
+from pipeline.store.layout import TUNING, TUNING_DATABASE_FILES, TUNING_REPORT_FILE
 from pipeline.tuning.space import tune_inputs
 
-log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module
+log = logging.getLogger("pipeline.tuning")  # one logger for the package: its lines read as one stage's
 
-INDEX_DIR = ".tuning"
 _INDEX_VERSION = 1
 MAX_TRIALS = 100_000
 
@@ -51,7 +50,7 @@ def family_key(model_digest: str, target: TargetInfo) -> str:
 
 
 def _index_path(store: ArtifactStore, family: str) -> Path:
-    return store.root / INDEX_DIR / f"{check_key(family)}.json"
+    return store.layout.tuning_index / f"{check_key(family)}.json"
 
 
 def _read_index(store: ArtifactStore, family: str) -> dict[int, str]:
@@ -110,7 +109,7 @@ def family_tunings(store: ArtifactStore, inputs: dict[str, Any]) -> list[tuple[i
                         "ignored", family[:16], key[:16], trials)
             continue
         artifact = store.get(key)
-        if artifact is not None and artifact.kind == "tuning":
+        if artifact is not None and artifact.kind == TUNING.name:
             found.append((trials, artifact))
     return found
 
@@ -124,8 +123,8 @@ def find_base(store: ArtifactStore, inputs: dict[str, Any]) -> BaseTuning | None
         if found >= trials:
             continue
         try:
-            database = {name: store.read_verified(artifact.key, name)[0] for name in DATABASE_FILES}
-            report = json.loads(store.read_verified(artifact.key, REPORT_FILE)[0])
+            database = {name: store.read_verified(artifact.key, name)[0] for name in TUNING_DATABASE_FILES}
+            report = json.loads(store.read_verified(artifact.key, TUNING_REPORT_FILE)[0])
         except (StoreError, ValueError) as exc:
             log.warning("tune: tuning %s cannot be continued (%s); trying a smaller one", artifact.key[:16], exc)
             continue
@@ -136,8 +135,8 @@ def find_base(store: ArtifactStore, inputs: dict[str, Any]) -> BaseTuning | None
     return None
 
 
-def resolve_trials(store_root: str | os.PathLike[str] | None, model_digest: str, target: TargetInfo,
-                   tune_trials: int, tune_more: int) -> int:
+def resolve_trials(store: ArtifactStore, model_digest: str, target: TargetInfo, tune_trials: int,
+                   tune_more: int) -> int:
     """The total trial budget of a run: ``tune_trials``, or with ``tune_more`` the family's largest + N.
 
     ``--tune-more N`` continues the best (largest) existing tuning of (model, target, cores, space, TVM) by
@@ -155,7 +154,7 @@ def resolve_trials(store_root: str | os.PathLike[str] | None, model_digest: str,
     if tune_trials:
         raise UsageError("give --tune-trials (a total) or --tune-more (trials added to the largest tuning), not both")
     inputs = {k: v for k, v in tune_inputs(model_digest, target, 1).items() if k != "trials"}
-    existing = family_tunings(ArtifactStore(store_root), inputs)
+    existing = family_tunings(store, inputs)
     total = (existing[0][0] if existing else 0) + tune_more
     if total > MAX_TRIALS:
         raise UsageError(f"--tune-more {tune_more} would make {total} trials, above {MAX_TRIALS}")

@@ -25,7 +25,7 @@ from pipeline.tuning.interrupt import _interruptible
 from pipeline.tuning.result import format_latency
 from pipeline.tuning.session import _Session
 
-log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module
+log = logging.getLogger("pipeline.tuning")  # one logger for the package: its lines read as one stage's
 _MAX_REGENERATE = 3  # search rounds per batch when the search offers only candidates measured before
 
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pipeline.tuning.session import _Session
 
-log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module
+log = logging.getLogger("pipeline.tuning")  # one logger for the package: its lines read as one stage's
 _HELPER_JOIN_S = 15.0  # how long an interrupted run waits for its builder/runner thread once the workers are gone
 
 

@@ -1,18 +1,12 @@
-"""What a tuning artifact holds: MetaSchedule's database files, ``tuning.log`` and the report ``tuning.json``
-(:class:`TuningReport`), with the estimate's history over the increments and whether it has converged
-(:func:`has_converged`)."""
+"""What a tuning did: the report ``tuning.json`` of a tuning artifact (:class:`TuningReport`), with the estimate's
+history over the increments and whether it has converged (:func:`has_converged`). The artifact's file names are
+declared with every other kind's in :mod:`pipeline.store.layout`."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 from typing import Any
-
-WORKLOAD_FILE = "database_workload.json"
-RECORD_FILE = "database_tuning_record.json"
-REPORT_FILE = "tuning.json"
-LOG_FILE = "tuning.log"
-DATABASE_FILES = (WORKLOAD_FILE, RECORD_FILE)
 
 #: Stop rule of --tune-more: tuning has converged when the last two increments gained less than this.
 CONVERGED_GAIN = 0.01

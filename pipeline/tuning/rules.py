@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from pipeline.targets import TargetInfo
 from pipeline.tuning.apply import _finish, prepare
 from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
-from pipeline.tuning.result import RECORD_FILE, WORKLOAD_FILE
+from pipeline.store.layout import RECORD_FILE, WORKLOAD_FILE
 from pipeline.tuning.search import _light_tensor_intrin, _register_missing_rules
 from pipeline.tuning.space import space_for, tuning_num_cores, tuning_target
 

@@ -22,10 +22,8 @@ from pipeline.tuning.apply import prepare
 from pipeline.tuning.family import BaseTuning
 from pipeline.tuning.interrupt import _noting_interrupts, _own_workers
 from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
+from pipeline.store.layout import RECORD_FILE, TUNING_DATABASE_FILES, WORKLOAD_FILE
 from pipeline.tuning.result import (
-    DATABASE_FILES,
-    RECORD_FILE,
-    WORKLOAD_FILE,
     TuningReport,
     estimate_ms,
     format_latency,
@@ -46,7 +44,7 @@ from pipeline.tuning.space import (
 if TYPE_CHECKING:
     import tvm
 
-log = logging.getLogger("pipeline.tuning")  # the package's one logger, as when it was one module
+log = logging.getLogger("pipeline.tuning")  # one logger for the package: its lines read as one stage's
 
 _SEED = 0
 _MAX_TRIALS_PER_ROUND = 64
@@ -255,7 +253,7 @@ def run_tuning(
     tvm_target = tuning_target(target, cores)
     start = time.perf_counter()
     if base is not None:
-        for name in DATABASE_FILES:
+        for name in TUNING_DATABASE_FILES:
             (work_dir / name).write_bytes(base.database[name])
     with _meta_schedule_logs(log_file):
         search = _start_search(mod, tvm_target, work_dir, trials, base, cores, space, progress)

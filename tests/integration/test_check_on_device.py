@@ -25,10 +25,10 @@ from pipeline.store import ArtifactStore
 from pipeline.latency import Timing
 from pipeline.planning.plan import plan_reference
 from tasks._live import opened
-from tasks.check import (
-    CheckResult, check, raise_if_failed, thresholds_for,
-)
-from tasks.export_library import LIBRARY_FILE
+from pipeline.results import CheckResult
+from pipeline.store.layout import LIBRARY_FILE
+from pipeline.thresholds import thresholds_for
+from tasks.check import check, raise_if_failed
 from tasks.load import load
 from tasks.reference import load_reference, reference
 from tasks.run import run
@@ -44,15 +44,15 @@ FP32 = thresholds_for("float32")
 
 def device_output(server, store_root, target, library, x) -> np.ndarray:
     with open_session(DeviceSpec(), server) as session, opened(session) as ref:
-        loaded = load(upload(ref, library.artifact, str(store_root), target.arch), str(store_root))
+        loaded = load(upload(ref, library.artifact, ArtifactStore(store_root), target.arch), ArtifactStore(store_root))
         return run(set_input(loaded, x), Timing(repeat=1)).output
 
 
 def compiled_check(model, store_root, server, x, thresholds=FP32) -> CheckResult:
     target, _, _, library = compile_all(model, store_root)
-    expected = reference(model, x, plan_reference(model, x), str(store_root))
+    expected = reference(model, x, plan_reference(model, x), ArtifactStore(store_root))
     output = device_output(server, store_root, target, library, x)
-    return check(output, load_reference(expected.artifact, str(store_root)), thresholds)
+    return check(output, load_reference(expected.artifact, ArtifactStore(store_root)), thresholds)
 
 
 def _write_model(source: str, directory: Path, seed: int = 0) -> str:
@@ -81,7 +81,7 @@ def test_check__fails_for_a_library_built_from_different_weights(tmp_path, store
     x = np.random.default_rng(3).standard_normal(right.input_shape).astype(np.float32)
     target, _, _, library = compile_all(wrong, store_root)
     output = device_output(server, store_root, target, library, x)
-    expected = load_reference(reference(right, x, plan_reference(right, x), str(store_root)).artifact, str(store_root))
+    expected = load_reference(reference(right, x, plan_reference(right, x), ArtifactStore(store_root)).artifact, ArtifactStore(store_root))
     result = check(output, expected, FP32)
     assert not result.passed and result.max_abs_diff > 1e-2
     with pytest.raises(CheckFailed) as caught:
@@ -123,14 +123,15 @@ def accuracy_cli(capsys, *args: str) -> tuple[int, dict | None, str]:
     return code, (json.loads(lines[-1]) if lines and lines[-1].startswith("{") else None), out + err
 
 
-def test_accuracy_cli__wrong_library_at_the_right_key_exits_1(tmp_path, store_root, capsys):
+def test_accuracy_cli__wrong_library_at_the_right_key_exits_1(prefect_api, tmp_path, store_root, capsys):
     """A store whose library for the model holds another model's code (other weights): every check fails."""
     # 1000 outputs: an "ImageNet classifier" for the command's purposes (its accuracy means nothing).
     model_file = make_tiny_onnx(tmp_path / "m.onnx", seed=0, classes=1000)
     code, summary, text = accuracy_cli(capsys, "--model", str(model_file), "--artifacts", str(store_root))
     assert code == 0, text
     assert summary["checks_passed"] and summary["agreement"]["top5_identical"] == summary["agreement"]["count"]
-    assert summary["stages"] == {"import-model": "ran", "build": "ran", "export-library": "ran", "reference": "ran"}
+    assert summary["stages"] == {"import-model": "ran", "tune": "skipped", "build": "ran", "export-library": "ran",
+                                 "reference": "ran"}
 
     other = resolve_model(ModelSpec(str(make_tiny_onnx(tmp_path / "o.onnx", seed=1, classes=1000))))
     _, _, _, other_library = compile_all(other, store_root)
@@ -153,7 +154,7 @@ def test_accuracy_cli__wrong_library_at_the_right_key_exits_1(tmp_path, store_ro
     assert code == 0 and "Error" not in text
 
 
-def test_accuracy_cli__bad_usage_exits_2(tiny_onnx, store_root, capsys):
+def test_accuracy_cli__bad_usage_exits_2(prefect_api, tiny_onnx, store_root, capsys):
     code, _, text = accuracy_cli(capsys, "--model", str(tiny_onnx), "--artifacts", str(store_root))
     assert code == 2 and "Error: " in text and "ImageNet" in text
     code, _, text = accuracy_cli(capsys, "--model", str(tiny_onnx), "--max-abs-diff", "-1")
@@ -161,7 +162,7 @@ def test_accuracy_cli__bad_usage_exits_2(tiny_onnx, store_root, capsys):
 
 
 @pytest.mark.slow
-def test_accuracy_cli__efficientnet_lite0_tvm_agrees_with_reference(real_store, capsys):
+def test_accuracy_cli__efficientnet_lite0_tvm_agrees_with_reference(prefect_api, real_store, capsys):
     code, summary, text = accuracy_cli(capsys, "--model", "efficientnet_lite0", "--artifacts", str(real_store))
     assert code == 0, text
     tvm, ref = summary["accuracy"]["tvm"], summary["accuracy"]["reference"]

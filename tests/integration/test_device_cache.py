@@ -16,9 +16,10 @@ import subprocess
 import numpy as np
 import pytest
 
+from pipeline.store import ArtifactStore
 from pipeline.device import cache as device_cache
 from pipeline.device import DeviceSpec, open_session
-from pipeline.device.cache import DeviceCache, cache_secret, load_placed, place
+from pipeline.device.cache import DeviceCache, load_placed, place
 from pipeline.errors import RemoteRunError, StoreError, UsageError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
@@ -187,14 +188,20 @@ def test_device_cache__needs_an_absolute_device_path(bad):
         DeviceCache(bad, SECRET)
 
 
-def test_cache_secret__is_private_and_stable(tmp_path):
-    first = cache_secret(tmp_path)
+def test_device_cache_secret__is_private_stable_and_read_once_per_store(tmp_path):
+    store = ArtifactStore(tmp_path)
+    first = store.device_cache_secret()
     path = tmp_path / ".keys" / "device-cache.key"
-    assert len(first) == 32 and cache_secret(tmp_path) == first
+    assert len(first) == 32 and ArtifactStore(tmp_path).device_cache_secret() == first
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     path.chmod(0o644)  # readable by others: a forger could learn it
+    assert store.device_cache_secret() == first  # read once: this store object does not read it again
     with pytest.raises(StoreError, match="readable or writable by other users"):
-        cache_secret(tmp_path)
+        ArtifactStore(tmp_path).device_cache_secret()
+    path.unlink()
+    path.mkdir()  # a directory where the key should be: said so, not "readable by other users"
+    with pytest.raises(StoreError, match="not a regular file"):
+        ArtifactStore(tmp_path).device_cache_secret()
 
 
 def test_upload_stage__second_session_loads_the_kept_copy(tiny_onnx, store_root, server, device_dir):
@@ -204,14 +211,14 @@ def test_upload_stage__second_session_loads_the_kept_copy(tiny_onnx, store_root,
     outputs = []
     for expect_reused in (False, True):
         with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-            up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
+            up = upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir))
             assert up.reused is expect_reused and up.bytes == library.artifact.size
             assert up.remote_name.startswith(str(device_dir))
-            outputs.append(run(set_input(load(up, str(store_root)), x), Timing(repeat=1)).output)
+            outputs.append(run(set_input(load(up, ArtifactStore(store_root)), x), Timing(repeat=1)).output)
     for output in outputs:
         np.testing.assert_allclose(output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
     with open_session(DeviceSpec(), server) as s, opened(s) as ref:  # reuse=False: sent anyway
-        assert not upload(ref, library.artifact, str(store_root), target.arch, str(device_dir), reuse=False).reused
+        assert not upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir), reuse=False).reused
 
 
 def test_load_stage__a_kept_copy_that_vanished_is_forgotten_and_uploaded_again(
@@ -220,14 +227,14 @@ def test_load_stage__a_kept_copy_that_vanished_is_forgotten_and_uploaded_again(
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
     with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-        load(upload(ref, library.artifact, str(store_root), target.arch, str(device_dir)), str(store_root))
+        load(upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir)), ArtifactStore(store_root))
     for so in device_dir.glob("*.so"):
         so.unlink()  # e.g. the device's /tmp was cleaned
     with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-        up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
+        up = upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir))
         assert up.reused
         with caplog.at_level(logging.WARNING, logger="pipeline.device.cache"):
-            loaded = load(up, str(store_root))
+            loaded = load(up, ArtifactStore(store_root))
         assert "did not load" in caplog.text and "upload it again" in caplog.text
         assert not loaded.placement.reused and loaded.remote_name != up.remote_name
         x = np.zeros(model.input_shape, np.float32)
@@ -242,10 +249,10 @@ def test_upload_stage__falls_back_to_the_session_directory(tiny_onnx, store_root
     target, _, _, library = compile_all(model, store_root)
     with open_session(DeviceSpec(), server) as s, opened(s) as ref:
         with caplog.at_level(logging.WARNING, logger="pipeline.device.cache"):
-            up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir / "missing"))
+            up = upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir / "missing"))
         assert not up.reused and not up.remote_name.startswith("/")
         assert "--device-cache" in caplog.text
-        load(up, str(store_root))
+        load(up, ArtifactStore(store_root))
 
 
 def _planted_library(directory, proof):
@@ -275,9 +282,9 @@ def test_planted_library_and_forged_marker__never_load(tiny_onnx, store_root, se
     for fmt in (1, 2):  # the old format, and the new one with a made-up MAC
         (device_dir / "tvmrp-slot-0.json").write_text(json.dumps({**forged, "format": fmt, "mac": "0" * 64}))
         with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-            up = upload(ref, library.artifact, str(store_root), target.arch, str(device_dir))
+            up = upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir))
             assert not up.reused and up.remote_name != str(device_dir / planted)
-            loaded = load(up, str(store_root))
+            loaded = load(up, ArtifactStore(store_root))
             x = np.zeros(model.input_shape, np.float32)
             out = run(set_input(loaded, x), Timing(repeat=1)).output
         np.testing.assert_allclose(out, reference_forward(model, x), atol=1e-4, rtol=1e-4)

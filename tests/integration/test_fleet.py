@@ -84,8 +84,9 @@ def test_fleet__three_devices_by_two_models_builds_once_and_fails_only_the_missi
     for pairs in (a, b):
         assert sorted(pairs)[0][1] <= sorted(pairs)[1][0]
 
-    # The whole table, then the error line.
+    # The whole table once, its JSON once, then the error line.
     assert "FAILED" in proc.stdout and "ghost" in proc.stdout and "bench-b" in proc.stdout
+    assert proc.stdout.count("Fleet      ") == 1 and proc.stdout.count('"fleet_run"') == 1, proc.stdout
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert errors and errors[-1].startswith("Error: 2 of 6 pairs failed (m0.onnx on ghost, m1.onnx on ghost); the first: Tracker ") and "Traceback" not in proc.stderr
 

@@ -132,7 +132,7 @@ def test_flow__tracker_device(prefect_api, store_root, tiny_onnx):
         (["--target=llvm -mattr=aaaa"], 2, "closest: "),  # refused before Prefect is imported
         (["--opt-level", "7"], 2, "0, 1, 2, 3"),
         (["--image", "/nonexistent/cat.jpg"], 2, "/nonexistent/cat.jpg"),
-        (["--number", "0"], 2, "at least 1"),
+        (["--number", "0"], 2, "--number must be a whole number from 1"),
         (["--host", "127.0.0.1"], 2, "--port"),
         (["--device-cache", "cache"], 2, "absolute directory on the device"),
         (["--bogus"], 2, "unrecognized arguments"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.store.ledger import Ledger
+from pipeline.store import ArtifactStore
 from support import COMPILE
 
 
@@ -20,12 +20,12 @@ def flow_runs(prefect_api, store_root, tiny_onnx):
 
 def test_flow_in_process__returns_the_typed_summary_and_caches_the_builds(flow_runs, store_root):
     first, second = flow_runs
-    assert first.check is not None and first.check.passed and len(first.top5) == 5
+    assert first.check is not None and first.check.passed and len(first.outcome.top5) == 5
     assert all(first.stages[stage] == "ran" for stage in COMPILE)
     assert all(second.stages[stage] == "cached" for stage in COMPILE)
-    assert second.upload.reused and second.build_key == first.build_key
+    assert second.outcome.upload.reused and second.build.build_key == first.build.build_key
     assert second.series == first.series and second.regression is not None
-    recorded = {record.id: record for record in Ledger(store_root).records()}
+    recorded = {record.id: record for record in ArtifactStore(store_root).ledger.records()}
     assert {first.run_id, second.run_id} <= set(recorded)
     assert recorded[second.run_id].latency_ms["median"] == second.latency.median
 

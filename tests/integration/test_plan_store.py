@@ -33,7 +33,7 @@ def test_stored_manifests__hold_the_keys_and_inputs_the_plan_computed(model, sto
         assert manifest["inputs"] == stage.manifest
     x = np.zeros(model.input_shape, np.float32)
     ref = plan_reference(model, x)
-    built = reference(model, x, ref, str(store_root))
+    built = reference(model, x, ref, ArtifactStore(store_root))
     assert built.artifact.key == ref.key and built.artifact.inputs == ref.manifest
 
 
@@ -42,4 +42,4 @@ def test_build__refuses_a_tuning_its_plan_does_not_name(model, store_root):
     plan = plan_build(model, target, 3)
     compiled = compile_chain(plan, ArtifactStore(store_root), refresh=False, run=run_plain)
     with pytest.raises(BuildError, match="does not name the tuning"):
-        build(compiled.module, target, 3, plan.build, str(store_root), tuning=compiled.library)
+        build(compiled.module, target, 3, plan.build, ArtifactStore(store_root), tuning=compiled.library)

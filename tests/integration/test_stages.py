@@ -16,9 +16,8 @@ from pipeline.planning.plan import plan_build
 from pipeline.store import ArtifactStore
 from pipeline.targets import parse_target
 from tasks._live import opened
-from tasks.build import OBJECTS_FILE, build
-from tasks.export_library import LIBRARY_FILE
-from tasks.import_model import MODULE_FILE
+from pipeline.store.layout import LIBRARY_FILE, MODULE_FILE, OBJECTS_FILE
+from tasks.build import build
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
@@ -47,7 +46,7 @@ def test_compile_stages__produce_verified_artifacts_and_reuse_them(tiny_onnx, st
 def test_build__refresh_rebuilds(tiny_onnx, store_root):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, imported, built, _ = compile_all(model, store_root)
-    again = build(imported.artifact, target, 3, plan_build(model, target, 3).build, str(store_root), refresh=True)
+    again = build(imported.artifact, target, 3, plan_build(model, target, 3).build, ArtifactStore(store_root), refresh=True)
     assert again.built
 
 
@@ -68,9 +67,9 @@ def test_device_stages__match_reference_on_real_server(tiny_onnx, store_root, se
     target, _, _, library = compile_all(model, store_root)
     x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
     with open_session(DeviceSpec(), server) as session, opened(session) as ref:
-        up = upload(ref, library.artifact, str(store_root), target.arch)
+        up = upload(ref, library.artifact, ArtifactStore(store_root), target.arch)
         assert up.bytes == library.artifact.size and up.remote_name.endswith(".so")
-        inputs = set_input(load(up, str(store_root)), x)
+        inputs = set_input(load(up, ArtifactStore(store_root)), x)
         assert inputs.shape == model.input_shape
         result = run(inputs, Timing(number=2, repeat=3))
         # Adaptive: the estimating sample is one of the 7.
@@ -91,7 +90,7 @@ def test_upload__refuses_corrupt_library(tiny_onnx, store_root, server):
     so.write_bytes(bytes(data))
     with open_session(DeviceSpec(), server) as session, opened(session) as ref:
         with pytest.raises(StoreError, match="not uploaded"):
-            upload(ref, library.artifact, str(store_root), target.arch)
+            upload(ref, library.artifact, ArtifactStore(store_root), target.arch)
 
 
 def test_upload__refuses_library_for_another_architecture(tiny_onnx, store_root, server):
@@ -99,7 +98,7 @@ def test_upload__refuses_library_for_another_architecture(tiny_onnx, store_root,
     target, _, _, library = compile_all(model, store_root)
     with open_session(DeviceSpec(), server) as session, opened(session) as ref:
         with pytest.raises(ArchMismatch, match="built for riscv64"):
-            upload(ref, library.artifact, str(store_root), "riscv64")
+            upload(ref, library.artifact, ArtifactStore(store_root), "riscv64")
 
 
 def test_device_stages__a_closed_session_is_a_clear_error(tiny_onnx, store_root, server):
@@ -108,7 +107,7 @@ def test_device_stages__a_closed_session_is_a_clear_error(tiny_onnx, store_root,
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
     with open_session(DeviceSpec(), server) as session, opened(session) as ref:
-        loaded = load(upload(ref, library.artifact, str(store_root), target.arch), str(store_root))
+        loaded = load(upload(ref, library.artifact, ArtifactStore(store_root), target.arch), ArtifactStore(store_root))
     x = np.zeros(model.input_shape, np.float32)
     with pytest.raises(DeviceError, match="session to embedded 127.0.0.1:.* is closed"):
         set_input(loaded, x)
@@ -142,7 +141,7 @@ def test_build__rules_and_none_are_two_builds_with_the_same_output_on_device(tin
         assert built.artifact.key == plan.build.key
         assert ("schedules" in built.artifact.inputs) == (schedules == "rules")
         with open_session(DeviceSpec(), server) as session, opened(session) as ref:
-            loaded = load(upload(ref, library.artifact, str(store_root), "x86_64"), str(store_root))
+            loaded = load(upload(ref, library.artifact, ArtifactStore(store_root), "x86_64"), ArtifactStore(store_root))
             outputs[schedules] = run(set_input(loaded, x), Timing(repeat=2)).output
     np.testing.assert_allclose(outputs["rules"], outputs["none"], atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(outputs["rules"], reference_forward(model, x), atol=1e-4, rtol=1e-4)

@@ -33,12 +33,8 @@ from pipeline.latency import Timing
 from pipeline.planning.plan import StageKey, plan_build
 from pipeline.store import MANIFEST, Artifact, ArtifactStore
 from pipeline.targets import TargetInfo, parse_target
+from pipeline.store.layout import RECORD_FILE, TUNING_DATABASE_FILES, TUNING_LOG_FILE, TUNING_REPORT_FILE
 from pipeline.tuning import (
-    DATABASE_FILES,
-    INDEX_DIR,
-    LOG_FILE,
-    RECORD_FILE,
-    REPORT_FILE,
     SPACE,
     tracker_runner,
     tune_inputs,
@@ -83,8 +79,8 @@ def tuned(tmp_path_factory) -> Tuned:
     root.mkdir()
     model = resolve_model(ModelSpec(str(make_tiny_onnx(work / "tiny.onnx"))))
     target = parse_target("llvm")
-    imported = import_model(model, plan_build(model, target, 3).imported, str(root))
-    result = tune(imported.artifact, target, TRIALS, tune_stage(model, target, TRIALS), str(root))
+    imported = import_model(model, plan_build(model, target, 3).imported, ArtifactStore(root))
+    result = tune(imported.artifact, target, TRIALS, tune_stage(model, target, TRIALS), ArtifactStore(root))
     return Tuned(root, model, target, imported.artifact, result.artifact, result.built)
 
 
@@ -93,7 +89,7 @@ def test_tune__stores_the_database_with_a_manifest(tuned):
     store = ArtifactStore(tuned.root)
     assert store.get(tuned.tuning.key) == tuned.tuning
     assert tuned.tuning.kind == "tuning"
-    assert {f.name for f in tuned.tuning.files} == {*DATABASE_FILES, REPORT_FILE, LOG_FILE}
+    assert {f.name for f in tuned.tuning.files} == {*TUNING_DATABASE_FILES, TUNING_REPORT_FILE, TUNING_LOG_FILE}
     manifest = json.loads((store.path(tuned.tuning.key) / MANIFEST).read_text())
     inputs = manifest["inputs"]
     assert inputs["stage"] == "tune" and inputs["trials"] == TRIALS and inputs["space"] == SPACE
@@ -101,13 +97,13 @@ def test_tune__stores_the_database_with_a_manifest(tuned):
     assert inputs["runner"] == "local" and "num-cores" in inputs["tuning_target"]
     records = store.file(tuned.tuning, RECORD_FILE).read_text().splitlines()
     assert 1 <= len(records) <= TRIALS
-    report = read_report(tuned.tuning, str(tuned.root))
+    report = read_report(tuned.tuning, ArtifactStore(tuned.root))
     assert report["trials"] == TRIALS and report["seconds"] > 0 and report["runner"] == "local"
     assert report["tasks"] and all(t["name"] for t in report["tasks"])
 
 
 def test_tune__second_call_reuses_the_stored_database(tuned):
-    again = tune(tuned.imported, tuned.target, TRIALS, tune_stage(tuned.model, tuned.target, TRIALS), str(tuned.root))
+    again = tune(tuned.imported, tuned.target, TRIALS, tune_stage(tuned.model, tuned.target, TRIALS), ArtifactStore(tuned.root))
     assert not again.built and again.seconds == 0.0
     assert again.artifact == tuned.tuning
 
@@ -132,12 +128,12 @@ def test_tune_key__changes_with_budget_target_and_model(tuned):
 ])
 def test_tune__rejects_bad_budget_or_runner(tuned, trials, runner, message):
     with pytest.raises(UsageError, match=message):
-        tune(tuned.imported, tuned.target, trials, StageKey("c" * 64, {}), str(tuned.root), runner=runner)
+        tune(tuned.imported, tuned.target, trials, StageKey("c" * 64, {}), ArtifactStore(tuned.root), runner=runner)
     assert ArtifactStore(tuned.root).get("c" * 64) is None
 
 
 def test_build__with_tuning_is_keyed_apart_and_matches_reference_on_device(tuned):
-    root, model, target = str(tuned.root), tuned.model, tuned.target
+    root, model, target = ArtifactStore(tuned.root), tuned.model, tuned.target
     plan = plan_build(model, target, 3, TRIALS)
     plain_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3))
     tuned_key = keys.key_of(keys.build_inputs(model.digest, target.canonical, 3, tuned.tuning.key))
@@ -145,7 +141,7 @@ def test_build__with_tuning_is_keyed_apart_and_matches_reference_on_device(tuned
     built = build(tuned.imported, target, 3, plan.build, root, tuning=tuned.tuning)
     assert built.built and built.artifact.inputs["tuning"] == tuned.tuning.key
     # Applying the database must not touch the stored copy (MetaSchedule's JSON database appends on queries).
-    assert ArtifactStore(root).get(tuned.tuning.key) == tuned.tuning
+    assert root.get(tuned.tuning.key) == tuned.tuning
     library = export_library(built.artifact, target, plan.toolchain, plan.library, root)
     x = np.random.default_rng(2).standard_normal(model.input_shape).astype(np.float32)
     with EmbeddedServer() as server, open_session(DeviceSpec(), server) as session, opened(session) as ref:
@@ -164,12 +160,12 @@ def test_tune__measures_on_a_device_through_the_tracker(tuned):
         device.wait_ready()
         runner = tracker_runner(tracker.spec_address, "tune-test")
         model, target = tuned.model, tuned.target
-        result = tune(tuned.imported, target, 2, tune_stage(model, target, 2, runner), str(tuned.root), runner=runner)
+        result = tune(tuned.imported, target, 2, tune_stage(model, target, 2, runner), ArtifactStore(tuned.root), runner=runner)
     finally:
         for process in (device, tracker):
             if process is not None:
                 process.stop()
-    report = read_report(result.artifact, str(tuned.root))
+    report = read_report(result.artifact, ArtifactStore(tuned.root))
     assert result.built and report["runner"] == runner and result.artifact.inputs["runner"] == runner
     assert any(t["best_ms"] is not None for t in report["tasks"])  # something was measured on the device
 
@@ -188,7 +184,7 @@ def test_tune_task__second_run_is_cached_by_prefect(tuned, prefect_api):
         for _ in range(2):
             state = tune_task.with_options(**store_cache_options(store, False))(
                 module=tuned.imported, target=tuned.target, trials=TRIALS,
-                stage=tune_stage(tuned.model, tuned.target, TRIALS), store_root=str(store.root), return_state=True,
+                stage=tune_stage(tuned.model, tuned.target, TRIALS), store=store, return_state=True,
             )
             assert state.result().artifact == tuned.tuning
             names.append(state.name)
@@ -215,11 +211,12 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(relativeCre
 try:
     from pipeline.models import ModelSpec, resolve_model
     from pipeline.planning.plan import plan_build
+    from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
     from tasks.import_model import import_model
     from tasks.tune import tune
 
-    model_path, root, trials = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    model_path, root, trials = sys.argv[1], ArtifactStore(sys.argv[2]), int(sys.argv[3])
     model, target = resolve_model(ModelSpec(model_path)), parse_target("llvm")
     imported = import_model(model, plan_build(model, target, 3).imported, root).artifact
     logging.getLogger("script").info("the tune stage starts")
@@ -261,14 +258,14 @@ def continued(tuned) -> Continued:
 
 
 def test_tune__larger_budget_continues_from_the_largest_database(tuned, continued):
-    root = str(tuned.root)
+    root = ArtifactStore(tuned.root)
     before, after = read_report(tuned.tuning, root), read_report(continued.tuning, root)
     assert (after["trials"], after["trials_reused"], after["trials_new"]) == (2 * TRIALS, TRIALS, TRIALS)
     assert after["base"] == tuned.tuning.key and before["trials_reused"] == 0
     assert [h["trials"] for h in after["history"]] == [TRIALS, 2 * TRIALS] and after["converged"] is False
     assert after["history"][0] == before["history"][0]
     # The old records are kept as they were; the new ones come after them.
-    store = ArtifactStore(root)
+    store = root
     old = store.file(tuned.tuning, RECORD_FILE).read_text().splitlines()
     new = store.file(continued.tuning, RECORD_FILE).read_text().splitlines()
     assert new[: len(old)] == old and len(old) < len(new) <= len(old) + TRIALS and after["measured"] == len(new)
@@ -288,7 +285,7 @@ def test_tune__continuation_measures_no_candidate_of_the_earlier_database_again(
         """Per workload: the structural hash of every record's candidate (on a copy: queries append)."""
         work = tmp_path / artifact.key
         work.mkdir()
-        for name in DATABASE_FILES:
+        for name in TUNING_DATABASE_FILES:
             shutil.copyfile(ArtifactStore(tuned.root).file(artifact, name), work / name)
         database = ms.database.JSONDatabase(work_dir=str(work), module_equality="anchor-block")
         found: dict[int, list[int]] = {}
@@ -307,7 +304,7 @@ def test_tune__metaschedule_logs_go_to_the_artifact_and_progress_to_the_log(tune
     chatter = ("Evolve iter", "Design space", "task_scheduler.cc", "evolutionary_search.cc", "meta_schedule",
                "LocalBuilder", "ir_module", "Segfault")
     assert not [line for line in continued.stderr.splitlines() if any(c in line for c in chatter)]
-    log_text = ArtifactStore(tuned.root).file(continued.tuning, LOG_FILE).read_text()
+    log_text = ArtifactStore(tuned.root).file(continued.tuning, TUNING_LOG_FILE).read_text()
     assert "Evolve iter" in log_text and "Design space" in log_text and "Picked top" in log_text
     lines = continued.stderr.splitlines()
     progress = [line for line in lines if " tasks.progress: tuning tiny.onnx" in line]
@@ -319,7 +316,7 @@ def test_tune__metaschedule_logs_go_to_the_artifact_and_progress_to_the_log(tune
 
 
 def test_build__applies_the_continued_database(tuned, continued):
-    root, model, target = str(tuned.root), tuned.model, tuned.target
+    root, model, target = ArtifactStore(tuned.root), tuned.model, tuned.target
     plan = plan_build(model, target, 3, 2 * TRIALS)
     assert plan.tune.key == continued.tuning.key and plan.build.inputs["tuning"] == continued.tuning.key
     built = build(tuned.imported, target, 3, plan.build, root, tuning=continued.tuning)
@@ -368,7 +365,7 @@ def test_tune__a_signal_ends_the_tuning_as_an_interrupt_with_no_worker_left(tmp_
     assert "Traceback" not in text and "Segfault" not in text and "failed: RuntimeError" not in text
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.pid for p in alive]
-    assert not (root / INDEX_DIR).exists()  # no tuning was stored
+    assert not (root / ".tuning").exists()  # no tuning was stored
     assert not list(root.glob(".tmp/*"))  # nor half of one
 
 
@@ -389,7 +386,7 @@ def test_cli__a_larger_budget_tunes_only_the_difference(prefect_api, store_root,
     assert tuning is not None and tuning.inputs["trials"] == 16
     assert store.get(second["build_key"]).inputs["tuning"] == second["tuning_key"] != first["tuning_key"]
     assert second["check"]["passed"]
-    report = read_report(tuning, str(store_root))
+    report = read_report(tuning, ArtifactStore(store_root))
     assert (report["trials"], report["trials_reused"], report["trials_new"]) == (16, 8, 8)
     assert report["base"] == first["tuning_key"]
     assert (first["tuning"]["trials"], first["tuning"]["trials_reused"], first["tuning"]["trials_new"]) == (8, 0, 8)

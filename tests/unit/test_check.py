@@ -22,11 +22,11 @@ from pipeline.models import ModelSpec, Preprocess, reference_forward, resolve_mo
 from pipeline.store import ArtifactStore
 from pipeline.planning.plan import plan_reference
 from tasks.accuracy import accuracy, hit
-from tasks.check import (
-    Thresholds, check, failure_message, raise_if_failed, thresholds_for,
-)
-from tasks.reference import REFERENCE_FILE, load_reference, reference
-from tasks.report import format_check
+from pipeline.store.layout import REFERENCE_FILE
+from pipeline.thresholds import Thresholds, thresholds_for
+from pipeline.views.run import format_check
+from tasks.check import check, failure_message, raise_if_failed
+from tasks.reference import load_reference, reference
 
 input_digest = keys.input_digest
 
@@ -195,17 +195,17 @@ def test_reference__cached_in_store_and_keyed_by_input(tiny_onnx, store_root):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
     key = reference_key(model, x)
-    first = reference(model, x, plan_reference(model, x), str(store_root))
+    first = reference(model, x, plan_reference(model, x), ArtifactStore(store_root))
     assert first.built and first.artifact.kind == "reference"
     assert {f.name for f in first.artifact.files} == {REFERENCE_FILE}
     inputs = first.artifact.inputs
     assert inputs["model"] == model.digest and inputs["input"] == input_digest(x)
     assert inputs["framework"].startswith("onnxruntime==") and inputs["stage"] == "reference"
-    stored = load_reference(first.artifact, str(store_root))
+    stored = load_reference(first.artifact, ArtifactStore(store_root))
     np.testing.assert_array_equal(stored, reference_forward(model, x))
     assert stored.dtype == np.float32 and stored.shape == (1, 10)
 
-    second = reference(model, x, plan_reference(model, x), str(store_root))
+    second = reference(model, x, plan_reference(model, x), ArtifactStore(store_root))
     assert not second.built and second.artifact == first.artifact  # reused, the framework not run again
 
     other = x.copy()
@@ -220,5 +220,5 @@ def test_reference__cached_in_store_and_keyed_by_input(tiny_onnx, store_root):
     path = ArtifactStore(store_root).file(first.artifact, REFERENCE_FILE)
     path.write_bytes(path.read_bytes()[:-4] + b"\0\0\0\0")
     with pytest.raises(StoreError, match="missing or corrupt"):
-        load_reference(first.artifact, str(store_root))
-    assert reference(model, x, plan_reference(model, x), str(store_root)).built
+        load_reference(first.artifact, ArtifactStore(store_root))
+    assert reference(model, x, plan_reference(model, x), ArtifactStore(store_root)).built

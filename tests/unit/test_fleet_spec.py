@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from support import AARCH64, REPO, make_tiny_onnx
+from support import AARCH64, REPO, make_summary, make_tiny_onnx
 from pipeline.errors import UsageError
-from pipeline.fleet.plan import BuildCounts, FleetSummary, PairResult, change_text, format_markdown, format_text
+from pipeline.latency import Latency, Verdict
+from pipeline.results import BuildCounts, CheckResult, FleetSummary, PairResult
+from pipeline.thresholds import Thresholds
+from pipeline.views.fleet import change_text, format_markdown, format_text
 from pipeline.fleet.spec import DEFAULT_REQUEST_TIMEOUT, fleet_from_mapping, load_fleet, parse_fleet
 
 EXAMPLE = """\
@@ -51,8 +54,9 @@ def test_parse_fleet__the_issue_example(tmp_path):
     assert all(d.spec.request_timeout == DEFAULT_REQUEST_TIMEOUT == 10.0 for d in spec.devices)
     assert [m.source for m in spec.models] == ["efficientnet_lite0", "resnet18_v2", str(tmp_path / "path/to/net.onnx")]
     assert spec.models[1].weights == "random" and spec.models[2].image == str(tmp_path / "data/dog.jpg")
-    assert (spec.opt_level, spec.tune_trials, spec.number, spec.repeat, spec.check) == (3, 0, 1, None, True)
-    assert spec.schedules == "rules"
+    shared = spec.shared
+    assert (shared.opt_level, shared.tune_trials, shared.number, shared.repeat, shared.check) == (3, 0, 1, None, True)
+    assert shared.schedules == "rules" and shared.request_timeout == DEFAULT_REQUEST_TIMEOUT
 
 
 def test_parse_fleet__options_and_host_port_devices():
@@ -71,7 +75,8 @@ def test_parse_fleet__options_and_host_port_devices():
     assert [d.name for d in spec.devices] == ["192.168.1.20:9090", "bench-2"]
     assert spec.devices[0].spec.kind == "host" and spec.devices[0].spec.request_timeout == 4
     assert spec.devices[1].spec.call_timeout == 60 and spec.devices[1].target == "llvm"
-    assert (spec.opt_level, spec.repeat, spec.concurrency, spec.check, spec.schedules) == (2, 5, 2, False, "none")
+    shared = spec.shared
+    assert (shared.opt_level, shared.repeat, spec.concurrency, shared.check, shared.schedules) == (2, 5, 2, False, "none")
 
 
 def test_parse_fleet__unknown_key_names_line_field_and_the_closest_key():
@@ -202,23 +207,26 @@ def test_resolve_fleet__devices_by_models_share_one_plan_per_model_and_target(tm
     assert all(pair.plan is not None and pair.unplanned is None for pair in fleet.pairs)
     assert len(fleet.builds()) == 2 and len(fleet.references()) == 2
     assert {pair.request.tune_trials for pair in fleet.pairs} == {0}
-    assert {pair.plan.applied for pair in fleet.pairs} == {"rules"}
+    assert {pair.plan.build.applied for pair in fleet.pairs} == {"rules"}
     plain = resolve_fleet(parse_fleet(text + "schedules: none\n", "f.yaml", base=tmp_path), str(tmp_path / "store"))
-    assert {pair.plan.applied for pair in plain.pairs} == {"tvm-default"}
+    assert {pair.plan.build.applied for pair in plain.pairs} == {"tvm-default"}
     assert {pair.request.schedules for pair in plain.pairs} == {"none"}
 
 
-def _result(device: str, model: str, status: str = "passed", **extra) -> PairResult:
-    fields = dict(target="llvm", target_canonical="{}", latency_ms={"median": 1.25, "p90": 1.5}, check={"passed": True},
-                  regression={"regression": False, "change": 0.031}, error=None, error_type=None, build_key="b" * 64,
+def _result(device: str, model: str, **extra) -> PairResult:
+    verdict = Verdict(False, 0.031, 1.2, 0.1, 3, "+3.1%")
+    checked = CheckResult(1e-6, 1e-5, 1.0, 120.0, True, True, True, "ok", Thresholds())
+    passed = make_summary(latency=Latency(1.3, 1.25, 1.5, 1.5, 1.2, 1.5, 0.1, 0.07, 1, 10), check=checked,
+                          regression=verdict)
+    fields = dict(target="llvm", target_canonical="{}", summary=passed, build_key="b" * 64,
                   run_id="20260101T000000Z-abcdef", device_address=device)
-    return PairResult(device=device, model=model, status=status, **{**fields, **extra})
+    return PairResult(device=device, model=model, **{**fields, **extra})
 
 
 def test_format_text__the_device_by_model_table():
     summary = FleetSummary("20260101T000000Z-000000", "fleet.yaml", (
         _result("a", "m0"),
-        _result("ghost", "m0", "failed", latency_ms=None, check=None, regression=None, error="no device for key 'ghost'"),
+        _result("ghost", "m0", summary=None, error="no device for key 'ghost'", error_type="DeviceUnavailable"),
     ), BuildCounts(ran=1, cached=0), 12.5)
     text = format_text(summary)
     assert "1 passed, 1 failed" in text and "Builds     1 ran, 0 cached" in text
@@ -228,8 +236,8 @@ def test_format_text__the_device_by_model_table():
     assert second.split()[:7] == ["ghost", "m0", "FAILED", "-", "-", "-", "-"] and second.endswith("key 'ghost'")
     assert "| ghost | m0 | **failed** |" in format_markdown(summary)
     assert json.loads(json.dumps(summary.as_json()))["builds"] == {"ran": 1, "cached": 0, "failed": 0}
-    assert change_text({"regression": True, "change": 0.2}) == "REGRESSION +20.0%"
-    assert change_text({"regression": False, "change": None}) == "first run"
+    assert change_text(Verdict(True, 0.2, 1.0, 0.1, 3, "")) == "REGRESSION +20.0%"
+    assert change_text(Verdict(False, None, None, None, 0, "")) == "first run"
 
 
 def test_fleet__loads_from_its_deployment_entrypoint_without_side_effects():

@@ -23,7 +23,9 @@ from pipeline.views.history import (
     select, target_short,
 )
 from pipeline.latency import judge
-from pipeline.store.ledger import Ledger, RunRecord, new_run_id, series_of
+from pipeline.results import RunStamp
+from pipeline.store import ArtifactStore
+from pipeline.store.ledger import Ledger, RunRecord, series_of
 
 TARGET = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-gnu"}'
 AARCH64 = '{"kind":"llvm","tag":"","keys":["arm_cpu","cpu"],"mtriple":"aarch64-linux-gnu","mattr":["+neon"]}'
@@ -41,7 +43,7 @@ def record(started: dt.datetime = NOW, **changes) -> RunRecord:
     """A passed run of efficientnet_lite0 on the embedded device, started at ``started``."""
     build_key = changes.pop("build_key", "ab" * 32)
     base = RunRecord(
-        id=new_run_id(started), series=series_of(build_key, "embedded", "x86_64-conda-linux-gnu", [1, 3, 224, 224]),
+        id=RunStamp.new(started).id, series=series_of(build_key, "embedded", "x86_64-conda-linux-gnu", [1, 3, 224, 224]),
         started=started.isoformat(timespec="seconds"), finished=(started + dt.timedelta(seconds=20)).isoformat(),
         status="passed", exit_code=0, error=None, model="efficientnet_lite0", model_digest="1f" * 32, target=TARGET,
         opt_level=3, tune_trials=0, tuning_key=None, build_key=build_key, library_key="ef" * 32, device="embedded",
@@ -64,7 +66,7 @@ def failed_record(started: dt.datetime = NOW, **changes) -> RunRecord:
 
 @pytest.fixture
 def ledger(store_root) -> Ledger:
-    return Ledger(store_root)
+    return ArtifactStore(store_root).ledger
 
 
 def write(ledger: Ledger, *records: RunRecord) -> list[RunRecord]:

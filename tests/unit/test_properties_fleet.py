@@ -1,14 +1,11 @@
 """Properties of the fleet file (pipeline/fleet/spec.py): any text, any data -> a FleetSpec or one UsageError.
 
-Known bugs in pipeline/fleet/spec.py (owned elsewhere, and being fixed there: a nesting and size cap, wrapped
-YAML constructor and path errors) are shown by the xfail tests at the end, not strict so that they pass on both
-sides of that fix (drop the markers, and :func:`_known_bug`, once it is in); the properties let exactly those
-bugs through (:func:`_known_bug`), so anything else still fails them.
+The cases at the end are what the properties once found: deep nesting, values PyYAML cannot construct, model paths
+the file system refuses.
 """
 
 from __future__ import annotations
 
-import traceback
 
 import pytest
 from hypothesis import example, given, settings
@@ -19,37 +16,12 @@ from pipeline.fleet.spec import DEVICE_KEYS, MODEL_KEYS, TOP_KEYS, FleetSpec, fl
 
 FAST = settings(max_examples=100, deadline=None, database=None)
 
-# Why (the xfails' reasons): PyYAML's composer and _plain_tree recurse before _tree's depth cap (the
-# nesting/size cap is owned elsewhere); PyYAML's scalar constructors raise their own ValueError/AttributeError
-# (2001-02-30, !!int abc, !!timestamp foo); _relative calls expanduser ('~\0x': ValueError) and Path.exists (a
-# name over 255 bytes: OSError ENAMETOOLONG) unguarded.
-NESTING = "BUG fleet/spec.py: deep nesting is a RecursionError (YAML composer, _plain_tree)"
-CONSTRUCTOR = "BUG fleet/spec.py: PyYAML scalar constructor errors (2001-02-30, !!int abc) escape parse_fleet"
-MODEL_PATH = "BUG fleet/spec.py: _relative lets ValueError/OSError out for '~\\0x' or a 300-byte model name"
-
-
-def _known_bug(exc: BaseException) -> str | None:
-    """Which of the known bugs ``exc`` is (by its traceback), or None."""
-    if isinstance(exc, RecursionError):
-        return NESTING
-    files = [(frame.filename.replace("\\", "/"), frame.name) for frame in traceback.extract_tb(exc.__traceback__)]
-    if any(name.endswith("yaml/constructor.py") for name, _ in files):
-        return CONSTRUCTOR
-    if isinstance(exc, (OSError, ValueError)) and any(
-        name.endswith("pipeline/fleet/spec.py") and fn == "_relative" for name, fn in files
-    ):
-        return MODEL_PATH
-    return None
-
 
 def _check(parse, value):
     try:
         spec = parse(value)
     except UsageError as exc:
         assert str(exc)
-    except Exception as exc:  # the property: nothing else, but the known bugs
-        if _known_bug(exc) is None:
-            raise
     else:
         assert isinstance(spec, FleetSpec) and spec.devices and spec.models
 
@@ -131,7 +103,7 @@ def test_fleet_from_mapping__any_data_is_a_fleet_or_a_usage_error(data):
     _check(fleet_from_mapping, data)
 
 
-# --------------------------------------------------------------------------- known bugs (owned elsewhere)
+# ------------------------------------------------------------------- cases the properties found, kept
 
 
 def _nested(depth: int) -> list:
@@ -143,20 +115,17 @@ def _nested(depth: int) -> list:
     return root
 
 
-@pytest.mark.xfail(strict=False, reason=NESTING, raises=RecursionError)
 @pytest.mark.parametrize("text", ["[" * 5000, "- " * 3000 + "x", "devices: " + "{a: " * 3000])
 def test_parse_fleet__deep_nesting_is_a_usage_error(text):
     with pytest.raises(UsageError):
         parse_fleet(text)
 
 
-@pytest.mark.xfail(strict=False, reason=NESTING, raises=RecursionError)
 def test_fleet_from_mapping__deep_nesting_is_a_usage_error():
     with pytest.raises(UsageError):
         fleet_from_mapping({"tracker": "127.0.0.1:9190", "devices": _nested(5000), "models": ["m"]})
 
 
-@pytest.mark.xfail(strict=False, reason=CONSTRUCTOR, raises=(ValueError, AttributeError))
 @pytest.mark.parametrize("text", ["tracker: 2001-02-30", "opt_level: !!int abc", "opt_level: !!float x",
                                   "tracker: !!timestamp foo"])
 def test_parse_fleet__a_scalar_yaml_cannot_construct_is_a_usage_error(text):
@@ -164,7 +133,6 @@ def test_parse_fleet__a_scalar_yaml_cannot_construct_is_a_usage_error(text):
         parse_fleet(text)
 
 
-@pytest.mark.xfail(strict=False, reason=MODEL_PATH, raises=(ValueError, OSError))
 @pytest.mark.parametrize("model", ["~\0x", "m" * 300])
 def test_fleet_from_mapping__an_impossible_model_path_is_a_usage_error(model, tmp_path):
     data = {"tracker": "127.0.0.1:9190", "devices": [{"key": "a"}], "models": [model]}

@@ -4,7 +4,6 @@ chart, the markdown), series keys, and that publishing never fails a run when th
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import logging
 import re
@@ -16,37 +15,16 @@ from datetime import datetime, timedelta, timezone
 from PIL import Image
 
 from pipeline.views.chart import SIZE, TrendPoint, draw_trend
-from pipeline.device.cache import Placement
-from pipeline.latency import judge, latency_of
-from tasks.postprocess import Top
-from tasks.report import (
-    RunSummary,
-    artifact_key,
-    format_text,
-    latency_table,
-    publish_artifacts,
-    series_title,
-    summary_markdown,
-    top5_table,
-)
+from pipeline.latency import judge
+from pipeline.results import Upload
+from support import make_summary
+from pipeline.views.run import format_text, latency_table, series_title, summary_markdown, top5_table, ui_key
+from tasks.report import publish_artifacts
 
 TARGET = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-gnu"}'
 
 
-def _summary(**changes):
-    summary = RunSummary(
-        run_id="20261128T020000Z-abcdef", started="2026-11-28T02:00:00+00:00",
-        model="efficientnet_lite0", model_digest="1f69048b3289aee0" * 4, weights=None, target=TARGET, opt_level=3,
-        tune_trials=0, tuning_key=None, import_key="cd" * 32, build_key="ab" * 32, library_key="ef" * 32,
-        artifact="/store/ab/cd/model.so", device="embedded 127.0.0.1:46055", device_identity="x86_64-conda-linux-gnu",
-        image="data/cat.png", input_shape=(1, 3, 224, 224),
-        stages={"import-model": "cached", "build": "cached", "export-library": "cached", "upload": "ran",
-                "load": "ran", "set-input": "ran", "run": "ran", "postprocess": "ran"},
-        top5=tuple(Top(285 - i, f"cat {i}", 0.3 - i * 0.05) for i in range(5)),
-        latency=latency_of([116.9, 118.97, 121.9, 118.0, 119.8], 1),
-        upload=Placement("/tmp/tvmrp-x.so", 20_000_000, 0.33, False), check=None,
-    )
-    return dataclasses.replace(summary, **changes)
+_summary = make_summary
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -54,10 +32,10 @@ def _png_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
-def test_series__ignores_the_embedded_port_and_is_a_valid_artifact_key():
+def test_series__ignores_the_embedded_port_and_is_a_valid_ui_key():
     a, b = _summary(), _summary(device="embedded 127.0.0.1:50000")
-    assert a.series == b.series and artifact_key(a) == artifact_key(b)
-    assert re.fullmatch(r"[a-z0-9-]+", artifact_key(a)) and artifact_key(a).startswith("efficientnet-lite0-")
+    assert a.series == b.series and ui_key(a) == ui_key(b)
+    assert re.fullmatch(r"[a-z0-9-]+", ui_key(a)) and ui_key(a).startswith("efficientnet-lite0-")
     assert series_title(a) == "efficientnet_lite0 @ llvm (x86_64-conda-linux-gnu) opt_level 3 on embedded"
 
 
@@ -104,10 +82,10 @@ def test_summary_markdown__names_the_build_and_marks_cached_stages():
 
 
 def test_format_text__reports_upload_rate_with_sense_on_slow_links():
-    slow = _summary(upload=Placement("/tmp/x.so", 20_000_000, 57.0, False))
+    slow = _summary(upload=Upload("/tmp/x.so", 20_000_000, 57.0, False))
     assert "(350.9 kB/s)" in format_text(slow)
     assert "(61 MB/s)" in format_text(_summary())
-    assert "Upload     none: the device kept" in format_text(_summary(upload=Placement("/tmp/x.so", 5, 0.01, True)))
+    assert "Upload     none: the device kept" in format_text(_summary(upload=Upload("/tmp/x.so", 5, 0.01, True)))
 
 
 def test_publish_artifacts__unreachable_api_only_warns(caplog):

@@ -14,11 +14,8 @@ from pipeline.planning import keys
 from pipeline.errors import UsageError
 from pipeline.store import ArtifactStore
 from pipeline.targets import TargetInfo, parse_target
+from pipeline.store.layout import RECORD_FILE, TUNING_REPORT_FILE, WORKLOAD_FILE
 from pipeline.tuning import (
-    INDEX_DIR,
-    RECORD_FILE,
-    REPORT_FILE,
-    WORKLOAD_FILE,
     TuningSpace,
     family_key,
     find_base,
@@ -54,7 +51,7 @@ def put_tuning(store: ArtifactStore, digest: str, target: TargetInfo, trials: in
         (directory / RECORD_FILE).write_text("")
         report = {"trials": trials, "estimated_ms": estimated_ms, "seconds": 1.0,
                   "history": [{"trials": trials, "estimated_ms": estimated_ms, "seconds": 1.0}]}
-        (directory / REPORT_FILE).write_text(json.dumps(report))
+        (directory / TUNING_REPORT_FILE).write_text(json.dumps(report))
 
     key = keys.key_of(inputs)
     store.put(key, "tuning", produce, inputs)
@@ -73,20 +70,20 @@ def test_tune_family__is_the_tuning_key_without_its_budget():
 
 def test_resolve_trials__tune_more_adds_to_the_largest_tuning(store_root):
     target, digest = parse_target("llvm"), "a" * 64
-    assert resolve_trials(store_root, digest, target, 64, 0) == 64
-    assert resolve_trials(store_root, digest, target, 0, 32) == 32  # none yet: N
+    assert resolve_trials(ArtifactStore(store_root), digest, target, 64, 0) == 64
+    assert resolve_trials(ArtifactStore(store_root), digest, target, 0, 32) == 32  # none yet: N
     store = ArtifactStore(store_root)
     put_tuning(store, digest, target, 4)
     put_tuning(store, digest, target, 8)
     put_tuning(store, "b" * 64, target, 100)  # another family
-    assert resolve_trials(store_root, digest, target, 0, 32) == 8 + 32
-    assert resolve_trials(store_root, digest, target, 16, 0) == 16
-    index = json.loads((store_root / INDEX_DIR / f"{family_key(digest, target)}.json").read_text())
+    assert resolve_trials(ArtifactStore(store_root), digest, target, 0, 32) == 8 + 32
+    assert resolve_trials(ArtifactStore(store_root), digest, target, 16, 0) == 16
+    index = json.loads((store_root / ".tuning" / f"{family_key(digest, target)}.json").read_text())
     assert index["tunings"] == {"4": keys.key_of(tune_inputs(digest, target, 4)),
                                 "8": keys.key_of(tune_inputs(digest, target, 8))}
     for trials, more, message in [(8, 8, "not both"), (0, -1, "0 or more"), (0, 100_000, "above")]:
         with pytest.raises(UsageError, match=message):
-            resolve_trials(store_root, digest, target, trials, more)
+            resolve_trials(ArtifactStore(store_root), digest, target, trials, more)
 
 
 def test_find_base__ignores_a_corrupt_or_foreign_indexed_tuning(store_root, caplog):
@@ -103,9 +100,9 @@ def test_find_base__ignores_a_corrupt_or_foreign_indexed_tuning(store_root, capl
     # The 8-trial database no longer verifies: the 4-trial one is continued, --tune-more counts from 4.
     (store.path(eight) / RECORD_FILE).write_text("[0, tampered]\n")
     assert find_base(store, sixteen).key == four
-    assert resolve_trials(store_root, digest, target, 0, 10) == 14
+    assert resolve_trials(ArtifactStore(store_root), digest, target, 0, 10) == 14
     # An index entry that names another key than the family's for its budget is ignored.
-    index = store_root / INDEX_DIR / f"{family_key(digest, target)}.json"
+    index = store_root / ".tuning" / f"{family_key(digest, target)}.json"
     data = json.loads(index.read_text())
     data["tunings"]["32"] = four
     index.write_text(json.dumps(data))
@@ -114,13 +111,13 @@ def test_find_base__ignores_a_corrupt_or_foreign_indexed_tuning(store_root, capl
     # An unreadable index is no base at all (a larger budget then starts over).
     index.write_text("{not json")
     assert find_base(store, sixteen) is None
-    assert resolve_trials(store_root, digest, target, 0, 10) == 10
+    assert resolve_trials(ArtifactStore(store_root), digest, target, 0, 10) == 10
 
 
 def test_read_summary__of_a_continued_and_of_an_older_tuning(store_root):
     target, store = parse_target("llvm"), ArtifactStore(store_root)
     key = put_tuning(store, "a" * 64, target, 8, estimated_ms=2.5)
-    summary = read_summary(store.get(key), str(store_root))
+    summary = read_summary(store.get(key), ArtifactStore(store_root))
     assert summary["key"] == key and summary["trials"] == 8 and summary["estimated_ms"] == 2.5
     assert (summary["trials_reused"], summary["trials_new"], summary["converged"]) == (0, 8, False)
     assert summary["history"] == [{"trials": 8, "estimated_ms": 2.5, "seconds": 1.0}] and "tasks" not in summary

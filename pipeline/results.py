@@ -1,0 +1,477 @@
+"""What runs produce, as one family of typed values.
+
+    BuildSummary        a compile chain's outcome (a --build-only run is one)
+    DeviceOutcome       what one model did on one device: output, top-5, latency, upload, check
+    RunSummary          a run: its BuildSummary + its DeviceOutcome (+ the verdict against earlier runs)
+    PairResult          one (device, model) pair of a fleet: its RunSummary, or why it has none
+    FleetSummary        a fleet run: every PairResult and the builds' counts
+    AccuracySummary     an accuracy run over a labelled set
+
+The run ledger's record (:class:`pipeline.store.ledger.RunRecord`) is derived from a RunSummary; every rendering
+(terminal text, markdown, Prefect tables) is in :mod:`pipeline.views`, from these values. ``as_json`` gives each
+value's ``--json`` object: those keys are an interface that users' tools read (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.latency import Latency, Verdict
+    from pipeline.thresholds import Thresholds
+
+STAGES = (
+    "import-model", "tune", "build", "export-library", "reference", "upload", "load", "set-input", "run", "check",
+    "postprocess",
+)
+"""Every stage of a run, in order (``skipped`` where a run does not have it)."""
+COMPILE_STAGES = STAGES[:4]
+
+
+def utc_now(timespec: str = "seconds") -> str:
+    """The current UTC time in ISO 8601."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec=timespec)
+
+
+@dataclass(frozen=True)
+class RunStamp:
+    """A run's id and start time, taken once when the run starts: its ledger record's name and order.
+
+    The id sorts by time: ``20261128T101500Z-3f2a9c`` (UTC to the second, then 24 random bits).
+    """
+
+    id: str
+    started: str
+
+    @classmethod
+    def new(cls, now: dt.datetime | None = None) -> RunStamp:
+        now = now or dt.datetime.now(dt.timezone.utc)
+        return cls(f"{now:%Y%m%dT%H%M%SZ}-{secrets.token_hex(3)}", now.isoformat(timespec="seconds"))
+
+
+# -- what stages produce ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Top:
+    """One of the top-k classes of an output."""
+
+    index: int
+    label: str
+    prob: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"class": self.index, "label": self.label, "prob": self.prob}
+
+
+@dataclass(frozen=True)
+class Upload:
+    """How the library reached the device: where it is there, its size, the seconds it took, whether it was sent."""
+
+    remote_name: str
+    bytes: int
+    seconds: float
+    reused: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "bytes": self.bytes, "seconds": self.seconds, "reused": self.reused,
+            "mb_per_s": None if self.reused else self.bytes / 1e6 / max(self.seconds, 1e-9),
+            "remote_name": self.remote_name,
+        }
+
+
+def _json_float(value: float) -> float | None:
+    return float(value) if math.isfinite(value) else None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """How far the compiled output is from the reference, and whether that is within the thresholds
+    (``tasks.check.check``).
+
+    Attributes:
+        max_abs_diff: ``max |output - reference|``.
+        max_rel_diff: ``max |output - reference| / |reference|``, with ``|reference|`` floored at
+            1e-3 x its largest value so that values near zero do not dominate.
+        cosine: cosine similarity of the flattened outputs (1.0 = same direction).
+        psnr_db: peak signal-to-noise ratio in dB, the peak being the reference's range; inf if identical.
+        top1_match: the top-1 class is the reference's (in every row; ties aside).
+        top5_match: the top-5 classes are the reference's, in the same order (in every row; ties aside).
+        passed: every threshold holds.
+        reason: what broke, with figures; or what held.
+        thresholds: what was checked.
+        output_top5: the compiled output's top-5 class indices (first row).
+        reference_top5: the reference's top-5 class indices (first row).
+    """
+
+    max_abs_diff: float
+    max_rel_diff: float
+    cosine: float
+    psnr_db: float
+    top1_match: bool
+    top5_match: bool
+    passed: bool
+    reason: str
+    thresholds: Thresholds
+    output_top5: tuple[int, ...] = ()
+    reference_top5: tuple[int, ...] = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form (the summary's ``check`` object); NaN and infinity become null (psnr_db null: identical)."""
+        return {
+            "passed": self.passed,
+            "max_abs_diff": _json_float(self.max_abs_diff),
+            "max_rel_diff": _json_float(self.max_rel_diff),
+            "cosine": _json_float(self.cosine),
+            "psnr_db": _json_float(self.psnr_db),
+            "top1_match": self.top1_match,
+            "top5_match": self.top5_match,
+            "output_top5": list(self.output_top5),
+            "reference_top5": list(self.reference_top5),
+            "thresholds": self.thresholds.as_dict(),
+            "reason": self.reason,
+        }
+
+
+# -- one run ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildSummary:
+    """What a compile chain gave: the library, its keys, and what each compile stage did.
+
+    Attributes:
+        stages: ``ran``, ``cached`` or ``skipped`` for import-model, tune, build and export-library.
+        schedules: what the build applies: ``tuned``, ``rules`` or ``tvm-default`` (``BuildPlan.applied``).
+        gpu_code: for a GPU target, what the library holds: ``cubin`` (machine code), ``ptx`` or ``source``.
+        tuning: what the tuning the build applies did (``tasks.tune.read_summary``); None untuned.
+    """
+
+    model: str
+    model_digest: str
+    weights: str | None
+    target: str
+    opt_level: int
+    tune_trials: int
+    schedules: str
+    tuning_key: str | None
+    import_key: str
+    build_key: str
+    library_key: str
+    artifact: str
+    library_bytes: int
+    gpu_code: str | None
+    stages: dict[str, str]
+    tuning: dict[str, Any] | None = None
+    notes: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object of a ``--build-only`` run."""
+        return {
+            "build_only": True, "model": self.model, "model_digest": self.model_digest, "weights": self.weights,
+            "target": self.target, "opt_level": self.opt_level, "tune_trials": self.tune_trials,
+            "tuning_key": self.tuning_key, "import_key": self.import_key, "build_key": self.build_key,
+            "library_key": self.library_key, "artifact": self.artifact, "library_bytes": self.library_bytes,
+            "gpu_code": self.gpu_code, "stages": dict(self.stages), "schedules": self.schedules,
+            "tuning": self.tuning, "notes": list(self.notes),
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeviceOutcome:
+    """What one model did on one device.
+
+    Attributes:
+        device: how the run reached the device (``embedded 127.0.0.1:PORT``, ``HOST:PORT``, ``tracker ...``).
+        device_identity: what the device reported about itself (triple, TVM version, host, GPU).
+        stages: what each device-side stage did (reference, upload, load, set-input, run, check, postprocess).
+        check: None without the check (``--no-check``).
+    """
+
+    device: str
+    device_identity: str
+    image: str
+    input_shape: tuple[int, ...]
+    stages: dict[str, str]
+    top5: tuple[Top, ...]
+    latency: Latency
+    upload: Upload
+    check: CheckResult | None
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """A run of a model on a device: the build it used, what the device did, and the verdict against the earlier
+    runs (set by the ``report`` stage)."""
+
+    stamp: RunStamp
+    build: BuildSummary
+    outcome: DeviceOutcome
+    regression: Verdict | None = None
+
+    @property
+    def run_id(self) -> str:
+        return self.stamp.id
+
+    @property
+    def started(self) -> str:
+        return self.stamp.started
+
+    @property
+    def stages(self) -> dict[str, str]:
+        """Every stage of the run (:data:`STAGES`), in order: ``ran``, ``cached`` or ``skipped``."""
+        done = {**self.build.stages, **self.outcome.stages}
+        return {name: done.get(name, "skipped") for name in STAGES}
+
+    @property
+    def latency(self) -> Latency:
+        return self.outcome.latency
+
+    @property
+    def check(self) -> CheckResult | None:
+        return self.outcome.check
+
+    @property
+    def passed(self) -> bool:
+        """The run passed: no check, or a check that passed."""
+        return self.outcome.check is None or self.outcome.check.passed
+
+    @property
+    def series(self) -> str:
+        """The series of runs whose latency is comparable (:func:`pipeline.store.ledger.series_of`)."""
+        from pipeline.store.ledger import series_of
+
+        return series_of(self.build.build_key, self.outcome.device, self.outcome.device_identity,
+                         self.outcome.input_shape)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object of a run."""
+        b, o, latency = self.build, self.outcome, self.outcome.latency
+        return {
+            "run_id": self.run_id, "series": self.series,
+            "model": b.model, "model_digest": b.model_digest, "weights": b.weights,
+            "target": b.target, "opt_level": b.opt_level, "tune_trials": b.tune_trials,
+            "tuning_key": b.tuning_key, "import_key": b.import_key, "build_key": b.build_key,
+            "library_key": b.library_key, "artifact": b.artifact, "library_bytes": b.library_bytes,
+            "gpu_code": b.gpu_code, "device": o.device, "device_identity": o.device_identity, "image": o.image,
+            "stages": self.stages, "top5": [entry.as_dict() for entry in o.top5],
+            "latency_ms": latency.as_dict(), "timing": {"number": latency.number, "repeat": latency.repeat},
+            "upload": o.upload.as_dict(),
+            "check": o.check.as_dict() if o.check is not None else None,
+            "regression": self.regression.as_dict() if self.regression is not None else None,
+            "tuning": b.tuning, "schedules": b.schedules, "notes": list(b.notes),
+        }
+
+
+# -- a fleet ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PairResult:
+    """What one (device, model) pair of a fleet run gave.
+
+    Attributes:
+        device: the device's name in the fleet file; model: the model's label in the table; target: as written.
+        device_address: how the pair reached its device (``tracker HOST:PORT key=K``, ``HOST:PORT``).
+        run_id: its record in the run ledger.
+        summary: the pair's run (None: it failed before it had figures).
+        error: why it failed, one line (None: passed); error_type: the error's class.
+        started, finished, seconds: when its device stages ran, and how long (None: they did not start).
+    """
+
+    device: str
+    model: str
+    target: str
+    target_canonical: str
+    device_address: str
+    run_id: str
+    summary: RunSummary | None = None
+    error: str | None = None
+    error_type: str | None = None
+    build_key: str | None = None
+    started: str | None = None
+    finished: str | None = None
+    seconds: float | None = None
+
+    @property
+    def status(self) -> str:
+        return "passed" if self.error is None and self.summary is not None else "failed"
+
+    @property
+    def passed(self) -> bool:
+        return self.status == "passed"
+
+    @property
+    def latency(self) -> Latency | None:
+        return self.summary.latency if self.summary is not None else None
+
+    @property
+    def regression(self) -> Verdict | None:
+        return self.summary.regression if self.summary is not None else None
+
+    def as_json(self) -> dict[str, Any]:
+        summary = self.summary
+        return {
+            "device": self.device, "model": self.model, "target": self.target,
+            "target_canonical": self.target_canonical, "status": self.status,
+            "latency_ms": summary.latency.as_dict() if summary is not None else None,
+            "check": summary.check.as_dict() if summary is not None and summary.check is not None else None,
+            "regression": summary.regression.as_dict() if summary is not None and summary.regression else None,
+            "error": self.error, "error_type": self.error_type, "build_key": self.build_key, "run_id": self.run_id,
+            "device_address": self.device_address, "started": self.started, "finished": self.finished,
+            "seconds": self.seconds,
+        }
+
+
+@dataclass(frozen=True)
+class BuildCounts:
+    """The distinct compile chains of a fleet run: produced now, found in the store, or failed."""
+
+    ran: int = 0
+    cached: int = 0
+    failed: int = 0
+
+    def as_json(self) -> dict[str, int]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class FleetSummary:
+    """A fleet run: every pair's result (device by device, in the file's order) and its builds."""
+
+    fleet_run: str
+    source: str
+    results: tuple[PairResult, ...]
+    builds: BuildCounts
+    seconds: float
+    flow_run_id: str | None = None
+    phases: dict[str, float] = field(default_factory=dict)
+    """Seconds of each phase: ``resolve``, ``compile`` (builds and references), ``devices`` (every pair)."""
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failed(self) -> tuple[PairResult, ...]:
+        return tuple(r for r in self.results if not r.passed)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object."""
+        return {
+            "fleet_run": self.fleet_run, "flow_run_id": self.flow_run_id, "fleet_file": self.source,
+            "passed": sum(r.passed for r in self.results), "failed": len(self.failed), "seconds": self.seconds,
+            "phases": dict(self.phases),
+            "results": [r.as_json() for r in self.results], "builds": self.builds.as_json(),
+        }
+
+
+# -- accuracy over a labelled set ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Hit:
+    """Where one image's label ranks in one output."""
+
+    top5: tuple[int, ...]
+    top1_hit: bool
+    top5_hit: bool
+
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Top-1 and top-5 hits over ``count`` labelled images."""
+
+    count: int
+    top1: int
+    top5: int
+
+    @property
+    def top1_rate(self) -> float:
+        return self.top1 / self.count if self.count else 0.0
+
+    @property
+    def top5_rate(self) -> float:
+        return self.top5 / self.count if self.count else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "count": self.count, "top1": self.top1, "top5": self.top5,
+            "top1_accuracy": self.top1_rate, "top5_accuracy": self.top5_rate,
+        }
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """One labelled image: its label, the compiled model's and the reference's top-5, and their check."""
+
+    file: str
+    label: int
+    label_text: str
+    tvm: Hit
+    reference: Hit
+    tvm_top1_label: str
+    reference_top1_label: str
+    check: CheckResult
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "file": self.file, "class": self.label, "label": self.label_text,
+            "tvm_top5": list(self.tvm.top5), "reference_top5": list(self.reference.top5),
+            "tvm_top1_label": self.tvm_top1_label, "reference_top1_label": self.reference_top1_label,
+            "tvm_top1_hit": self.tvm.top1_hit, "tvm_top5_hit": self.tvm.top5_hit,
+            "reference_top1_hit": self.reference.top1_hit, "reference_top5_hit": self.reference.top5_hit,
+            "check": self.check.as_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class AccuracySummary:
+    """An accuracy run: the build, the device, each image's result and the accuracy of both models."""
+
+    build: BuildSummary
+    device: str
+    upload: Upload
+    reference_status: str
+    images: tuple[ImageResult, ...]
+    tvm: Accuracy
+    reference: Accuracy
+    thresholds: Thresholds
+
+    @property
+    def stages(self) -> dict[str, str]:
+        return {**self.build.stages, "reference": self.reference_status}
+
+    @property
+    def checks_passed(self) -> bool:
+        return all(image.check.passed for image in self.images)
+
+    @property
+    def max_abs_diff(self) -> float | None:
+        """The largest difference over the images; None where an output was NaN or misshapen."""
+        diffs = [_json_float(image.check.max_abs_diff) for image in self.images]
+        return None if None in diffs or not diffs else max(d for d in diffs if d is not None)
+
+    def as_json(self) -> dict[str, Any]:
+        """The ``--json`` object of an accuracy run."""
+        b = self.build
+        return {
+            "model": b.model, "model_digest": b.model_digest, "target": b.target, "opt_level": b.opt_level,
+            "schedules": b.schedules, "build_key": b.build_key, "library_key": b.library_key,
+            "artifact": b.artifact, "device": self.device, "upload": self.upload.as_dict(), "stages": self.stages,
+            "images": [image.as_dict() for image in self.images],
+            "accuracy": {"tvm": self.tvm.as_dict(), "reference": self.reference.as_dict()},
+            "agreement": {
+                "top1": sum(i.tvm.top5[0] == i.reference.top5[0] for i in self.images),
+                "top5_identical": sum(i.tvm.top5 == i.reference.top5 for i in self.images),
+                "count": len(self.images),
+            },
+            "checks_passed": self.checks_passed, "max_abs_diff": self.max_abs_diff,
+            "thresholds": self.thresholds.as_dict(),
+        }
