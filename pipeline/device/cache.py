@@ -93,7 +93,7 @@ class DeviceCache:
 
     Args:
         directory: Absolute path *on the device*; it must exist there (the server cannot create directories).
-        secret: The client's key that authenticates the markers (:func:`cache_secret`).
+        secret: The client's key that authenticates the markers (``ArtifactStore.device_cache_secret``).
         slots: How many libraries it keeps.
     """
 
