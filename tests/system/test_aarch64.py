@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 from support import AARCH64, REPO, cli_json, compile_all, make_tiny_onnx
+from pipeline.store import ArtifactStore
 from pipeline.planning import keys
 from pipeline.device import DeviceSpec, device_triple, open_session
 from pipeline.device.probe import check_versions, device_arch, local_tvm_version, probe
@@ -140,9 +141,9 @@ def test_device_stages__aarch64_output_matches_host_reference(tmp_path, spec, mo
     assert host_built.artifact.key != built.artifact.key
     x = np.random.default_rng(1).standard_normal(model.input_shape).astype(np.float32)
     with open_session(spec) as session, opened(session) as ref:
-        uploaded = upload(ref, library.artifact, str(tmp_path), target.arch)
+        uploaded = upload(ref, library.artifact, ArtifactStore(tmp_path), target.arch)
         assert uploaded.bytes == library.artifact.size
-        result = run(set_input(load(uploaded, str(tmp_path)), x), Timing(repeat=2))
+        result = run(set_input(load(uploaded, ArtifactStore(tmp_path)), x), Timing(repeat=2))
     np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=0)
     assert result.latency.repeat == 2 and result.latency.min > 0
 
@@ -153,7 +154,7 @@ def test_upload__x86_library_refused_by_aarch64_device_before_upload(tmp_path, s
     with open_session(spec) as session, opened(session) as ref:
         started = time.monotonic()
         with pytest.raises(ArchMismatch) as refused:
-            upload(ref, library.artifact, str(tmp_path), target.arch)
+            upload(ref, library.artifact, ArtifactStore(tmp_path), target.arch)
         with pytest.raises(RemoteRunError):  # nothing was sent: the file it would have been is not there
             session_of(ref).call("download", session_of(ref).remote.download, f"tvmrp-{library.artifact.key[:16]}.so")
     assert time.monotonic() - started < 30

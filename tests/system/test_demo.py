@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from support import run_cli
+from pipeline.store import ArtifactStore
 from pipeline.device import DeviceSpec, EmbeddedServer, open_session
 from pipeline.image import DEFAULT_IMAGE, load_image
 from pipeline.models import ModelSpec, reference_forward, resolve_model
@@ -58,7 +59,8 @@ def test_demo__resnet18_v2_random_matches_mxnet(prefect_api, demo_store):
     target, _, built, library = compile_all(model, demo_store)
     assert not built.built and built.artifact.key == summary["build_key"]  # the flow's build, from the store
     with EmbeddedServer() as server, open_session(DeviceSpec(), server) as session, opened(session) as ref:
-        loaded = load(upload(ref, library.artifact, str(demo_store), target.arch), str(demo_store))
+        store = ArtifactStore(demo_store)
+        loaded = load(upload(ref, library.artifact, store, target.arch), store)
         tvm_out = run(set_input(loaded, x), Timing(repeat=1)).output
     mxnet_out = reference_forward(model, x)
     assert tvm_out.shape == mxnet_out.shape == (1, 1000)
