@@ -663,7 +663,7 @@ def _read_secret(path: Path) -> bytes:
                 f.write(secrets.token_bytes(32))
         info = path.lstat()
         if stat.S_ISDIR(info.st_mode):
-            raise StoreError(f"{path} (the device cache's secret) is a directory, not a key file: remove it "
+            raise StoreError(f"{path} (the device cache's secret) is a directory, not a regular file: remove it "
                              "(a new one is made)")
         if not stat.S_ISREG(info.st_mode):
             raise StoreError(f"{path} (the device cache's secret) is not a regular file: remove it (a new one is made)")

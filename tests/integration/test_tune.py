@@ -193,7 +193,7 @@ def test_build__a_tuning_that_does_not_apply_blames_the_tuning(tuned, tmp_path):
     tuning = store.put(tuned.tuning.key, TUNING, damaged, tuned.tuning.inputs)
     plan = plan_build(tuned.model, tuned.target, 3, TRIALS)
     with pytest.raises(BuildError, match="tuning .* could not be applied.*not the compiler: remove") as caught:
-        build(tuned.imported, tuned.target, 3, plan.build, store, tuning=tuning)
+        build(tuned.imported, tuned.target, 3, plan.build, store, refresh=True, tuning=tuning)
     assert "TVM failed to compile" not in str(caught.value)
 
 
