@@ -13,8 +13,9 @@ the caller). :meth:`~ArtifactStore.check`, :meth:`~ArtifactStore.get`, :meth:`~A
 and :meth:`~ArtifactStore.file` are the only ways to an artifact's files, and each refuses one that does not
 authenticate. A store written before manifests carried a MAC is rebuilt once, with one warning.
 
-No path under the root is followed when it is a symbolic link (:mod:`pipeline.store.fs`): a link planted in
-a shared store cannot make a run create or read files outside it.
+The store creates and writes its files without following symbolic links (:mod:`pipeline.store.fs`), and
+reads an artifact's files and manifest the same way: a link planted in a shared store cannot make a run
+create or write a file outside it, nor read one as an artifact.
 
 Writes are atomic: :meth:`ArtifactStore.put` fills a temporary directory under ``<root>/.tmp`` and renames
 it into place, so a crash or a kill never leaves a partial artifact at a key's path. :meth:`ArtifactStore.lock`
@@ -383,6 +384,7 @@ class ArtifactStore:
             return None, "missing"
         except OSError as exc:
             return None, f"corrupt: cannot read the manifest ({exc.strerror})"
+        store_key = self.store_key()  # an unusable key is the run's error, whatever the manifest says
         try:
             if len(data) > _MAX_MANIFEST:
                 raise ValueError("larger than 8 MiB")
@@ -405,7 +407,6 @@ class ArtifactStore:
         for entry in entries:
             if not _NAME_RE.match(entry.name) or entry.name == MANIFEST:
                 return None, f"corrupt: bad file name {clip(entry.name)!r} in manifest"
-        store_key = self.store_key()
         files = {e.name: (e.sha256, e.size) for e in entries}
         if not store_key.verifies(manifest_message(key, kind, inputs, files), mac):
             if isinstance(signer, str) and signer != store_key.id:

@@ -2,7 +2,7 @@
 
 A store may be writable by others (a shared store, a team's), so a symbolic link planted among its entries
 (``<root>/.tmp`` pointing elsewhere, a dangling link where a lock file will be created) must not make a run
-create or read files outside the store. Every directory the store creates under its root is checked with
+create or write files outside the store, nor read one as an artifact. Every directory the store creates under its root is checked with
 :func:`real_directory`, and files in it are opened with ``O_NOFOLLOW`` (:func:`open_new`, :func:`read_bytes`).
 """
 
