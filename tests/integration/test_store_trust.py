@@ -16,10 +16,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support import run_cli
 
 from pipeline.store import MANIFEST, ArtifactStore
 from pipeline.store.layout import LIBRARY_FILE, MODULE_FILE
-from support import run_cli
 
 COMPILED = ("import-model", "build", "export-library", "reference")
 

@@ -261,9 +261,9 @@ def a_record():
 
 
 def test_symlinked_trash_runs_and_tuning__nothing_created_outside(tmp_path, outside, caplog):
+    from pipeline.planning import keys
     from pipeline.targets import parse_target
     from pipeline.tuning import remember_tuning, tune_inputs
-    from pipeline.planning import keys
 
     root = tmp_path / "store"
     store = ArtifactStore(root)
