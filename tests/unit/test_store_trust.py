@@ -2,7 +2,7 @@
 artifact's manifest carries an HMAC-SHA256 made with a key kept outside the store, an artifact that does not
 authenticate is a cache miss and is never read; the store never follows a symbolic link out of itself; a
 Prefect cache record that is not one of ours is removed before Prefect reads it. Every planted file is made
-here, on the fly. (The same cases through the command line: tests/integration/test_store_trust.py.)"""
+here, on the fly. (The same cases through the command line: tests/integration/test_planted_entries.py.)"""
 
 from __future__ import annotations
 
