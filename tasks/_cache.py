@@ -8,12 +8,16 @@ whenever the store copy is missing or corrupt, because Prefect would otherwise r
 that are gone, and it uses an artifact only as the store's own verified manifest describes it.
 
 The store is untrusted input (it may be shared between machines and users), and a Prefect cache record
-names the serializer that reads it back: Prefect's default, cloudpickle, would execute whatever a planted
-record holds. So the records are not kept in the store but in a directory of this user's
-(:func:`records_dir`: ``~/.cache/tvmrp/prefect-results/<store id>``, mode 0700, checked to be ours and
-private before every use), and they are written by :class:`ArtifactRefSerializer`: plain JSON (the
-artifact's key, kind, files and inputs). When that directory is not private, Prefect's cache is not used at
-all and the store alone decides (stages then show ``Completed`` in the UI, ``cached`` in the report).
+names the serializer that reads it back: Prefect reads a record with whatever serializer the record's own
+metadata names, and its default, cloudpickle, would execute whatever a planted record holds. So the records
+are not kept in the store but in a directory of this user's (:func:`records_dir`:
+``~/.cache/tvmrp/prefect-results/<store id>``, mode 0700, checked to be ours and private before every use),
+they are written by :class:`ArtifactRefSerializer` (plain JSON: the artifact's key, kind, files and inputs),
+and before a stage runs, its record is screened (:func:`screen_record`): a record that is not exactly one of
+ours (one JSON object whose metadata names our serializer and whose result is our JSON for that key) is
+removed before Prefect reads it, and the stage runs again. When that directory is not private, Prefect's
+cache is not used at all and the store alone decides (stages then show ``Completed`` in the UI, ``cached`` in
+the report).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,21 +71,25 @@ def _built_to_json(built: Built) -> dict[str, Any]:
     a = built.artifact
     return {
         "key": a.key, "kind": a.kind, "inputs": a.inputs, "built": bool(built.built), "seconds": float(built.seconds),
-        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in a.files],
+        "files": [{"name": f.name, "sha256": f.sha256, "size": f.size} for f in a.files], "mac": a.mac,
     }
 
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _MAX_RECORD = 1 << 20
+_FIELDS = {"key", "kind", "inputs", "built", "seconds", "files"}
 
 
 def _built_from_json(data: Any) -> Built:
-    """The :class:`Built` a record holds; ValueError unless it has exactly the shape and types we write."""
-    if not isinstance(data, dict) or set(data) != {"key", "kind", "inputs", "built", "seconds", "files"}:
+    """The :class:`Built` a record holds; ValueError unless it has exactly the shape and types we write (the
+    manifest's ``mac`` included, or left out by a record written before artifacts were authenticated)."""
+    if not isinstance(data, dict) or set(data) not in (_FIELDS, _FIELDS | {"mac"}):
         raise ValueError("not an artifact reference")
     key, kind, inputs, built, seconds, files = (data[k] for k in ("key", "kind", "inputs", "built", "seconds", "files"))
+    mac = data.get("mac", "")
     if not (isinstance(key, str) and _HEX64.fullmatch(key) and isinstance(kind, str) and isinstance(inputs, dict)
-            and isinstance(built, bool) and _is_number(seconds) and isinstance(files, list)):
+            and isinstance(built, bool) and _is_number(seconds) and isinstance(files, list)
+            and isinstance(mac, str) and (mac == "" or _HEX64.fullmatch(mac))):
         raise ValueError("bad fields")
     entries = []
     for f in files:
@@ -88,7 +98,7 @@ def _built_from_json(data: Any) -> Built:
                 and isinstance(f["size"], int) and not isinstance(f["size"], bool) and f["size"] >= 0):
             raise ValueError("bad file list")
         entries.append(FileEntry(f["name"], f["sha256"], f["size"]))
-    return Built(Artifact(key, kind, tuple(entries), dict(inputs)), built, float(seconds))
+    return Built(Artifact(key, kind, tuple(entries), dict(inputs), mac), built, float(seconds))
 
 
 def _is_number(value: Any) -> bool:
@@ -145,11 +155,71 @@ def records_dir(store: ArtifactStore) -> Path | None:
     return directory
 
 
+def _is_ours(blob: bytes, key: str) -> bool:
+    """Whether ``blob`` is a record Prefect wrote for ``key`` with :class:`ArtifactRefSerializer` (read as JSON
+    only: nothing in it is unpickled or imported)."""
+    try:
+        record = json.loads(blob)
+    except (ValueError, RecursionError):
+        return False
+    if not isinstance(record, dict) or set(record) != {"metadata", "result"}:
+        return False
+    metadata, result = record["metadata"], record["result"]
+    if not (isinstance(metadata, dict) and metadata.get("serializer") == {"type": SERIALIZER_TYPE}
+            and metadata.get("storage_block_id") is None and isinstance(result, str)):
+        return False
+    try:
+        built = ArtifactRefSerializer().loads(result.encode())
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(built, PipelineError) or built.artifact.key == key
+
+
+def screen_record(directory: Path, key: str) -> bool:
+    """Remove Prefect's record of ``key`` in ``directory`` unless it is one of ours, before Prefect reads it.
+
+    Prefect keeps a task's cache record in one file named by its cache key (``{"metadata": ..., "result":
+    ...}``) and reads its result back with the serializer that the record's own metadata names. A record that
+    names another serializer (a pickle), or is not exactly the JSON we write for ``key``, a link or not a file,
+    is removed unread; the stage then runs (and finds its artifact in the store if a valid one is there).
+
+    Returns:
+        False when a foreign record is there and cannot be removed: run the stage without Prefect's cache.
+    """
+    path = directory / key
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    if stat.S_ISREG(info.st_mode) and info.st_size <= 2 * _MAX_RECORD:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                if _is_ours(f.read(2 * _MAX_RECORD + 1), key):
+                    return True
+        except OSError:
+            pass
+    try:
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        log.warning("Prefect's cache record %s is not one of this project's and cannot be removed (%s): the stage "
+                    "runs without Prefect's cache", path, exc.strerror or exc)
+        return False
+    log.warning("removed Prefect's cache record %s: it is not one of this project's (JSON) records, so it was not "
+                "read; the stage runs again", path)
+    return True
+
+
 def _explicit_key(_ctx: Any, parameters: dict[str, Any]) -> str:
     return parameters["stage"].key
 
 
-def store_cache_options(store: ArtifactStore, refresh: bool) -> dict[str, Any]:
+def store_cache_options(store: ArtifactStore, refresh: bool, key: str) -> dict[str, Any]:
     """``Task.with_options`` arguments that key a stage by its plan's ``stage`` parameter.
 
     Records live in this user's private :func:`records_dir`, so every run and worker of this user on this
@@ -157,9 +227,12 @@ def store_cache_options(store: ArtifactStore, refresh: bool) -> dict[str, Any]:
     :func:`ensure_artifact`, not by Prefect's SERIALIZABLE isolation: Prefect's FileSystemLockManager writes
     lock files without expiry, so a run killed mid-build would leave every later run waiting forever, while
     the store's ``flock`` is released by the kernel when its holder dies.
+
+    Args:
+        key: the stage's key (the plan's): its record is screened first (:func:`screen_record`).
     """
     directory = records_dir(store)
-    if directory is None:
+    if directory is None or not screen_record(directory, key):
         return {"cache_policy": NO_CACHE, "persist_result": False}
     return {
         "cache_policy": CacheKeyFnPolicy(cache_key_fn=_explicit_key),
@@ -173,16 +246,18 @@ def store_cache_options(store: ArtifactStore, refresh: bool) -> dict[str, Any]:
 def run_cached(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: bool, **params: Any) -> tuple[Artifact, str]:
     """Run a cached stage task; return its verified artifact and ``"cached"`` or ``"ran"``.
 
-    Prefect is asked to refresh its record whenever the store's copy is missing or fails its digest check,
-    so a cached reference to deleted or corrupted files is never returned; a record's artifact is used only
-    as the store's own manifest describes it.
+    Prefect's record of the stage is screened before Prefect reads it (:func:`screen_record`: only our JSON
+    records are read), and Prefect is asked to refresh it whenever the store's copy is missing or fails
+    verification, so a cached reference to deleted, corrupted or unauthenticated files is never returned.
+    The artifact returned is always the store's own, as its authenticated manifest describes it: a record
+    only lets Prefect skip the task.
     """
     stale = refresh or store.get(stage.key) is None
-    state = stage_task.with_options(**store_cache_options(store, stale))(
+    state = stage_task.with_options(**store_cache_options(store, stale, stage.key))(
         **params, stage=stage, store=store, refresh=refresh, return_state=True
     )
     built: Built = state.result()  # raises the stage's exception if it failed
-    artifact = built.artifact if built.built else store.get(stage.key)
+    artifact = store.get(stage.key)
     if artifact is None or artifact.key != stage.key:
         raise StoreError(f"the artifact {stage.key} vanished from the store {store.root} during the run; run again")
     return artifact, "cached" if state.name == "Cached" or not built.built else "ran"

@@ -72,14 +72,14 @@ def build(
     import tvm
 
     def produce(directory: Path) -> None:
-        if store.get(module.key) is None:
-            raise StoreError(f"the imported module {module.key} vanished from the store; run again")
         if target.device == "cuda":  # GPU machine code, compiled here once (pipeline/cuda/builder.py)
             from pipeline.cuda.builder import compile_cuda
 
             compile_cuda(store.file(module, MODULE_FILE), target.canonical, opt_level, directory)
             return
-        mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
+        # Read once and checked against the authenticated manifest: what TVM parses is what was verified.
+        text, _ = store.read_verified(module.key, MODULE_FILE)
+        mod = tvm.ir.load_json(text.decode())
         try:
             with _COMPILE_LOCK:  # applying schedules compiles too (constant folding)
                 if tuning is not None:
@@ -92,7 +92,7 @@ def build(
                     mod = schedule_with_rules(mod, target)
                 with tvm.transform.PassContext(opt_level=opt_level):
                     executable = tvm.compile(mod, target=target.tvm_target())
-        except StoreError:
+        except (StoreError, BuildError):
             raise
         except Exception as exc:
             raise BuildError(

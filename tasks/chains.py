@@ -29,6 +29,7 @@ from pipeline.planning.plan import BuildPlan, RunPlan, StageKey
 from pipeline.planning.request import DevicePolicy
 from pipeline.results import COMPILE_STAGES, BuildSummary, DeviceOutcome, RunStamp, RunSummary, Upload
 from pipeline.store import Artifact, ArtifactStore
+from pipeline.store.fs import real_directory
 from pipeline.store.layout import LIBRARY_FILE
 from pipeline.targets import TargetInfo
 from tasks._cache import run_cached
@@ -193,7 +194,7 @@ def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str 
     try:
         store.device_cache_secret()
         if device.spec.kind == "local":
-            store.layout.device_cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            real_directory(store.layout.device_cache, 0o700)
     except (OSError, StoreError) as exc:
         log.warning("the device cache is off for this run: %s", exc)
         return None

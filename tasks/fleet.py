@@ -84,7 +84,8 @@ def build_on_deployment(pair: FleetPair, deployment: str, timeout: float) -> Com
                          f"{one_line(state.message or '')} (flow run {run.id})")
     if not in_store(req.store, plan):
         raise StoreError(f"deployment {deployment!r} built {what}, but the store here ({req.store.root}) does not "
-                         "hold it: the build machines and this run must share the store at the same path (docs/fleet.md)")
+                         "hold it: the build machines and this run must share the store at the same path and hold "
+                         "the same store key (TVMRP_STORE_KEY_FILE; docs/fleet.md)")
     compiled = compile_chain(plan, req.store, refresh=False)  # found and verified, not rebuilt
     return Compiled(compiled.module, compiled.tuning, compiled.build, compiled.library,
                     {name: "skipped" if status == "skipped" else "ran" for name, status in compiled.stages.items()})

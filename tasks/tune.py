@@ -22,11 +22,12 @@ from typing import Any
 
 from prefect import task
 
-from pipeline.errors import BuildError, StoreError
+from pipeline.errors import BuildError
 from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.targets import TargetInfo
 from pipeline.store.layout import MODULE_FILE, TUNING, TUNING_DATABASE_FILES, TUNING_LOG_FILE, TUNING_REPORT_FILE
+from pipeline.tuning.result import checked_summary
 from pipeline.tuning import (
     LOCAL_RUNNER,
     check_request,
@@ -78,9 +79,9 @@ def tune(
         with Progress(PROGRESS_KEY, what) as progress:  # before importing TVM: shows within a second
             import tvm
 
-            if store.get(module.key) is None:
-                raise StoreError(f"the imported module {module.key} vanished from the store; run again")
-            mod = tvm.ir.load_json(store.file(module, MODULE_FILE).read_text())
+            # Read once and checked against the authenticated manifest: what TVM parses is what was verified.
+            text, _ = store.read_verified(module.key, MODULE_FILE)
+            mod = tvm.ir.load_json(text.decode())
             with tempfile.TemporaryDirectory(prefix="tvmrp-tune-") as work:
                 report = run_tuning(mod, target, trials, Path(work), runner, tuning_num_cores(target), base=base,
                                     progress=progress.update, log_file=directory / TUNING_LOG_FILE)
@@ -100,25 +101,25 @@ def tune(
 
 def read_report(tuning: Artifact, store: ArtifactStore) -> dict[str, Any]:
     """The ``tuning.json`` of a tuning artifact (tuning time, tasks, trials reused and new, estimated latency,
-    history, converged)."""
-    return json.loads(store.file(tuning, TUNING_REPORT_FILE).read_text())
+    history, converged), read once and verified against the tuning's authenticated manifest.
+
+    Raises:
+        StoreError: the file fails verification. ValueError: it is not JSON.
+    """
+    return json.loads(store.read_verified(tuning.key, TUNING_REPORT_FILE)[0])
 
 
 def read_summary(tuning: Artifact, store: ArtifactStore) -> dict[str, Any]:
     """What a run reports about its tuning (the ``tuning`` object of ``--json``): ``tuning.json`` without the
-    per-task list, with the defaults of a tuning stored before tunings could continue."""
-    report = read_report(tuning, store)
-    trials = int(report["trials"])
-    history = report.get("history") or [
-        {"trials": trials, "estimated_ms": report.get("estimated_ms"), "seconds": report.get("seconds")}
-    ]
-    return {
-        "key": tuning.key, "trials": trials, "trials_reused": int(report.get("trials_reused", 0)),
-        "trials_new": int(report.get("trials_new", trials)), "measured": report.get("measured"),
-        "seconds": report.get("seconds"), "estimated_ms": report.get("estimated_ms"),
-        "converged": bool(report.get("converged", False)), "history": history, "base": report.get("base"),
-        "runner": report.get("runner"),
-    }
+    per-task list, with the defaults of a tuning stored before tunings could continue, every figure checked
+    (:func:`pipeline.tuning.result.checked_summary`: a figure out of range is None, never shown)."""
+    try:
+        report = read_report(tuning, store)
+    except ValueError:
+        report = {}
+    trials = tuning.inputs.get("trials")
+    trials = trials if isinstance(trials, int) and not isinstance(trials, bool) and trials > 0 else 0
+    return {"key": tuning.key, **checked_summary(report, trials)}
 
 
 tune_task = task(name="tune", task_run_name="tune", retries=0)(tune)

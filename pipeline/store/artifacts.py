@@ -5,9 +5,17 @@ The store is a value that runs pass around (never its path): it owns every entry
 authenticates the libraries devices keep (:meth:`ArtifactStore.device_cache_secret`, read once per store object).
 
 The key is a 64-hex SHA-256 of everything that determines the artifact (see :mod:`pipeline.planning.keys`). The
-manifest records what produced the artifact and the SHA-256 and size of every file in it. An artifact is
-only returned by :meth:`ArtifactStore.get` if its manifest parses and every file still has its recorded
-digest; otherwise it is treated as absent (and rebuilt by the caller).
+manifest records what produced the artifact and the SHA-256 and size of every file in it, and carries a MAC
+over all of that made with the store key, which is kept outside the store (:mod:`pipeline.store.auth`). An
+artifact is only returned by :meth:`ArtifactStore.get` if its manifest parses, its MAC verifies with this
+process's key and every file still has its recorded digest; otherwise it is treated as absent (and rebuilt by
+the caller). :meth:`~ArtifactStore.check`, :meth:`~ArtifactStore.get`, :meth:`~ArtifactStore.read_verified`
+and :meth:`~ArtifactStore.file` are the only ways to an artifact's files, and each refuses one that does not
+authenticate. A store written before manifests carried a MAC is rebuilt once, with one warning.
+
+The store creates and writes its files without following symbolic links (:mod:`pipeline.store.fs`), and
+reads an artifact's files and manifest the same way: a link planted in a shared store cannot make a run
+create or write a file outside it, nor read one as an artifact.
 
 Writes are atomic: :meth:`ArtifactStore.put` fills a temporary directory under ``<root>/.tmp`` and renames
 it into place, so a crash or a kill never leaves a partial artifact at a key's path. :meth:`ArtifactStore.lock`
@@ -36,6 +44,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from pipeline.errors import StoreError, UsageError, clip
+from pipeline.store import fs
+from pipeline.store.auth import StoreKey, load_store_key, manifest_message
 from pipeline.store.layout import MANIFEST, ArtifactKind, StoreLayout
 
 if TYPE_CHECKING:
@@ -43,7 +53,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
+"""2: the manifest carries ``mac`` (HMAC-SHA256 with the store key) and ``mac_key`` (the key's public id)."""
 ENV_VAR = "TVMRP_ARTIFACTS"
 REPO_ROOT = Path(__file__).resolve().parents[2]
 """The checkout this code runs from (for an installed package: the directory the package is installed in)."""
@@ -53,6 +64,9 @@ DEFAULT_ROOT = REPO_ROOT / "artifacts"
 _KEY_RE = re.compile(r"^[0-9a-f]{64}$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _CHUNK = 1 << 20
+_MAX_MANIFEST = 8 << 20
+_OLD = "unauthenticated: written before the store's entries were authenticated"
+_FOREIGN = "unauthenticated: signed with another store key"
 # Temporary directories are named KEY.HOST.PID.RANDOM so that dead writers' leftovers can be swept.
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:63] or "host"
 
@@ -69,14 +83,18 @@ _DIGESTS_LOCK = threading.Lock()
 _DIGESTS_MAX = 256
 
 
-def file_digest(path: str | os.PathLike[str]) -> str:
+def file_digest(path: str | os.PathLike[str], follow_links: bool = True) -> str:
     """SHA-256 hex digest of a file's bytes, read in chunks.
 
     Remembered for the life of this process by the file's identity (device, inode, size, modification time
     in ns), so a file this run already hashed (written it, verified it) is not read again; any change to
     the file, or a new process, hashes it afresh.
+
+    Args:
+        follow_links: False: a symbolic link is an OSError (``ELOOP``) instead of its target's digest.
     """
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW))
+    with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
         with _DIGESTS_LOCK:
@@ -131,12 +149,15 @@ class Artifact:
         kind: what it holds, e.g. ``"relax-ir"``, ``"build"``, ``"library"``.
         files: the artifact's files with their digests, sorted by name.
         inputs: what produced it (copied from the manifest).
+        mac: the manifest's MAC, which :meth:`ArtifactStore.file` checks again ("" for a reference that did
+            not come from the store, e.g. one read from a Prefect cache record: the store refuses it).
     """
 
     key: str
     kind: str
     files: tuple[FileEntry, ...]
     inputs: dict[str, Any]
+    mac: str = ""
 
     def digest_of(self, name: str) -> str:
         """The recorded SHA-256 of file ``name``."""
@@ -177,6 +198,7 @@ class ArtifactStore:
         self.root = Path(root).expanduser().resolve() if root else default_root()
         self.layout = StoreLayout(self.root)
         self._secret: bytes | None = None
+        self._key: StoreKey | None = None
         self._secret_lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -188,7 +210,7 @@ class ArtifactStore:
     def __hash__(self) -> int:
         return hash(self.root)
 
-    def __getstate__(self) -> dict[str, Any]:  # a store sent to a worker process carries its root, not its secret
+    def __getstate__(self) -> dict[str, Any]:  # a store sent to a worker process carries its root, no secret or key
         return {"root": self.root}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -215,14 +237,52 @@ class ArtifactStore:
         """
         with self._secret_lock:
             if self._secret is None:
+                try:
+                    fs.real_directory(self.layout.keys, 0o700)
+                except OSError as exc:
+                    raise StoreError(f"cannot create the device cache's secret in {self.layout.keys} "
+                                     f"({exc.strerror or exc})") from None
                 self._secret = _read_secret(self.layout.device_cache_key)
             return self._secret
 
+    def store_key(self) -> StoreKey:
+        """The key that authenticates this store's manifests (:mod:`pipeline.store.auth`: ``$TVMRP_STORE_KEY``,
+        ``$TVMRP_STORE_KEY_FILE`` or this user's key), read once per store object and never pickled with it.
+
+        Raises:
+            UsageError, StoreError: the key is unusable (too short, a directory, open to other users...).
+        """
+        with self._secret_lock:
+            if self._key is None:
+                self._key = load_store_key(self.root)
+            return self._key
+
     def file(self, artifact: Artifact, name: str) -> Path:
-        """The path of file ``name`` of ``artifact``."""
-        if name not in {f.name for f in artifact.files}:
+        """The path of file ``name`` of ``artifact``, once ``artifact`` authenticates with this store's key and
+        the file still is what it records (its digest is remembered: a file this process verified is not read
+        again).
+
+        Raises:
+            KeyError: ``name`` is not a file of ``artifact``.
+            StoreError: ``artifact`` did not come from a manifest that authenticates (a forged or foreign
+                reference), or the file changed since.
+        """
+        entry = next((f for f in artifact.files if f.name == name), None)
+        if entry is None:
             raise KeyError(f"{name} is not a file of artifact {artifact.key}")
-        return self.path(artifact.key) / name
+        files = {f.name: (f.sha256, f.size) for f in artifact.files}
+        if not self.store_key().verifies(manifest_message(artifact.key, artifact.kind, artifact.inputs, files),
+                                         artifact.mac):
+            raise StoreError(f"artifact {artifact.key} was not read from a manifest that authenticates with this "
+                             f"run's store key: it is not used; run again")
+        path = self.path(artifact.key) / name
+        try:
+            same = path.lstat().st_size == entry.size and file_digest(path, follow_links=False) == entry.sha256
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(f"artifact {artifact.key}: {name} changed since it was verified; run again")
+        return path
 
     def check_root(self) -> None:
         """Check, before a run starts, that the root is a directory or can become one (nothing is created).
@@ -254,11 +314,15 @@ class ArtifactStore:
     # -- reading -------------------------------------------------------------------------------------
 
     def check(self, key: str) -> tuple[Artifact | None, str]:
-        """Verify the artifact at ``key``.
+        """Verify the artifact at ``key``: its manifest's MAC with this store's key, then every file's digest.
 
         Returns:
-            ``(artifact, "ok")`` when the manifest parses and every file matches its digest, else
-            ``(None, reason)`` with a short reason ("missing", "corrupt: ...").
+            ``(artifact, "ok")`` when the manifest parses and authenticates and every file matches its digest,
+            else ``(None, reason)`` with a short reason: ``"missing"``, ``"unauthenticated: ..."`` (written
+            before manifests carried a MAC, signed with another key, or altered), ``"corrupt: ..."``.
+
+        Raises:
+            UsageError, StoreError: the store key is unusable (:meth:`store_key`).
         """
         artifact, reason = self._manifest(key)
         if artifact is None:
@@ -267,22 +331,27 @@ class ArtifactStore:
         for entry in artifact.files:
             path = directory / entry.name
             try:
-                if path.is_symlink() or not path.is_file() or path.stat().st_size != entry.size:
+                info = path.lstat()
+                if not stat.S_ISREG(info.st_mode) or info.st_size != entry.size:
                     return None, f"corrupt: {entry.name} is missing or has the wrong size"
-                if file_digest(path) != entry.sha256:
+                if file_digest(path, follow_links=False) != entry.sha256:
                     return None, f"corrupt: {entry.name} does not match its digest"
+            except FileNotFoundError:
+                return None, f"corrupt: {entry.name} is missing or has the wrong size"
             except OSError as exc:
                 return None, f"corrupt: cannot read {entry.name} ({exc.strerror})"
         return artifact, "ok"
 
     def read_verified(self, key: str, name: str) -> tuple[bytes, str]:
-        """The bytes of file ``name`` of the artifact at ``key``, read once and checked against its manifest.
+        """The bytes of file ``name`` of the artifact at ``key``, read once and checked against its manifest
+        (which must authenticate).
 
         Returns:
             The bytes and their sha256.
 
         Raises:
-            StoreError: The artifact is missing, or the file is unreadable or does not match its digest.
+            StoreError: The artifact is missing or does not authenticate, or the file is unreadable or does not
+                match its digest.
         """
         artifact, reason = self._manifest(key)
         if artifact is None:
@@ -290,10 +359,10 @@ class ArtifactStore:
         path = self.path(key) / name
         try:
             expected = artifact.digest_of(name)
-            if path.is_symlink():
-                raise StoreError(f"artifact {key}: {name} is a symbolic link")
-            data = path.read_bytes()
+            data = fs.read_bytes(path)
         except OSError as exc:
+            if path.is_symlink():
+                raise StoreError(f"artifact {key}: {name} is a symbolic link") from None
             raise StoreError(f"artifact {key}: cannot read {name} ({exc.strerror})") from exc
         except KeyError:
             raise StoreError(f"artifact {key} has no file {name}") from None
@@ -303,13 +372,25 @@ class ArtifactStore:
         return data, digest
 
     def _manifest(self, key: str) -> tuple[Artifact | None, str]:
-        """The artifact as its manifest describes it (files not read), or ``(None, reason)``."""
+        """The artifact as its manifest describes it, once the manifest authenticates (files not read), or
+        ``(None, reason)``."""
         directory = self.path(key)
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            return None, "missing"
         try:
-            manifest = json.loads(manifest_path.read_text())
+            for entry in (directory.parent, directory):
+                if entry.is_symlink():
+                    return None, f"corrupt: {entry.name} is a symbolic link"
+            data = fs.read_bytes(directory / MANIFEST, _MAX_MANIFEST + 1)
+        except FileNotFoundError:
+            return None, "missing"
+        except OSError as exc:
+            return None, f"corrupt: cannot read the manifest ({exc.strerror})"
+        store_key = self.store_key()  # an unusable key is the run's error, whatever the manifest says
+        try:
+            if len(data) > _MAX_MANIFEST:
+                raise ValueError("larger than 8 MiB")
+            manifest = json.loads(data)
+            if manifest.get("version") == 1 and manifest.get("key") == key:
+                return None, f"{_OLD} (manifest version 1)"
             if manifest.get("version") != MANIFEST_VERSION or manifest.get("key") != key:
                 return None, "corrupt: manifest does not belong to this key"
             entries = tuple(
@@ -318,20 +399,28 @@ class ArtifactStore:
             )
             kind = str(manifest["kind"])
             inputs = dict(manifest.get("inputs", {}))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            return None, f"corrupt: unreadable manifest ({exc})"
+            mac, signer = manifest.get("mac"), manifest.get("mac_key")
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            return None, f"corrupt: unreadable manifest ({clip(exc)})"
         if not entries:
             return None, "corrupt: manifest lists no files"
         for entry in entries:
             if not _NAME_RE.match(entry.name) or entry.name == MANIFEST:
-                return None, f"corrupt: bad file name {entry.name!r} in manifest"
-        return Artifact(key=key, kind=kind, files=entries, inputs=inputs), "ok"
+                return None, f"corrupt: bad file name {clip(entry.name)!r} in manifest"
+        files = {e.name: (e.sha256, e.size) for e in entries}
+        if not store_key.verifies(manifest_message(key, kind, inputs, files), mac):
+            if isinstance(signer, str) and signer != store_key.id:
+                return None, f"{_FOREIGN} (id {clip(signer, 16)}; this run's is {store_key.id})"
+            return None, "unauthenticated: its manifest's MAC does not verify (altered, or written without the store key)"
+        return Artifact(key=key, kind=kind, files=entries, inputs=inputs, mac=mac), "ok"
 
     def get(self, key: str) -> Artifact | None:
-        """The verified artifact at ``key``, or None if it is missing or fails verification."""
+        """The verified artifact at ``key``, or None if it is missing or fails verification (said once per key
+        and process; for a store written before its entries were authenticated, or by another key's holder,
+        once per store)."""
         artifact, reason = self.check(key)
         if artifact is None and reason != "missing":
-            log.warning("artifact %s is %s; it will be rebuilt", key, reason)
+            _warn_once(self.root, key, reason)
         return artifact
 
     # -- writing -------------------------------------------------------------------------------------
@@ -343,7 +432,7 @@ class ArtifactStore:
         produce: Callable[[Path], None],
         inputs: dict[str, Any] | None = None,
     ) -> Artifact:
-        """Create the artifact ``key`` atomically.
+        """Create the artifact ``key`` atomically, its manifest signed with the store key.
 
         Args:
             key: the content key.
@@ -355,31 +444,29 @@ class ArtifactStore:
             The verified artifact.
 
         Raises:
-            StoreError: the store cannot be written (read-only, disk full...); the store is left unchanged.
+            StoreError: the store cannot be written (read-only, disk full, a symbolic link among its entries...)
+                or the store key is unusable; the store is left unchanged.
             Whatever ``produce`` raises, after removing the temporary directory.
         """
+        store_key = self.store_key()  # before producing: a build of minutes must not end on a bad key
         tmp = self._new_tmp(key)
         try:
             produce(tmp)
-            self._write_manifest(tmp, key, kind, inputs)
+            artifact = self._write_manifest(tmp, key, kind, inputs, store_key)
             existing = self._publish(tmp, key)
             if existing is not None:
                 return existing
         except OSError as exc:
             raise _store_error("write", self.root, exc) from None
         finally:
-            if tmp.exists():
+            if os.path.lexists(tmp):
                 shutil.rmtree(tmp, ignore_errors=True)
-        artifact, reason = self.check(key)  # the digests were just computed: no file is read again
-        if artifact is None:
-            raise StoreError(f"artifact {key} failed verification right after it was written ({reason})")
         return artifact
 
     def _new_tmp(self, key: str) -> Path:
         """A fresh temporary directory for ``key``'s files (dead writers' leftovers swept first)."""
-        tmp_root = self.layout.tmp
         try:
-            tmp_root.mkdir(parents=True, exist_ok=True)
+            tmp_root = fs.real_directory(self.layout.tmp)
             self._sweep_tmp(tmp_root)
             tmp = tmp_root / f"{key}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -388,33 +475,42 @@ class ArtifactStore:
         return tmp
 
     @staticmethod
-    def _write_manifest(tmp: Path, key: str, kind: ArtifactKind | str, inputs: dict[str, Any] | None) -> None:
-        """fsync every file ``produce`` wrote, then write (and fsync) the manifest with their digests."""
+    def _write_manifest(tmp: Path, key: str, kind: ArtifactKind | str, inputs: dict[str, Any] | None,
+                        store_key: StoreKey) -> Artifact:
+        """fsync every file ``produce`` wrote, then write (and fsync) the manifest with their digests and its MAC;
+        return the artifact it describes."""
         files = {}
         for path in sorted(tmp.iterdir()):
             if not path.is_file() or path.is_symlink() or not _NAME_RE.match(path.name) or path.name == MANIFEST:
                 raise StoreError(f"artifact {key}: {path.name!r} is not a plain file with a safe name")
             with open(path, "rb") as f:
                 os.fsync(f.fileno())
-            files[path.name] = {"sha256": file_digest(path), "size": path.stat().st_size}
+            files[path.name] = (file_digest(path, follow_links=False), path.stat().st_size)
+        kind_name = kind.name if isinstance(kind, ArtifactKind) else kind
+        recorded = json.loads(json.dumps(inputs or {}))  # the inputs as a reader gets them back: what the MAC covers
+        mac = store_key.sign(manifest_message(key, kind_name, recorded, files))
         manifest = {
             "version": MANIFEST_VERSION,
             "key": key,
-            "kind": kind.name if isinstance(kind, ArtifactKind) else kind,
+            "kind": kind_name,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "files": files,
-            "inputs": inputs or {},
+            "files": {name: {"sha256": sha256, "size": size} for name, (sha256, size) in files.items()},
+            "inputs": recorded,
+            "mac": mac,
+            "mac_key": store_key.id,
         }
         with open(tmp / MANIFEST, "w") as f:
             json.dump(manifest, f, indent=2, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        entries = tuple(FileEntry(name, sha256, size) for name, (sha256, size) in sorted(files.items()))
+        return Artifact(key=key, kind=kind_name, files=entries, inputs=recorded, mac=mac)
 
     def _publish(self, tmp: Path, key: str) -> Artifact | None:
         """Rename ``tmp`` into place; return the valid copy another process put there first, if any."""
         final = self.path(key)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():
+        fs.real_directory(final.parent)
+        if os.path.lexists(final):
             existing, _ = self.check(key)
             if existing is not None:
                 return existing
@@ -435,7 +531,7 @@ class ArtifactStore:
         """Remove temporary directories left by writers on this host that died mid-put (killed builds)."""
         for entry in tmp_root.iterdir():
             parts = entry.name.split(".")
-            if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
+            if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit() or entry.is_symlink():
                 continue
             try:
                 os.kill(int(parts[2]), 0)
@@ -473,12 +569,14 @@ class ArtifactStore:
     def discard(self, key: str) -> None:
         """Remove the artifact at ``key`` if present (moved aside first, so readers never see half of it)."""
         path = self.path(key)
-        if path.exists():
+        if os.path.lexists(path):
             self._discard_dir(path)
 
     def _discard_dir(self, path: Path) -> None:
-        trash = self.layout.trash
-        trash.mkdir(parents=True, exist_ok=True)
+        if path.is_symlink():  # a planted link: removed itself, its target left alone
+            path.unlink()
+            return
+        trash = fs.real_directory(self.layout.trash)
         aside = trash / f"{path.parent.name}{path.name}.{uuid.uuid4().hex[:8]}"
         os.rename(path, aside)
         shutil.rmtree(aside, ignore_errors=True)
@@ -488,13 +586,13 @@ class ArtifactStore:
         """Hold an exclusive inter-process lock on ``key`` (``fcntl.flock``, released if the holder dies).
 
         Raises:
-            StoreError: the lock could not be taken within ``timeout`` seconds, or the store is unwritable.
+            StoreError: the lock could not be taken within ``timeout`` seconds, or the store is unwritable, or
+                its lock (or locks directory) is a symbolic link.
         """
         check_key(key)
         try:
-            lock_dir = self.layout.locks
-            lock_dir.mkdir(parents=True, exist_ok=True)
-            fd = os.open(lock_dir / f"{key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            lock_dir = fs.real_directory(self.layout.locks)
+            fd = fs.open_new(lock_dir / f"{key}.lock", os.O_RDWR)
         except OSError as exc:
             raise _store_error("take a lock", self.root, exc) from None
         try:
@@ -519,6 +617,32 @@ class ArtifactStore:
             os.close(fd)  # closing the descriptor releases the flock
 
 
+_WARNED: set[tuple[str, ...]] = set()
+_WARNED_LOCK = threading.Lock()
+
+
+def _warn_once(root: Path, key: str, reason: str) -> None:
+    """Say why an artifact is rebuilt, once per process: per store when the whole store is concerned (written
+    before its entries were authenticated, or signed with another key), else per key and reason."""
+    if reason.startswith(_OLD):
+        topic: tuple[str, ...] = (str(root), _OLD)
+        message = (f"the artifact store {root} was written before its entries were authenticated "
+                   "(docs/caching.md#authenticated-entries): each artifact is rebuilt once, when a run needs it")
+    elif reason.startswith(_FOREIGN):
+        topic = (str(root), reason)
+        message = (f"artifacts in {root} were {reason.removeprefix('unauthenticated: ')}: they are rebuilt and "
+                   "signed with this run's key; runs that share a store need one team key "
+                   "(TVMRP_STORE_KEY_FILE, docs/caching.md#authenticated-entries)")
+    else:
+        topic = (str(root), key, reason)
+        message = f"artifact {key} is {reason}; it will be rebuilt"
+    with _WARNED_LOCK:
+        if topic in _WARNED:
+            return
+        _WARNED.add(topic)
+    log.warning("%s", message)
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -539,6 +663,9 @@ def _read_secret(path: Path) -> bytes:
             with os.fdopen(fd, "wb") as f:
                 f.write(secrets.token_bytes(32))
         info = path.lstat()
+        if stat.S_ISDIR(info.st_mode):
+            raise StoreError(f"{path} (the device cache's secret) is a directory, not a regular file: remove it "
+                             "(a new one is made)")
         if not stat.S_ISREG(info.st_mode):
             raise StoreError(f"{path} (the device cache's secret) is not a regular file: remove it (a new one is made)")
         if info.st_mode & 0o077 or info.st_uid != os.getuid():

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sys
 import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
@@ -25,6 +26,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union, get_args, get_
 
 from pipeline.errors import StoreError, UsageError, clip
 from pipeline.results import utc_now
+from pipeline.store.fs import real_directory
 
 if TYPE_CHECKING:
     from pipeline.results import RunSummary
@@ -191,17 +193,18 @@ class Ledger:
         """Write ``record`` atomically.
 
         Raises:
-            StoreError: the store cannot be written.
+            StoreError: the store cannot be written, or the ledger's directory is a symbolic link.
         """
         path = self.directory / f"{record.id}.json"
-        tmp = self.directory / f".{record.id}.{os.getpid()}.tmp"
+        tmp = self.directory / f".{record.id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "w") as f:
+            real_directory(self.directory)
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "w") as f:
                 json.dump(record.as_json(), f, indent=1)  # in field order: stages stay in pipeline order
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, path)  # a link planted at ``path`` is replaced, not followed
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write the run record {path} ({exc.strerror})") from exc

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pipeline.errors import StoreError, clip
+from pipeline.errors import BuildError, clip
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.store.layout import RECORD_FILE, TUNING_DATABASE_FILES, WORKLOAD_FILE
 from pipeline.tuning.space import TuningSpace
@@ -113,20 +112,28 @@ def _unappliable(mod: tvm.IRModule, target: tvm.target.Target, database: Any) ->
 def apply_tuning(mod: tvm.IRModule, tuning: Artifact, store: ArtifactStore) -> tvm.IRModule:
     """The imported ``mod`` with the schedules of the ``tuning`` artifact applied (what ``build`` compiles).
 
-    The database files are copied first: MetaSchedule's JSON database appends to its files when it is
-    queried, and the stored copy must stay byte-identical to its manifest.
+    The database files are read once, verified against the tuning's authenticated manifest, and written to a
+    working directory: MetaSchedule's JSON database appends to its files when it is queried, and the stored
+    copy must stay byte-identical to its manifest.
 
     Raises:
-        StoreError: the tuning artifact is missing or corrupt.
+        StoreError: the tuning artifact is missing, corrupt or does not authenticate (the next run tunes again).
+        BuildError: the tuning does not apply to the module (it names the tuning, not the compiler).
     """
-    if store.get(tuning.key) is None:
-        raise StoreError(f"the tuning database {tuning.key} vanished from the store; run again")
-    inputs = tuning.inputs
-    space = TuningSpace.from_options(inputs.get("space_options", {}))
+    database = {name: store.read_verified(tuning.key, name)[0] for name in TUNING_DATABASE_FILES}
     import tvm
 
-    target = tvm.target.Target(json.loads(inputs["tuning_target"]))
-    with tempfile.TemporaryDirectory(prefix="tvmrp-apply-") as work:
-        for name in TUNING_DATABASE_FILES:
-            shutil.copyfile(store.file(tuning, name), Path(work) / name)
-        return _finish(prepare(mod, target, space), target, Path(work), space)
+    try:
+        inputs = tuning.inputs
+        space = TuningSpace.from_options(inputs.get("space_options", {}))
+        target = tvm.target.Target(json.loads(inputs["tuning_target"]))
+        with tempfile.TemporaryDirectory(prefix="tvmrp-apply-") as work:
+            for name, data in database.items():
+                (Path(work) / name).write_bytes(data)
+            return _finish(prepare(mod, target, space), target, Path(work), space)
+    except Exception as exc:  # noqa: BLE001 - whatever TVM raises on a database it cannot replay
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+        raise BuildError(
+            f"the tuning {tuning.key[:16]} (MetaSchedule's database) could not be applied to the model: "
+            f"{clip(first)}. The tuning is at fault, not the compiler: remove {store.path(tuning.key)} to tune again"
+        ) from exc

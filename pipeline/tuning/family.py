@@ -19,6 +19,7 @@ from typing import Any
 from pipeline.planning import keys
 from pipeline.errors import StoreError, UsageError
 from pipeline.store import Artifact, ArtifactStore, check_key
+from pipeline.store.fs import real_directory
 from pipeline.targets import TargetInfo
 from pipeline.store.layout import TUNING, TUNING_DATABASE_FILES, TUNING_REPORT_FILE
 from pipeline.tuning.space import tune_inputs
@@ -81,7 +82,7 @@ def remember_tuning(store: ArtifactStore, inputs: dict[str, Any], key: str) -> N
                 return
             entries[trials] = key
             path = _index_path(store, family)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            real_directory(path.parent)
             text = json.dumps({"version": _INDEX_VERSION, "family": family,
                                "tunings": {str(t): k for t, k in sorted(entries.items())}}, indent=2)
             with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{family[:16]}.", delete=False) as f:

@@ -77,3 +77,49 @@ def format_latency(seconds: float | None) -> str:
     if seconds is None or not math.isfinite(seconds):
         return "not measured yet"
     return f"{seconds * 1e6:.3g} us" if seconds < 1e-3 else f"{seconds * 1e3:.3g} ms"
+
+
+def _count(value: Any, low: int = 0, high: int = 10**9) -> int | None:
+    """``value`` if it is an integer (not a bool) within ``[low, high]``, else None."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high else None
+
+
+def _amount(value: Any, positive: bool = False) -> float | None:
+    """``value`` as a float if it is a finite number >= 0 (> 0 with ``positive``), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) and (value > 0 if positive else value >= 0) else None
+
+
+def checked_summary(report: Any, trials: int) -> dict[str, Any]:
+    """What a run shows of a tuning's ``tuning.json`` (``report``), every figure checked: a count out of range,
+    a negative, infinite or non-numeric time or estimate becomes None (or its default) instead of being shown.
+
+    Args:
+        report: the parsed ``tuning.json`` (anything JSON gives).
+        trials: the tuning's budget as its key records it (what the summary's ``trials`` is).
+
+    Returns:
+        ``trials``, ``trials_reused``, ``trials_new``, ``measured``, ``seconds``, ``estimated_ms``,
+        ``converged``, ``history`` (``{trials, estimated_ms, seconds}`` per increment), ``base``, ``runner``.
+    """
+    report = report if isinstance(report, dict) else {}
+    reused = _count(report.get("trials_reused"), 0, trials) or 0
+    new = _count(report.get("trials_new"), 0, trials)
+    history = []
+    for step in report.get("history") if isinstance(report.get("history"), list) else []:
+        if isinstance(step, dict) and (at := _count(step.get("trials"), 1)) is not None and len(history) < 1000:
+            history.append({"trials": at, "estimated_ms": _amount(step.get("estimated_ms"), positive=True),
+                            "seconds": _amount(step.get("seconds"))})
+    seconds, estimate = _amount(report.get("seconds")), _amount(report.get("estimated_ms"), positive=True)
+    base, runner = report.get("base"), report.get("runner")
+    return {
+        "trials": trials, "trials_reused": reused, "trials_new": trials - reused if new is None else new,
+        "measured": _count(report.get("measured")), "seconds": seconds, "estimated_ms": estimate,
+        "converged": report.get("converged") is True,
+        "history": history or [{"trials": trials, "estimated_ms": estimate, "seconds": seconds}],
+        "base": base if isinstance(base, str) and len(base) == 64 and all(c in "0123456789abcdef" for c in base)
+        else None,
+        "runner": runner[:200] if isinstance(runner, str) else None,
+    }

@@ -11,6 +11,7 @@ The ``--json`` objects are the values' own ``as_json`` (:mod:`pipeline.results`)
 from __future__ import annotations
 
 import datetime as dt
+import math
 import re
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -89,7 +90,7 @@ def format_tuning(tuning: dict[str, Any]) -> str:
     """The report's ``Tuning`` line: trials (reused, new), the estimate, and whether more trials may pay."""
     estimate = tuning.get("estimated_ms")
     line = (f"Tuning     {tuning['trials']} trials ({tuning['trials_reused']} reused, {tuning['trials_new']} new)"
-            + (f", estimated {estimate:.4g} ms" if isinstance(estimate, int | float) and estimate >= 0 else ""))
+            + (f", estimated {estimate:.4g} ms" if isinstance(estimate, int | float) and 0 < estimate < math.inf else ""))
     if tuning.get("converged"):
         line += "; converged: the last two increments gained < 1 %, more trials are unlikely to pay"
     return line

@@ -150,6 +150,53 @@ def test_build__with_tuning_is_keyed_apart_and_matches_reference_on_device(tuned
     np.testing.assert_allclose(result.output, reference_forward(model, x), atol=1e-4, rtol=1e-4)
 
 
+def _copy_of(tuned: Tuned, tmp_path: Path) -> ArtifactStore:
+    """A copy of the module's store (the other tests keep using the original)."""
+    shutil.copytree(tuned.root, tmp_path / "copy", symlinks=True)
+    return ArtifactStore(tmp_path / "copy")
+
+
+def test_tune__a_tampered_tuning_is_tuned_again_on_refresh(tuned, tmp_path):
+    """A tuning database changed in the store with its manifest rewritten to match (anyone who can write the
+    store can) does not authenticate: the build never applies it, and the run (here with --refresh) tunes
+    again."""
+    import hashlib
+
+    from tasks.chains import compile_chain, run_plain
+
+    store = _copy_of(tuned, tmp_path)
+    planted = b'[0, [[[\"planted\"]]]]\n'
+    (store.path(tuned.tuning.key) / RECORD_FILE).write_bytes(planted)
+    manifest = json.loads((store.path(tuned.tuning.key) / MANIFEST).read_text())
+    manifest["files"][RECORD_FILE] = {"sha256": hashlib.sha256(planted).hexdigest(), "size": len(planted)}
+    (store.path(tuned.tuning.key) / MANIFEST).write_text(json.dumps(manifest))
+    assert store.get(tuned.tuning.key) is None
+
+    compiled = compile_chain(plan_build(tuned.model, tuned.target, 3, TRIALS), store, refresh=True, run=run_plain)
+    assert compiled.stages["tune"] == "ran" and compiled.stages["build"] == "ran"
+    assert store.read_verified(tuned.tuning.key, RECORD_FILE)[0] != planted
+
+
+def test_build__a_tuning_that_does_not_apply_blames_the_tuning(tuned, tmp_path):
+    """A tuning that authenticates (written by a holder of the store key) but whose database TVM cannot read
+    fails the build naming the tuning and how to tune again, not as a compiler failure."""
+    from pipeline.errors import BuildError
+    from pipeline.store.layout import TUNING
+
+    store = _copy_of(tuned, tmp_path)
+    store.discard(tuned.tuning.key)
+
+    def damaged(directory: Path) -> None:
+        for name in (*TUNING_DATABASE_FILES, TUNING_REPORT_FILE, TUNING_LOG_FILE):
+            (directory / name).write_text("not a database\n")
+
+    tuning = store.put(tuned.tuning.key, TUNING, damaged, tuned.tuning.inputs)
+    plan = plan_build(tuned.model, tuned.target, 3, TRIALS)
+    with pytest.raises(BuildError, match="tuning .* could not be applied.*not the compiler: remove") as caught:
+        build(tuned.imported, tuned.target, 3, plan.build, store, refresh=True, tuning=tuning)
+    assert "TVM failed to compile" not in str(caught.value)
+
+
 def test_tune__measures_on_a_device_through_the_tracker(tuned):
     """MetaSchedule's RPC runner: candidates are measured on the server the tracker hands out."""
     tracker = start_tracker()
@@ -182,9 +229,10 @@ def test_tune_task__second_run_is_cached_by_prefect(tuned, prefect_api):
     def tune_twice() -> list[str]:
         names = []
         for _ in range(2):
-            state = tune_task.with_options(**store_cache_options(store, False))(
-                module=tuned.imported, target=tuned.target, trials=TRIALS,
-                stage=tune_stage(tuned.model, tuned.target, TRIALS), store=store, return_state=True,
+            stage = tune_stage(tuned.model, tuned.target, TRIALS)
+            state = tune_task.with_options(**store_cache_options(store, False, stage.key))(
+                module=tuned.imported, target=tuned.target, trials=TRIALS, stage=stage, store=store,
+                return_state=True,
             )
             assert state.result().artifact == tuned.tuning
             names.append(state.name)

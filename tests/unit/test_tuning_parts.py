@@ -123,6 +123,28 @@ def test_read_summary__of_a_continued_and_of_an_older_tuning(store_root):
     assert summary["history"] == [{"trials": 8, "estimated_ms": 2.5, "seconds": 1.0}] and "tasks" not in summary
 
 
+def test_read_summary__figures_out_of_range_are_never_shown(store_root):
+    """A ``tuning.json`` with a negative estimate, counts beyond the budget, non-numbers: each becomes None (or
+    its default) and the report line shows no estimate."""
+    from pipeline.views.run import format_tuning
+
+    target, store = parse_target("llvm"), ArtifactStore(store_root)
+    inputs = tune_inputs("c" * 64, target, 8)
+    bad = {"trials": -3, "trials_reused": 99, "trials_new": "x", "measured": -1, "seconds": float("inf"),
+           "estimated_ms": -1, "converged": "yes", "base": "../etc", "runner": 7,
+           "history": [{"trials": 4, "estimated_ms": -1, "seconds": -2}, "junk", {"trials": 0}]}
+    key = keys.key_of(inputs)
+    tuning = store.put(key, "tuning", lambda d: (d / TUNING_REPORT_FILE).write_text(json.dumps(bad)), inputs)
+    summary = read_summary(tuning, store)
+    assert summary == {
+        "key": key, "trials": 8, "trials_reused": 0, "trials_new": 8, "measured": None, "seconds": None,
+        "estimated_ms": None, "converged": False, "history": [{"trials": 4, "estimated_ms": None, "seconds": None}],
+        "base": None, "runner": None,
+    }
+    assert format_tuning(summary) == "Tuning     8 trials (0 reused, 8 new)"
+    assert format_tuning({**summary, "estimated_ms": float("inf")}) == format_tuning({**summary, "estimated_ms": -1})
+
+
 def test_has_converged__when_two_increments_gained_less_than_one_percent():
     def history(*estimates):
         return [{"trials": 64 * (i + 1), "estimated_ms": e, "seconds": 1.0} for i, e in enumerate(estimates)]
