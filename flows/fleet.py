@@ -75,7 +75,8 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
     Args:
         fleet_file: the fleet file (YAML), relative to the working directory (a deployment's: the repository
             root); relative paths inside it are taken from its directory.
-        artifacts: the artifact store (default: ``$TVMRP_ARTIFACTS``, else ``artifacts/``).
+        artifacts: the artifact store, a directory or ``s3://BUCKET/PREFIX`` (default: the fleet file's
+            ``artifacts``, else ``$TVMRP_ARTIFACTS``, else ``artifacts/``).
         spec: the fleet file's content as a mapping, instead of ``fleet_file``.
 
     Returns:
@@ -89,7 +90,7 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
     fleet_run = RunStamp.new().id
     fleet = resolve_fleet(load_spec(fleet_file, spec), artifacts)
     log.info("fleet run %s: %d device(s) x %d model(s), store %s", fleet_run, len(fleet.spec.devices),
-             len(fleet.spec.models), fleet.store.root)
+             len(fleet.spec.models), fleet.store.location)
     resolved = time.perf_counter()
     prepared = _prepare(fleet)
     compiled = time.perf_counter()
@@ -352,8 +353,9 @@ def build_parser() -> Parser:
                     "devices side by side; print the device x model table (see docs/fleet.md).",
     )
     parser.add_argument("fleet_file", metavar="FLEET.yaml", help="the fleet file: tracker, devices, models, ...")
-    parser.add_argument("--artifacts", default=None,
-                        help="artifact store directory (default: $TVMRP_ARTIFACTS or artifacts/ at the repository root)")
+    parser.add_argument("--artifacts", default=None, metavar="DIR|s3://BUCKET/PREFIX",
+                        help="the artifact store: a directory or s3://BUCKET/PREFIX (default: the fleet file's "
+                             "artifacts, else $TVMRP_ARTIFACTS, else artifacts/ at the repository root)")
     parser.add_argument("--json", action="store_true", help="print the fleet's results as one JSON object on the last line")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser

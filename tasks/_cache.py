@@ -259,7 +259,7 @@ def run_cached(stage_task: Any, store: ArtifactStore, stage: StageKey, refresh: 
     built: Built = state.result()  # raises the stage's exception if it failed
     artifact = store.get(stage.key)
     if artifact is None or artifact.key != stage.key:
-        raise StoreError(f"the artifact {stage.key} vanished from the store {store.root} during the run; run again")
+        raise StoreError(f"the artifact {stage.key} vanished from the store {store.location} during the run; run again")
     return artifact, "cached" if state.name == "Cached" or not built.built else "ran"
 
 

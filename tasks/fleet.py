@@ -69,7 +69,7 @@ def build_on_deployment(pair: FleetPair, deployment: str, timeout: float) -> Com
     parameters = {
         "model": entry.source, "weights": entry.weights, "seed": entry.seed, "target": pair.device.target,
         "opt_level": req.opt_level, "tune_trials": req.tune_trials, "schedules": req.schedules, "build_only": True,
-        "artifacts": str(req.store.root),
+        "artifacts": req.store.location,
     }
     try:
         run = run_deployment(deployment, parameters=parameters, timeout=timeout, as_subflow=True)
@@ -83,9 +83,9 @@ def build_on_deployment(pair: FleetPair, deployment: str, timeout: float) -> Com
         raise BuildError(f"the build of {what} on deployment {deployment!r} ended {state.name}: "
                          f"{one_line(state.message or '')} (flow run {run.id})")
     if not in_store(req.store, plan):
-        raise StoreError(f"deployment {deployment!r} built {what}, but the store here ({req.store.root}) does not "
-                         "hold it: the build machines and this run must share the store at the same path and hold "
-                         "the same store key (TVMRP_STORE_KEY_FILE; docs/fleet.md)")
+        raise StoreError(f"deployment {deployment!r} built {what}, but the store here ({req.store.location}) does not "
+                         "hold it: the build machines and this run must share the store (one s3:// URL, or one path on "
+                         "a shared file system) and hold the same store key (TVMRP_STORE_KEY_FILE; docs/fleet.md)")
     compiled = compile_chain(plan, req.store, refresh=False)  # found and verified, not rebuilt
     return Compiled(compiled.module, compiled.tuning, compiled.build, compiled.library,
                     {name: "skipped" if status == "skipped" else "ran" for name, status in compiled.stages.items()})

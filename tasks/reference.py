@@ -48,7 +48,7 @@ def load_reference(artifact: Artifact, store: ArtifactStore) -> np.ndarray:
         StoreError: the artifact is missing or corrupt (run again to recompute it).
     """
     if store.get(artifact.key) is None:
-        raise StoreError(f"the reference output {artifact.key} is missing or corrupt in {store.root}; run again")
+        raise StoreError(f"the reference output {artifact.key} is missing or corrupt in {store.location}; run again")
     return np.load(store.file(artifact, REFERENCE_FILE), allow_pickle=False)
 
 

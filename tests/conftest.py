@@ -10,6 +10,8 @@ the marker of its directory; ``gpu`` and ``slow`` are set per test.
 from __future__ import annotations
 
 import os
+import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -38,6 +40,47 @@ def store_root(tmp_path) -> Path:
     root = tmp_path / "artifacts"
     root.mkdir()
     return root
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS, ``tests/s3_server.py``) on 127.0.0.1 for the session, stopped
+    (its process group) at the end."""
+    from s3_server import SeaweedS3
+
+    server = SeaweedS3(tmp_path_factory.mktemp("seaweedfs")).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@dataclass(frozen=True)
+class S3Store:
+    """A store in a fresh bucket of the test server: its URL and the environment of the machine using it (the
+    server's endpoint and credentials, a team key, a local cache directory of its own)."""
+
+    url: str
+    bucket: str
+    env: dict[str, str]
+
+    def machine(self, cache: Path) -> dict[str, str]:
+        """The environment of another machine: same bucket and team key, another local cache directory."""
+        return {**self.env, "XDG_CACHE_HOME": str(cache)}
+
+
+@pytest.fixture
+def s3_store(s3_server, tmp_path, monkeypatch) -> S3Store:
+    """A store on the S3 server in a bucket of its own, this process's environment pointing at it (endpoint,
+    credentials, a team key in ``TVMRP_STORE_KEY``, ``XDG_CACHE_HOME`` under the test's directory)."""
+    bucket = s3_server.bucket(f"tvmrp-{uuid.uuid4().hex[:12]}")
+    env = {**s3_server.env, "TVMRP_STORE_KEY": "team-key-" + uuid.uuid4().hex + uuid.uuid4().hex,
+           "XDG_CACHE_HOME": str(tmp_path / "cache-here")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("TVMRP_STORE_KEY_FILE", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return S3Store(f"s3://{bucket}/team", bucket, env)
 
 
 @pytest.fixture

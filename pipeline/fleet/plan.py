@@ -80,7 +80,8 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
     device is contacted.
 
     Args:
-        artifacts: the store directory (None: ``$TVMRP_ARTIFACTS`` or ``artifacts/``).
+        artifacts: the store (``--artifacts``; None: the fleet file's ``artifacts``, else ``$TVMRP_ARTIFACTS``, else
+            ``artifacts/``).
 
     Raises:
         UsageError: a model, target or image is bad (the message names its entry and line), or the store
@@ -93,6 +94,7 @@ def resolve_fleet(spec: FleetSpec, artifacts: str | None = None) -> ResolvedFlee
 
     where = Where(spec.source)
     found = Resolutions()
+    artifacts = artifacts if artifacts is not None else spec.shared.artifacts
     shared = replace(spec.shared, artifacts=artifacts)
     _check_targets(spec, where)
     models = _models(spec, found, where)

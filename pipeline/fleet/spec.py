@@ -33,6 +33,7 @@ from typing import Any, Iterable
 from pipeline.device.spec import DeviceSpec, split_host_port
 from pipeline.errors import UsageError, clip
 from pipeline.planning.request import FLEET_DEVICE, FLEET_MODEL, FLEET_TOP, RunRequest, field_kind, request_fields
+from pipeline.store.s3 import S3Location, is_s3
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
 """Seconds to wait for a tracker to hand out a device: short, so that a key with no server fails its pairs
@@ -268,6 +269,13 @@ def _spec(tree: _Node, where: Where, base: Path) -> FleetSpec:
         _tracker_address(top["tracker"], "tracker", given["tracker"], where)
     if "image" in given:
         given["image"] = _path_text(top["image"], "image", where, base)
+    if "artifacts" in given and not is_s3(given["artifacts"]):
+        given["artifacts"] = _path_text(top["artifacts"], "artifacts", where, base)
+    elif "artifacts" in given:
+        try:
+            S3Location.parse(given["artifacts"])
+        except UsageError as exc:
+            raise where.error(top["artifacts"], "artifacts", str(exc)) from None
     if given.get("tune_trials") and given.get("tune_more"):
         raise where.error(top["tune_more"], "tune_more", "give tune_trials (a total) or tune_more (trials added "
                                                          "to the largest tuning), not both")

@@ -138,8 +138,10 @@ class RunRequest:
         "build", "compile and export for the target without any device (CI, GPU targets from a laptop); prints "
         "the library and its key", action="store_true"))
     artifacts: str | None = field(default=None, metadata=arg(
-        "build", f"artifact store directory (default: ${ENV_VAR} or artifacts/ at the repository root)",
-        where=(ACCURACY,)))
+        "build", f"the artifact store: a directory, or s3://BUCKET/PREFIX on S3-compatible object storage (endpoint "
+        f"and credentials as for the AWS tools: AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ..., docs/caching.md) "
+        f"(default: ${ENV_VAR} or artifacts/ at the repository root)",
+        where=(FLEET_TOP, ACCURACY), metavar="DIR|s3://BUCKET/PREFIX"))
     refresh: bool = field(default=False, metadata=arg(
         "build", "rebuild import-model, build, export-library and the reference (not the tuning)",
         where=(ACCURACY,), action="store_true"))

@@ -20,6 +20,15 @@ create or write a file outside it, nor read one as an artifact.
 Writes are atomic: :meth:`ArtifactStore.put` fills a temporary directory under ``<root>/.tmp`` and renames
 it into place, so a crash or a kill never leaves a partial artifact at a key's path. :meth:`ArtifactStore.lock`
 is an inter-process lock per key (``fcntl.flock``), so concurrent runs build a key once.
+
+A store on S3-compatible object storage (``ArtifactStore("s3://BUCKET/PREFIX")``) is the same object with the
+same API: its root is a directory of this machine (:func:`pipeline.store.layout.s3_cache_root`) that keeps a
+verified copy of each artifact a run used, and :attr:`ArtifactStore.remote` is the bucket
+(:mod:`pipeline.store.s3`) that holds the shared entries. :meth:`~ArtifactStore.check` finds an artifact in
+the local copy or else fetches it (manifest first: its MAC is checked before any file is downloaded, then
+every file against its digest); :meth:`~ArtifactStore.put` writes the files to the bucket, then the manifest,
+created only if absent, then the local copy; :meth:`~ArtifactStore.lock` adds a lease in the bucket to the
+local ``flock``. The run ledger and the tuning index are written to the bucket and read from it.
 """
 
 from __future__ import annotations
@@ -46,7 +55,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from pipeline.errors import StoreError, UsageError, clip
 from pipeline.store import fs
 from pipeline.store.auth import StoreKey, load_store_key, manifest_message
-from pipeline.store.layout import MANIFEST, ArtifactKind, StoreLayout
+from pipeline.store.layout import MANIFEST, SHARED_ENTRIES, ArtifactKind, StoreLayout, s3_cache_root
+from pipeline.store.s3 import S3Bucket, S3Location, is_s3
 
 if TYPE_CHECKING:
     from pipeline.store.ledger import Ledger
@@ -113,10 +123,13 @@ def file_digest(path: str | os.PathLike[str], follow_links: bool = True) -> str:
 
 
 def default_root() -> Path:
-    """The store root: ``$TVMRP_ARTIFACTS`` if set; else, running from a checkout, ``artifacts/`` at the
+    """The store root: ``$TVMRP_ARTIFACTS`` if set (for an ``s3://`` store: this machine's root of it,
+    :func:`pipeline.store.layout.s3_cache_root`); else, running from a checkout, ``artifacts/`` at the
     repository root (:data:`DEFAULT_ROOT`); else (an installed package) this user's
     ``$XDG_DATA_HOME/tvmrp/artifacts`` (by default ``~/.local/share/tvmrp/artifacts``)."""
     env = os.environ.get(ENV_VAR)
+    if env and is_s3(env):
+        return s3_cache_root(str(S3Location.parse(env)))
     if env:
         return Path(env).expanduser().resolve()
     if _is_checkout(REPO_ROOT):
@@ -187,34 +200,56 @@ def _store_error(action: str, root: Path, exc: OSError) -> StoreError:
 
 
 class ArtifactStore:
-    """A directory of content-addressed artifacts. Safe for concurrent use by several processes.
+    """A store of content-addressed artifacts: a directory, or a bucket read through a directory of this machine.
+    Safe for concurrent use by several processes (and, in a bucket, by several machines).
 
     Attributes:
-        root: the store's directory.
-        layout: every path under it (:class:`pipeline.store.layout.StoreLayout`).
+        location: what names the store: its directory, or ``s3://BUCKET/PREFIX`` (what ``--artifacts`` takes).
+        root: the store's directory on this machine (for a store in a bucket: its local entries and the copy of
+            the artifacts runs used here).
+        layout: every path under the root (:class:`pipeline.store.layout.StoreLayout`).
+        remote: the bucket of a store on object storage (:class:`pipeline.store.s3.S3Bucket`), else None.
     """
 
-    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
-        self.root = Path(root).expanduser().resolve() if root else default_root()
+    def __init__(self, root: str | os.PathLike[str] | None = None, cache: str | os.PathLike[str] | None = None) -> None:
+        """Args:
+            root: the store's directory or ``s3://BUCKET/PREFIX`` (default: ``$TVMRP_ARTIFACTS``, else
+                :func:`default_root`).
+            cache: for a store in a bucket, the local root to use instead of
+                :func:`pipeline.store.layout.s3_cache_root`.
+        """
+        location = root if root else os.environ.get(ENV_VAR) or None
+        if is_s3(location):
+            self.remote: S3Bucket | None = S3Bucket(S3Location.parse(str(location)))
+            self.location = str(self.remote.location)
+            self.root = Path(cache).expanduser().resolve() if cache else s3_cache_root(self.location)
+        else:
+            self.remote = None
+            self.root = Path(location).expanduser().resolve() if location else default_root()
+            self.location = str(self.root)
+        self._cache = cache
         self.layout = StoreLayout(self.root)
         self._secret: bytes | None = None
         self._key: StoreKey | None = None
         self._secret_lock = threading.Lock()
 
     def __repr__(self) -> str:
-        return f"ArtifactStore({str(self.root)!r})"
+        return f"ArtifactStore({self.location!r})"
+
+    def __str__(self) -> str:
+        return self.location
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, ArtifactStore) and other.root == self.root
+        return isinstance(other, ArtifactStore) and (other.location, other.root) == (self.location, self.root)
 
     def __hash__(self) -> int:
-        return hash(self.root)
+        return hash((self.location, self.root))
 
-    def __getstate__(self) -> dict[str, Any]:  # a store sent to a worker process carries its root, no secret or key
-        return {"root": self.root}
+    def __getstate__(self) -> dict[str, Any]:  # a store sent to a worker process carries where it is, no secret or key
+        return {"root": self.location, "cache": str(self.root) if self.remote is not None else None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["root"])  # type: ignore[misc]
+        self.__init__(state["root"], state.get("cache"))  # type: ignore[misc]
 
     def path(self, key: str) -> Path:
         """The directory of ``key`` (which may not exist)."""
@@ -222,10 +257,67 @@ class ArtifactStore:
 
     @property
     def ledger(self) -> Ledger:
-        """The run ledger kept in this store."""
+        """The run ledger kept in this store (for a store in a bucket: written there, read from there)."""
         from pipeline.store.ledger import Ledger
 
-        return Ledger(self.layout.ledger)
+        return Ledger(self.layout.ledger, self)
+
+    # -- the shared entries besides artifacts (the ledger, the tuning index) ---------------------------------
+
+    def _object_name(self, path: Path) -> str:
+        """The bucket's name of ``path``, a file of one of the root's shared entries."""
+        relative = path.relative_to(self.root).as_posix()
+        if relative.split("/", 1)[0] not in SHARED_ENTRIES:
+            raise StoreError(f"{clip(path)} is not a shared entry of the store {self.location}")
+        assert self.remote is not None
+        return self.remote.layout.name(relative)
+
+    def read_entry(self, path: Path, limit: int = 1 << 20) -> bytes:
+        """The bytes (at most ``limit``) of ``path``, a file of a shared entry of the root (``layout.ledger``,
+        ``layout.tuning_index``): for a store in a bucket, the bucket's object.
+
+        Raises:
+            FileNotFoundError: there is no such file (object).
+            OSError, StoreError: it cannot be read.
+        """
+        if self.remote is None:
+            return fs.read_bytes(path, limit)
+        got = self.remote.get(self._object_name(path), limit)
+        if got is None:
+            raise FileNotFoundError(errno.ENOENT, "no such object", str(path))
+        return got[0]
+
+    def write_entry(self, path: Path, data: bytes) -> None:
+        """Replace ``path``, a file of a shared entry of the root, atomically (temporary file and rename, the
+        directory checked to be no link); for a store in a bucket, the bucket's object as well.
+
+        Raises:
+            OSError, StoreError: it cannot be written.
+        """
+        directory = fs.real_directory(path.parent)
+        tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)  # a link planted at ``path`` is replaced, not followed
+        finally:
+            tmp.unlink(missing_ok=True)
+        if self.remote is not None:
+            self.remote.put(self._object_name(path), data)
+
+    def shared_names(self, directory: Path) -> list[str]:
+        """The file names in ``directory``, a shared entry of the root: for a store in a bucket, the names of
+        the objects under it (one listing), else the directory's (empty when it does not exist)."""
+        if self.remote is None:
+            try:
+                return [entry.name for entry in os.scandir(directory) if entry.is_file(follow_symlinks=False)]
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        prefix = self._object_name(directory / "x")[:-1]
+        return [info.name[len(prefix):] for info in self.remote.list(prefix) if "/" not in info.name[len(prefix):]]
 
     def device_cache_secret(self) -> bytes:
         """This client's secret that authenticates the libraries devices keep: 32 random bytes in the store's
@@ -276,24 +368,33 @@ class ArtifactStore:
             raise StoreError(f"artifact {artifact.key} was not read from a manifest that authenticates with this "
                              f"run's store key: it is not used; run again")
         path = self.path(artifact.key) / name
-        try:
-            same = path.lstat().st_size == entry.size and file_digest(path, follow_links=False) == entry.sha256
-        except OSError:
-            same = False
-        if not same:
-            raise StoreError(f"artifact {artifact.key}: {name} changed since it was verified; run again")
-        return path
+        for attempt in range(2):
+            try:
+                same = path.lstat().st_size == entry.size and file_digest(path, follow_links=False) == entry.sha256
+            except OSError:
+                same = False
+            if same:
+                self._touch(artifact.key)
+                return path
+            if self.remote is None or attempt or self.check(artifact.key)[0] is None:  # a store in a bucket: fetched again
+                break
+        raise StoreError(f"artifact {artifact.key}: {name} changed since it was verified; run again")
 
     def check_root(self) -> None:
         """Check, before a run starts, that the root is a directory or can become one (nothing is created).
 
         A store that cannot be written is not refused here: a run whose artifacts are all cached only reads it,
         and a write that is needed fails with a :class:`StoreError` that says why (read-only, disk full...).
+        A store in a bucket is asked once whether the bucket answers.
 
         Raises:
             UsageError: the root exists and is not a directory, or a file stands where it would be created.
+            StoreError: the bucket does not answer (credentials, endpoint, no such bucket).
         """
         where = f"Choose another store with --artifacts DIR or {ENV_VAR}=DIR"
+        if self.remote is not None:
+            self.remote.check()  # the bucket answers with these credentials
+            where = f"It is this machine's copy of {self.location}: set XDG_CACHE_HOME to another directory"
         existing = self.root
         try:
             while not existing.exists() and existing.parent != existing:
@@ -316,14 +417,33 @@ class ArtifactStore:
     def check(self, key: str) -> tuple[Artifact | None, str]:
         """Verify the artifact at ``key``: its manifest's MAC with this store's key, then every file's digest.
 
+        For a store in a bucket, the local copy is verified; when it is missing or fails, the bucket's entry is
+        fetched into the local root (its manifest authenticated before any file is downloaded, every file
+        checked against its digest) and returned.
+
         Returns:
             ``(artifact, "ok")`` when the manifest parses and authenticates and every file matches its digest,
             else ``(None, reason)`` with a short reason: ``"missing"``, ``"unauthenticated: ..."`` (written
             before manifests carried a MAC, signed with another key, or altered), ``"corrupt: ..."``.
 
         Raises:
-            UsageError, StoreError: the store key is unusable (:meth:`store_key`).
+            UsageError, StoreError: the store key is unusable (:meth:`store_key`), or the bucket failed.
         """
+        artifact, reason = self._local_check(key)
+        if artifact is not None or self.remote is None:
+            if artifact is not None:
+                self._touch(key)
+            return artifact, reason
+        return self._fetch(key)
+
+    def _touch(self, key: str) -> None:
+        """Mark the artifact ``key`` used now (its manifest's modification time, which ``flows.store gc`` reads
+        as its last use); a store this user may not write is left as it is."""
+        with contextlib.suppress(OSError):
+            os.utime(self.path(key) / MANIFEST, follow_symlinks=False)
+
+    def _local_check(self, key: str) -> tuple[Artifact | None, str]:
+        """:meth:`check` of the local root only."""
         artifact, reason = self._manifest(key)
         if artifact is None:
             return None, reason
@@ -354,8 +474,11 @@ class ArtifactStore:
                 match its digest.
         """
         artifact, reason = self._manifest(key)
+        if artifact is None and self.remote is not None:
+            if self.check(key)[0] is not None:
+                artifact, reason = self._manifest(key)
         if artifact is None:
-            raise StoreError(f"artifact {key} in {self.root} is {reason}")
+            raise StoreError(f"artifact {key} in {self.location} is {reason}")
         path = self.path(key) / name
         try:
             expected = artifact.digest_of(name)
@@ -384,6 +507,10 @@ class ArtifactStore:
             return None, "missing"
         except OSError as exc:
             return None, f"corrupt: cannot read the manifest ({exc.strerror})"
+        return self._parse_manifest(key, data)
+
+    def _parse_manifest(self, key: str, data: bytes) -> tuple[Artifact | None, str]:
+        """The artifact the manifest ``data`` of ``key`` describes, once it authenticates, or ``(None, reason)``."""
         store_key = self.store_key()  # an unusable key is the run's error, whatever the manifest says
         try:
             if len(data) > _MAX_MANIFEST:
@@ -413,6 +540,50 @@ class ArtifactStore:
                 return None, f"{_FOREIGN} (id {clip(signer, 16)}; this run's is {store_key.id})"
             return None, "unauthenticated: its manifest's MAC does not verify (altered, or written without the store key)"
         return Artifact(key=key, kind=kind, files=entries, inputs=inputs, mac=mac), "ok"
+
+    def _fetch(self, key: str) -> tuple[Artifact | None, str]:
+        """Copy the bucket's entry ``key`` into the local root and return it verified, or ``(None, reason)``.
+
+        The manifest is read first and must authenticate before any file is downloaded; each file is then
+        downloaded into a temporary directory and checked against its size and digest, and the whole renamed
+        into place as :meth:`put` does.
+        """
+        artifact, reason, _ = self._fetch_entry(key)
+        return artifact, reason
+
+    def _fetch_entry(self, key: str) -> tuple[Artifact | None, str, str | None]:
+        """:meth:`_fetch`, and the ETag of the manifest it read (None when there was none)."""
+        assert self.remote is not None
+        got = self.remote.get(self.remote.layout.manifest(key), _MAX_MANIFEST + 1)
+        if got is None:
+            return None, "missing", None
+        artifact, reason = self._parse_manifest(key, got[0])
+        artifact, reason = self._download(key, artifact, reason, got[0])
+        return artifact, reason, got[1]
+
+    def _download(self, key: str, artifact: Artifact | None, reason: str, manifest: bytes) -> tuple[Artifact | None, str]:
+        """Download the files of the authenticated ``artifact`` and publish them in the local root."""
+        assert self.remote is not None
+        if artifact is None:
+            return None, reason
+        tmp = self._new_tmp(key)
+        try:
+            for entry in artifact.files:
+                path = tmp / entry.name
+                if not self.remote.download(self.remote.layout.blob(key, entry.sha256), path):
+                    return None, f"corrupt: {entry.name} is missing from the bucket"
+                if path.lstat().st_size != entry.size or file_digest(path, follow_links=False) != entry.sha256:
+                    return None, f"corrupt: {entry.name} in the bucket does not match its digest"
+            fd = fs.open_new(tmp / MANIFEST, os.O_WRONLY | os.O_TRUNC)
+            with os.fdopen(fd, "wb") as f:
+                f.write(manifest)
+            self._publish(tmp, key)
+        except OSError as exc:
+            raise _store_error("write", self.root, exc) from None
+        finally:
+            if os.path.lexists(tmp):
+                shutil.rmtree(tmp, ignore_errors=True)
+        return self._local_check(key)
 
     def get(self, key: str) -> Artifact | None:
         """The verified artifact at ``key``, or None if it is missing or fails verification (said once per key
@@ -453,6 +624,10 @@ class ArtifactStore:
         try:
             produce(tmp)
             artifact = self._write_manifest(tmp, key, kind, inputs, store_key)
+            if self.remote is not None:
+                theirs = self._publish_remote(tmp, artifact)
+                if theirs is not None:  # another writer's authentic entry was there first: it is the one
+                    return theirs
             existing = self._publish(tmp, key)
             if existing is not None:
                 return existing
@@ -526,6 +701,32 @@ class ArtifactStore:
         _fsync_dir(final.parent)
         return None
 
+    def _publish_remote(self, tmp: Path, artifact: Artifact) -> Artifact | None:
+        """Write ``tmp`` (files and manifest) to the bucket: every file first, under its digest, then the manifest,
+        created only if absent. When another writer's manifest is there and its entry verifies, that entry
+        (fetched into the local root) is returned; one that does not (another key's, altered, files gone or
+        corrupt) is replaced, only if it is still the manifest that was judged. None: ours is published."""
+        assert self.remote is not None
+        layout = self.remote.layout
+        for entry in artifact.files:
+            self.remote.upload(tmp / entry.name, layout.blob(artifact.key, entry.sha256))
+        manifest = fs.read_bytes(tmp / MANIFEST)
+        name = layout.manifest(artifact.key)
+        for _ in range(3):
+            if self.remote.put(name, manifest, if_absent=True) is not None:
+                return None
+            theirs, reason, etag = self._fetch_entry(artifact.key)
+            if theirs is not None:
+                return theirs
+            if etag is None:
+                continue  # removed in between: create it again
+            log.warning("replacing the manifest of artifact %s in %s: it is %s", artifact.key[:16], self.location,
+                        reason)
+            if self.remote.put(name, manifest, if_match=etag) is not None:
+                return None
+        raise StoreError(f"cannot publish artifact {artifact.key} in {self.location}: its manifest keeps changing; "
+                         "run again")
+
     @staticmethod
     def _sweep_tmp(tmp_root: Path) -> None:
         """Remove temporary directories left by writers on this host that died mid-put (killed builds)."""
@@ -567,10 +768,15 @@ class ArtifactStore:
             return self.put(key, kind, produce, inputs), True
 
     def discard(self, key: str) -> None:
-        """Remove the artifact at ``key`` if present (moved aside first, so readers never see half of it)."""
+        """Remove the artifact at ``key`` if present (moved aside first, so readers never see half of it); in a
+        bucket, its manifest first, then its files."""
         path = self.path(key)
         if os.path.lexists(path):
             self._discard_dir(path)
+        if self.remote is not None:
+            self.remote.delete(self.remote.layout.manifest(key))
+            for info in self.remote.list(self.remote.layout.artifact(key)):
+                self.remote.delete(info.name)
 
     def _discard_dir(self, path: Path) -> None:
         if path.is_symlink():  # a planted link: removed itself, its target left alone
@@ -583,12 +789,41 @@ class ArtifactStore:
 
     @contextlib.contextmanager
     def lock(self, key: str, timeout: float = 3600.0, poll: float = 0.2) -> Iterator[None]:
-        """Hold an exclusive inter-process lock on ``key`` (``fcntl.flock``, released if the holder dies).
+        """Hold an exclusive lock on ``key``: between the processes of this machine a ``flock`` (released if the
+        holder dies), and for a store in a bucket, once that is held, a lease in the bucket between machines
+        (:meth:`pipeline.store.s3.S3Bucket.lease`: taken over once its holder stopped renewing it).
 
         Raises:
             StoreError: the lock could not be taken within ``timeout`` seconds, or the store is unwritable, or
-                its lock (or locks directory) is a symbolic link.
+                its lock (or locks directory) is a symbolic link, or the bucket failed.
         """
+        start = time.monotonic()
+        with self._flock(key, timeout, poll):
+            if self.remote is None:
+                yield
+                return
+            left = max(timeout - (time.monotonic() - start), 0.0)
+            with self.remote.lease(self.remote.layout.lease(key), left, max(poll, 0.5)):
+                yield
+
+    def lock_held(self, key: str) -> bool:
+        """Whether a process of this machine holds the lock on ``key`` now (``flows.store gc`` leaves such keys
+        alone)."""
+        path = self.layout.locks / f"{check_key(key)}.lock"
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _flock(self, key: str, timeout: float, poll: float) -> Iterator[None]:
         check_key(key)
         try:
             lock_dir = fs.real_directory(self.layout.locks)

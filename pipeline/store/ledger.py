@@ -26,15 +26,26 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union, get_args, get_
 
 from pipeline.errors import StoreError, UsageError, clip
 from pipeline.results import utc_now
+from pipeline.store.fs import read_bytes as fs_read
 from pipeline.store.fs import real_directory
 
 if TYPE_CHECKING:
     from pipeline.results import RunSummary
+    from pipeline.store.artifacts import ArtifactStore
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 _ID = re.compile(r"\d{8}T\d{6}Z-[0-9a-f]{6}")
+_MAX_RECORD = 1 << 20
+
+
+def _local_names(directory: Path) -> list[str]:
+    """The names of the plain files in ``directory`` (empty when it does not exist)."""
+    try:
+        return [entry.name for entry in os.scandir(directory) if entry.is_file(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def device_name(description: str) -> str:
@@ -184,10 +195,16 @@ def _type_name(annotation: Any) -> str:
 
 
 class Ledger:
-    """The run records of an artifact store (``ArtifactStore.ledger``: its ``.runs`` directory)."""
+    """The run records of an artifact store (``ArtifactStore.ledger``: its ``.runs`` directory).
 
-    def __init__(self, directory: str | os.PathLike[str]) -> None:
+    For a store in a bucket, records are written to the bucket as well, and :meth:`records` first copies the
+    bucket's records this machine has not seen yet into the local directory (records never change once
+    written: each is fetched once).
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], store: ArtifactStore | None = None) -> None:
         self.directory = Path(directory)
+        self._store = store
 
     def write(self, record: RunRecord) -> Path:
         """Write ``record`` atomically.
@@ -196,35 +213,61 @@ class Ledger:
             StoreError: the store cannot be written, or the ledger's directory is a symbolic link.
         """
         path = self.directory / f"{record.id}.json"
-        tmp = self.directory / f".{record.id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        data = json.dumps(record.as_json(), indent=1).encode()  # in field order: stages stay in pipeline order
         try:
+            if self._store is not None:
+                self._store.write_entry(path, data)
+                return path
             real_directory(self.directory)
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-            with os.fdopen(fd, "w") as f:
-                json.dump(record.as_json(), f, indent=1)  # in field order: stages stay in pipeline order
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)  # a link planted at ``path`` is replaced, not followed
+            tmp = self.directory / f".{record.id}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)  # a link planted at ``path`` is replaced, not followed
+            finally:
+                tmp.unlink(missing_ok=True)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             raise StoreError(f"cannot write the run record {path} ({exc.strerror})") from exc
         return path
+
+    def _sync(self) -> None:
+        """Copy the bucket's records that the local directory lacks (a store in a bucket); never raises: the
+        local records are read when the bucket cannot be."""
+        store = self._store
+        if store is None or store.remote is None:
+            return
+        try:
+            have = set(_local_names(self.directory))
+            for name in store.shared_names(self.directory):
+                if name in have or not name.endswith(".json") or not _ID.fullmatch(name[:-5]):
+                    continue
+                data = store.read_entry(self.directory / name, _MAX_RECORD)
+                real_directory(self.directory)
+                tmp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                os.replace(tmp, self.directory / name)
+        except (OSError, StoreError) as exc:
+            log.warning("the run ledger in %s could not be read (%s): only this machine's records are used",
+                        store.location, clip(exc))
 
     def records(self, prefix: str = "") -> Iterator[RunRecord]:
         """Every readable record (whose id starts with ``prefix``), newest first.
 
         Unreadable or foreign files are skipped (with a log line); only the files whose names match are read.
         """
-        try:
-            names = sorted((p.name for p in self.directory.glob("*.json")), reverse=True)
-        except OSError:
-            return
+        self._sync()
+        names = sorted(_local_names(self.directory), reverse=True)
         for name in names:
-            if not _ID.fullmatch(name[:-5]) or not name.startswith(prefix):
+            if not name.endswith(".json") or not _ID.fullmatch(name[:-5]) or not name.startswith(prefix):
                 continue
             try:
-                yield RunRecord.from_json(json.loads((self.directory / name).read_text()))
-            except (OSError, ValueError, TypeError) as exc:
+                yield RunRecord.from_json(json.loads(fs_read(self.directory / name, _MAX_RECORD)))
+            except (OSError, ValueError, TypeError, RecursionError) as exc:
                 log.info("skipping the run record %s: %s", name, exc)
 
     def find(self, run_id: str) -> RunRecord:

@@ -1,7 +1,8 @@
 """The family index: earlier tunings to continue from.
 
 Tunings that differ only in their budget form a *family* (:func:`family_key`); the store indexes each family
-in the store's tuning index, ``<store>/.tuning/<family>.json`` (:func:`remember_tuning`). A larger budget continues from the largest
+in the store's tuning index, ``<store>/.tuning/<family>.json`` (:func:`remember_tuning`; for a store in a bucket,
+the bucket's object, read and written under the family's lock, which is a lease there). A larger budget continues from the largest
 verified database of its family (:func:`find_base`). ``--tune-more N`` is that largest budget + N
 (:func:`resolve_trials`).
 """
@@ -10,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,6 @@ from typing import Any
 from pipeline.planning import keys
 from pipeline.errors import StoreError, UsageError
 from pipeline.store import Artifact, ArtifactStore, check_key
-from pipeline.store.fs import real_directory
 from pipeline.targets import TargetInfo
 from pipeline.store.layout import TUNING, TUNING_DATABASE_FILES, TUNING_REPORT_FILE
 from pipeline.tuning.space import tune_inputs
@@ -57,7 +55,7 @@ def _index_path(store: ArtifactStore, family: str) -> Path:
 def _read_index(store: ArtifactStore, family: str) -> dict[int, str]:
     """The index's ``{trials: artifact key}``; empty when missing or unreadable (it is only a hint)."""
     try:
-        data = json.loads(_index_path(store, family).read_text())
+        data = json.loads(store.read_entry(_index_path(store, family)))
         entries = data["tunings"] if data.get("version") == _INDEX_VERSION and data.get("family") == family else {}
         return {int(trials): str(key) for trials, key in entries.items() if int(trials) > 0}
     except FileNotFoundError:
@@ -81,16 +79,9 @@ def remember_tuning(store: ArtifactStore, inputs: dict[str, Any], key: str) -> N
             if entries.get(trials) == key:
                 return
             entries[trials] = key
-            path = _index_path(store, family)
-            real_directory(path.parent)
             text = json.dumps({"version": _INDEX_VERSION, "family": family,
                                "tunings": {str(t): k for t, k in sorted(entries.items())}}, indent=2)
-            with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{family[:16]}.", delete=False) as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(f.name, 0o644)
-            os.replace(f.name, path)
+            store.write_entry(_index_path(store, family), text.encode())
     except (OSError, KeyError, ValueError, TypeError, StoreError) as exc:
         log.warning("tune: tuning %s is not indexed (%s); a larger budget will not continue from it",
                     key[:16], exc)
