@@ -196,6 +196,23 @@ class S3Bucket:
                 return None
             raise self._fail(f"read {clip(name, 120)}", exc) from None
 
+    def digest(self, name: str) -> tuple[str, int] | None:
+        """The SHA-256 and size of object ``name``, read through once; None when it does not exist."""
+        import hashlib
+
+        try:
+            response = self.client.get_object(Bucket=self.location.bucket, Key=name)
+            h, size = hashlib.sha256(), 0
+            with contextlib.closing(response["Body"]) as body:
+                for chunk in body.iter_chunks(1 << 20):
+                    h.update(chunk)
+                    size += len(chunk)
+            return h.hexdigest(), size
+        except self._errors() as exc:
+            if self._code(exc) in _MISSING:
+                return None
+            raise self._fail(f"read {clip(name, 120)}", exc) from None
+
     def head(self, name: str) -> tuple[str, float, float] | None:
         """``(etag, last modified, the server's time now)`` of object ``name`` (POSIX seconds, both by the
         server's clock); None when it does not exist."""
