@@ -287,13 +287,15 @@ class ArtifactStore:
             raise FileNotFoundError(errno.ENOENT, "no such object", str(path))
         return got[0]
 
-    def write_entry(self, path: Path, data: bytes) -> None:
+    def write_entry(self, path: Path, data: bytes, local_only: bool = False) -> None:
         """Replace ``path``, a file of a shared entry of the root, atomically (temporary file and rename, the
-        directory checked to be no link); for a store in a bucket, the bucket's object as well.
+        directory checked to be no link); for a store in a bucket, the bucket's object as well (unless
+        ``local_only``: a copy of what the bucket holds).
 
         Raises:
             OSError, StoreError: it cannot be written.
         """
+        self._private_root()
         directory = fs.real_directory(path.parent)
         tmp = directory / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
         try:
@@ -305,8 +307,14 @@ class ArtifactStore:
             os.replace(tmp, path)  # a link planted at ``path`` is replaced, not followed
         finally:
             tmp.unlink(missing_ok=True)
-        if self.remote is not None:
+        if self.remote is not None and not local_only:
             self.remote.put(self._object_name(path), data)
+
+    def _private_root(self) -> None:
+        """For a store in a bucket, create this machine's root as a directory of this user's only (mode 0700): it
+        is a cache of this user's, not a store that others share."""
+        if self.remote is not None and not self.root.is_dir():
+            fs.real_directory(self.root, 0o700)
 
     def shared_names(self, directory: Path) -> list[str]:
         """The file names in ``directory``, a shared entry of the root: for a store in a bucket, the names of
@@ -534,6 +542,8 @@ class ArtifactStore:
         for entry in entries:
             if not _NAME_RE.match(entry.name) or entry.name == MANIFEST:
                 return None, f"corrupt: bad file name {clip(entry.name)!r} in manifest"
+            if not _KEY_RE.match(entry.sha256) or entry.size < 0:  # a digest names the file's object in a bucket
+                return None, f"corrupt: bad digest or size of {entry.name} in manifest"
         files = {e.name: (e.sha256, e.size) for e in entries}
         if not store_key.verifies(manifest_message(key, kind, inputs, files), mac):
             if isinstance(signer, str) and signer != store_key.id:
@@ -641,6 +651,7 @@ class ArtifactStore:
     def _new_tmp(self, key: str) -> Path:
         """A fresh temporary directory for ``key``'s files (dead writers' leftovers swept first)."""
         try:
+            self._private_root()
             tmp_root = fs.real_directory(self.layout.tmp)
             self._sweep_tmp(tmp_root)
             tmp = tmp_root / f"{key}.{_HOST}.{os.getpid()}.{uuid.uuid4().hex[:8]}"

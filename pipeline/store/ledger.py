@@ -245,12 +245,7 @@ class Ledger:
                 if name in have or not name.endswith(".json") or not _ID.fullmatch(name[:-5]):
                     continue
                 data = store.read_entry(self.directory / name, _MAX_RECORD)
-                real_directory(self.directory)
-                tmp = self.directory / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, self.directory / name)
+                store.write_entry(self.directory / name, data, local_only=True)
         except (OSError, StoreError) as exc:
             log.warning("the run ledger in %s could not be read (%s): only this machine's records are used",
                         store.location, clip(exc))

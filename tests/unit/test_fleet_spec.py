@@ -257,3 +257,11 @@ def test_prefect_yaml__fleet_nightly_deployment():
     assert deployment["parameters"] == {"fleet_file": "fleet.yaml"}
     (schedule,) = deployment["schedules"]
     assert schedule["cron"].split()[2:] == ["*", "*", "*"] and schedule["timezone"] == "Europe/Berlin"
+
+
+def test_parse_fleet__the_store_may_be_named_a_bucket_or_a_directory_of_the_files(tmp_path):
+    text = "devices: [{{host: h, port: 1}}]\nmodels: [efficientnet_lite0]\nartifacts: {}\n"
+    assert parse_fleet(text.format("s3://team-store/tvmrp")).shared.artifacts == "s3://team-store/tvmrp"
+    assert parse_fleet(text.format("store"), base=tmp_path).shared.artifacts == str(tmp_path / "store")
+    with pytest.raises(UsageError, match=r"^fleet.yaml:3: artifacts: 's3://Team/x': 'Team' is not a bucket name"):
+        parse_fleet(text.format("s3://Team/x"))
