@@ -18,7 +18,6 @@ import json
 import lzma
 import statistics
 import sys
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -27,7 +26,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project (bench/ itself is already first)
 
-from bench import _socket_copy  # noqa: E402 - bench/bench.py, beside this file
+from bench import _socket_copy
 
 
 def _median(fn, repeats: int) -> float:
@@ -59,7 +58,7 @@ def main() -> int:
         rows[name] = {"seconds": seconds, "mb_per_s": sent / 1e6 / seconds}
         print(f"{name:<40} {seconds * 1e3:9.1f} ms  {sent / 1e6 / seconds:8.1f} MB/s", flush=True)
 
-    with EmbeddedServer() as server, tempfile.TemporaryDirectory() as tmp:
+    with EmbeddedServer() as server:
         host, port = server.address
         remote = rpc.connect(host, port, session_timeout=600)
         row("remote.upload, one call", _median(lambda: remote.upload(data, f"whole-{time.perf_counter_ns()}.so"),
@@ -72,10 +71,6 @@ def main() -> int:
         weights = np.frombuffer(data, dtype=np.uint8)
         dev = remote.cpu()
         row("tensor copy to the device", _median(lambda: tvm.runtime.tensor(weights, dev), args.repeats))
-        del dev
-        del remote
-        path = Path(tmp) / "lib.so"
-        path.write_bytes(data)
     row("plain loopback socket copy", statistics.median(_socket_copy(data) for _ in range(args.repeats)))
     rate = rows["remote.upload, one call"]["mb_per_s"] * 1e6
     codecs = {"zlib 1": (lambda b: zlib.compress(b, 1), zlib.decompress),
@@ -84,8 +79,8 @@ def main() -> int:
     compression = {}
     for name, (pack, unpack) in codecs.items():
         packed = pack(bytes(data))
-        pack_s = _median(lambda: pack(data), 1)
-        unpack_s = _median(lambda: unpack(packed), 1)
+        pack_s = _median(lambda pack=pack: pack(bytes(data)), 1)
+        unpack_s = _median(lambda unpack=unpack, packed=packed: unpack(packed), 1)
         total = pack_s + len(packed) / rate + unpack_s
         compression[name] = {"ratio": size / len(packed), "bytes": len(packed), "compress_s": pack_s,
                              "decompress_s": unpack_s, "upload_s_at_measured_rate": total}

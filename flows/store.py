@@ -20,14 +20,21 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from flows._cli import Parser, run_command
 from pipeline.errors import StoreError, UsageError
 from pipeline.store import ENV_VAR, ArtifactStore
 from pipeline.store.maintenance import (
-    Policy, apply_gc, format_gc, format_usage, format_verify, plan_gc, usage, verify,
+    Policy,
+    apply_gc,
+    format_gc,
+    format_usage,
+    format_verify,
+    plan_gc,
+    usage,
+    verify,
 )
 
 
@@ -78,7 +85,8 @@ def _execute(args: argparse.Namespace) -> Output:
         policy = Policy(keep_days=args.keep_days, grace=args.grace_hours * 3600, tunings=args.tunings)
         plan = plan_gc(store, policy)
         removed = apply_gc(store, plan, policy) if args.apply else 0
-        return Output(json.dumps(plan.as_json(args.apply, removed)) if args.json else format_gc(plan, args.apply, removed))
+        text = json.dumps(plan.as_json(args.apply, removed)) if args.json else format_gc(plan, args.apply, removed)
+        return Output(text)
     checked, problems = verify(store)
     text = (json.dumps({"store": store.location, "checked": checked,
                         "problems": [{"key": p.key, "where": p.where, "problem": p.problem} for p in problems]})

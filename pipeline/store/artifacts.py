@@ -384,7 +384,8 @@ class ArtifactStore:
             if same:
                 self._touch(artifact.key)
                 return path
-            if self.remote is None or attempt or self.check(artifact.key)[0] is None:  # a store in a bucket: fetched again
+            # A store in a bucket fetches the artifact again (its local copy changed) and checks once more.
+            if self.remote is None or attempt or self.check(artifact.key)[0] is None:
                 break
         raise StoreError(f"artifact {artifact.key}: {name} changed since it was verified; run again")
 
@@ -571,7 +572,8 @@ class ArtifactStore:
         artifact, reason = self._download(key, artifact, reason, got[0])
         return artifact, reason, got[1]
 
-    def _download(self, key: str, artifact: Artifact | None, reason: str, manifest: bytes) -> tuple[Artifact | None, str]:
+    def _download(self, key: str, artifact: Artifact | None, reason: str,
+                  manifest: bytes) -> tuple[Artifact | None, str]:
         """Download the files of the authenticated ``artifact`` and publish them in the local root."""
         assert self.remote is not None
         if artifact is None:

@@ -31,8 +31,9 @@ import shutil
 import stat
 import time
 from collections import defaultdict
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from pipeline.errors import StoreError, clip
 from pipeline.store.artifacts import _MAX_MANIFEST, ArtifactStore
@@ -88,7 +89,7 @@ def _manifest_fields(data: bytes, key: str) -> tuple[str | None, dict[str, Any],
             return None, {}, None
         inputs = manifest.get("inputs")
         created = manifest.get("created")
-        when = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.timezone.utc).timestamp() \
+        when = dt.datetime.strptime(created, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=dt.UTC).timestamp() \
             if isinstance(created, str) else None
         kind = manifest.get("kind")
         return (kind if isinstance(kind, str) else None), (inputs if isinstance(inputs, dict) else {}), when
@@ -216,7 +217,7 @@ def usage(store: ArtifactStore, now: float | None = None) -> Usage:
     if store.remote is not None:
         copies = list(entries(store, "local"))
         local = (len(copies), sum(e.size for e in copies))
-    order = lambda d: {k: (v[0], v[1]) for k, v in sorted(d.items(), key=lambda kv: -kv[1][1])}  # noqa: E731
+    order = lambda d: {k: (v[0], v[1]) for k, v in sorted(d.items(), key=lambda kv: -kv[1][1])}
     return Usage(store.location, str(store.root), len(found), sum(e.size for e in found), order(by_kind),
                  order(by_model), {k: (v[0], v[1]) for k, v in by_age.items()}, len(records), local)
 
@@ -330,9 +331,7 @@ def _needed(found: list[Entry], keep: dict[str, str]) -> None:
     models = {(b.inputs.get("model"), b.inputs.get("tvm")) for b in builds}
     digests = {m for m, _ in models}
     for entry in found:
-        if entry.kind == "relax-ir" and (entry.inputs.get("model"), entry.inputs.get("tvm")) in models:
-            keep.setdefault(entry.key, "needed")
-        elif entry.kind == "reference" and entry.inputs.get("model") in digests:
+        if entry.kind == "relax-ir" and (entry.inputs.get("model"), entry.inputs.get("tvm")) in models or entry.kind == "reference" and entry.inputs.get("model") in digests:
             keep.setdefault(entry.key, "needed")
 
 
@@ -341,7 +340,8 @@ def _in_use(store: ArtifactStore, entry: Entry, policy: Policy, now: float) -> s
         return "in grace"
     if store.lock_held(entry.key):
         return "locked"
-    if store.remote is not None and entry.where == "bucket" and store.remote.head(store.remote.layout.lease(entry.key)):
+    bucket = store.remote
+    if bucket is not None and entry.where == "bucket" and bucket.lease_held(bucket.layout.lease(entry.key)):
         return "locked"
     return None
 

@@ -31,9 +31,10 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.errors import StoreError, UsageError, clip
 from pipeline.store.layout import RemoteLayout
@@ -346,11 +347,16 @@ class S3Bucket:
                 if held["etag"] is not None:
                     self.delete(name, if_match=held["etag"])
 
-    def _take_over_expired(self, name: str, ttl: float) -> None:
-        """Delete the lease ``name`` if its holder has not renewed it for its time to live."""
+    def lease_held(self, name: str) -> bool:
+        """Whether the lease ``name`` exists and its holder renewed it within its time to live."""
+        return self._lease_state(name, _lease_seconds())[0] == "held"
+
+    def _lease_state(self, name: str, ttl: float) -> tuple[str, str, float]:
+        """``("held" | "expired" | "absent", etag, seconds since its last renewal)`` of the lease ``name``, by the
+        server's clock; its time to live is the one it records (1 s to 1 h), else ``ttl``."""
         info = self.head(name)
         if info is None:
-            return
+            return "absent", "", 0.0
         etag, modified, now = info
         got = self.get(name, 4096)
         seconds = ttl
@@ -361,10 +367,14 @@ class S3Bucket:
                     seconds = float(recorded)
             except (ValueError, AttributeError, RecursionError):
                 pass
-        if now - modified > seconds + 1:  # + the one-second resolution of Last-Modified
-            if self.delete(name, if_match=etag):
-                log.warning("took over the lease %s: its holder stopped renewing it %.0f s ago", clip(name, 120),
-                            now - modified)
+        expired = now - modified > seconds + 1  # + the one-second resolution of Last-Modified
+        return ("expired" if expired else "held"), etag, now - modified
+
+    def _take_over_expired(self, name: str, ttl: float) -> None:
+        """Delete the lease ``name`` if its holder has not renewed it for its time to live."""
+        state, etag, age = self._lease_state(name, ttl)
+        if state == "expired" and self.delete(name, if_match=etag):
+            log.warning("took over the lease %s: its holder stopped renewing it %.0f s ago", clip(name, 120), age)
 
     def _renew(self, name: str, body: bytes, held: dict[str, str | None], ttl: float, stop: threading.Event) -> None:
         while not stop.wait(ttl / 3):
