@@ -7,10 +7,11 @@ import json
 import os
 import time
 
+from support import make_summary
+
 from pipeline.store import ArtifactStore
 from pipeline.store.ledger import record_of
 from pipeline.store.maintenance import Policy, apply_gc, entries, plan_gc, usage, verify
-from support import make_summary
 
 OLD = time.time() - 20 * 86400
 
