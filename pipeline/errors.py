@@ -24,6 +24,7 @@ are wrapped at the boundary with a message that says what to do.
         +-- VersionSkew           the device runs another minor version of TVM (--allow-version-skew runs anyway)
         +-- RemoteRunError        the device answered with an error
             +-- DeviceLost        the connection died mid-call (device killed, rebooted, network cut)
+            +-- DeviceDiskFull    an upload was cut short: the disk it went to on the device is full
             +-- KeptCopyFailed    a library the device kept failed its file check, did not load, or its output
                                   failed the check: forgotten, and the device chain uploads it again
 """
@@ -189,6 +190,11 @@ class RemoteRunError(DeviceError):
 
 class DeviceLost(RemoteRunError):
     """The connection to the device died during a call: transient, the flow retries on a fresh session."""
+
+
+class DeviceDiskFull(RemoteRunError):
+    """An upload reached the device short: the disk that holds its directory there is full. TVM's upload does not
+    report a failed write; the pipeline finds out by checking what was written (``pipeline.device.cache``)."""
 
 
 class KeptCopyFailed(RemoteRunError):

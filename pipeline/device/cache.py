@@ -65,7 +65,7 @@ from typing import Any, Callable, TypeVar
 
 from pipeline.device import RemoteSession
 from pipeline.device.probe import FileInfo, file_info
-from pipeline.errors import DeviceLost, KeptCopyFailed, RemoteRunError, UsageError, clip
+from pipeline.errors import DeviceDiskFull, DeviceLost, KeptCopyFailed, RemoteRunError, UsageError, clip
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,10 @@ class DeviceCache:
             The new copy (slot -1 when it is not kept); load it, then call :meth:`settle`.
 
         Raises:
-            RemoteRunError: The directory cannot be written on the device, or its disk is full (the device
-                holds fewer bytes than were sent, or the marker came back cut short): nothing of this upload
-                is left and no earlier marker is touched.
+            DeviceDiskFull: The directory's disk is full (the device holds fewer bytes than were sent, or a
+                check file or the marker came back cut short): nothing of this upload is left and the markers
+                are as they were.
+            RemoteRunError: The directory cannot be written on the device, or the upload arrived changed.
             DeviceTimeout, DeviceLost: As for :meth:`RemoteSession.call`.
         """
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
@@ -195,7 +196,7 @@ class DeviceCache:
                 self._remove(session, leftover)
             if replaced is not None:
                 self._restore(session, replaced)
-            raise RemoteRunError(_disk_full(
+            raise DeviceDiskFull(_disk_full(
                 session, self.directory, f"the slot marker written after the library came back with {len(back)} of "
                 f"its {len(marker)} bytes", None, "free space there, or give --device-cache a directory on another disk",
             ))
@@ -335,12 +336,13 @@ def place(
     """Make the library ``data`` (digest ``sha256``, checked by the caller) available on the device.
 
     With a cache: its kept copy if ``reuse`` and it has one, else a fresh upload into it; a cache directory
-    the device refuses to write (or whose disk is full) falls back, with a warning, to the session's directory,
-    under ``session_name``. A fresh upload is compared with ``data`` on a device that tells a file's size and
-    digest (:func:`check_written`); a kept copy is checked by :func:`load_placed`.
+    the device refuses to write falls back, with a warning, to the session's directory, under ``session_name``
+    (a full disk does not: the user must free space; for the embedded device it is the store's disk). A fresh
+    upload is compared with ``data`` (:func:`check_written`); a kept copy is checked by :func:`load_placed`.
 
     Raises:
-        DeviceTimeout, DeviceLost, RemoteRunError: the upload failed, or the device's disk is full.
+        DeviceDiskFull: the upload was cut short (nothing of it is left, no marker was touched).
+        DeviceTimeout, DeviceLost, RemoteRunError: the upload failed.
     """
     start = time.perf_counter()
     if cache is not None:
@@ -350,7 +352,7 @@ def place(
         try:
             copy = cache.put(session, data, sha256, replace_kept=not reuse)
             return Placement(cache.path(copy.file), len(data), time.perf_counter() - start, False, copy)
-        except DeviceLost:
+        except (DeviceLost, DeviceDiskFull):
             raise
         except RemoteRunError as exc:
             log.warning("cannot write the device cache %s on %s (%s): uploading into the session's directory; "
@@ -381,7 +383,8 @@ def load_placed(
     Raises:
         KeptCopyFailed: the kept copy is not what its marker says (on a device that tells), or it did not
             load: it is forgotten (marker and file removed); upload again.
-        RemoteRunError: loading a fresh upload failed (a file cut short is reported as the device's full disk).
+        DeviceDiskFull: a fresh upload did not load because the file is short (a stock server, which cannot tell).
+        RemoteRunError: loading a fresh upload failed.
         DeviceTimeout, DeviceLost: As for :meth:`RemoteSession.call`.
     """
     kept = placement.copy if placement.reused and cache is not None else None
@@ -406,7 +409,7 @@ def load_placed(
                 f"({clip(exc)}): it is forgotten and removed"
             ) from exc
         if any(sign in str(exc) for sign in _SHORT_SIGNS):
-            raise RemoteRunError(_disk_full(
+            raise DeviceDiskFull(_disk_full(
                 session, posixpath.dirname(placement.remote_name) or "the session's directory",
                 f"the library loaded from {placement.remote_name} is shorter than the {placement.bytes:,} bytes "
                 f"sent ({clip(exc, 120)})", None, "free space there",
@@ -426,8 +429,9 @@ def check_written(session: RemoteSession, path: str, size: int, sha256: str, *, 
     (not checked: the library itself may still be short if space was freed in between).
 
     Raises:
-        RemoteRunError: it holds something else: fewer bytes (the disk holding ``where`` is full), or other
-            bytes; or the check file came back short. The caller removes the file.
+        DeviceDiskFull: it holds fewer bytes (the disk holding ``where`` is full), or the check file came back
+            short. The caller removes the file.
+        RemoteRunError: it holds other bytes, or cannot be read. The caller removes the file.
         DeviceTimeout, DeviceLost: As for :meth:`RemoteSession.call`.
     """
     problem, info = _file_problem(session, path, size, sha256)
@@ -437,7 +441,7 @@ def check_written(session: RemoteSession, path: str, size: int, sha256: str, *, 
         back, _ = (None, None) if refused is not None else _call(session, session.remote.download, probe_path)
         _call(session, session.remote.remove, probe_path)
         if back is not None and len(back) < len(probe):
-            raise RemoteRunError(_disk_full(
+            raise DeviceDiskFull(_disk_full(
                 session, where, f"a {len(probe):,}-byte check file written right after the library came back with "
                 f"{len(back):,} bytes", None, hint,
             ))
@@ -445,7 +449,7 @@ def check_written(session: RemoteSession, path: str, size: int, sha256: str, *, 
     if problem is None:
         return True
     if info.size is not None and info.size < size:
-        raise RemoteRunError(_disk_full(session, where, f"{path} {problem}", info.free, hint))
+        raise DeviceDiskFull(_disk_full(session, where, f"{posixpath.basename(path)} {problem}", info.free, hint))
     raise RemoteRunError(f"the library uploaded to {session.description} as {path} {problem}: {hint}")
 
 
