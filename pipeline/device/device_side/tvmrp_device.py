@@ -29,6 +29,11 @@ import sys
 
 FUNCTION = "tvmrp.device_info"
 FILE_FUNCTION = "tvmrp.file_info"
+#: Set (to 1) by a device bundle's start-device.sh, which restarts the server when it exits: see
+#: :func:`exit_when_the_listener_dies`.
+SUPERVISED_ENV = "TVMRP_DEVICE_SUPERVISED"
+#: The exit code of a server process whose listening thread died.
+LISTENER_DIED = 70
 #: Version of the JSON layout :func:`describe` answers; a client ignores fields it does not know.
 SCHEMA = 1
 #: The environment variable that names the device bundle's directory (set by its start-device.sh).
@@ -102,9 +107,40 @@ def file_info(path: str) -> str:
     return json.dumps(describe_file(path), sort_keys=True)
 
 
+def exit_when_the_listener_dies() -> None:
+    """Under a supervisor (``$TVMRP_DEVICE_SUPERVISED``): end this process when TVM's server loop thread dies.
+
+    TVM 0.27's ``rpc_server`` serves in a thread of its ``popen_worker`` (``rpc/server.py``: ``_listen_loop``).
+    When a session's process exits with an error (killed, crashed), that thread raises and dies, while the
+    process lives on with its port bound: new clients hang and a tracker no longer lists it, for good. Exiting
+    instead (:data:`LISTENER_DIED`) ends the server's main process too, and the supervisor starts a fresh one.
+    Never raises.
+    """
+    try:
+        import threading
+
+        if os.environ.get(SUPERVISED_ENV) != "1":
+            return
+        previous = threading.excepthook
+
+        def hook(args) -> None:
+            try:
+                previous(args)
+            finally:
+                thread = getattr(args, "thread", None)
+                if thread is not None and "_listen_loop" in str(getattr(thread, "name", "")):
+                    sys.stderr.flush()
+                    os._exit(LISTENER_DIED)
+
+        threading.excepthook = hook
+    except Exception:  # noqa: BLE001 - the device must start whatever happens here
+        pass
+
+
 def install() -> None:
     """Registers ``tvmrp.device_info`` and ``tvmrp.file_info`` now if ``tvm_ffi`` is loaded, else right after its
-    import. Never raises."""
+    import; under a supervisor, :func:`exit_when_the_listener_dies`. Never raises."""
+    exit_when_the_listener_dies()
     try:
         module = sys.modules.get("tvm_ffi")
         if module is not None:
