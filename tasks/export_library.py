@@ -24,8 +24,8 @@ import psutil
 from prefect import task
 
 from pipeline.errors import ExportError, StoreError, clip
-from pipeline.processes import stop_process_tree
 from pipeline.planning.plan import StageKey
+from pipeline.processes import stop_process_tree
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.store.layout import LIBRARY, LIBRARY_FILE, OBJECTS_FILE
 from pipeline.targets import TargetInfo, Toolchain

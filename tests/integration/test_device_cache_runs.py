@@ -12,9 +12,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from support import cli_json, fill_disk, make_tiny_onnx, run_cli
 
 from pipeline.device import EmbeddedServer
-from support import cli_json, fill_disk, make_tiny_onnx, run_cli
 
 
 @pytest.fixture

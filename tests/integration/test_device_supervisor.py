@@ -19,11 +19,11 @@ from pathlib import Path
 
 import psutil
 import pytest
+from support import REPO
+from support import free_port as unused_port
 
 from pipeline.device import DeviceSpec, open_session
 from pipeline.processes import live_group_members
-from support import REPO
-from support import free_port as unused_port
 
 sys.path.insert(0, str(REPO / "scripts"))
 from _bundle_templates import START_SH, render  # noqa: E402
@@ -101,7 +101,7 @@ def test_start_device__starts_the_server_again_when_it_dies(bundle, tmp_path):
         # 2. A session process killed: TVM's listening thread dies with it, and the process would stay up with
         #    its port bound. tvmrp_device ends it instead (exit 70), and the supervisor starts another.
         second = device.server()
-        with open_session(DeviceSpec(host="127.0.0.1", port=device.port, connect_timeout=10)) as session:
+        with open_session(DeviceSpec(host="127.0.0.1", port=device.port, connect_timeout=10)):
             session_processes = [p for p in second.children(recursive=True) if p.ppid() != second.pid]
             assert session_processes, "the session runs in a process forked by the popen_worker"
             session_processes[-1].kill()
