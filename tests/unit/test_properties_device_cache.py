@@ -8,6 +8,7 @@ non-ASCII mac).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -208,3 +209,56 @@ def test_copies__a_deeply_nested_marker_is_rejected():
 def test_copies__a_non_ascii_mac_is_rejected():
     raw = json.dumps({**_GOOD, "mac": "\u00e9"}).encode()
     assert _read_back(DeviceCache("/var/cache/tvmrp", b"k" * 32), raw) is None
+
+
+# ------------------------------------------------------------------------- what a device says of a file
+
+
+@functools.cache
+def _device_side():
+    """pipeline/device/device_side/tvmrp_device.py, the module a device runs (not a package of ours)."""
+    import importlib.util
+
+    from pipeline.device.servers import DEVICE_SIDE
+
+    spec = importlib.util.spec_from_file_location("tvmrp_device_under_test", DEVICE_SIDE / "tvmrp_device.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@FAST
+@given(st.binary(max_size=3000))
+def test_file_info__what_the_device_side_answers_round_trips(tmp_path_factory, data):
+    from pipeline.device.probe import parse_file_info
+
+    path = tmp_path_factory.mktemp("file") / "lib.so"
+    path.write_bytes(data)
+    info = parse_file_info(_device_side().file_info(str(path)))
+    assert (info.size, info.sha256, info.error) == (len(data), hashlib.sha256(data).hexdigest(), None)
+    missing = parse_file_info(_device_side().file_info(str(path) + ".missing"))
+    assert missing.size is None and missing.sha256 is None and missing.error == "No such file or directory"
+
+
+def _file_info_like() -> st.SearchStrategy[bytes]:
+    values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=120),
+                       st.just("a" * 64), st.lists(st.integers(), max_size=3))
+    keys = st.sampled_from(["schema", "path", "size", "sha256", "free", "error", "x"])
+    return st.dictionaries(keys, values, max_size=6).map(lambda d: json.dumps(d).encode())
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300), _file_info_like()))
+@example(b"[" * 100_000)
+@example(json.dumps({"size": 2**70, "sha256": "a" * 64}))
+@example(json.dumps({"error": "\x1b[31m" + "x" * 500}))
+def test_parse_file_info__any_answer_is_a_file_info_or_none_never_raised(answer):
+    """A device's answer is untrusted: whatever it is, it parses into sane fields or is rejected."""
+    from pipeline.device.probe import FileInfo, parse_file_info
+
+    info = parse_file_info(answer)
+    assert info is None or isinstance(info, FileInfo)
+    if info is not None and info.error is None:
+        assert isinstance(info.size, int) and 0 <= info.size < 1 << 62 and len(info.sha256) == 64
+    if info is not None and info.error is not None:
+        assert info.size is None and len(info.error) <= 100 and info.error.isprintable()
