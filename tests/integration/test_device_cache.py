@@ -24,7 +24,7 @@ from pipeline.device import cache as device_cache
 from pipeline.device import DeviceSpec, open_session
 from pipeline.device.cache import DeviceCache, load_placed, place
 from pipeline.device.probe import file_info
-from pipeline.errors import KeptCopyFailed, RemoteRunError, StoreError, UsageError
+from pipeline.errors import DeviceDiskFull, KeptCopyFailed, RemoteRunError, StoreError, UsageError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from tasks._live import opened
@@ -339,23 +339,21 @@ def test_put__full_disk__one_error_nothing_left_and_the_earlier_copy_kept(any_se
 
 def test_place__full_session_directory__one_error_and_no_short_library_loaded(tiny_onnx, store_root, small_disk):
     """Without a device cache the library goes to the server's session directory, in its TMPDIR: a full disk
-    there is said so before anything is loaded (on a stock server too, by the check file written after it)."""
+    there is said so before anything is loaded, on a stock server too (by the check file written after it; a
+    device that tells a file's size is asked, as in the tests above)."""
     from pipeline.device import EmbeddedServer
 
     disk = small_disk("1m")
     _, _, data, sha = _library(tiny_onnx, store_root)
-    for identify in (True, False):
-        server = EmbeddedServer(identify=identify)
-        server._environment = lambda env=server._environment: {**env(), "TMPDIR": str(disk)}
-        with server, open_session(DeviceSpec(), server) as s:
-            fill_disk(disk)
-            try:
-                with pytest.raises(RemoteRunError, match="that holds the session's directory is full"):
-                    place(s, None, data, sha, session_name="model.so")
-                with pytest.raises(RemoteRunError):  # nothing short was left to load
-                    s.call("load", s.remote.load_module, "model.so")
-            finally:
-                (disk / "filler").unlink()
+    server = EmbeddedServer(identify=False)
+    server._environment = lambda env=server._environment: {**env(), "TMPDIR": str(disk)}
+    with server, open_session(DeviceSpec(), server) as s:
+        fill_disk(disk)
+        with pytest.raises(DeviceDiskFull, match="that holds the session's directory is full") as failed:
+            place(s, None, data, sha, session_name="model.so")
+        assert "check file written right after the library came back with 0 bytes" in str(failed.value)
+        with pytest.raises(RemoteRunError, match="cannot find file"):
+            s.call("load", s.remote.load_module, "model.so")  # nothing short was left to load
 
 
 def _planted_library_of_size(directory, proof, size):
