@@ -288,7 +288,7 @@ def _one_session_transfers(host: str, port: int, library: Path, repeats: int, ro
 
 def bench_upload(library: Path, repeats: int) -> dict[str, Any]:
     """Section 4: rpc upload of the library vs a socket copy of the same bytes (and the bytes as a tensor),
-    and what a new session pays: upload + load against finding the copy the device kept + load."""
+    and what a new session pays: upload + load against finding the copy the device kept, checking it + load."""
     import hashlib
 
     from pipeline.device import DeviceSpec, EmbeddedServer, open_session
@@ -314,7 +314,7 @@ def bench_upload(library: Path, repeats: int) -> dict[str, Any]:
         def session_find_load() -> None:
             with open_session(spec) as session:
                 copy = cache.find(session, sha256, size)
-                assert copy is not None
+                assert copy is not None and cache.check(session, copy) is None  # its size and SHA-256, on the device
                 session.remote.load_module(cache.path(copy.file))
 
         rows["new session: upload + load"] = timed(session_upload_load, repeats)

@@ -24,6 +24,9 @@ are wrapped at the boundary with a message that says what to do.
         +-- VersionSkew           the device runs another minor version of TVM (--allow-version-skew runs anyway)
         +-- RemoteRunError        the device answered with an error
             +-- DeviceLost        the connection died mid-call (device killed, rebooted, network cut)
+            +-- DeviceDiskFull    an upload was cut short: the disk it went to on the device is full
+            +-- KeptCopyFailed    a library the device kept failed its file check, did not load, or its output
+                                  failed the check: forgotten, and the device chain uploads it again
 """
 
 from __future__ import annotations
@@ -187,3 +190,14 @@ class RemoteRunError(DeviceError):
 
 class DeviceLost(RemoteRunError):
     """The connection to the device died during a call: transient, the flow retries on a fresh session."""
+
+
+class DeviceDiskFull(RemoteRunError):
+    """An upload reached the device short: the disk that holds its directory there is full. TVM's upload does not
+    report a failed write; the pipeline finds out by checking what was written (``pipeline.device.cache``)."""
+
+
+class KeptCopyFailed(RemoteRunError):
+    """A library copy the device kept from an earlier run did not hold up: its size or SHA-256 on the device is
+    not what was sent, it did not load, or its output failed the check. The copy is forgotten (marker and file
+    removed) before this is raised; :func:`tasks.chains.device_chain` then runs once more with a fresh upload."""

@@ -12,9 +12,12 @@ RGB, I;16... with tRNS)
 I;16, I;16B, I;16L, I;16N             16-bit unsigned: divided by 65535/255 (a 12-bit image stored in 16
                                       bits stays dark: nothing is stretched), or by the depth the decoder's
                                       raw mode declares if it is smaller
-I (32-bit signed)                     divided by the file's declared depth when PIL exposes it (16 for a
-                                      16-bit PNG or PGM, from the decoder's raw mode), else by the int32
-                                      range, with a warning; negative values are clipped to 0, with a warning
+I (32-bit signed)                     divided by the file's declared depth when it is below 32 bits (16 for a
+                                      16-bit PNG or PGM, from the decoder's raw mode); else (a 32-bit TIFF, or
+                                      no declared depth) by its real range: the smallest of the 8-bit, 16-bit
+                                      and int32 ranges that holds its largest value, with a warning (an 8-bit
+                                      picture saved as 32-bit integers stays that picture); negative values
+                                      are clipped to 0, with a warning
 F (32-bit float)                      values in [0, 1]: times 255; else taken on the 0-255 scale, clipped
                                       to it with a warning if they leave it (NaN becomes 0)
 ====================================  ==================================================================
@@ -97,14 +100,18 @@ def _scaled_to_255(img: "Image.Image", maximum: int | None, name: str) -> np.nda
                 "clipped to [0, 255]", clip(name), values.min(), values.max(),
             )
         return np.clip(values, 0.0, 255.0).astype(np.float32)
-    if maximum is None or maximum > _DEEP[img.mode]:
+    if maximum is None or maximum >= _DEEP[img.mode]:
         maximum = _DEEP[img.mode]
-        if img.mode == "I" and values.size and 0 < values.max() < 65536:
-            log.warning(
-                "%s: 32-bit integer image with no declared bit depth, scaled by the int32 range; its values "
-                "use only %d bits, so it comes out dark. Save it as a 16-bit PNG or TIFF instead",
-                clip(name), int(values.max()).bit_length(),
-            )
+        if img.mode == "I":
+            # 32-bit integers hardly ever hold 32-bit pictures: an 8- or 16-bit one was saved wider. Dividing by
+            # the int32 range would turn it black (a cat became a "microwave").
+            largest = int(values.max()) if values.size else 0
+            maximum = next(depth for depth in (255, 65535, _DEEP["I"]) if largest <= depth)
+            if maximum < _DEEP["I"]:
+                log.warning(
+                    "%s: 32-bit integer image whose values (up to %d) fit in %d bits: scaled by that range (0-%d)",
+                    clip(name), largest, maximum.bit_length(), maximum,
+                )
     if values.size and values.min() < 0:
         log.warning("%s: negative pixel values (down to %d) clipped to 0", clip(name), int(values.min()))
     if values.size and values.max() > maximum:

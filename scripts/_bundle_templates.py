@@ -56,18 +56,22 @@ fi
 START_SH = r"""#!/bin/sh
 # A TVM RPC device from this bundle (TVM @TVM@ runtime only, Python @PYVER@, @PLATFORM@@CUDA_NOTE@).
 #
-#   ./start-device.sh [--host 0.0.0.0] [--port 9090] [--tracker HOST:PORT --key KEY] [--python PYTHON]
+#   ./start-device.sh [--host 0.0.0.0] [--port 9090] [--tracker HOST:PORT --key KEY] [--python PYTHON] [--once]
 #                     [-- EXTRA rpc_server ARGS]
 #
-# Runs in the foreground (exec python -m tvm.exec.rpc_server); stop it with Ctrl-C, or signal its process
-# group (rpc_server leaves a popen_worker child behind when only it is signalled). Installs the bundle's
-# wheels first when that was not done yet (./setup-device.sh).
+# Runs python -m tvm.exec.rpc_server in the foreground and starts it again when it exits (after 1 s, doubling
+# up to 60 s; back to 1 s after a minute of service): a server whose session process died stops serving (its
+# listening thread dies with it; runtime/tvmrp_device.py then ends it), and would otherwise stay up, unreachable,
+# out of its tracker. --once: run it once, exit with its code. Stop with Ctrl-C or SIGTERM to this script (each
+# server runs in a process group of its own, ended with it). Installs the bundle's wheels first when that was
+# not done yet (./setup-device.sh).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 host=0.0.0.0
 port=9090
 tracker=
 key=
+once=0
 python=${PYTHON:-python3}
 cuda=@CUDA@
 while [ $# -gt 0 ]; do
@@ -77,8 +81,9 @@ while [ $# -gt 0 ]; do
     --tracker) tracker=$2; shift 2 ;;
     --key) key=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
+    --once) once=1; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
     *) echo "start-device: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -96,9 +101,11 @@ else
   PYTHONPATH="$here/runtime:$here/site"
 fi
 export PYTHONPATH
-# runtime/sitecustomize.py makes every Python process of the device register tvmrp.device_info (who it is);
-# tvmrp_device reads bundle.json from here.
+# runtime/sitecustomize.py makes every Python process of the device register tvmrp.device_info (who it is) and
+# tvmrp.file_info (what a file it holds is); tvmrp_device reads bundle.json from here, and under this
+# supervisor ends a server whose listening thread died.
 export TVMRP_DEVICE_BUNDLE="$here"
+export TVMRP_DEVICE_SUPERVISED=1
 export TVM_USE_RUNTIME_LIB=1
 export PYTHONUNBUFFERED=1
 export PYTHONNOUSERSITE=1
@@ -116,14 +123,54 @@ if [ "$cuda" = 1 ]; then
   fi
   set -- "$@" --load-library "$here/runtime/tvm/lib/libtvm_runtime_cuda.so" --no-fork
 fi
-exec "$python" -m tvm.exec.rpc_server "$@"
+
+server=
+pause=
+stopping=0
+stop() {
+  stopping=1
+  if [ -n "$server" ]; then
+    kill -TERM "-$server" 2>/dev/null || kill -TERM "$server" 2>/dev/null
+  fi
+  [ -n "$pause" ] && kill "$pause" 2>/dev/null
+  return 0
+}
+trap stop INT TERM HUP
+set +e
+delay=1
+while :; do
+  started=$(date +%s)
+  # A process group of its own (pgid = its pid): what it leaves behind (its popen_worker holds the port, its
+  # sessions) is ended with it before the next one starts.
+  "$python" -c 'import os, sys; os.setpgid(0, 0); os.execv(sys.executable, [sys.executable, "-m", "tvm.exec.rpc_server", *sys.argv[1:]])' "$@" &
+  server=$!
+  [ "$stopping" = 1 ] && kill -TERM "$server" 2>/dev/null
+  code=0
+  while kill -0 "$server" 2>/dev/null; do
+    wait "$server"
+    code=$?
+  done
+  kill -KILL "-$server" 2>/dev/null
+  server=
+  [ "$stopping" = 1 ] && exit 0
+  [ "$once" = 1 ] && exit "$code"
+  [ $(($(date +%s) - started)) -ge 60 ] && delay=1
+  echo "start-device: rpc_server exited (code $code); starting it again in $delay s" >&2
+  sleep "$delay" &
+  pause=$!
+  wait "$pause" 2>/dev/null
+  pause=
+  [ "$stopping" = 1 ] && exit 0
+  delay=$((delay * 2 > 60 ? 60 : delay * 2))
+done
 """
 
 README = """TVM RPC device bundle: {name}
 
 TVM {tvm} runtime only (no compiler), for Python {pyver} on {platform}{cuda_note}.
 
-  ./start-device.sh --host 0.0.0.0 --port 9090           serve directly (clients: --host THIS --port 9090)
+  ./start-device.sh --host 0.0.0.0 --port 9090           serve directly (clients: --host THIS --port 9090);
+                                                         started again whenever it exits (--once: not)
   ./start-device.sh --tracker HOST:9190 --key my-device  register with a tracker
   ./setup-device.sh [PYTHON]                             install the wheels (start-device.sh does it once)
 

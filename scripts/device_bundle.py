@@ -21,8 +21,9 @@ What goes in (``bundle.json`` lists it, with the sizes):
 * ``runtime/tvmrp_device.py`` + ``runtime/sitecustomize.py`` (from ``pipeline/device/device_side/``): every
   Python process of the device registers ``tvmrp.device_info``, which tells the client the machine, the
   host name and the TVM, tvm-ffi and Python versions (a stock ``rpc_server`` tells none of these, a
-  runtime-only one not even its architecture). The client checks the versions at session start
-  (``pipeline.device.probe.check_versions``) and the architecture before upload.
+  runtime-only one not even its architecture), and ``tvmrp.file_info``, the size and SHA-256 of a file there.
+  The client checks the versions at session start (``pipeline.device.probe.check_versions``), the
+  architecture before upload, and what an upload wrote and a kept library holds before loading it.
 * ``wheels/``: for the device's Python and platform (``pip download --only-binary=:all:``), the host's
   versions of ``apache-tvm-ffi`` (exact: client and device must run the same FFI), ``numpy`` (imported by
   ``tvm.runtime``; when the host's version has no wheel for that Python, the newest ``>=host,<2``, else the
@@ -34,7 +35,9 @@ What goes in (``bundle.json`` lists it, with the sizes):
   only (``--no-index``); without ``venv`` support it unpacks them into ``site/`` instead.
 * ``start-device.sh``: ``python -m tvm.exec.rpc_server`` with ``PYTHONPATH=runtime`` and
   ``TVMRP_DEVICE_BUNDLE`` = the bundle's directory (``tvmrp_device`` reads ``bundle.json`` there), on the given
-  address (``--port P --port-end P+1``) or registered with a tracker; for CUDA with
+  address (``--port P --port-end P+1``) or registered with a tracker, supervised: started again (in a process
+  group of its own, 1 s to 60 s apart) whenever it exits, which ``tvmrp_device`` makes it do when its listening
+  thread died with a session (``TVMRP_DEVICE_SUPERVISED=1``; ``--once``: not); for CUDA with
   ``--load-library runtime/tvm/lib/libtvm_runtime_cuda.so`` (the server serves each session in a fresh
   interpreter, so the CUDA loader must be loaded there) and ``--no-fork`` (a forked session failed CUDA
   initialisation), and ``libcudart.so.13`` on ``LD_LIBRARY_PATH``. CUDA libraries must be built with
@@ -73,7 +76,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / ".cache" / "device-bundles"
-LAYOUT_VERSION = "2"  # 2: runtime/tvmrp_device.py + sitecustomize.py, TVMRP_DEVICE_BUNDLE
+LAYOUT_VERSION = "3"  # 2: runtime/tvmrp_device.py + sitecustomize.py, TVMRP_DEVICE_BUNDLE; 3: supervised server
 #: What the device runs so that it tells who it is (copied into ``runtime/``).
 DEVICE_SIDE = REPO / "pipeline" / "device" / "device_side"
 DEVICE_SIDE_FILES = ("tvmrp_device.py", "sitecustomize.py")

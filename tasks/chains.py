@@ -1,9 +1,10 @@
 """The stage chains every run shares, from its plan.
 
     import-model -> [tune] -> build -> export-library      compile_chain (cached by the plan's keys)
-    upload -> load -> (set-input -> run) per input          device_chain (one session; retried when the device
-                                                            is lost, on a fresh session)
-    device start -> [preflight] -> prepare -> device_chain -> check -> postprocess -> report
+    upload -> load -> (set-input -> run) per input          device_chain (one session; run again on a fresh
+      [-> check]                                            session when the device is lost or its kept copy
+                                                            of the library fails)
+    device start -> [preflight] -> prepare -> device_chain -> postprocess -> report
                                                             run_one: one model on one device, every failure
                                                             recorded in the ledger with the plan
 
@@ -15,6 +16,7 @@ takes how to run a stage: :func:`tasks._cache.run_cached` (a Prefect task with t
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -23,11 +25,11 @@ import numpy as np
 
 from pipeline.cuda.builder import library_gpu_code
 from pipeline.device import Device
-from pipeline.errors import DeviceLost, StoreError
+from pipeline.errors import DeviceError, DeviceLost, KeptCopyFailed, StoreError, one_line
 from pipeline.latency import Timing
 from pipeline.planning.plan import BuildPlan, RunPlan, StageKey
 from pipeline.planning.request import DevicePolicy
-from pipeline.results import COMPILE_STAGES, BuildSummary, DeviceOutcome, RunStamp, RunSummary, Upload
+from pipeline.results import COMPILE_STAGES, BuildSummary, CheckResult, DeviceOutcome, RunStamp, RunSummary, Upload
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.store.fs import real_directory
 from pipeline.store.layout import LIBRARY_FILE
@@ -45,7 +47,7 @@ from tasks.report import record_failure, report_task
 from tasks.run import RunResult, run_task
 from tasks.set_input import set_input_task
 from tasks.tune import read_summary, tune_task
-from tasks.upload import inspect_device, upload_task
+from tasks.upload import forget_kept, inspect_device, upload_task
 
 log = logging.getLogger(__name__)
 
@@ -177,13 +179,15 @@ class DeviceJob:
 
 @dataclass(frozen=True)
 class OnDevice:
-    """What the device chain produced: the loaded library (with its placement) and each input's result."""
+    """What the device chain produced: the loaded library (with its placement), each input's result, and the
+    first output's check (None: not checked)."""
 
     loaded: Loaded
     results: tuple[RunResult, ...]
     device: str
     identity: str
     """What the device reports about itself (part of the run's series)."""
+    checked: CheckResult | None = None
 
 
 def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str | None) -> str | None:
@@ -201,16 +205,26 @@ def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str 
     return device_cache
 
 
-def device_chain(device: Device, store: ArtifactStore, job: DeviceJob) -> OnDevice:
-    """upload -> load -> (set-input -> run) per input, on a fresh session; retried (only here) when the device
-    is lost.
+def device_chain(
+    device: Device, store: ArtifactStore, job: DeviceJob, check: Callable[[np.ndarray], CheckResult] | None = None
+) -> OnDevice:
+    """upload -> load -> (set-input -> run) per input [-> check of the first output], on a fresh session; the
+    one place that runs it again.
 
-    After a lost device the retry uploads again (a kept copy is not trusted to have survived) and the
-    embedded device is restarted.
+    Runs again, on a fresh session and with a fresh upload:
+      - once, when the library copy the device kept fails (its size or digest on the device is not what was
+        sent, it does not load, or its output fails ``check``): the copy is forgotten first;
+      - up to ``job.policy.retries`` times when the device is lost (a kept copy is not trusted to have
+        survived; the embedded device is restarted). If such a retry fails otherwise (no device free, a
+        timeout), the error names the loss that caused it.
+
+    Args:
+        check: compares the first input's output with the reference (the run's check stage); a failure is
+            returned in ``checked`` (the caller decides), except for a kept copy, which is forgotten and replaced.
     """
     policy, target = job.policy, job.target
     device_cache = usable_device_cache(device, store, policy.device_cache)
-    attempt, reuse = 1, True
+    attempt, reuse, lost = 1, True, None
     while True:
         try:
             with device.session() as session, opened(session) as ref:
@@ -219,8 +233,21 @@ def device_chain(device: Device, store: ArtifactStore, job: DeviceJob) -> OnDevi
                 loaded = load_task(uploaded, store)
                 results = tuple(run_task(set_input_task(loaded, data), job.timing if i == 0 else None)
                                 for i, data in enumerate(job.inputs))
-                return OnDevice(loaded, results, ref.description, uploaded.device_identity)
+                checked = check(results[0].output) if check is not None else None
+                if checked is not None and not checked.passed and uploaded.reused:
+                    forget_kept(uploaded, store)
+                    raise KeptCopyFailed(
+                        f"the output of the library copy that {ref.description} kept ({uploaded.remote_name}) failed "
+                        f"the check ({checked.reason}): it is forgotten and removed"
+                    )
+                return OnDevice(loaded, results, ref.description, uploaded.device_identity, checked)
+        except KeptCopyFailed as exc:
+            if not reuse:
+                raise  # only a kept copy fails so, and the run after one uploads
+            reuse = False
+            log.warning("%s; uploading the library again on a fresh session", exc)
         except DeviceLost as exc:
+            lost = lost or exc
             if attempt > policy.retries:
                 raise DeviceLost(
                     f"{exc}. Gave up after {attempt} attempt(s): check that the device is up and stable "
@@ -230,6 +257,11 @@ def device_chain(device: Device, store: ArtifactStore, job: DeviceJob) -> OnDevi
             log.warning("device lost (%s); retrying on a fresh session (attempt %d of %d)", exc, attempt,
                         policy.retries + 1)
             device.recover()
+        except DeviceError as exc:
+            if lost is None:
+                raise
+            # The retry's own failure (no device free, a timeout) is not why the run failed: the loss is.
+            raise DeviceLost(f"{lost}; retrying on a fresh session then failed: {one_line(exc)}") from exc
 
 
 # -- one model on one device ----------------------------------------------------------------------------------------
@@ -251,13 +283,16 @@ def run_one(plan: RunPlan, stamp: RunStamp, prepare: Callable[[], Prepared], fle
                 preflight(device, req.target, req.policy.allow_version_skew)  # before a compile of many seconds
             prepared = prepare()
             job = DeviceJob(prepared.compiled.library, req.target, (req.input,), req.timing, req.policy)
-            on = device_chain(device, store, job)
+            check = None
+            if prepared.reference is not None:
+                reference = load_reference(prepared.reference.artifact, store)
+                check = functools.partial(check_task, reference=reference, thresholds=req.thresholds)
+            on = device_chain(device, store, job, check)
         result = on.results[0]
         stages = {"reference": prepared.reference.status if prepared.reference else "skipped",
                   "upload": "ran", "load": "ran", "set-input": "ran", "run": "ran"}
-        checked = None
-        if prepared.reference is not None:
-            checked = check_task(result.output, load_reference(prepared.reference.artifact, store), req.thresholds)
+        checked = on.checked
+        if checked is not None:
             stages["check"] = "ran"
         assert result.latency is not None  # the first input is timed
         prediction = postprocess_task(req.model, result.output, result.latency)

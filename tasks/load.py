@@ -14,7 +14,7 @@ from pipeline.device.cache import Placement, load_placed
 from pipeline.errors import RemoteRunError
 from pipeline.store import ArtifactStore
 from tasks._live import LiveRef, SessionRef, device_of, keep, session_of
-from tasks.upload import Uploaded, open_cache, verified_library
+from tasks.upload import Uploaded, open_cache
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class Loaded:
     Attributes:
         session: the session it lives in.
         vm: handle on the ``relax.VirtualMachine``.
-        placement: where the library was loaded from (a new upload if the kept copy had to be replaced).
+        placement: where the library was loaded from.
         seconds: wall time of this stage.
     """
 
@@ -59,19 +59,19 @@ def _vm_loader(session: RemoteSession, device: Any) -> Any:
 def load(uploaded: Uploaded, store: ArtifactStore) -> Loaded:
     """``remote.load_module`` the uploaded library and wrap it in ``relax.VirtualMachine``.
 
-    A copy the device kept from an earlier run that does not load (or is not a Relax library) is forgotten,
-    removed, and the library uploaded again in this session.
+    A copy the device kept from an earlier run is first compared with what its marker says (size and SHA-256,
+    on a device that tells them: :func:`pipeline.device.cache.load_placed`).
 
     Raises:
+        KeptCopyFailed: the kept copy failed that check, did not load or is not a Relax library: it is
+            forgotten (the device chain uploads the library again).
         DeviceTimeout / RemoteRunError: the device did not load it in time or failed to.
-        StoreError: a replacement upload was needed and the library in the store is corrupt.
     """
     session = session_of(uploaded.session)
     start = time.perf_counter()
     device = device_of(uploaded.session, uploaded.device_kind)
     vm, placement = load_placed(
-        session, open_cache(uploaded.device_cache, store), uploaded.placement, _vm_loader(session, device),
-        reread=lambda: verified_library(uploaded.library, store)[0],
+        session, open_cache(uploaded.device_cache, store), uploaded.placement, _vm_loader(session, device)
     )
     return Loaded(uploaded.session, keep(uploaded.session, vm, "vm"), placement, time.perf_counter() - start,
                   uploaded.device_kind)

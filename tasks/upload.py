@@ -33,7 +33,7 @@ class Uploaded:
 
     Attributes:
         session: the session it was placed through.
-        library: the library artifact (its bytes are read again if a kept copy must be replaced).
+        library: the library artifact.
         placement: where it is on the device, its size, the seconds this stage took, whether it was sent.
         device_cache: the device directory that keeps libraries (None: the session's own directory).
     """
@@ -172,6 +172,14 @@ def upload(
         placement = place(session_of(session), open_cache(device_cache, store), data, sha256, reuse=reuse,
                           session_name=f"tvmrp-{library.key[:16]}.so")
     return Uploaded(session, library, placement, device_cache, identity, "cuda" if gpu_arch else "cpu")
+
+
+def forget_kept(uploaded: Uploaded, store: ArtifactStore) -> None:
+    """Forget the copy the device kept that ``uploaded`` reused (its output failed the check): its marker and file
+    are removed, so no later run loads it. Nothing for a fresh upload."""
+    cache = open_cache(uploaded.device_cache, store)
+    if cache is not None and uploaded.reused and uploaded.placement.copy is not None:
+        cache.forget(session_of(uploaded.session), uploaded.placement.copy)
 
 
 upload_task = task(name="upload", task_run_name="upload", cache_policy=NO_CACHE, persist_result=False)(upload)

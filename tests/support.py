@@ -174,3 +174,17 @@ def read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     readable, _, _ = select.select([proc.stdout], [], [], timeout)
     assert readable, f"no line from process {proc.pid} within {timeout} s"
     return proc.stdout.readline().strip()
+
+
+def fill_disk(disk):
+    """Fill the file system of ``disk`` to the last byte with ``disk/filler`` (delete it to free the space)."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        for size in (1 << 20, 4096, 1):
+            while True:
+                try:
+                    os.write(fd, b"\0" * size)
+                except OSError:
+                    break
+    finally:
+        os.close(fd)

@@ -12,7 +12,9 @@ machine's host name.
 The devices this project sets up (a device bundle, the emulated aarch64 device, the embedded server) also
 register ``tvmrp.device_info`` (``pipeline/device/device_side/tvmrp_device.py``): a JSON object with the
 machine, the GNU triple of the device's Python, the host name and the TVM, tvm-ffi and Python versions.
-:func:`probe` asks it first; its answer is untrusted data, parsed and clipped, never executed.
+:func:`probe` asks it first; its answer is untrusted data, parsed and clipped, never executed. They also
+register ``tvmrp.file_info`` (:func:`file_info`): the size and SHA-256 of a file on the device, which a stock
+server cannot tell without sending the whole file back.
 """
 
 from __future__ import annotations
@@ -20,13 +22,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from importlib import metadata
 from typing import TYPE_CHECKING, Any
 
 from pipeline.device.session import RemoteSession
-from pipeline.errors import DeviceLost, RemoteRunError, VersionSkew
+from pipeline.errors import DeviceLost, RemoteRunError, VersionSkew, clip
 from pipeline.targets import normalise_arch
 
 if TYPE_CHECKING:
@@ -34,9 +37,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DeviceInfo",
+    "FileInfo",
     "check_versions",
     "device_arch",
     "device_triple",
+    "file_info",
     "local_tvm_version",
     "parse_device_info",
     "probe",
@@ -57,6 +62,9 @@ _NOT_FOUND = "NOT-FOUND"
 #: Registered by the devices this project sets up (``pipeline/device/device_side/tvmrp_device.py``).
 DEVICE_INFO_FUNCTION = "tvmrp.device_info"
 _DEVICE_INFO_LIMIT = 1 << 16  # bytes of JSON; the real answer is ~300
+#: Registered by the same devices: the size and SHA-256 of a file on the device.
+FILE_INFO_FUNCTION = "tvmrp.file_info"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 _FIELD_LIMIT = 100  # characters kept of each reported string
 
 
@@ -127,6 +135,72 @@ def probe(session: RemoteSession) -> DeviceInfo:
         python_version=identity.get("python"),
         bundle=identity.get("bundle"),
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class FileInfo:
+    """A file on the device as ``tvmrp.file_info`` describes it.
+
+    Attributes:
+        size: its length in bytes; None when it cannot be read (``error`` says why).
+        sha256: the SHA-256 of its bytes (hex); None when it cannot be read.
+        free: bytes free on its file system (None: not told).
+        error: why it cannot be read (missing, not a regular file), clipped; None when it can.
+    """
+
+    size: int | None
+    sha256: str | None
+    free: int | None = None
+    error: str | None = None
+
+
+def file_info(session: RemoteSession, path: str) -> FileInfo | None:
+    """The size and SHA-256 of the file ``path`` on the device (relative: in the session's directory), as the
+    device's ``tvmrp.file_info`` tells them; one bounded call (the device reads the whole file).
+
+    Returns:
+        What the device told; None when it does not register the function (a stock ``rpc_server``).
+
+    Raises:
+        RemoteRunError: the device answered with something that is not such a description.
+        DeviceTimeout, DeviceUnavailable, DeviceLost: As for :meth:`RemoteSession.call`.
+    """
+    answer = session.call("file check", _calling(session.remote, FILE_INFO_FUNCTION, path))
+    if answer is None:
+        return None
+    info = parse_file_info(answer)
+    if info is None:
+        raise RemoteRunError(
+            f"{session.description} answered {FILE_INFO_FUNCTION} with something that does not describe a file "
+            f"({clip(str(answer), 80)!r})"
+        )
+    return info
+
+
+def parse_file_info(answer: object) -> FileInfo | None:
+    """A ``tvmrp.file_info`` answer (untrusted JSON) as a :class:`FileInfo`; None when it is not one."""
+    text = str(answer)
+    if len(text) > _DEVICE_INFO_LIMIT:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if not isinstance(data, dict):
+        return None
+
+    def count(key: str) -> int | None:
+        value = data.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 62 else None
+
+    free = count("free")
+    error = data.get("error")
+    if isinstance(error, str) and error:
+        return FileInfo(None, None, free, "".join(ch for ch in error if ch.isprintable())[:_FIELD_LIMIT] or "error")
+    size, sha256 = count("size"), data.get("sha256")
+    if size is None or not isinstance(sha256, str) or _HEX64.fullmatch(sha256) is None:
+        return None
+    return FileInfo(size, sha256, free)
 
 
 def device_triple(session: RemoteSession) -> str | None:
@@ -306,12 +380,12 @@ def _tolerant(ask: Callable[[], Any]) -> Any:
         return None
 
 
-def _calling(remote: RPCSession, name: str) -> Callable[[], Any]:
-    """A question: the result of the remote global function ``name``, or None if the server lacks it."""
+def _calling(remote: RPCSession, name: str, *args: Any) -> Callable[[], Any]:
+    """A question: the result of the remote global function ``name(*args)``, or None if the server lacks it."""
 
     def question() -> Any:
         function = _function(remote, name)
-        return None if function is None else function()
+        return None if function is None else function(*args)
 
     return question
 

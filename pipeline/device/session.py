@@ -30,7 +30,7 @@ from pipeline.device.calls import (
 from pipeline.device.servers import EmbeddedServer
 from pipeline.device.spec import DeviceSpec
 from pipeline.device.tracker import request_server
-from pipeline.errors import DeviceLost, DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError
+from pipeline.errors import DeviceLost, DeviceTimeout, DeviceUnavailable, RemoteRunError, UsageError, clip
 
 if TYPE_CHECKING:
     import tvm
@@ -309,10 +309,21 @@ def _connect_error(host: str, port: int, exc: BaseException) -> DeviceUnavailabl
             f"Nothing accepts connections at {host}:{port}. Start an rpc_server there "
             f"(python -m tvm.exec.rpc_server --host 0.0.0.0 --port {port}) or fix --host/--port."
         )
+    if any(sign in message for sign in _TVM_HANDSHAKE_REFUSALS):
+        return DeviceUnavailable(
+            f"Cannot open a session to the rpc_server at {host}:{port}: {message}. If that server registers "
+            "with a tracker, connect through --tracker/--key instead."
+        )
+    # Anything else went wrong inside TVM's handshake, on bytes the other end sent (TVM then says things like
+    # "basic_string::_M_replace_aux" or "is not TVM RPC server"): that program does not speak TVM RPC.
     return DeviceUnavailable(
-        f"Cannot open a session to the rpc_server at {host}:{port}: {message}. If that server registers "
-        "with a tracker, connect through --tracker/--key instead."
+        f"{host}:{port} accepted the connection but is not a TVM RPC server: its answer to the handshake made no "
+        f"sense ({clip(message, 120)}). Check --host/--port: another program listens there."
     )
+
+
+# What TVM's handshake says when a real rpc_server (or tracker-registered one) refuses the session.
+_TVM_HANDSHAKE_REFUSALS = ("cannot find server that matches key", "server already have key")
 
 
 def _open_fds() -> set[tuple[int, int, int]]:

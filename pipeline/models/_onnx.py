@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -43,6 +44,39 @@ def _load_proto(path: Path, *, external_data: bool) -> "onnx.ModelProto":
             "Check that it is the right file and re-export it if it is damaged."
         )
     return model
+
+
+# Bytes per value in ``raw_data`` of each ONNX tensor type with a whole number of bytes (onnx.TensorProto.DataType).
+_RAW_BYTES = {1: 4, 2: 1, 3: 1, 4: 2, 5: 2, 6: 4, 7: 8, 9: 1, 10: 2, 11: 8, 12: 4, 13: 8, 14: 8, 15: 16, 16: 2,
+              17: 1, 18: 1, 19: 1, 20: 1}
+_TYPED_FIELDS = ("float_data", "int32_data", "string_data", "int64_data", "double_data", "uint64_data")
+_COMPLEX = (14, 15)  # two numbers per value in float_data / double_data
+
+
+def _check_initializers(model: "onnx.ModelProto", path: Path) -> None:
+    """Raises ModelError for a weight stored in the file that holds another amount of data than its shape
+    declares: TVM's importer would fail with a confusing message, or first allocate what the shape asks (a file
+    of 1 KB can declare a 2 GB weight). Weights in external files are checked when those are read."""
+    from onnx.external_data_helper import uses_external_data
+
+    for tensor in model.graph.initializer:
+        if uses_external_data(tensor) or tensor.data_type not in _RAW_BYTES:
+            continue  # external, or a type of 4-bit or variable size (strings)
+        size = _RAW_BYTES[tensor.data_type]
+        if tensor.HasField("raw_data"):
+            held = len(tensor.raw_data)
+        else:
+            numbers = sum(len(getattr(tensor, name)) for name in _TYPED_FIELDS)
+            held = numbers // (2 if tensor.data_type in _COMPLEX else 1) * size
+        wanted = math.prod(tensor.dims) * size if all(d >= 0 for d in tensor.dims) else -1
+        if held != wanted:
+            shape = "x".join(str(d) for d in tensor.dims) or "scalar"
+            declared = f"{wanted:,} bytes" if wanted >= 0 else "a negative size"
+            raise ModelError(
+                f"ONNX model {path} is damaged: its weight {clip(tensor.name, 60)!r} declares shape {clip(shape, 60)} "
+                f"({declared}) but the file holds {held:,} bytes of it. Re-export the model, or copy it again if "
+                "it was cut short."
+            )
 
 
 def _external_files(model: "onnx.ModelProto", path: Path) -> list[tuple[str, Path]]:
@@ -149,6 +183,7 @@ def resolve(spec: ModelSpec, path: Path) -> ResolvedModel:
     if spec.weights != "pretrained":
         raise ModelError(f"--weights applies to resnet18_v2 only; {path} carries its own weights.")
     model = _load_proto(path, external_data=False)
+    _check_initializers(model, path)
     name, shape, notes = _input_signature(model, path)
     check_image_input(shape, f"ONNX model {path}")
     logits = _dims(_single_output(model, path))

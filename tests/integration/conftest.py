@@ -15,3 +15,26 @@ def server():
 
     with EmbeddedServer() as srv:
         yield srv
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A function that mounts a tmpfs of ``size`` (``"1m"``) for the test and returns its path (needs root, as CI
+    has; skips otherwise); ``support.fill_disk`` fills one."""
+    import subprocess
+
+    mounts = []
+
+    def mount(size: str = "1m"):
+        path = tmp_path / f"disk{len(mounts)}"
+        path.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode:
+            pytest.skip("mounting a tmpfs needs root")
+        mounts.append(path)
+        return path
+
+    yield mount
+    for path in mounts:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+

@@ -16,6 +16,7 @@ import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -276,6 +277,31 @@ def test_open_session__nothing_listening() -> None:
     with pytest.raises(DeviceUnavailable, match=f"127.0.0.1:{port}"):
         open_session(DeviceSpec(host="127.0.0.1", port=port))
     assert time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 400 Bad Request\r\n\r\n", (0xFF271).to_bytes(4, "little") + b"\xfb" * 64,
+                                    (0xFF271).to_bytes(4, "little") + bytes(4) + os.urandom(64)])
+def test_open_session__a_server_answering_garbage_is_not_a_tvm_rpc_server(answer: bytes) -> None:
+    """Another program on the port answers the handshake with garbage (an HTTP reply; TVM's magic, then a
+    negative key length that made TVM say ``basic_string::_M_replace_aux``): one line naming the address."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.sendall(answer)
+                connection.recv(4096)
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        with pytest.raises(DeviceUnavailable) as failed:
+            open_session(DeviceSpec(host="127.0.0.1", port=port, connect_timeout=5))
+        thread.join(10)
+    message = str(failed.value)
+    assert f"127.0.0.1:{port}" in message and "is not a TVM RPC server" in message and "\n" not in message
 
 
 def test_open_session__tracker_hands_out_registered_server(

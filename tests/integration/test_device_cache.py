@@ -1,7 +1,10 @@
 """Libraries kept on the device between sessions: a real rpc_server on 127.0.0.1, whose files we can see.
 
-Includes the planted-library attack: another user of the device writes a library whose constructor leaves
-proof of execution, plus a forged marker naming it; no run may load it.
+Includes the planted-library attacks: another user of the device writes a library whose constructor leaves
+proof of execution, plus a forged marker naming it, or overwrites a kept copy in place; no run may load it.
+And full disks (a tmpfs; root only): TVM's upload does not report a failed write. ``server`` registers
+``tvmrp.file_info`` (a device this project starts); ``stock`` is a stock rpc_server, which cannot tell a file's
+size or digest.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pipeline.store import ArtifactStore
 from pipeline.device import cache as device_cache
 from pipeline.device import DeviceSpec, open_session
 from pipeline.device.cache import DeviceCache, load_placed, place
-from pipeline.errors import RemoteRunError, StoreError, UsageError
+from pipeline.device.probe import file_info
+from pipeline.errors import DeviceDiskFull, KeptCopyFailed, RemoteRunError, StoreError, UsageError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from tasks._live import opened
@@ -28,7 +32,7 @@ from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
 from tasks.upload import upload
-from support import compile_all
+from support import compile_all, fill_disk
 
 SECRET = b"k" * 32
 
@@ -46,6 +50,22 @@ def device_dir(tmp_path):
 @pytest.fixture()
 def session(server):
     with open_session(DeviceSpec(), server) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def stock():
+    """A stock rpc_server (no ``tvmrp.file_info``), as someone else would run it."""
+    from pipeline.device import EmbeddedServer
+
+    with EmbeddedServer(identify=False) as srv:
+        yield srv
+
+
+@pytest.fixture(params=["tells", "stock"])
+def any_session(request, server, stock):
+    """A session to each kind of server: one that tells a file's size and digest, and a stock one."""
+    with open_session(DeviceSpec(), server if request.param == "tells" else stock) as s:
         yield s
 
 
@@ -221,29 +241,6 @@ def test_upload_stage__second_session_loads_the_kept_copy(tiny_onnx, store_root,
         assert not upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir), reuse=False).reused
 
 
-def test_load_stage__a_kept_copy_that_vanished_is_forgotten_and_uploaded_again(
-    tiny_onnx, store_root, server, device_dir, caplog
-):
-    model = resolve_model(ModelSpec(str(tiny_onnx)))
-    target, _, _, library = compile_all(model, store_root)
-    with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-        load(upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir)), ArtifactStore(store_root))
-    for so in device_dir.glob("*.so"):
-        so.unlink()  # e.g. the device's /tmp was cleaned
-    with open_session(DeviceSpec(), server) as s, opened(s) as ref:
-        up = upload(ref, library.artifact, ArtifactStore(store_root), target.arch, str(device_dir))
-        assert up.reused
-        with caplog.at_level(logging.WARNING, logger="pipeline.device.cache"):
-            loaded = load(up, ArtifactStore(store_root))
-        assert "did not load" in caplog.text and "upload it again" in caplog.text
-        assert not loaded.placement.reused and loaded.remote_name != up.remote_name
-        x = np.zeros(model.input_shape, np.float32)
-        np.testing.assert_allclose(run(set_input(loaded, x), Timing(repeat=1)).output, reference_forward(model, x),
-                                   atol=1e-4, rtol=1e-4)
-    # Only the new copy and its marker remain: the next run finds it.
-    assert names(device_dir) == sorted([os.path.basename(loaded.remote_name), "tvmrp-slot-0.json"])
-
-
 def test_upload_stage__falls_back_to_the_session_directory(tiny_onnx, store_root, server, device_dir, caplog):
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
@@ -293,23 +290,108 @@ def test_planted_library_and_forged_marker__never_load(tiny_onnx, store_root, se
         assert marker["file"] == os.path.basename(loaded.remote_name) and marker["format"] == 2
 
 
-def test_place_and_load__a_kept_copy_that_is_not_a_library_is_replaced(session, tmp_path, tiny_onnx, store_root):
-    """A kept copy that loads but is no Relax library (or fails to) is forgotten, removed and uploaded again."""
+def _library(tiny_onnx, store_root):
+    """The tiny model's library: (target, library stage result, its bytes, their sha256)."""
     model = resolve_model(ModelSpec(str(tiny_onnx)))
     target, _, _, library = compile_all(model, store_root)
-    data = (store_root / library.artifact.key[:2] / library.artifact.key[2:] / "model.so").read_bytes()
-    sha = hashlib.sha256(data).hexdigest()
-    cache = DeviceCache(str(tmp_path), SECRET)
-    kept = place(session, cache, data, sha, session_name="x.so")
-    (tmp_path / kept.copy.file).write_bytes(b"not a library")  # damaged on the device after it was kept
+    data = ArtifactStore(store_root).file(library.artifact, "model.so").read_bytes()
+    return target, library, data, hashlib.sha256(data).hexdigest()
+
+
+def test_file_info__size_and_digest_of_a_file_on_the_device(session, tmp_path, stock):
+    data = blob(10)
+    (tmp_path / "a.so").write_bytes(data)
+    info = file_info(session, str(tmp_path / "a.so"))
+    assert (info.size, info.sha256, info.error) == (len(data), hashlib.sha256(data).hexdigest(), None)
+    assert info.free is not None and info.free > 0
+    session.call("upload", session.remote.upload, bytearray(data), "relative.so")  # the session's directory
+    assert file_info(session, "relative.so").sha256 == hashlib.sha256(data).hexdigest()
+    missing = file_info(session, str(tmp_path / "missing.so"))
+    assert missing.size is None and "No such file" in missing.error
+    assert file_info(session, str(tmp_path)).error == "Is a directory"
+    os.mkfifo(tmp_path / "fifo")  # no writer: opening it must not hang the session
+    assert file_info(session, str(tmp_path / "fifo")).error == "not a regular file"
+    with open_session(DeviceSpec(), stock) as s:
+        assert file_info(s, str(tmp_path / "a.so")) is None  # a stock server cannot tell
+
+
+def test_put__full_disk__one_error_nothing_left_and_the_earlier_copy_kept(any_session, small_disk):
+    """TVM's upload writes what fits and reports nothing. The upload must not leave a short library, an empty
+    marker, or touch the marker of the copy kept before; once space is freed that copy is found again."""
+    disk = small_disk("1m")
+    cache = DeviceCache(str(disk), SECRET, slots=1)  # one slot: the new library would evict the kept one
+    kept = cache.put(any_session, blob(11))
+    marker = (disk / "tvmrp-slot-0.json").read_bytes()
+    fill_disk(disk)
+    before = names(disk)
+    with pytest.raises(RemoteRunError, match=f"that holds {disk} is full") as failed:
+        device_cache.GRACE_S, grace = 0.0, device_cache.GRACE_S
+        try:
+            cache.put(any_session, blob(300_000))
+        finally:
+            device_cache.GRACE_S = grace
+    assert "\n" not in str(failed.value) and "TVM's upload does not report a failed write" in str(failed.value)
+    assert names(disk) == before and (disk / "tvmrp-slot-0.json").read_bytes() == marker
+    (disk / "filler").unlink()
+    assert cache.find(any_session, kept.sha256, kept.size) == kept
+    assert (disk / kept.file).read_bytes() == blob(11)
+
+
+def test_place__full_session_directory__one_error_and_no_short_library_loaded(tiny_onnx, store_root, small_disk):
+    """Without a device cache the library goes to the server's session directory, in its TMPDIR: a full disk
+    there is said so before anything is loaded, on a stock server too (by the check file written after it; a
+    device that tells a file's size is asked, as in the tests above)."""
+    from pipeline.device import EmbeddedServer
+
+    disk = small_disk("1m")
+    _, _, data, sha = _library(tiny_onnx, store_root)
+    server = EmbeddedServer(identify=False)
+    server._environment = lambda env=server._environment: {**env(), "TMPDIR": str(disk)}
+    with server, open_session(DeviceSpec(), server) as s:
+        fill_disk(disk)
+        with pytest.raises(DeviceDiskFull, match="that holds the session's directory is full") as failed:
+            place(s, None, data, sha, session_name="model.so")
+        assert "check file written right after the library came back with 0 bytes" in str(failed.value)
+        with pytest.raises(RemoteRunError, match="cannot find file"):
+            s.call("load", s.remote.load_module, "model.so")  # nothing short was left to load
+
+
+def _planted_library_of_size(directory, proof, size):
+    """A planted library (its constructor writes ``proof``), padded with zeros to ``size`` bytes when given."""
+    data = _planted_library(directory, proof)
+    assert size is None or len(data) <= size
+    return data if size is None else data + b"\0" * (size - len(data))
+
+
+@pytest.mark.parametrize("size", ["smaller", "same"])
+def test_load_placed__a_kept_copy_overwritten_in_place_never_loads(session, tmp_path, tiny_onnx, store_root, size):
+    """The kept copy is overwritten in place (its marker kept) with a library of another size, or of the same
+    size: the device tells its size and digest, so it is forgotten before anything loads it."""
+    _, _, data, sha = _library(tiny_onnx, store_root)
+    cache, proof = DeviceCache(str(tmp_path / "device"), SECRET), tmp_path / "proof-of-execution"
+    (tmp_path / "device").mkdir()
+    first = place(session, cache, data, sha, session_name="x.so")
+    load_placed(session, cache, first, lambda path: session.call("load", session.remote.load_module, path))
+    planted = _planted_library_of_size(tmp_path, proof, None if size == "smaller" else len(data))
+    (tmp_path / "device" / first.copy.file).write_bytes(planted)
     again = place(session, cache, data, sha, session_name="x.so")
     assert again.reused
-    calls = []
+    with pytest.raises(KeptCopyFailed, match="holds .* bytes sent|another SHA-256") as failed:
+        load_placed(session, cache, again, lambda path: session.call("load", session.remote.load_module, path))
+    assert "forgotten" in str(failed.value)
+    assert not proof.exists(), "the planted library ran"
+    assert names(tmp_path / "device") == [] and cache.find(session, sha, len(data)) is None
 
-    def load_fn(path):
-        calls.append(path)
-        return session.call("load", session.remote.load_module, path)
 
-    module, final = load_placed(session, cache, again, load_fn, reread=lambda: data)
-    assert len(calls) == 2 and not final.reused and final.remote_name != again.remote_name
-    assert not (tmp_path / kept.copy.file).exists()
+def test_load_placed__a_stock_servers_kept_copy_that_does_not_load_is_forgotten(tmp_path, stock):
+    """A stock server cannot tell a file's digest: a kept copy that is not a library fails to load, and is
+    forgotten (the device chain then uploads again)."""
+    cache, data = DeviceCache(str(tmp_path), SECRET), blob(12)
+    with open_session(DeviceSpec(), stock) as s:
+        kept = place(s, cache, data, hashlib.sha256(data).hexdigest(), session_name="x.so")
+        assert kept.copy.slot == 0
+        again = place(s, cache, data, hashlib.sha256(data).hexdigest(), session_name="x.so")
+        assert again.reused
+        with pytest.raises(KeptCopyFailed, match="did not load"):
+            load_placed(s, cache, again, lambda path: s.call("load", s.remote.load_module, path))
+    assert names(tmp_path) == []

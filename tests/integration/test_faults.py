@@ -155,6 +155,9 @@ def test_remote_device_killed_mid_run__retried_then_clear_error(prefect_api, sto
     assert code == 1, err[-3000:]
     assert "retrying on a fresh session" in err
     assert "Error: " in err and f"{host}:{port}" in err and "Traceback" not in err
+    # The retry's own failure (nothing listens any more) is not the cause: the error names the loss first.
+    [error] = [line for line in err.splitlines() if line.startswith("Error: ")]
+    assert "the connection was lost" in error.split(";")[0] and "then failed: Nothing accepts connections" in error
 
 
 # 5. library for another architecture ------------------------------------------------------------

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import io
+import os
 import shutil
+import subprocess
+import tarfile
 
 import numpy as np
+import psutil
 import pytest
 from support import compile_all
 
 from pipeline.device import DeviceSpec, open_session
-from pipeline.errors import ArchMismatch, DeviceError, StoreError
+from pipeline.errors import ArchMismatch, DeviceError, ExportError, StoreError
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, reference_forward, resolve_model
 from pipeline.planning.plan import plan_build
@@ -18,6 +23,7 @@ from pipeline.targets import parse_target
 from tasks._live import opened
 from pipeline.store.layout import LIBRARY_FILE, MODULE_FILE, OBJECTS_FILE
 from tasks.build import build
+from tasks.export_library import extract_objects, link
 from tasks.load import load
 from tasks.run import run
 from tasks.set_input import set_input
@@ -60,6 +66,75 @@ def test_export_library__cross_compiled_aarch64_elf(tiny_onnx, store_root):
     assert int.from_bytes(header[18:20], "little") == 183  # e_machine EM_AARCH64
     host = compile_all(model, store_root, "llvm")[2]
     assert host.artifact.key != built.artifact.key  # cached separately from the host build
+
+
+def _archive(path, members):
+    """A build archive holding ``members`` (name -> bytes, or a tarfile.TarInfo for a link)."""
+    with tarfile.open(path, "w") as tar:
+        for name, data in members.items():
+            if isinstance(data, tarfile.TarInfo):
+                tar.addfile(data)
+                continue
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def _object(tmp_path, source, name):
+    (tmp_path / f"{name}.c").write_text(source)
+    subprocess.run(["gcc", "-c", "-fPIC", "-o", str(tmp_path / f"{name}.o"), str(tmp_path / f"{name}.c")], check=True)
+    return (tmp_path / f"{name}.o").read_bytes()
+
+
+def test_export__only_object_files_of_the_archive_reach_the_linker(tmp_path):
+    """A member named like an object file that is a linker script (which ld would obey), a shared library, a
+    link or a path: the archive is not the build's, and nothing of it is linked."""
+    good = _object(tmp_path, "int f(void) { return 1; }\n", "good")
+    work = tmp_path / "work"
+    work.mkdir()
+    assert extract_objects(_archive(tmp_path / "ok.tar", {"lib0.o": good, "devc.o": good}), work) == \
+        [str(work / "devc.o"), str(work / "lib0.o")]
+    link_member = tarfile.TarInfo("lib1.o")
+    link_member.type, link_member.linkname = tarfile.SYMTYPE, "/etc/passwd"
+    subprocess.run(["gcc", "-shared", "-o", str(tmp_path / "shared.so"), str(tmp_path / "good.o")], check=True)
+    bad = {
+        "a linker script": {"lib0.o": b"INPUT(/etc/passwd)\n"},
+        "a shared library": {"lib0.o": (tmp_path / "shared.so").read_bytes()},
+        "a link": {"lib0.o": good, "lib1.o": link_member},
+        "a path": {"../lib0.o": good},
+        "a directory": {"sub/lib0.o": good},
+        "another name": {"lib0.so": good},
+        "nothing": {},
+    }
+    for case, members in bad.items():
+        target = tmp_path / case.replace(" ", "-")
+        target.mkdir()
+        with pytest.raises(StoreError, match="not what the build stage wrote.*--refresh") as failed:
+            extract_objects(_archive(tmp_path / f"{target.name}.tar", members), target)
+        assert "\n" not in str(failed.value), case
+    (tmp_path / "not.tar").write_bytes(b"not a tar")
+    with pytest.raises(StoreError, match="cannot be read"):
+        extract_objects(tmp_path / "not.tar", tmp_path / "not")
+
+
+def test_export__a_link_failure_is_one_line(tmp_path):
+    twice = [_object(tmp_path, "int f(void) { return 1; }\n", name) for name in ("a", "b")]
+    assert twice
+    with pytest.raises(ExportError, match="multiple definition of .f.") as failed:
+        link("gcc", tmp_path / "out.so", [str(tmp_path / "a.o"), str(tmp_path / "b.o")], "x86_64-linux-gnu")
+    assert "\n" not in str(failed.value) and str(failed.value).startswith("linking the library for x86_64-linux-gnu")
+
+
+def test_export__a_link_that_hangs_is_stopped_with_its_children(tmp_path):
+    pids = tmp_path / "pids"
+    hanging = tmp_path / "hanging-cc"
+    hanging.write_text(f"#!/bin/sh\nsleep 120 &\necho $$ $! > {pids}\nwait\n")
+    hanging.chmod(0o755)
+    with pytest.raises(ExportError, match="did not finish within 2 s"):
+        link(str(hanging), tmp_path / "out.so", [], "x86_64-linux-gnu", timeout=2)
+    for pid in map(int, pids.read_text().split()):
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
 
 
 def test_device_stages__match_reference_on_real_server(tiny_onnx, store_root, server):

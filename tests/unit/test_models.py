@@ -173,6 +173,38 @@ def test_resolve_model__onnx_dynamic_height_is_refused(tmp_path: Path) -> None:
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("case", ["no data", "raw data cut short", "typed data cut short", "negative dim"])
+def test_resolve_model__onnx_weight_declaring_data_it_lacks_is_a_model_error(tmp_path: Path, case: str) -> None:
+    """A weight whose shape declares more than the file holds (a 1 KB file can declare a 2 GB weight): exit 2
+    naming the weight and the sizes, before TVM's importer tries (it failed as "unsupported operator", exit 1)."""
+    import onnx
+    from onnx import TensorProto
+
+    proto = onnx.load(str(write_onnx(tmp_path / "good.onnx")))
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data) or len(t.float_data))
+    if case == "no data":
+        weight.ClearField("raw_data")
+        weight.ClearField("float_data")
+        del weight.dims[:]
+        weight.dims.append(536_870_912)  # 2 GiB of float32
+    elif case == "raw data cut short":
+        weight.raw_data = onnx.numpy_helper.to_array(weight).tobytes()[:-4]
+    elif case == "typed data cut short":
+        values = onnx.numpy_helper.to_array(weight).ravel()[:-1]
+        weight.ClearField("raw_data")
+        weight.float_data[:] = values.tolist()
+    else:
+        weight.dims[0] = -weight.dims[0]
+    assert weight.data_type == TensorProto.FLOAT
+    path = tmp_path / "damaged.onnx"
+    onnx.save(proto, str(path))
+    with pytest.raises(ModelError, match=f"is damaged: its weight '{weight.name}' declares shape") as info:
+        resolve_model(ModelSpec(str(path)))
+    assert str(path) in str(info.value) and info.value.exit_code == 2
+    if case == "no data":
+        assert "(2,147,483,648 bytes) but the file holds 0 bytes" in str(info.value)
+
+
 def test_import_model__pt2_dynamic_batch(tmp_path: Path) -> None:
     model = resolve_model(ModelSpec(str(write_pt2(tmp_path / "dyn.pt2", dynamic_batch=True))))
     assert model.input_shape == SMALL_SHAPE and model.notes

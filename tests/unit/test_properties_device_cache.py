@@ -8,6 +8,7 @@ non-ASCII mac).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from typing import Any
@@ -16,6 +17,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
+from pipeline.device import cache as device_cache
 from pipeline.device.cache import DeviceCache, DeviceCopy
 from pipeline.errors import RemoteRunError
 
@@ -23,13 +25,35 @@ FAST = settings(max_examples=100, deadline=None, database=None)
 
 
 class FakeDevice:
-    """What TVM's rpc_server offers the cache: upload, download, remove (a missing file is the device's error)."""
+    """What TVM's rpc_server offers the cache: upload, download, remove (a missing file is the device's error).
 
-    def __init__(self) -> None:
+    ``free``: bytes its disk has left (None: unlimited); an upload then writes what fits and reports nothing,
+    as TVM's does. ``tells``: it also registers ``tvmrp.file_info`` (a device this project starts).
+    """
+
+    def __init__(self, free: int | None = None, tells: bool = False) -> None:
         self.files: dict[str, bytes] = {}
+        self.free = free
+        self.tells = tells
 
     def upload(self, data: bytearray, path: str) -> None:
+        old = self.files.pop(path, b"")  # truncated first, as std::ofstream does
+        if self.free is not None:
+            self.free += len(old)
+            data = data[: self.free]
+            self.free -= len(data)
         self.files[path] = bytes(data)
+
+    def get_function(self, name: str) -> Any:
+        if self.tells and name == "tvmrp.file_info":
+            return self.file_info
+        raise AttributeError(name)  # TVM's answer for a function the server does not register
+
+    def file_info(self, path: str) -> str:
+        if path not in self.files:
+            return json.dumps({"error": "No such file or directory"})
+        data = self.files[path]
+        return json.dumps({"size": len(data), "sha256": hashlib.sha256(data).hexdigest(), "free": self.free})
 
     def download(self, path: str) -> bytearray:
         if path not in self.files:
@@ -37,8 +61,10 @@ class FakeDevice:
         return bytearray(self.files[path])
 
     def remove(self, path: str) -> None:
-        if self.files.pop(path, None) is None:
+        if (data := self.files.pop(path, None)) is None:
             raise RemoteRunError(f"remove {path} failed: no such file")
+        if self.free is not None:
+            self.free += len(data)
 
 
 class FakeSession:
@@ -90,6 +116,38 @@ def test_copies__a_marker_of_another_directory_or_secret_does_not_authenticate(d
         planted.remote.files[_marker_path(other, copy.slot)] = marker
         assert other.copies(planted)[copy.slot] is None
         assert _marker_path(other, copy.slot) not in planted.remote.files  # ignored, and removed
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+
+
+@FAST
+@given(DIRECTORIES, SECRETS, st.lists(st.binary(min_size=1, max_size=64), min_size=1, max_size=3, unique=True),
+       st.binary(min_size=1, max_size=5000), st.integers(min_value=0, max_value=6000), st.booleans(),
+       st.integers(min_value=1, max_value=3), st.booleans())
+def test_put__a_full_disk_never_records_a_short_copy_nor_loses_a_kept_one(
+    directory, secret, kept, data, free, tells, slots, evict
+):
+    """Whatever room is left: the new library is recorded only whole; when it is not, the markers and files
+    the device held before are all still there, byte for byte, and nothing of this upload is left."""
+    device = FakeDevice(tells=tells)
+    cache, session = DeviceCache(directory, secret, slots=slots), FakeSession(device)
+    for library in kept:
+        cache.put(session, library)
+    before = dict(device.files)
+    device.free = free
+    grace, device_cache.GRACE_S = device_cache.GRACE_S, 0.0 if evict else device_cache.GRACE_S
+    try:
+        copy = cache.put(session, data)
+    except RemoteRunError as exc:
+        assert "is full" in str(exc) and "\n" not in str(exc)
+        assert device.files == before
+        return
+    finally:
+        device_cache.GRACE_S = grace
+    assert device.files[cache.path(copy.file)] == data
+    if copy.slot >= 0:
+        assert cache.copies(session)[copy.slot] == copy
 
 
 # ----------------------------------------------------------------------------------- any bytes read back
@@ -151,3 +209,56 @@ def test_copies__a_deeply_nested_marker_is_rejected():
 def test_copies__a_non_ascii_mac_is_rejected():
     raw = json.dumps({**_GOOD, "mac": "\u00e9"}).encode()
     assert _read_back(DeviceCache("/var/cache/tvmrp", b"k" * 32), raw) is None
+
+
+# ------------------------------------------------------------------------- what a device says of a file
+
+
+@functools.cache
+def _device_side():
+    """pipeline/device/device_side/tvmrp_device.py, the module a device runs (not a package of ours)."""
+    import importlib.util
+
+    from pipeline.device.servers import DEVICE_SIDE
+
+    spec = importlib.util.spec_from_file_location("tvmrp_device_under_test", DEVICE_SIDE / "tvmrp_device.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@FAST
+@given(st.binary(max_size=3000))
+def test_file_info__what_the_device_side_answers_round_trips(tmp_path_factory, data):
+    from pipeline.device.probe import parse_file_info
+
+    path = tmp_path_factory.mktemp("file") / "lib.so"
+    path.write_bytes(data)
+    info = parse_file_info(_device_side().file_info(str(path)))
+    assert (info.size, info.sha256, info.error) == (len(data), hashlib.sha256(data).hexdigest(), None)
+    missing = parse_file_info(_device_side().file_info(str(path) + ".missing"))
+    assert missing.size is None and missing.sha256 is None and missing.error == "No such file or directory"
+
+
+def _file_info_like() -> st.SearchStrategy[bytes]:
+    values = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=120),
+                       st.just("a" * 64), st.lists(st.integers(), max_size=3))
+    keys = st.sampled_from(["schema", "path", "size", "sha256", "free", "error", "x"])
+    return st.dictionaries(keys, values, max_size=6).map(lambda d: json.dumps(d).encode())
+
+
+@FAST
+@given(st.one_of(st.binary(max_size=300), st.text(max_size=300), _file_info_like()))
+@example(b"[" * 100_000)
+@example(json.dumps({"size": 2**70, "sha256": "a" * 64}))
+@example(json.dumps({"error": "\x1b[31m" + "x" * 500}))
+def test_parse_file_info__any_answer_is_a_file_info_or_none_never_raised(answer):
+    """A device's answer is untrusted: whatever it is, it parses into sane fields or is rejected."""
+    from pipeline.device.probe import FileInfo, parse_file_info
+
+    info = parse_file_info(answer)
+    assert info is None or isinstance(info, FileInfo)
+    if info is not None and info.error is None:
+        assert isinstance(info.size, int) and 0 <= info.size < 1 << 62 and len(info.sha256) == 64
+    if info is not None and info.error is not None:
+        assert info.size is None and len(info.error) <= 100 and info.error.isprintable()

@@ -1,4 +1,5 @@
-"""Device side: makes a TVM RPC device tell who it is, through the global function ``tvmrp.device_info``.
+"""Device side: makes a TVM RPC device tell who it is (the global function ``tvmrp.device_info``) and what a
+file it holds is (``tvmrp.file_info``).
 
 A stock TVM 0.27 ``rpc_server`` registers no function that reports TVM's version (``support.GetLibInfo`` is
 gone), and a runtime-only one (what a device bundle serves) not even the architecture (the triple functions
@@ -7,21 +8,32 @@ aarch64 device, the pipeline's embedded server) put this module's directory on t
 its ``sitecustomize`` calls :func:`install` in every Python process of the device: the server, its
 ``popen_worker`` (a fresh interpreter) and each session (forked, or spawned with ``--no-fork``).
 
-:func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the function
+:func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the functions
 right after ``tvm_ffi`` has loaded (a Python that never imports TVM never loads it; under qemu that import
-alone takes ~10 s). The function answers a JSON object (:func:`describe`), read by the client's
-``pipeline.device.probe``. Standard library and ``tvm_ffi`` only; nothing here may break the interpreter, so
-every step is guarded.
+alone takes ~10 s). Both answer a JSON object (:func:`describe`, :func:`describe_file`), read by the client's
+``pipeline.device.probe``. ``tvmrp.file_info`` exists because TVM's server offers no way to see what an upload
+wrote (its ``upload`` ignores a failed write: a full disk leaves a short file and no error): the client compares
+the size and SHA-256 of a library on the device with what it sent before loading it. It tells nothing a client
+could not already learn with the server's ``download``. Standard library and ``tvm_ffi`` only; nothing here may
+break the interpreter, so every step is guarded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
+import stat
 import sys
 
 FUNCTION = "tvmrp.device_info"
+FILE_FUNCTION = "tvmrp.file_info"
+#: Set (to 1) by a device bundle's start-device.sh, which restarts the server when it exits: see
+#: :func:`exit_when_the_listener_dies`.
+SUPERVISED_ENV = "TVMRP_DEVICE_SUPERVISED"
+#: The exit code of a server process whose listening thread died.
+LISTENER_DIED = 70
 #: Version of the JSON layout :func:`describe` answers; a client ignores fields it does not know.
 SCHEMA = 1
 #: The environment variable that names the device bundle's directory (set by its start-device.sh).
@@ -60,8 +72,75 @@ def device_info() -> str:
     return json.dumps(describe(), sort_keys=True)
 
 
+def describe_file(path: str) -> dict:
+    """What the regular file at ``path`` is, as plain data (never raises).
+
+    A relative ``path`` is taken in the session's directory (TVM's ``tvm.rpc.server.workpath``), as the
+    server's ``upload`` and ``load_module`` take it. Keys: ``schema``; ``path`` (absolute); ``size`` (bytes) and
+    ``sha256`` (hex) of the file; ``free`` (bytes free to this user on its file system, or None); or instead of
+    size and digest ``error`` (why the file cannot be read: missing, not a regular file...).
+    """
+    answer: dict = {"schema": SCHEMA, "path": str(path)}
+    try:
+        full = _session_path(str(path))
+        answer["path"] = full
+        answer["free"] = _guarded(lambda: _free_bytes(os.path.dirname(full) or "/"))
+        digest = hashlib.sha256()
+        # O_NONBLOCK: a FIFO put in the file's place must not hang the session (no effect on a regular file).
+        with os.fdopen(os.open(full, os.O_RDONLY | os.O_NONBLOCK), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return {**answer, "error": "not a regular file"}
+            size = 0
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+                size += len(chunk)
+        return {**answer, "size": size, "sha256": digest.hexdigest()}
+    except OSError as exc:  # the path is in the answer already
+        return {**answer, "error": str(exc.strerror or type(exc).__name__)[:200]}
+    except Exception as exc:  # noqa: BLE001 - the answer says what went wrong
+        return {**answer, "error": f"{type(exc).__name__}: {exc}"[:200]}
+
+
+def file_info(path: str) -> str:
+    """:func:`describe_file` as JSON: the body of the global function ``tvmrp.file_info``."""
+    return json.dumps(describe_file(path), sort_keys=True)
+
+
+def exit_when_the_listener_dies() -> None:
+    """Under a supervisor (``$TVMRP_DEVICE_SUPERVISED``): end this process when TVM's server loop thread dies.
+
+    TVM 0.27's ``rpc_server`` serves in a thread of its ``popen_worker`` (``rpc/server.py``: ``_listen_loop``).
+    When a session's process exits with an error (killed, crashed), that thread raises and dies, while the
+    process lives on with its port bound: new clients hang and a tracker no longer lists it, for good. Exiting
+    instead (:data:`LISTENER_DIED`) ends the server's main process too, and the supervisor starts a fresh one.
+    Never raises.
+    """
+    try:
+        import threading
+
+        if os.environ.get(SUPERVISED_ENV) != "1":
+            return
+        previous = threading.excepthook
+
+        def hook(args) -> None:
+            try:
+                previous(args)
+            finally:
+                thread = getattr(args, "thread", None)
+                if thread is not None and "_listen_loop" in str(getattr(thread, "name", "")):
+                    sys.stderr.flush()
+                    os._exit(LISTENER_DIED)
+
+        threading.excepthook = hook
+    except Exception:  # noqa: BLE001 - the device must start whatever happens here
+        pass
+
+
 def install() -> None:
-    """Registers ``tvmrp.device_info`` now if ``tvm_ffi`` is loaded, else right after its import. Never raises."""
+    """Registers ``tvmrp.device_info`` and ``tvmrp.file_info`` now if ``tvm_ffi`` is loaded, else right after its
+    import; under a supervisor, :func:`exit_when_the_listener_dies`. Never raises."""
+    exit_when_the_listener_dies()
     try:
         module = sys.modules.get("tvm_ffi")
         if module is not None:
@@ -73,10 +152,24 @@ def install() -> None:
 
 
 def _register(module) -> None:
-    try:
-        module.register_global_func(FUNCTION, device_info, override=True)
-    except Exception:  # noqa: BLE001
-        pass
+    for name, function in ((FUNCTION, device_info), (FILE_FUNCTION, file_info)):
+        try:
+            module.register_global_func(name, function, override=True)
+        except Exception:  # noqa: BLE001
+            pass
+
+
+def _session_path(path: str) -> str:
+    """``path`` as the server's ``upload`` and ``load_module`` read it: a relative one in the session's directory."""
+    if os.path.isabs(path):
+        return path
+    workpath = sys.modules["tvm_ffi"].get_global_func("tvm.rpc.server.workpath", allow_missing=True)
+    return str(workpath(path)) if workpath is not None else os.path.abspath(path)
+
+
+def _free_bytes(directory: str) -> int:
+    info = os.statvfs(directory)
+    return int(info.f_bavail * info.f_frsize)
 
 
 class _AfterTvmFfi:
