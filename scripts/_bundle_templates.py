@@ -57,7 +57,11 @@ START_SH = r"""#!/bin/sh
 # A TVM RPC device from this bundle (TVM @TVM@ runtime only, Python @PYVER@, @PLATFORM@@CUDA_NOTE@).
 #
 #   ./start-device.sh [--host 0.0.0.0] [--port 9090] [--tracker HOST:PORT --key KEY] [--python PYTHON] [--once]
-#                     [-- EXTRA rpc_server ARGS]
+#                     [--libraries DIR | --no-libraries] [-- EXTRA rpc_server ARGS]
+#
+# Keeps the libraries clients upload in --libraries DIR (default: libraries/ here; made private, mode 700)
+# between sessions and restarts, and tells clients so (tvmrp.device_info): their --device-cache auto keeps an
+# unchanged library there instead of sending it again. --no-libraries: keep none.
 #
 # Runs python -m tvm.exec.rpc_server in the foreground and starts it again when it exits (after 1 s, doubling
 # up to 60 s; back to 1 s after a minute of service): a server whose session process died stops serving (its
@@ -72,6 +76,7 @@ port=9090
 tracker=
 key=
 once=0
+libraries=$here/libraries
 python=${PYTHON:-python3}
 cuda=@CUDA@
 while [ $# -gt 0 ]; do
@@ -82,8 +87,10 @@ while [ $# -gt 0 ]; do
     --key) key=$2; shift 2 ;;
     --python) python=$2; shift 2 ;;
     --once) once=1; shift ;;
+    --libraries) libraries=$2; shift 2 ;;
+    --no-libraries) libraries=; shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "start-device: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -106,6 +113,15 @@ export PYTHONPATH
 # supervisor ends a server whose listening thread died.
 export TVMRP_DEVICE_BUNDLE="$here"
 export TVMRP_DEVICE_SUPERVISED=1
+if [ -n "$libraries" ]; then
+  # Only this user may write it: a client loads a kept library only under a marker it authenticated, and a
+  # directory others can write is no place to keep one (tvmrp_device reports none then).
+  mkdir -p "$libraries" && chmod 700 "$libraries"
+  TVMRP_DEVICE_LIBRARY_CACHE=$(cd "$libraries" && pwd -P)
+  export TVMRP_DEVICE_LIBRARY_CACHE
+else
+  unset TVMRP_DEVICE_LIBRARY_CACHE
+fi
 export TVM_USE_RUNTIME_LIB=1
 export PYTHONUNBUFFERED=1
 export PYTHONNOUSERSITE=1
@@ -173,6 +189,9 @@ TVM {tvm} runtime only (no compiler), for Python {pyver} on {platform}{cuda_note
                                                          started again whenever it exits (--once: not)
   ./start-device.sh --tracker HOST:9190 --key my-device  register with a tracker
   ./setup-device.sh [PYTHON]                             install the wheels (start-device.sh does it once)
+
+libraries/ keeps the libraries clients upload, between runs and restarts: an unchanged library is not sent
+again (--libraries DIR elsewhere, --no-libraries for none).
 
 Nothing is downloaded: setup-device.sh installs wheels/ (requirements.txt) into venv/ with --no-index.
 Contents and sizes: bundle.json. Built by tvm-remote-pipeline's scripts/device-bundle.

@@ -11,11 +11,12 @@
 
 Everything lives in one directory (``$TVMRP_STACK_DIR``, default ``<repo>/.stack``): ``prefect/`` is the
 PREFECT_HOME (with the server's SQLite database ``prefect.db``), ``logs/<name>.log`` the output of each
-process, ``run/<name>.json`` its pid, process group and start time. Every process runs in its own process
-group; ``down`` ends each group and every process it spawned (the worker's flow runs run in sessions of
-their own, the embedded rpc_servers those start too), first with SIGTERM, then, after a grace period, with
-SIGKILL. A pid is signalled only while its start time still matches the one recorded at ``up``, so a reused
-pid is never hit.
+process, ``run/<name>.json`` its pid, process group and start time, ``libraries/<name>/`` the libraries a
+device keeps between runs (it reports the directory: clients' ``--device-cache auto`` use it). Every process
+runs in its own process group; ``down`` ends each group and every process it spawned (the worker's flow runs
+run in sessions of their own, the embedded rpc_servers those start too), first with SIGTERM, then, after a
+grace period, with SIGKILL. A pid is signalled only while its start time still matches the one recorded at
+``up``, so a reused pid is never hit.
 
 Settings (environment):
     TVMRP_STACK_DIR            state directory (default <repo>/.stack)
@@ -370,7 +371,8 @@ def _up_device(cfg: Config, name: str) -> None:
         print(f"stack: device already registered under key {key!r}")
         return
     stop(cfg, name)  # one that lost its tracker never registers again
-    device = EmbeddedServer(HOST, tracker=cfg.tracker, key=key, log_path=cfg.log(name))
+    device = EmbeddedServer(HOST, tracker=cfg.tracker, key=key, log_path=cfg.log(name),
+                            library_cache=cfg.home / "libraries" / name)
     device.start()
     _write_record(cfg, name, device.pgid, ["tvm.exec.rpc_server", "--key", key])
     _ready_or_stop(cfg, name, device.wait_ready)

@@ -190,10 +190,12 @@ class OnDevice:
     checked: CheckResult | None = None
 
 
-def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str | None) -> str | None:
+def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str | None,
+                        device_says: bool = False) -> str | None:
     """``device_cache`` once its secret (and, for the embedded server, its directory in the store) exist; None
-    with a warning when the store cannot hold them (a read-only store: the run uploads every time)."""
-    if device_cache is None:
+    with a warning when the store cannot hold them (a read-only store: the run uploads every time). With
+    ``device_says`` and no ``device_cache``, ``""`` once the secret exists: the device may name a directory."""
+    if device_cache is None and not device_says:
         return None
     try:
         store.device_cache_secret()
@@ -202,7 +204,7 @@ def usable_device_cache(device: Device, store: ArtifactStore, device_cache: str 
     except (OSError, StoreError) as exc:
         log.warning("the device cache is off for this run: %s", exc)
         return None
-    return device_cache
+    return "" if device_cache is None else device_cache
 
 
 def device_chain(
@@ -223,13 +225,15 @@ def device_chain(
             returned in ``checked`` (the caller decides), except for a kept copy, which is forgotten and replaced.
     """
     policy, target = job.policy, job.target
-    device_cache = usable_device_cache(device, store, policy.device_cache)
+    device_cache = usable_device_cache(device, store, policy.device_cache, policy.device_says)
+    device_says = device_cache == ""
+    device_cache = device_cache or None
     attempt, reuse, lost = 1, True, None
     while True:
         try:
             with device.session() as session, opened(session) as ref:
                 uploaded = upload_task(ref, job.library, store, target.arch, device_cache, reuse, target.gpu_arch,
-                                       policy.allow_version_skew)
+                                       policy.allow_version_skew, device_says)
                 loaded = load_task(uploaded, store)
                 results = tuple(run_task(set_input_task(loaded, data), job.timing if i == 0 else None)
                                 for i, data in enumerate(job.inputs))

@@ -96,6 +96,13 @@ def inspect_device(
         ArchMismatch: another architecture, no CUDA GPU, or a GPU of another compute capability (nothing is
             uploaded).
     """
+    return _inspect(session, target_arch, gpu_arch, allow_version_skew)[0]
+
+
+def _inspect(
+    session: SessionRef, target_arch: str, gpu_arch: str | None, allow_version_skew: bool
+) -> tuple[str, DeviceInfo]:
+    """:func:`inspect_device`, and what the device told (:class:`DeviceInfo`)."""
     info = probe(session_of(session))
     warning = check_versions(info, allow_skew=allow_version_skew, device=session.description)
     if warning:
@@ -106,7 +113,7 @@ def inspect_device(
     parts += [f"tvm {info.tvm_version}"] if info.tvm_version else []
     parts += [f"host {info.hostname}"] if info.hostname else []
     parts += [f"cuda {gpu} ({gpu_arch})"] if gpu else []
-    return ", ".join(parts)
+    return ", ".join(parts), info
 
 
 def _check_arch(info: DeviceInfo, session: SessionRef, target_arch: str) -> None:
@@ -150,11 +157,15 @@ def upload(
     reuse: bool = True,
     gpu_arch: str | None = None,
     allow_version_skew: bool = False,
+    device_says: bool = False,
 ) -> Uploaded:
     """Verify ``library`` (built for ``target_arch``) and make it available on the device behind ``session``.
 
     Args:
-        device_cache: Directory on the device that keeps libraries between runs (None: the session's own).
+        device_cache: Directory on the device that keeps libraries between runs (None: the session's own,
+            unless ``device_says``).
+        device_says: With no ``device_cache``, use the directory the device reports keeping libraries in
+            (``tvmrp.device_info``'s ``library_cache``: a device bundle, the stack's device), if any.
         reuse: Use a copy the device cache already holds instead of uploading (False: upload anyway).
         gpu_arch: The GPU architecture of a CUDA library (``sm_90``); the model then runs on the device's GPU.
         allow_version_skew: Use a device that runs another minor TVM version (a warning instead of a refusal).
@@ -165,7 +176,11 @@ def upload(
         StoreError: the library on disk no longer matches its digest (it is not uploaded).
         DeviceTimeout / RemoteRunError: the upload did not finish in time or failed.
     """
-    identity = inspect_device(session, target_arch, gpu_arch, allow_version_skew)
+    identity, info = _inspect(session, target_arch, gpu_arch, allow_version_skew)
+    if device_cache is None and device_says and info.library_cache:
+        device_cache = info.library_cache
+        log.info("%s keeps libraries in %s: a library it keeps is not sent again", session.description,
+                 device_cache)
     data, sha256 = verified_library(library, store)
     with while_waiting(f"upload-{library.key[:16]}", f"upload of the library ({len(data) / 1e6:.1f} MB) to "
                        f"{session.description}"):

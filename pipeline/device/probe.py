@@ -89,6 +89,8 @@ class DeviceInfo:
         python_version: The device's Python version (``tvmrp.device_info``).
         bundle: The name of the device bundle it was started from, e.g. ``"tvmrp-device-cp311-aarch64"``
             (``tvmrp.device_info``; None also for a device not started from a bundle).
+        library_cache: The directory where the device keeps uploaded libraries between sessions (a device
+            bundle's, the stack's device; ``tvmrp.device_info``): an absolute path, or None.
     """
 
     triple: str | None = None
@@ -102,6 +104,7 @@ class DeviceInfo:
     tvm_ffi_version: str | None = None
     python_version: str | None = None
     bundle: str | None = None
+    library_cache: str | None = None
 
 
 def probe(session: RemoteSession) -> DeviceInfo:
@@ -134,6 +137,7 @@ def probe(session: RemoteSession) -> DeviceInfo:
         tvm_ffi_version=identity.get("tvm_ffi"),
         python_version=identity.get("python"),
         bundle=identity.get("bundle"),
+        library_cache=identity.get("library_cache"),
     )
 
 
@@ -343,8 +347,9 @@ def parse_device_info(answer: object) -> dict[str, Any] | None:
     """The fields of a ``tvmrp.device_info`` answer (untrusted JSON): strings clipped, wrong types dropped.
 
     Returns:
-        ``machine``, ``triple``, ``hostname``, ``python``, ``tvm``, ``tvm_ffi``, ``bundle`` (str or None) and
-        ``cuda``, ``runtime_only`` (bool or None); None when the answer is not a JSON object.
+        ``machine``, ``triple``, ``hostname``, ``python``, ``tvm``, ``tvm_ffi``, ``bundle`` (str or None),
+        ``cuda``, ``runtime_only`` (bool or None) and ``library_cache`` (an absolute POSIX path of at most 1024
+        printable characters, else None); None when the answer is not a JSON object.
     """
     text = str(answer)
     if len(text) > _DEVICE_INFO_LIMIT:
@@ -363,6 +368,10 @@ def parse_device_info(answer: object) -> dict[str, Any] | None:
         fields[key] = text if isinstance(value, (str, int, float)) and text else None
     for key in ("cuda", "runtime_only"):
         fields[key] = data.get(key) if isinstance(data.get(key), bool) else None
+    cache = data.get("library_cache")
+    fields["library_cache"] = cache if (
+        isinstance(cache, str) and cache.startswith("/") and len(cache) <= 1024 and cache.isprintable()
+        and "/../" not in f"{cache}/") else None
     return fields
 
 

@@ -39,6 +39,7 @@ _LOG_TAIL_LINES = 15
 #: The directory an identifying server has first on its PYTHONPATH: ``tvmrp_device.py`` + ``sitecustomize.py``.
 DEVICE_SIDE = Path(__file__).resolve().parent / "device_side"
 BUNDLE_ENV = "TVMRP_DEVICE_BUNDLE"  # = tvmrp_device.BUNDLE_ENV
+LIBRARY_CACHE_ENV = "TVMRP_DEVICE_LIBRARY_CACHE"  # = tvmrp_device.LIBRARY_CACHE_ENV
 
 
 class _ProcessGroup:
@@ -286,6 +287,9 @@ class EmbeddedServer(_ProcessGroup):
         python: The interpreter to run the server with; it needs apache-tvm, cloudpickle and psutil.
         identify: Register ``tvmrp.device_info`` in the server (False: a stock ``rpc_server``, as someone else
             would run it).
+        library_cache: A directory where the server keeps uploaded libraries between sessions and runs (created,
+            mode 0700), which it reports in ``tvmrp.device_info`` (``library_cache``): clients with
+            ``--device-cache auto`` then keep libraries there (the stack's device). None: it reports none.
 
     Raises:
         UsageError: ``tracker`` without ``key`` or the reverse, or ``tracker`` not ``HOST:PORT``.
@@ -304,12 +308,14 @@ class EmbeddedServer(_ProcessGroup):
         log_path: str | os.PathLike[str] | None = None,
         python: str | os.PathLike[str] = sys.executable,
         identify: bool = True,
+        library_cache: str | os.PathLike[str] | None = None,
     ) -> None:
         if (tracker is None) != (key is None) or key == "":
             raise UsageError("EmbeddedServer needs both tracker and key, or neither.")
         self.tracker = tracker
         self.key = key
         self.identify = identify
+        self.library_cache = None if library_cache is None else Path(library_cache).absolute()
         self._tracker_address = None if tracker is None else split_host_port(tracker)
         if not _is_loopback(host):
             logger.warning(
@@ -326,6 +332,10 @@ class EmbeddedServer(_ProcessGroup):
     def _environment(self) -> dict[str, str]:
         env = super()._environment()
         env.pop(BUNDLE_ENV, None)  # inherited from a bundle device that started us: this server is not one
+        env.pop(LIBRARY_CACHE_ENV, None)  # nor does it keep that one's libraries
+        if self.library_cache is not None:
+            self.library_cache.mkdir(mode=0o700, parents=True, exist_ok=True)
+            env[LIBRARY_CACHE_ENV] = str(self.library_cache)
         if not self.identify:
             return env
         if not (DEVICE_SIDE / "sitecustomize.py").is_file():

@@ -166,7 +166,8 @@ class RunRequest:
     device_cache: str = field(default="auto", metadata=arg(
         "device", "directory on the device that keeps uploaded libraries between runs, so an unchanged library is "
         "not sent again; it must exist there and only the device's rpc_server user should be able to write it. "
-        "auto: inside the artifact store for the embedded server, off for other devices; off: upload every run",
+        "auto: inside the artifact store for the embedded server; for another device, the directory it reports "
+        "keeping libraries in (a device bundle's, the stack's device), else off; off: upload every run",
         where=(ACCURACY,), metavar="DIR|auto|off"))
     allow_version_skew: bool = field(default=False, metadata=arg(
         "device", "use a device whose TVM is another minor version than this machine's (refused by default; "
@@ -230,14 +231,19 @@ class DevicePolicy:
     whether another minor TVM version is accepted.
 
     Attributes:
-        device_cache: the directory on the device that keeps libraries between runs; None: upload every run.
+        device_cache: the directory on the device that keeps libraries between runs; None: upload every run,
+            unless ``device_says``.
         retries: fresh sessions to try after the device was lost mid-run.
         allow_version_skew: use a device that runs another minor TVM version (a warning instead of a refusal).
+        device_says: with no ``device_cache``, keep libraries in the directory the device reports it keeps them
+            in (``tvmrp.device_info``'s ``library_cache``: a device bundle, the stack's device), if it reports
+            one (``--device-cache auto`` for a device other than the embedded one).
     """
 
     device_cache: str | None = None
     retries: int = 1
     allow_version_skew: bool = False
+    device_says: bool = False
 
 
 @dataclass(frozen=True)
@@ -339,7 +345,8 @@ def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRe
     return ResolvedRequest(
         model=model, target=target, opt_level=opt_level, schedules=request.schedules, tune_trials=tune_trials,
         tune_runner=tune_runner, device=device,
-        policy=DevicePolicy(device_cache, request.device_retries, request.allow_version_skew),
+        policy=DevicePolicy(device_cache, request.device_retries, request.allow_version_skew,
+                            device_says=request.device_cache == "auto" and device.kind != "local"),
         image=image, input=found.input(image, model), timing=Timing(number=request.number, repeat=request.repeat),
         check=request.check, thresholds=thresholds, store=store, refresh=request.refresh,
         build_only=request.build_only,
@@ -347,7 +354,8 @@ def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRe
 
 
 def _device_cache_dir(value: str, device: DeviceSpec, store: ArtifactStore) -> str | None:
-    """``--device-cache``: off, auto (the embedded server: inside the store; another device: off) or a path."""
+    """``--device-cache``: off, auto (the embedded server: inside the store; another device: None here, and the
+    directory the device reports, if any: :attr:`DevicePolicy.device_says`) or a path."""
     if value == "off":
         return None
     if value == "auto":

@@ -38,6 +38,9 @@ LISTENER_DIED = 70
 SCHEMA = 1
 #: The environment variable that names the device bundle's directory (set by its start-device.sh).
 BUNDLE_ENV = "TVMRP_DEVICE_BUNDLE"
+#: The environment variable that names the directory where this device keeps uploaded libraries between
+#: sessions (set by a bundle's start-device.sh and the stack's device): reported as ``library_cache``.
+LIBRARY_CACHE_ENV = "TVMRP_DEVICE_LIBRARY_CACHE"
 _BUNDLE_FILE_LIMIT = 1 << 16
 
 
@@ -48,8 +51,9 @@ def describe() -> dict:
     for, ``sysconfig``'s ``HOST_GNU_TYPE``, e.g. ``aarch64-unknown-linux-gnu``; not LLVM's, which needs the
     compiler library); ``system``; ``hostname``; ``python``; ``tvm`` and ``tvm_ffi`` (the versions loaded in
     this process, else the installed ones, else the bundle's); ``runtime_only`` (TVM loaded without its
-    compiler library); ``bundle`` (the bundle's name, or None when not started from one) and ``cuda`` (the
-    bundle's CUDA flag).
+    compiler library); ``bundle`` (the bundle's name, or None when not started from one); ``cuda`` (the
+    bundle's CUDA flag); ``library_cache`` (the directory this device keeps uploaded libraries in between
+    sessions, :func:`library_cache`, or None).
     """
     bundle = _bundle()
     return {
@@ -64,7 +68,22 @@ def describe() -> dict:
         "runtime_only": _guarded(_runtime_only),
         "bundle": bundle.get("name"),
         "cuda": bundle.get("cuda"),
+        "library_cache": _guarded(library_cache),
     }
+
+
+def library_cache():
+    """The directory named by ``$TVMRP_DEVICE_LIBRARY_CACHE`` if it is fit to keep libraries in: an absolute
+    path to a directory (not a link) of this process's user that nobody else may write; else None. (A client
+    loads a kept library only under a marker it authenticated, but a file others may replace is no place to
+    keep one: docs/security.md.)"""
+    path = os.environ.get(LIBRARY_CACHE_ENV, "")
+    if not path or not os.path.isabs(path):
+        return None
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid() or info.st_mode & 0o022:
+        return None
+    return os.path.normpath(path)
 
 
 def device_info() -> str:
