@@ -53,6 +53,7 @@ class SeaweedS3:
         """The environment that points boto3 (and so the store) at this server."""
         return {"AWS_ENDPOINT_URL": self.endpoint, "AWS_ACCESS_KEY_ID": ACCESS_KEY,
                 "AWS_SECRET_ACCESS_KEY": SECRET_KEY, "AWS_REGION": "us-east-1",
+                "AWS_EC2_METADATA_DISABLED": "true",  # botocore never asks a cloud's metadata service here
                 "AWS_CONFIG_FILE": str(self.directory / "no-aws-config"),
                 "AWS_SHARED_CREDENTIALS_FILE": str(self.directory / "no-aws-credentials")}
 
