@@ -3,7 +3,8 @@ would buy: measured on a real rpc_server on 127.0.0.1.
 
     .venv/bin/python bench/upload_rate.py LIBRARY [--repeats 3] [--json FILE]
 
-Rows: ``remote.upload`` of the whole file (one RPC call); the same bytes in chunks of 1, 4 and 16 MB (one
+Rows: ``remote.upload`` of the whole file (one RPC call) and the CPU it costs this process and the device's
+processes; the same bytes in chunks of 1, 4 and 16 MB (one
 ``remote.upload`` per chunk, to separate files: what a chunked upload would cost per byte); the bytes as a
 tensor copied to the device (TVM's CopyToRemote path); a plain loopback socket copy; and for zlib (levels 1 and
 6) and lzma (preset 0) the compressed size, the time to compress here and to decompress (the device's side,
@@ -23,6 +24,7 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project (bench/ itself is already first)
 
@@ -36,6 +38,18 @@ def _median(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def _cpu(processes: list) -> float:
+    """User + system CPU seconds of ``processes`` so far (those that ended count 0)."""
+    total = 0.0
+    for proc in processes:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
 
 
 def main() -> int:
@@ -63,6 +77,13 @@ def main() -> int:
         remote = rpc.connect(host, port, session_timeout=600)
         row("remote.upload, one call", _median(lambda: remote.upload(data, f"whole-{time.perf_counter_ns()}.so"),
                                                   args.repeats))
+        device = psutil.Process().children(recursive=True)  # the rpc_server, its popen_worker, the session
+        client_cpu, device_cpu = time.process_time(), _cpu(device)
+        remote.upload(data, "cpu.so")
+        cpu = {"client_s": time.process_time() - client_cpu, "device_s": _cpu(device) - device_cpu}
+        rows["cpu of one upload"] = cpu
+        print(f"{'cpu of one upload':<40} client {cpu['client_s'] * 1e3:.0f} ms, device processes "
+              f"{cpu['device_s'] * 1e3:.0f} ms", flush=True)
         for chunk in (1 << 20, 4 << 20, 16 << 20):
             def chunked(chunk: int = chunk) -> None:
                 for i in range(0, size, chunk):
