@@ -80,6 +80,16 @@ def test_bundle_device__reports_its_private_library_directory_and_none_without_o
         assert probe(s).library_cache is None
 
 
+def test_embedded_server__with_a_library_cache_reports_it_as_the_stacks_device_does(tmp_path):
+    from pipeline.device import EmbeddedServer
+
+    with EmbeddedServer(library_cache=tmp_path / "libraries") as server:
+        host, port = server.address
+        with open_session(DeviceSpec(host=host, port=port)) as session:
+            assert probe(session).library_cache == str(tmp_path / "libraries")
+    assert (tmp_path / "libraries").stat().st_mode & 0o777 == 0o700
+
+
 def test_fleet__a_second_run_on_two_bundle_devices_uploads_nothing(prefect_api, store_root, tmp_path):
     model = make_tiny_onnx(tmp_path / "kept.onnx", seed=4)
     with bundle_device(_bundle(tmp_path / "device-a")) as port_a, \
