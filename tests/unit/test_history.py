@@ -155,8 +155,10 @@ def test_format_table__one_line_per_run_with_marks():
     assert header.split()[:3] == ["id", "started", "(UTC)"] and "median ms" in header and "build" in header
     assert len(lines) == 3
     assert lines[0].startswith(slow.id) and "2026-11-28 12:00" in lines[0] and "REGRESSION +30.0%" in lines[0]
-    assert "152.6" in lines[0] and "157.2" in lines[0] and "2.0%" in lines[0] and "abababababab" in lines[0]
-    assert "llvm (x86_64-conda-linux-gnu)" in lines[0] and "passed" in lines[0]
+    assert "152.6" in lines[0] and "157.2" in lines[0] and "161.8" in lines[0] and "abababab" in lines[0]  # p99
+    assert "llvm (x86_64-conda-linux-gnu)" in lines[0] and "passed" in lines[0] and "0.27.0.post1" in lines[0]
+    for column in ("schedules", "opt", "trials", "tvm", "p99 ms", "verdict"):
+        assert column in header, column
     assert "FAILED" in lines[1] and "+1.2%" in lines[1]
     assert "failed" in lines[2] and "10.0.0.7:9090" in lines[2]
 
@@ -326,7 +328,7 @@ def test_cli_compare__text_and_json(capsys, store_root, ledger):
         assert field in differs, field
     assert "tune_trials  0 -> 64" in differs and "opt_level" not in differs
     assert "Latency A  mean" in out and "Latency B  mean" in out
-    assert "median 117.4 -> 80.1 ms: faster by 31.8%" in out and "different series" in out
+    assert "median 117.4 -> 80.1 ms: faster by 31.8%" in out and "different builds" in out
     code, out, _ = history(capsys, store_root, "compare", a.id, b.id, "--json")
     data = json.loads(out)
     assert code == 0 and data["latency"]["beyond_noise"]

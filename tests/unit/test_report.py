@@ -61,7 +61,7 @@ def test_top5_table__ranks_and_rounds():
 
 
 def test_judge__compares_with_the_median_of_the_previous_runs():
-    assert judge(100.0, []).message == "first run of this series"
+    assert judge(100.0, []).message == "first run of this lineage"
     verdict = judge(125.0, [100.0, 102.0, 100.0])
     assert verdict.message.startswith("REGRESSION: +25.0% against the median of the previous 3 run(s)")
 

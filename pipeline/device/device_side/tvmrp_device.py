@@ -1,4 +1,5 @@
-"""Device side: makes a TVM RPC device tell who it is, through the global function ``tvmrp.device_info``.
+"""Device side: makes a TVM RPC device tell who it is (``tvmrp.device_info``) and how busy it is
+(``tvmrp.device_load``), through two global functions.
 
 A stock TVM 0.27 ``rpc_server`` registers no function that reports TVM's version (``support.GetLibInfo`` is
 gone), and a runtime-only one (what a device bundle serves) not even the architecture (the triple functions
@@ -9,7 +10,7 @@ its ``sitecustomize`` calls :func:`install` in every Python process of the devic
 
 :func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the function
 right after ``tvm_ffi`` has loaded (a Python that never imports TVM never loads it; under qemu that import
-alone takes ~10 s). The function answers a JSON object (:func:`describe`), read by the client's
+alone takes ~10 s). Each function answers a JSON object (:func:`describe`, :func:`load`), read by the client's
 ``pipeline.device.probe``. Standard library and ``tvm_ffi`` only; nothing here may break the interpreter, so
 every step is guarded.
 """
@@ -22,6 +23,7 @@ import platform
 import sys
 
 FUNCTION = "tvmrp.device_info"
+LOAD_FUNCTION = "tvmrp.device_load"
 #: Version of the JSON layout :func:`describe` answers; a client ignores fields it does not know.
 SCHEMA = 1
 #: The environment variable that names the device bundle's directory (set by its start-device.sh).
@@ -60,8 +62,27 @@ def device_info() -> str:
     return json.dumps(describe(), sort_keys=True)
 
 
+def load() -> dict:
+    """How busy this machine is, as seen from the calling process (never raises; an unknown field is None).
+
+    Keys: ``loadavg`` (the 1, 5 and 15 minute load averages), ``affinity`` (the CPUs this process may run on,
+    ``sched_getaffinity``), ``cpus`` (``os.cpu_count()``). The client uses it for its own host too.
+    """
+    return {
+        "loadavg": _guarded(lambda: [round(x, 2) for x in os.getloadavg()]),
+        "affinity": _guarded(lambda: sorted(os.sched_getaffinity(0))),
+        "cpus": _guarded(os.cpu_count),
+    }
+
+
+def device_load() -> str:
+    """:func:`load` as JSON: the body of the global function ``tvmrp.device_load``."""
+    return json.dumps(load(), sort_keys=True)
+
+
 def install() -> None:
-    """Registers ``tvmrp.device_info`` now if ``tvm_ffi`` is loaded, else right after its import. Never raises."""
+    """Registers ``tvmrp.device_info`` and ``tvmrp.device_load`` now if ``tvm_ffi`` is loaded, else right after
+    its import. Never raises."""
     try:
         module = sys.modules.get("tvm_ffi")
         if module is not None:
@@ -73,10 +94,11 @@ def install() -> None:
 
 
 def _register(module) -> None:
-    try:
-        module.register_global_func(FUNCTION, device_info, override=True)
-    except Exception:  # noqa: BLE001
-        pass
+    for name, function in ((FUNCTION, device_info), (LOAD_FUNCTION, device_load)):
+        try:
+            module.register_global_func(name, function, override=True)
+        except Exception:  # noqa: BLE001
+            pass
 
 
 class _AfterTvmFfi:
