@@ -194,3 +194,18 @@ def test_ledger_lineage_history__passed_runs_of_the_lineage_oldest_first(store_r
     found = ledger.lineage_history(mine[0].lineage_id, "99999999T999999Z-ffffff", 10)
     assert [r.id for r in found] == [r.id for r in mine]
     assert [r.id for r in ledger.lineage_history(mine[0].lineage_id, mine[2].id, 1)] == [mine[1].id]
+
+
+def test_run_request__threads_device_name_and_the_gate_are_checked_where_the_run_starts():
+    from pipeline.errors import REGRESSION_EXIT_CODE, RegressionFound, UsageError
+    from pipeline.planning.request import RunRequest, check_request, request_fields
+
+    check_request(RunRequest(threads=4, device_name="bench-b", fail_on_regression=True))
+    with pytest.raises(UsageError, match=r"^--threads must be a whole number from 1 to 1024 \(got 0\)$"):
+        check_request(RunRequest(threads=0))
+    for bad in ("", "  ", "x\x1b[2J", "n" * 101):
+        with pytest.raises(UsageError, match=r"^--device-name must be 1 to 100 printable characters"):
+            check_request(RunRequest(device_name=bad))
+    assert {"threads", "fail_on_regression"} <= {f.name for f in request_fields("fleet")}
+    assert "threads" in {f.name for f in request_fields("fleet-device")}
+    assert REGRESSION_EXIT_CODE == RegressionFound("x").exit_code == 3
