@@ -12,10 +12,13 @@ Judging (:func:`judge_runs`): a run's median against the median of the earlier r
 two-level bootstrap: the earlier runs are resampled, and each run's samples within it (the uncertainty of the
 baseline); with :data:`MIN_HISTORY` or more earlier runs, the run's own resampled median is also shifted by one
 of their deviations from their median (a run drifts as runs of its build do). Noise within a run and drift
-between runs both widen it. The
-smallest change that counts is ``max(5 %, 3 sd)``, where sd is the spread of the earlier medians (1.4826 x
-their median absolute deviation: robust to the odd outlier run); 10 % while fewer than :data:`MIN_HISTORY`
-runs tell that spread. The decision:
+between runs both widen it. When a run is noisy (p90 more than 10 % above its median), the median itself is
+what other work on the machine moves (a loaded 2-core host gives bimodal samples: 1.5 ms when the thread has
+the CPU, 5-10 ms when it does not, and medians of 1.7, 1.9 and 3.5 ms for one build): the runs are then judged
+on their 10th percentile instead (the same build's: 1.51, 1.51, 1.52 ms), and the verdict says so. The
+smallest change that counts is ``max(5 %, 3 sd)``, where sd is the spread of the earlier runs' figures
+(1.4826 x their median absolute deviation: robust to the odd outlier run); 10 % while fewer than
+:data:`MIN_HISTORY` runs tell that spread. The decision:
 
 * ``regression``: the change is above that threshold and the whole interval lies above zero (slower, surely);
 * ``faster``: the mirror image;
@@ -60,6 +63,8 @@ KEPT_SAMPLES = 256
 """The most samples a run keeps (its ledger record, its verdict): evenly spaced in time order when it took more."""
 CONFIDENCE = 0.99
 RESAMPLES = 2000
+NOISY_PERCENTILE = 10
+"""What noisy runs are judged on: their 10th percentile, which interference from other work hardly moves."""
 MIN_BOOTSTRAP_SAMPLES = 5
 """Fewer samples than this in the judged run: it is judged on its median alone."""
 MAX_THREADS = 1024
@@ -210,8 +215,9 @@ class Verdict:
 
     Attributes:
         regression: slower than the baseline beyond the threshold and the noise (``decision == "regression"``).
-        change: relative change of the median against the baseline (+0.30 = 30 % slower); None without history.
-        baseline_ms: median of the earlier runs' medians.
+        change: relative change of the run's median (``statistic``) against the baseline (+0.30 = 30 % slower);
+            None without history.
+        baseline_ms: median of the earlier runs' medians (``statistic``).
         threshold: the smallest relative change that counts (``max(5 %, 3 sd)`` of the earlier medians, 10 % with
             fewer than :data:`MIN_HISTORY` runs).
         runs: how many earlier runs were compared.
@@ -223,6 +229,7 @@ class Verdict:
             build before it, when something changed: :attr:`changes` says what).
         changes: what differs from the runs judged against (the build, versions, device, threads).
         baseline_runs: the ids of the runs judged against, oldest first.
+        statistic: what was compared: ``median``, or ``p10`` (the 10th percentile) when the runs are noisy.
     """
 
     regression: bool
@@ -237,13 +244,14 @@ class Verdict:
     against: str | None = None
     changes: tuple[Change, ...] = ()
     baseline_runs: tuple[str, ...] = ()
+    statistic: str = "median"
 
     def as_dict(self) -> dict[str, Any]:
         return {"regression": self.regression, "change": self.change, "baseline_ms": self.baseline_ms,
                 "threshold": self.threshold, "runs": self.runs, "message": self.message, "decision": self.decision,
                 "interval": list(self.interval) if self.interval is not None else None, "confidence": CONFIDENCE,
-                "method": self.method, "against": self.against, "changes": [c.as_dict() for c in self.changes],
-                "baseline_runs": list(self.baseline_runs)}
+                "method": self.method, "statistic": self.statistic, "against": self.against,
+                "changes": [c.as_dict() for c in self.changes], "baseline_runs": list(self.baseline_runs)}
 
 
 def _usable(value: Any) -> bool:
@@ -263,41 +271,66 @@ def _percent(x: float) -> str:
     return f"{x * 100:+.1f}%"
 
 
+def statistic_of(samples_ms: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile of a run's samples (50: its median)."""
+    return percentile(samples_ms, q)
+
+
 def change_interval(samples_ms: Sequence[float], earlier: Sequence[Measured], confidence: float = CONFIDENCE,
-                    resamples: int = RESAMPLES, seed: int = 0, predictive: bool = True) -> tuple[float, float]:
-    """The ``confidence`` interval of the relative change of a run's median (``samples_ms``) against the median of
-    the ``earlier`` runs' medians, by a two-level bootstrap: the earlier runs are resampled with replacement and
-    each one's samples within it (a run without samples counts as its median alone); the run's own samples are
-    resampled too and, ``predictive``, shifted by one of the earlier runs' deviations from their median.
-    Deterministic (``seed``)."""
+                    resamples: int = RESAMPLES, seed: int = 0, predictive: bool = True, q: float = 50) -> tuple[float, float]:
+    """The ``confidence`` interval of the relative change of a run's ``q``-th percentile (its median by default)
+    against the median of the ``earlier`` runs' ones, by a two-level bootstrap: the earlier runs are resampled
+    with replacement and each one's samples within it (a run without samples counts as its median alone); the
+    run's own samples are resampled too and, ``predictive`` with :data:`MIN_HISTORY` earlier runs or more,
+    shifted by one of the earlier runs' deviations from their median. Deterministic (``seed``)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
 
-    def medians_of(values: Sequence[float]) -> Any:
+    def statistics_of(values: Sequence[float]) -> Any:
         v = np.asarray(values, dtype=float)
         if v.size < 2:
             return np.full(resamples, float(v[0]))
-        return np.median(v[rng.integers(0, v.size, size=(resamples, v.size))], axis=1)
+        # The q-th percentile of each resample, interpolated as percentile() does (a partition: no full sort).
+        position = (v.size - 1) * q / 100.0
+        low = int(math.floor(position))
+        high = min(low + 1, v.size - 1)
+        part = np.partition(v[rng.integers(0, v.size, size=(resamples, v.size))], sorted({low, high}), axis=1)
+        return part[:, low] + (part[:, high] - part[:, low]) * (position - low)
 
-    this = medians_of(samples_ms)
-    per_run = np.stack([medians_of(run.samples_ms or (run.median_ms,)) for run in earlier])
+    this = statistics_of(samples_ms)
+    per_run = np.stack([statistics_of(run.samples_ms or (run.median_ms,)) for run in earlier])
     picks = rng.integers(0, len(earlier), size=(len(earlier), resamples))
     base = np.median(np.take_along_axis(per_run, picks, axis=0), axis=0)
-    if predictive and len(earlier) >= MIN_HISTORY:  # this run drifts as the earlier ones did: add one of their deviations from their median
-        medians = np.array([run.median_ms for run in earlier], dtype=float)
-        drift = medians / np.median(medians) - 1.0
+    if predictive and len(earlier) >= MIN_HISTORY:  # this run drifts as the earlier ones did
+        points = np.array([statistic_of(run.samples_ms, q) if run.samples_ms else run.median_ms for run in earlier])
+        drift = points / np.median(points) - 1.0
         this = this * (1.0 + drift[rng.integers(0, len(earlier), size=resamples)])
     tail = (1 - confidence) / 2
     low, high = np.quantile(this / base - 1.0, [tail, 1 - tail])
     return float(low), float(high)
 
 
+def spread_of(samples_ms: Sequence[float]) -> float:
+    """How far a run's p90 lies above its median, relative to the median (noisy: above :data:`NOISY_SPREAD`)."""
+    middle = percentile(samples_ms, 50)
+    return (percentile(samples_ms, 90) - middle) / middle if middle > 0 else 0.0
+
+
+def percentile_to_judge(runs: Sequence[Sequence[float]]) -> int:
+    """What runs are compared by: their median (50), or their 10th percentile when one of them is noisy and every
+    one has its samples (the median is what other work on the machine moves; the fastest samples show the code)."""
+    if all(len(s) >= MIN_BOOTSTRAP_SAMPLES for s in runs) and any(spread_of(s) > NOISY_SPREAD for s in runs):
+        return NOISY_PERCENTILE
+    return 50
+
+
 def judge_runs(run: Measured, earlier: Sequence[Measured], noisy: bool = False, against: str = SAME_BUILD,
                changes: Sequence[Change] = ()) -> Verdict:
     """Is ``run`` slower than the ``earlier`` runs (oldest first; the last :data:`HISTORY` count)?
 
-    With the run's samples, decided on the interval of the change (module docstring); without them (fewer than
+    With the run's samples, decided on the interval of the change (module docstring): of the medians, or of the
+    10th percentiles when a run is noisy and every run has its samples. Without them (fewer than
     :data:`MIN_BOOTSTRAP_SAMPLES`), on the medians alone, as :func:`judge`. ``against`` and ``changes`` say
     which runs these are (the same build, or the build before a change) and are named in the message.
     """
@@ -305,23 +338,25 @@ def judge_runs(run: Measured, earlier: Sequence[Measured], noisy: bool = False, 
     earlier = [Measured(e.median_ms, tuple(s for s in e.samples_ms if _usable(s)), e.run_id)
                for e in earlier if _usable(e.median_ms)][-HISTORY:]
     ids = tuple(e.run_id for e in earlier if e.run_id)
-    what = (f"the median of the previous {len(earlier)} run(s) of this build" if against == SAME_BUILD else
-            f"the median of the previous build's last {len(earlier)} run(s)")
+    runs = (f"the previous {len(earlier)} run(s) of this build" if against == SAME_BUILD else
+            f"the previous build's last {len(earlier)} run(s)")
     changed = f"; changed: {', '.join(str(c) for c in changes)}" if changes else ""
     if not earlier or not _usable(run.median_ms):
         return Verdict(False, None, None, None, 0, "first run of this lineage" if not earlier else
                        "no latency to judge", FIRST, against=against if earlier else None, changes=tuple(changes))
     if len(samples) < MIN_BOOTSTRAP_SAMPLES:
         verdict = judge(run.median_ms, [e.median_ms for e in earlier], noisy)
-        message = verdict.message.replace(f"the median of the previous {len(earlier)} run(s)", what) + changed
+        message = verdict.message.replace(f"the previous {len(earlier)} run(s)", runs) + changed
         decision = REGRESSION if verdict.regression else (INCONCLUSIVE if noisy else SAME)
         return Verdict(verdict.regression, verdict.change, verdict.baseline_ms, verdict.threshold, len(earlier),
                        message, decision, None, "medians", against, tuple(changes), ids)
-    medians = [e.median_ms for e in earlier]
-    base = median(medians)
-    threshold = _threshold(medians, base)
-    change = run.median_ms / base - 1.0
-    low, high = change_interval(samples, earlier)
+    q = percentile_to_judge([samples, *(e.samples_ms for e in earlier)])
+    points = [e.median_ms if q == 50 else statistic_of(e.samples_ms, q) for e in earlier]
+    point = run.median_ms if q == 50 else statistic_of(samples, q)
+    base = median(points)
+    threshold = _threshold(points, base)
+    change = point / base - 1.0
+    low, high = change_interval(samples, earlier, q=q)
     if change > threshold and low > 0:
         decision = REGRESSION
     elif change < -threshold and high < 0:
@@ -330,19 +365,21 @@ def judge_runs(run: Measured, earlier: Sequence[Measured], noisy: bool = False, 
         decision = INCONCLUSIVE
     else:
         decision = SAME
-    ratio = f"{run.median_ms / base:.2f}x, " if abs(change) >= 0.5 else ""
-    figures = (f"{_percent(change)} ({ratio}{CONFIDENCE:.0%} interval {_percent(low)} to {_percent(high)}) against "
-               f"{what} ({base:.4g} ms)")
+    statistic = "median" if q == 50 else f"p{q}"
+    ratio = f"{point / base:.2f}x, " if abs(change) >= 0.5 else ""
+    figures = f"{_percent(change)} ({ratio}{CONFIDENCE:.0%} interval {_percent(low)} to {_percent(high)}) against "
+    figures += (f"the median of {runs} ({base:.4g} ms)" if q == 50 else
+                f"{runs} ({base:.4g} ms by the {q}th percentile: the runs are noisy, their fastest samples show the "
+                "code's speed)")
     rule = f"a change counts beyond {threshold * 100:.1f}%"
     message = {
         REGRESSION: f"REGRESSION: {figures}{changed}; {rule}",
         FASTER: f"faster: {figures}{changed}; {rule}",
         SAME: f"{figures}{changed}: within the noise ({rule})",
-        INCONCLUSIVE: f"{figures}{changed}; inconclusive: the interval reaches "
-                      f"{'zero' if abs(change) > threshold else 'beyond the threshold'} ({rule})",
+        INCONCLUSIVE: f"{figures}{changed}; inconclusive: the interval reaches zero ({rule})",
     }[decision]
     return Verdict(decision == REGRESSION, change, base, threshold, len(earlier), message, decision, (low, high),
-                   "bootstrap", against, tuple(changes), ids)
+                   "bootstrap", against, tuple(changes), ids, statistic)
 
 
 def judge(median_ms: float, history_ms: Sequence[float], noisy: bool = False) -> Verdict:

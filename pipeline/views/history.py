@@ -25,7 +25,9 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 from pipeline.errors import UsageError, clip
-from pipeline.latency import CONFIDENCE, MIN_BOOTSTRAP_SAMPLES, MIN_CHANGE, NOISY_SPREAD, Measured
+from pipeline.latency import (
+    CONFIDENCE, MIN_BOOTSTRAP_SAMPLES, MIN_CHANGE, NOISY_SPREAD, Measured, percentile, percentile_to_judge,
+)
 from pipeline.store.ledger import RunRecord
 from pipeline.store.lineage import spread
 from pipeline.views.text import csv_text, markdown_cell, printable
@@ -161,9 +163,10 @@ def _changed_names(verdict: dict[str, Any]) -> list[str]:
 
 def verdict_text(verdict: Any) -> str:
     """A verdict (a record's ``regression``, ``Verdict.as_dict()``) as a table cell: ``REGRESSION +30.2%``,
-    ``faster -20.0%``, ``+1.2%``, ``+12.0% inconclusive``, ``first`` or ``-`` (not judged); what changed since
-    the runs it was judged against in brackets: ``REGRESSION +141.0% [schedules]``. Records judged before
-    intervals were: ``+12.0% noisy`` for a run too noisy to judge."""
+    ``faster -20.0%``, ``+1.2%``, ``+12.0% inconclusive``, ``first`` or ``-`` (not judged); ``(p10)`` when noisy
+    runs were judged on their 10th percentile; what changed since the runs it was judged against in brackets:
+    ``REGRESSION +141.0% [schedules]``. Records judged before intervals were: ``+12.0% noisy`` for a run too
+    noisy to judge."""
     if not isinstance(verdict, dict):
         return "-"
     change = _number(verdict.get("change"))
@@ -174,7 +177,8 @@ def verdict_text(verdict: Any) -> str:
         decision = "regression"
     elif not isinstance(decision, str):
         decision = "noisy" if "inconclusive" in str(verdict.get("message", "")) else "same"
-    figure = f"{change * 100:+.1f}%"
+    figure = f"{change * 100:+.1f}%" + (f" ({verdict['statistic']})" if verdict.get("statistic") not in (None, "median")
+                                         and isinstance(verdict.get("statistic"), str) else "")
     text = {"regression": f"REGRESSION {figure}", "faster": f"faster {figure}", "inconclusive": f"{figure} inconclusive",
             "noisy": f"{figure} noisy"}.get(decision, figure)
     names = _changed_names(verdict)
@@ -480,6 +484,8 @@ class LatencyChange:
         beyond_noise: the change counts (see :func:`latency_change`).
         message: one line for people: ``within noise (...)``, ``slower by 30.2 % ...`` or ``faster by ...``.
         interval: the 99 % interval of the change, from both runs' samples (None: a run has none).
+        statistic: what was compared: ``median``, or ``p10`` when a run is noisy (both with samples).
+        values: A's and B's figure of that statistic (ms).
     """
 
     change: float | None
@@ -487,6 +493,8 @@ class LatencyChange:
     beyond_noise: bool
     message: str
     interval: tuple[float, float] | None = None
+    statistic: str = "median"
+    values: tuple[float, float] | None = None
 
 
 def _samples(samples: Sequence[float] | None) -> tuple[float, ...]:
@@ -511,13 +519,18 @@ def latency_change(a: dict[str, Any] | None, b: dict[str, Any] | None, samples_a
     if len(sa) >= MIN_BOOTSTRAP_SAMPLES and len(sb) >= MIN_BOOTSTRAP_SAMPLES:
         from pipeline.latency import change_interval  # numpy, only when comparing samples
 
-        low, high = change_interval(sb, [Measured(median_a, sa)])
+        q = percentile_to_judge([sa, sb])
+        values = (median_a, median_b) if q == 50 else (percentile(sa, q), percentile(sb, q))
+        change = values[1] / values[0] - 1.0
+        low, high = change_interval(sb, [Measured(median_a, sa)], q=q)
         beyond = abs(change) > MIN_CHANGE and (low > 0 or high < 0)
+        by = "" if q == 50 else f"; by the {q}th percentile: a run is noisy, the fastest samples show the code's speed"
         bar = (f"{CONFIDENCE:.0%} interval {low * 100:+.1f}% to {high * 100:+.1f}% from the samples; a change "
-               f"counts beyond {MIN_CHANGE * 100:.0f}% when the interval excludes zero")
+               f"counts beyond {MIN_CHANGE * 100:.0f}% when the interval excludes zero{by}")
         message = (f"{'slower' if change > 0 else 'faster'} by {abs(change) * 100:.1f}% ({bar})" if beyond else
                    f"within noise ({change * 100:+.1f}%; {bar})")
-        return LatencyChange(change, MIN_CHANGE, beyond, message, (low, high))
+        return LatencyChange(change, MIN_CHANGE, beyond, message, (low, high), "median" if q == 50 else f"p{q}",
+                             values)
     threshold = max(MIN_CHANGE, spread(a), spread(b))
     beyond = abs(change) > threshold
     bar = f"a change must exceed {threshold * 100:.1f}%: max(5%, each run's p90 above its median)"
@@ -550,7 +563,8 @@ class Comparison:
             "same": list(self.same),
             "latency": {"a": self.a.latency_ms, "b": self.b.latency_ms, "change": lat.change,
                         "threshold": lat.threshold, "beyond_noise": lat.beyond_noise, "message": lat.message,
-                        "interval": list(lat.interval) if lat.interval is not None else None},
+                        "interval": list(lat.interval) if lat.interval is not None else None,
+                        "statistic": lat.statistic},
         }
 
 
@@ -600,7 +614,10 @@ def format_comparison(comparison: Comparison) -> str:
     lines.append("Same       " + (", ".join(c.same) or "nothing"))
     lines.append(f"Latency A  {latency_line(c.a.latency_ms, c.a.samples)}")
     lines.append(f"Latency B  {latency_line(c.b.latency_ms, c.b.samples)}")
-    if c.latency.change is not None and c.a.latency_ms and c.b.latency_ms:
+    if c.latency.change is not None and c.latency.values is not None:
+        figures = f"{_ms(c.latency.values[0])} -> {_ms(c.latency.values[1])}"
+        lines.append(f"Change     {c.latency.statistic} {figures} ms: {c.latency.message}")
+    elif c.latency.change is not None and c.a.latency_ms and c.b.latency_ms:
         medians = f"{_ms(c.a.latency_ms.get('median'))} -> {_ms(c.b.latency_ms.get('median'))}"
         lines.append(f"Change     median {medians} ms: {c.latency.message}")
     else:
