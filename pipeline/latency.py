@@ -12,21 +12,18 @@ Judging (:func:`judge_runs`): a run's median against the median of the earlier r
 two-level bootstrap: the earlier runs are resampled, and each run's samples within it (the uncertainty of the
 baseline); with :data:`MIN_HISTORY` or more earlier runs, the run's own resampled median is also shifted by one
 of their deviations from their median (a run drifts as runs of its build do). Noise within a run and drift
-between runs both widen it. When a run is noisy (p90 more than 10 % above its median), the median itself is
-what other work on the machine moves (a loaded 2-core host gives bimodal samples: 1.5 ms when the thread has
-the CPU, 5-10 ms when it does not, and medians of 1.7, 1.9 and 3.5 ms for one build): the runs are then judged
-on their 10th percentile instead (the same build's: 1.51, 1.51, 1.52 ms), and the verdict says so. The
-smallest change that counts is ``max(5 %, 3 sd)``, where sd is the spread of the earlier runs' figures
-(1.4826 x their median absolute deviation: robust to the odd outlier run); 10 % while fewer than
-:data:`MIN_HISTORY` runs tell that spread. The decision:
+between runs both widen it. When a run is noisy (p90 more than 10 % above its median) and every run has its
+samples, the runs are compared by their 10th percentile instead (:func:`percentile_to_judge`): on a loaded host
+the samples are bimodal and the median is what the load moves, while other work only ever adds time
+(measurements: docs/history.md#lineages-and-the-verdict). The smallest change that counts is
+``max(5 %, 3 sd)``, where sd is the spread of the earlier runs' figures (1.4826 x their median absolute
+deviation: robust to the odd outlier run); 10 % while fewer than :data:`MIN_HISTORY` runs tell that spread. The
+decision:
 
 * ``regression``: the change is above that threshold and the whole interval lies above zero (slower, surely);
 * ``faster``: the mirror image;
 * ``same``: the change is within the threshold (within the noise);
 * ``inconclusive``: a change beyond the threshold whose interval reaches zero: the data cannot tell.
-
-Simulated nightly series (tests/unit/test_lineage.py) with 5-15 % noise within runs and 1-3 % drift between
-them: 1 % or fewer of unchanged runs are called regressions, a 2x slowdown always is.
 
 Runs recorded without their samples (older records) are judged on their medians alone (:func:`judge`): no
 interval, and a noisy run is never called a regression.

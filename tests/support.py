@@ -63,8 +63,8 @@ def make_tiny_onnx(path: Path, seed: int = 0, classes: int = 10) -> Path:
 
 def make_conv_onnx(path: Path, channels: int = 32, seed: int = 0) -> Path:
     """A small ONNX classifier whose speed the schedules decide: two 3x3 convolutions of ``channels`` channels on
-    1x3x32x32, then GlobalAveragePool + Gemm. Measured on a 2-core host: 1.6 ms with the rule-based schedules,
-    4.0 ms without any (``--schedules none``), so a change of schedules is a change no noise hides."""
+    1x3x32x32, then GlobalAveragePool + Gemm. Without schedules (``--schedules none``) it is several times slower
+    than with the rule-based ones (docs/history.md has the figures): a change no noise hides."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
