@@ -114,18 +114,26 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
                 "devices": round(done - compiled, 3)},
     )
     _publish(summary)
-    if not summary.passed:
-        failed = summary.failed
-        names = ", ".join(f"{r.model} on {r.device}" for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
-        raise FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names}); the first: {failed[0].error}",
-                          summary)
-    regressed = [r for r in summary.results if r.regression is not None and r.regression.regression]
-    if regressed and fleet_spec.shared.fail_on_regression:
-        names = ", ".join(f"{r.model} on {r.device}" for r in regressed[:5]) + (", ..." if len(regressed) > 5 else "")
-        raise RegressionFound(f"latency regression in {len(regressed)} of {len(summary.results)} pairs "
-                              f"(--fail-on-regression): {names}; the first: {regressed[0].regression.message}",
-                              summary)
+    raise_if_failed(summary, fleet_spec.shared.fail_on_regression)
     return summary
+
+
+def raise_if_failed(summary: FleetSummary, fail_on_regression: bool = False) -> None:
+    """End a fleet run that did not pass: a failed pair is :class:`FleetFailed` (exit 1); with
+    ``fail_on_regression``, a pair judged a latency regression is :class:`RegressionFound` (exit 3). Each
+    carries the summary, so the command line still prints the table."""
+    def names(results: Sequence[PairResult]) -> str:
+        return ", ".join(f"{r.model} on {r.device}" for r in results[:5]) + (", ..." if len(results) > 5 else "")
+
+    failed = summary.failed
+    if failed:
+        raise FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names(failed)}); the first: "
+                          f"{failed[0].error}", summary)
+    regressed = [r for r in summary.results if r.regression is not None and r.regression.regression]
+    if regressed and fail_on_regression:
+        raise RegressionFound(f"latency regression in {len(regressed)} of {len(summary.results)} pairs "
+                              f"(--fail-on-regression): {names(regressed)}; the first: "
+                              f"{regressed[0].regression.message}", summary)
 
 
 def with_gate(spec: FleetSpec, fail_on_regression: bool) -> FleetSpec:

@@ -327,3 +327,19 @@ def test_format_junit__one_case_per_pair_failures_for_stages_checks_and_regressi
     assert "\\x1b[31m" in cases[2].find("failure").get("message")
     assert all(c.find("system-out") is not None and "run 20260101T000000Z-abcdef" in c.find("system-out").text
                for c in cases)
+
+
+def test_raise_if_failed__a_failed_pair_is_exit_1_a_regression_exit_3_only_when_asked():
+    from flows.fleet import raise_if_failed
+    from pipeline.errors import FleetFailed, RegressionFound
+
+    regressed = _result("a", "m1", summary=make_summary(regression=_verdict("regression", 1.4, [("schedules", "r", "x")])))
+    ghost = _result("ghost", "m0", summary=None, error="no device", error_type="DeviceUnavailable")
+    both = FleetSummary("20260101T000000Z-000000", "f.yaml", (_result("a", "m0"), regressed, ghost), BuildCounts(), 1.0)
+    only = FleetSummary("20260101T000000Z-000000", "f.yaml", (_result("a", "m0"), regressed), BuildCounts(), 1.0)
+    with pytest.raises(FleetFailed, match=r"^1 of 3 pairs failed \(m0 on ghost\)") as failed:
+        raise_if_failed(both, fail_on_regression=True)
+    assert failed.value.exit_code == 1 and failed.value.summary is both
+    raise_if_failed(only)  # a regression alone fails nothing unless asked
+    with pytest.raises(RegressionFound, match=r"^latency regression in 1 of 2 pairs \(--fail-on-regression\): m1 on a;"):
+        raise_if_failed(only, fail_on_regression=True)
