@@ -84,7 +84,8 @@ def _add_filters(parser: argparse.ArgumentParser, command: bool = False) -> None
     parser.add_argument("--device", default=unset, metavar="NAME",
                         help="only runs on devices whose name (a fleet's device name, --device-name) or address "
                              "contains this")
-    parser.add_argument("--target", default=unset, help="only runs whose target (canonical or short form) contains this")
+    parser.add_argument("--target", default=unset,
+                        help="only runs whose target (canonical or short form) contains this")
     parser.add_argument("--lineage", default=unset, metavar="ID",
                         help="only runs of this lineage (an id or its start; python -m flows.history show RUN "
                              "names a run's)")

@@ -274,7 +274,8 @@ def statistic_of(samples_ms: Sequence[float], q: float) -> float:
 
 
 def change_interval(samples_ms: Sequence[float], earlier: Sequence[Measured], confidence: float = CONFIDENCE,
-                    resamples: int = RESAMPLES, seed: int = 0, predictive: bool = True, q: float = 50) -> tuple[float, float]:
+                    resamples: int = RESAMPLES, seed: int = 0, predictive: bool = True,
+                    q: float = 50) -> tuple[float, float]:
     """The ``confidence`` interval of the relative change of a run's ``q``-th percentile (its median by default)
     against the median of the ``earlier`` runs' ones, by a two-level bootstrap: the earlier runs are resampled
     with replacement and each one's samples within it (a run without samples counts as its median alone); the
@@ -290,7 +291,7 @@ def change_interval(samples_ms: Sequence[float], earlier: Sequence[Measured], co
             return np.full(resamples, float(v[0]))
         # The q-th percentile of each resample, interpolated as percentile() does (a partition: no full sort).
         position = (v.size - 1) * q / 100.0
-        low = int(math.floor(position))
+        low = math.floor(position)
         high = min(low + 1, v.size - 1)
         part = np.partition(v[rng.integers(0, v.size, size=(resamples, v.size))], sorted({low, high}), axis=1)
         return part[:, low] + (part[:, high] - part[:, low]) * (position - low)

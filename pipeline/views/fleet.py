@@ -123,7 +123,8 @@ def format_junit(summary: FleetSummary) -> str:
         lines = [f"run {result.run_id} on {result.device_address}", f"target {result.target}"]
         if result.latency is not None:
             lat = result.latency
-            lines.append(f"median {lat.median:.4g} ms, p90 {lat.p90:.4g} ms, p99 {lat.p99:.4g} ms ({lat.repeat} samples)")
+            lines.append(f"median {lat.median:.4g} ms, p90 {lat.p90:.4g} ms, p99 {lat.p99:.4g} ms "
+                         f"({lat.repeat} samples)")
         if verdict is not None:
             lines.append(f"verdict: {verdict.message}")
         if not result.passed:

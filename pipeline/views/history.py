@@ -179,8 +179,8 @@ def verdict_text(verdict: Any) -> str:
         decision = "noisy" if "inconclusive" in str(verdict.get("message", "")) else "same"
     figure = f"{change * 100:+.1f}%" + (f" ({verdict['statistic']})" if verdict.get("statistic") not in (None, "median")
                                          and isinstance(verdict.get("statistic"), str) else "")
-    text = {"regression": f"REGRESSION {figure}", "faster": f"faster {figure}", "inconclusive": f"{figure} inconclusive",
-            "noisy": f"{figure} noisy"}.get(decision, figure)
+    text = {"regression": f"REGRESSION {figure}", "faster": f"faster {figure}",
+            "inconclusive": f"{figure} inconclusive", "noisy": f"{figure} noisy"}.get(decision, figure)
     names = _changed_names(verdict)
     return printable(f"{text} [{', '.join(names)}]" if names else text)
 
@@ -359,8 +359,8 @@ def _tuning(record: RunRecord) -> str:
 def _check_line(check: dict[str, Any] | None) -> str:
     if not isinstance(check, dict):
         return "not run"
-    figures = "  ".join(f"{name.replace('_', ' ')} {_number(check[name]):.3g}" for name in ("max_abs_diff", "max_rel_diff")
-                        if _number(check.get(name)) is not None)
+    figures = "  ".join(f"{name.replace('_', ' ')} {_number(check[name]):.3g}"
+                        for name in ("max_abs_diff", "max_rel_diff") if _number(check.get(name)) is not None)
     return f"{'passed' if check.get('passed') is True else 'FAILED'}  {figures}  ({check.get('reason', '')})"
 
 
@@ -607,8 +607,8 @@ def format_comparison(comparison: Comparison) -> str:
              f"B          {c.b.id}  {c.b.status}  {c.b.started}  {c.b.model} on {c.b.name}"]
     if c.differences:
         width = max(len(d.field) for d in c.differences)
-        lines += [f"{'Differs' if i == 0 else '':<11}{d.field:<{width}}  {_value(d.a, d.field)} -> {_value(d.b, d.field)}"
-                  for i, d in enumerate(c.differences)]
+        lines += [f"{'Differs' if i == 0 else '':<11}{d.field:<{width}}  {_value(d.a, d.field)} -> "
+                  f"{_value(d.b, d.field)}" for i, d in enumerate(c.differences)]
     else:
         lines.append("Differs    nothing that is recorded")
     lines.append("Same       " + (", ".join(c.same) or "nothing"))

@@ -17,7 +17,8 @@ def history_cli(store_root, *args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def test_lineage__no_schedules_after_three_rule_runs_fails_the_gate_naming_the_change(prefect_api, store_root, tmp_path):
+def test_lineage__no_schedules_after_three_rule_runs_fails_the_gate_naming_the_change(
+        prefect_api, store_root, tmp_path):
     model = make_conv_onnx(tmp_path / "conv.onnx")
     env = {"PREFECT_API_URL": prefect_api}
     common = ("--model", str(model), "--artifacts", str(store_root), "--repeat", "30", "--threads", "1")

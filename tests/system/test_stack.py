@@ -38,7 +38,8 @@ def _artifacts(client, flow_run_id) -> dict[str, object]:
 
     by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
     found = client.read_artifacts(artifact_filter=by_run)
-    return {a.key.rsplit("-", 1)[0]: a for a in found}  # "summary-tiny-onnx-<device>-<lineage>" -> "summary-tiny-onnx-<device>"
+    # "summary-tiny-onnx-<device>-<lineage>" -> "summary-tiny-onnx-<device>"
+    return {a.key.rsplit("-", 1)[0]: a for a in found}
 
 
 def test_stack__up_is_idempotent_and_status_reports_everything(stack):

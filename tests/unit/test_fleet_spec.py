@@ -307,7 +307,8 @@ def test_format_junit__one_case_per_pair_failures_for_stages_checks_and_regressi
     summary = FleetSummary("20260101T020000Z-000000", "lab.yaml", (
         _result("a", "m0"),
         _result("a", "m1", summary=make_summary(regression=_verdict("regression", 1.4, [("schedules", "rules", "x")]))),
-        _result("ghost\x07", "m0", summary=None, error="no device for key 'ghost'\x1b[31m", error_type="DeviceUnavailable"),
+        _result("ghost\x07", "m0", summary=None, error="no device for key 'ghost'\x1b[31m",
+                error_type="DeviceUnavailable"),
         _result("b", "m0", error="check failed: max abs diff 0.5", error_type="CheckFailed",
                 summary=make_summary(check=failed_check)),
     ), BuildCounts(ran=2), 12.5)
@@ -316,7 +317,8 @@ def test_format_junit__one_case_per_pair_failures_for_stages_checks_and_regressi
     assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>') and root.tag == "testsuites"
     (suite,) = root
     assert suite.tag == "testsuite" and suite.get("tests") == "4" and suite.get("failures") == "3"
-    assert suite.get("errors") == "0" and suite.get("timestamp") == "2026-01-01T02:00:00" and suite.get("time") == "12.500"
+    assert suite.get("errors") == "0" and suite.get("timestamp") == "2026-01-01T02:00:00"
+    assert suite.get("time") == "12.500"
     cases = suite.findall("testcase")
     assert [(c.get("classname"), c.get("name")) for c in cases] == [
         ("fleet.a", "m0"), ("fleet.a", "m1"), ("fleet.ghost\\x07", "m0"), ("fleet.b", "m0")]
@@ -333,7 +335,8 @@ def test_raise_if_failed__a_failed_pair_is_exit_1_a_regression_exit_3_only_when_
     from flows.fleet import raise_if_failed
     from pipeline.errors import FleetFailed, RegressionFound
 
-    regressed = _result("a", "m1", summary=make_summary(regression=_verdict("regression", 1.4, [("schedules", "r", "x")])))
+    verdict = _verdict("regression", 1.4, [("schedules", "r", "x")])
+    regressed = _result("a", "m1", summary=make_summary(regression=verdict))
     ghost = _result("ghost", "m0", summary=None, error="no device", error_type="DeviceUnavailable")
     both = FleetSummary("20260101T000000Z-000000", "f.yaml", (_result("a", "m0"), regressed, ghost), BuildCounts(), 1.0)
     only = FleetSummary("20260101T000000Z-000000", "f.yaml", (_result("a", "m0"), regressed), BuildCounts(), 1.0)
@@ -341,5 +344,5 @@ def test_raise_if_failed__a_failed_pair_is_exit_1_a_regression_exit_3_only_when_
         raise_if_failed(both, fail_on_regression=True)
     assert failed.value.exit_code == 1 and failed.value.summary is both
     raise_if_failed(only)  # a regression alone fails nothing unless asked
-    with pytest.raises(RegressionFound, match=r"^latency regression in 1 of 2 pairs \(--fail-on-regression\): m1 on a;"):
+    with pytest.raises(RegressionFound, match=r"^latency regression in 1 of 2 pairs \(--fail-on-regression\): m1 on a"):
         raise_if_failed(only, fail_on_regression=True)

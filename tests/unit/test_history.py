@@ -409,7 +409,8 @@ def test_cli__a_ledger_of_wrong_types_and_control_characters_never_breaks_the_ou
                    device_identity=CONTROL, stages={CONTROL: CONTROL}, versions={"apache-tvm": CONTROL},
                    check={"passed": "yes", "max_abs_diff": "x", "reason": CONTROL},
                    regression={"change": "big", "regression": "yes", "message": CONTROL, "interval": ["a"],
-                               "changes": [{"field": CONTROL, "a": [1], "b": {"x": CONTROL}}], "baseline_runs": [CONTROL]},
+                               "changes": [{"field": CONTROL, "a": [1], "b": {"x": CONTROL}}],
+                               "baseline_runs": [CONTROL]},
                    conditions={"threads": "8", "device": 5, "host": {"loadavg": ["x"], "affinity": [CONTROL]}},
                    latency_ms={"median": float("nan"), "p90": float("inf")}, samples_ms=[float("nan"), -1.0])
     plain = record(NOW - dt.timedelta(hours=1))
@@ -431,7 +432,8 @@ def test_cli__a_ledger_of_wrong_types_and_control_characters_never_breaks_the_ou
     table = outputs[0][1]
     assert "m\\x1b[2J\\x1b]0;~X\\u202e" in table and nasty.id in table and plain.id in table
     csv_rows = list(csv.DictReader(io.StringIO(outputs[1][1], newline="")))
-    assert len(csv_rows) == 2 and csv_rows[1]["error"].startswith("boom\\x1b[2J") and "\nline two" in csv_rows[1]["error"]
+    assert len(csv_rows) == 2 and csv_rows[1]["error"].startswith("boom\\x1b[2J")
+    assert "\nline two" in csv_rows[1]["error"]
     assert outputs[4][1].count("\nError      boom") == 1 and "\n           line two" in outputs[4][1]
 
 
