@@ -32,6 +32,7 @@ from pipeline.store import ArtifactStore
 from pipeline.store.ledger import RunRecord, device_name, lineage_of, record_of
 from pipeline.store.lineage import judge_record
 from pipeline.views.chart import data_url, draw_trend
+from pipeline.views.text import printable
 from pipeline.views.run import (
     latency_table, lineage_rows, lineage_title, summary_markdown, top5_table, trend_points, ui_key,
 )
@@ -170,14 +171,14 @@ def report(summary: RunSummary, store: ArtifactStore, fleet_run: str | None = No
         history = []
     note = ledger.skipped_note()
     if note:
-        log.warning("%s", note)
+        log.warning("%s", printable(note))
     passed = summary.passed
     record = record_of(summary, "passed" if passed else "failed", 0 if passed else 1,
                        None if passed else "check failed", versions=versions(), flow_run_id=flow_run_id(),
                        fleet_run=fleet_run)
     verdict = judge_record(record, history)
     judged = replace(summary, regression=verdict)
-    (log.warning if verdict.regression else log.info)("latency trend: %s", verdict.message)
+    (log.warning if verdict.regression else log.info)("latency trend: %s", printable(verdict.message))
     if verdict.regression:
         emit_regression(judged)
     exit_code = REGRESSION_EXIT_CODE if passed and gate and verdict.regression else record.exit_code
