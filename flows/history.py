@@ -26,6 +26,7 @@ from flows._cli import Parser, run_command
 from pipeline.errors import UsageError
 from pipeline.store import ENV_VAR, ArtifactStore
 from pipeline.store.ledger import Ledger, RunRecord
+from pipeline.views.text import printable
 from pipeline.views.history import (
     Selection, compare, format_comparison, format_csv, format_markdown, format_run, format_table, parse_since,
     runs_json, select,
@@ -156,7 +157,7 @@ def _execute(args: argparse.Namespace) -> Output:
     output = _command(ledger, args)
     note = ledger.skipped_note()
     if note is not None:
-        output = Output(output.text, "\n".join(filter(None, (output.note, f"Warning: {note}"))))
+        output = Output(output.text, "\n".join(filter(None, (output.note, f"Warning: {printable(note)}"))))
     return output
 
 
