@@ -11,8 +11,11 @@ Run ``python -m flows.fleet FLEET.yaml`` (``--help``); the flow is ``flows/fleet
 deployments (``fleet-nightly`` in ``prefect.yaml``). :mod:`pipeline.fleet.spec` reads and checks the fleet file
 (``docs/fleet.md`` describes it), :mod:`pipeline.fleet.plan` resolves and plans its pairs, and :mod:`tasks.fleet` holds
 the stages wired here (``compile``, ``remote-build``, ``prepare-reference``, ``run-pair``). A pair that fails (its device down, a key with no server, a failed check)
-fails alone, with its reason; the run then ends ``Failed`` (exit 1) with the whole table. Each pair records
-its run in the run ledger as a ``resnet_remote`` run does, with ``fleet_run`` set to the fleet run's id.
+fails alone, with its reason; the run then ends ``Failed`` (exit 1) with the whole table. With
+``fail_on_regression`` (``--fail-on-regression``), a run whose pairs all passed but some were judged latency
+regressions ends ``Failed`` with exit code 3. ``--junit FILE`` writes the table as JUnit XML for CI. Each pair
+records its run in the run ledger as a ``resnet_remote`` run does, with ``fleet_run`` set to the fleet run's
+id and its device's name as the run's ``device_name``.
 
 Concurrency is Prefect's: the compilations are tasks on a ``ProcessPoolTaskRunner`` (TVM's compiler is not
 thread-safe; the compile chain is safe across processes, see the store's locks), or runs of a ``build_only``
@@ -32,6 +35,7 @@ import re
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from prefect import flow
@@ -39,11 +43,13 @@ from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows._cli import Parser, run_command
 from pipeline.device import tracker_summary
-from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError, one_line
+from pipeline.errors import (
+    DeviceUnavailable, FleetFailed, PairFailed, PipelineError, RegressionFound, StoreError, UsageError, clip, one_line,
+)
 from pipeline.fleet.plan import FleetPair, ResolvedFleet, resolve_fleet
 from pipeline.fleet.spec import FleetSpec, fleet_from_mapping, load_fleet
 from pipeline.results import BuildCounts, FleetSummary, PairResult, RunStamp
-from pipeline.views.fleet import format_markdown, format_text, table_rows
+from pipeline.views.fleet import format_junit, format_markdown, format_text, table_rows
 from tasks.chains import Compiled, Prepared, Reference
 from tasks.fleet import compile_task, in_store, not_run, pair_task, reference_once_task, remote_build_task
 from tasks.report import flow_run_id
@@ -69,7 +75,8 @@ def load_spec(fleet_file: str = FLEET_FILE, spec: dict[str, Any] | None = None) 
     return fleet_from_mapping(spec) if spec is not None else load_fleet(fleet_file)
 
 
-def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dict[str, Any] | None = None) -> FleetSummary:
+def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dict[str, Any] | None = None,
+           fail_on_regression: bool = False) -> FleetSummary:
     """Run every model of the fleet file on every device of it; each distinct compilation once.
 
     Args:
@@ -78,6 +85,8 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
         artifacts: the artifact store, a directory or ``s3://BUCKET/PREFIX`` (default: the fleet file's
             ``artifacts``, else ``$TVMRP_ARTIFACTS``, else ``artifacts/``).
         spec: the fleet file's content as a mapping, instead of ``fleet_file``.
+        fail_on_regression: end with :class:`RegressionFound` (exit code 3) when a pair was judged a latency
+            regression (as the fleet file's ``fail_on_regression: true``).
 
     Returns:
         The run's summary (``--json``): every pair's result and the builds' counts.
@@ -85,10 +94,13 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
     Raises:
         UsageError: the fleet file is wrong (file, line and field named), before anything runs.
         FleetFailed: some pairs failed; the others completed. It carries the summary.
+        RegressionFound: every pair passed, some regressed, and the run was asked to fail on that. It carries the
+            summary.
     """
     clock = time.perf_counter()
     fleet_run = RunStamp.new().id
-    fleet = resolve_fleet(load_spec(fleet_file, spec), artifacts)
+    fleet_spec = with_gate(load_spec(fleet_file, spec), fail_on_regression)
+    fleet = resolve_fleet(fleet_spec, artifacts)
     log.info("fleet run %s: %d device(s) x %d model(s), store %s", fleet_run, len(fleet.spec.devices),
              len(fleet.spec.models), fleet.store.location)
     resolved = time.perf_counter()
@@ -103,12 +115,35 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
                 "devices": round(done - compiled, 3)},
     )
     _publish(summary)
-    if not summary.passed:
-        failed = summary.failed
-        names = ", ".join(f"{r.model} on {r.device}" for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
-        raise FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names}); the first: {failed[0].error}",
-                          summary)
+    raise_if_failed(summary, fleet_spec.shared.fail_on_regression)
     return summary
+
+
+def raise_if_failed(summary: FleetSummary, fail_on_regression: bool = False) -> None:
+    """End a fleet run that did not pass: a failed pair is :class:`FleetFailed` (exit 1); with
+    ``fail_on_regression``, a pair judged a latency regression is :class:`RegressionFound` (exit 3). Each
+    carries the summary, so the command line still prints the table."""
+    def names(results: Sequence[PairResult]) -> str:
+        return ", ".join(f"{r.model} on {r.device}" for r in results[:5]) + (", ..." if len(results) > 5 else "")
+
+    failed = summary.failed
+    if failed:
+        raise FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names(failed)}); the first: "
+                          f"{failed[0].error}", summary)
+    regressed = [r for r in summary.results if r.regression is not None and r.regression.regression]
+    if regressed and fail_on_regression:
+        raise RegressionFound(f"latency regression in {len(regressed)} of {len(summary.results)} pairs "
+                              f"(--fail-on-regression): {names(regressed)}; the first: "
+                              f"{regressed[0].regression.message}", summary)
+
+
+def with_gate(spec: FleetSpec, fail_on_regression: bool) -> FleetSpec:
+    """``spec`` with ``fail_on_regression`` set for every pair when asked (the file may set it itself)."""
+    from dataclasses import replace
+
+    if not fail_on_regression or spec.shared.fail_on_regression:
+        return spec
+    return replace(spec, shared=replace(spec.shared, fail_on_regression=True))
 
 
 fleet = flow(name="fleet", flow_run_name=_run_name, log_prints=False)(_fleet)
@@ -357,13 +392,52 @@ def build_parser() -> Parser:
                         help="the artifact store: a directory or s3://BUCKET/PREFIX (default: the fleet file's "
                              "artifacts, else $TVMRP_ARTIFACTS, else artifacts/ at the repository root)")
     parser.add_argument("--json", action="store_true", help="print the fleet's results as one JSON object on the last line")
+    parser.add_argument("--fail-on-regression", action="store_true",
+                        help="exit with code 3 when every pair passed but some were judged latency regressions "
+                             "against their lineage (a CI gate; docs/history.md)")
+    parser.add_argument("--junit", metavar="FILE", default=None,
+                        help="also write the results as JUnit XML: one test case per (device, model) pair; a failed "
+                             "stage, a failed check or a latency regression is a failure")
     parser.add_argument("--verbose", action="store_true", help="show tracebacks of errors")
     return parser
 
 
 def _execute(args: Any) -> FleetSummary:
+    junit = _junit_path(args.junit) if args.junit else None
     resolve_fleet(load_fleet(args.fleet_file), args.artifacts)  # fail fast on a bad file, before Prefect starts
-    return fleet(fleet_file=args.fleet_file, artifacts=args.artifacts)  # a FleetFailed carries the table
+    try:
+        summary = fleet(fleet_file=args.fleet_file, artifacts=args.artifacts,
+                        fail_on_regression=args.fail_on_regression)
+    except (FleetFailed, RegressionFound) as exc:  # they carry the table: the report still gets written
+        if junit is not None and exc.summary is not None:
+            write_junit(exc.summary, junit)
+        raise
+    if junit is not None:
+        write_junit(summary, junit)
+    return summary
+
+
+def _junit_path(text: str) -> Path:
+    """Where ``--junit`` writes, checked before anything runs: its directory must exist."""
+    path = Path(text).expanduser()
+    if path.is_dir() or not path.parent.is_dir():
+        raise UsageError(f"--junit {clip(text)!r}: give a file in an existing directory")
+    return path
+
+
+def write_junit(summary: FleetSummary, path: Path) -> None:
+    """Write the JUnit XML of ``summary`` to ``path`` atomically (temporary file, then rename).
+
+    Raises:
+        StoreError: the file cannot be written.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(format_junit(summary), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise StoreError(f"cannot write the JUnit file {clip(path)} ({exc.strerror})") from exc
 
 
 def _show(summary: FleetSummary, as_json: bool) -> None:
@@ -374,7 +448,8 @@ def _show(summary: FleetSummary, as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 all pairs passed, 1 some failed, 2 a bad fleet file)."""
+    """Command-line entry point; returns the exit code (0 all pairs passed, 1 some failed, 2 a bad fleet file, 3 a
+    regression with --fail-on-regression, 130 interrupted)."""
     return run_command(argv, build_parser(), _execute, _show)
 
 

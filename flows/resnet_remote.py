@@ -25,7 +25,7 @@ from typing import Any, Sequence
 from prefect import flow
 
 from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RegressionFound
 from pipeline.planning.plan import plan_run
 from pipeline.planning.request import DEFAULT_MODEL, DEFAULT_TARGET, RunRequest, resolve_once, resolved_in_advance
 from pipeline.results import BuildSummary, RunStamp, RunSummary
@@ -60,6 +60,8 @@ def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
 
     Raises:
         CheckFailed: the device's output failed the check (the summary rides on the exception).
+        RegressionFound: ``fail_on_regression`` and the run was judged a latency regression (exit code 3; the
+            summary rides on it).
     """
     stamp = RunStamp.new()
     req = resolve_once(RunRequest(**parameters))
@@ -74,6 +76,9 @@ def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
     summary = run_one(plan, stamp, lambda: prepare_here(plan))
     if summary.check is not None:
         raise_if_failed(summary.check, req.model.name, summary)  # the flow run fails; the summary rides on it
+    verdict = summary.regression
+    if req.fail_on_regression and verdict is not None and verdict.regression:
+        raise RegressionFound(f"latency regression (--fail-on-regression): {verdict.message}", summary)
     return summary
 
 
@@ -109,7 +114,8 @@ def _show(summary: RunSummary | BuildSummary, as_json: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage failed, 130 interrupted)."""
+    """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage failed, 3 a latency
+    regression with --fail-on-regression, 130 interrupted)."""
     return run_command(argv, build_parser(), _execute, _show)
 
 

@@ -2,7 +2,8 @@
 
 Every error a user can meet is a :class:`PipelineError`. The CLI prints ``Error: <message>`` and exits
 with :attr:`PipelineError.exit_code`: 2 for bad usage or bad input (fix the command line or the files),
-1 for a stage that failed (the device, the build, the store). TVM's and the frameworks' own exceptions
+1 for a stage that failed (the device, the build, the store), 3 for a latency regression when the run was
+asked to fail on one (``--fail-on-regression``, a CI gate). TVM's and the frameworks' own exceptions
 are wrapped at the boundary with a message that says what to do.
 
     PipelineError                 exit 1
@@ -15,6 +16,7 @@ are wrapped at the boundary with a message that says what to do.
     +-- StoreError                artifact store unwritable, corrupt beyond repair
     +-- CheckFailed               the compiled model's output differs from its framework's beyond the thresholds
     +-- FleetFailed               some pairs of a fleet run failed, the others completed (carries the summary)
+    +-- RegressionFound           exit 3: --fail-on-regression and a run was judged a latency regression
     +-- PairFailed                one (device, model) pair of a fleet run failed (carries the pair's result)
     +-- OrchestrationError        the Prefect API failed the run (down, or overloaded past its client's retries)
     +-- DeviceError               anything on the device side
@@ -124,6 +126,29 @@ class FleetFailed(PipelineError):
     """
 
     def __init__(self, message: str, summary: FleetSummary | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
+
+    def __reduce__(self) -> tuple[Any, ...]:  # keeps the summary through pickling (Prefect persists states)
+        return type(self), (str(self), self.summary)
+
+
+REGRESSION_EXIT_CODE = 3
+"""The exit code of a run that ``--fail-on-regression`` failed: a regression, nothing else wrong."""
+
+
+class RegressionFound(PipelineError):
+    """A run (or a pair of a fleet run) was judged a latency regression and the run was asked to fail on one
+    (``--fail-on-regression``): exit code 3, so that CI tells it from a failure (1) and bad usage (2).
+
+    Attributes:
+        summary: what the run produced (a :class:`pipeline.results.RunSummary` or
+            :class:`pipeline.results.FleetSummary`); the CLI prints it, then the error.
+    """
+
+    exit_code = REGRESSION_EXIT_CODE
+
+    def __init__(self, message: str, summary: RunSummary | FleetSummary | None = None) -> None:
         super().__init__(message)
         self.summary = summary
 

@@ -1,7 +1,8 @@
 """What runs produce, as one family of typed values.
 
     BuildSummary        a compile chain's outcome (a --build-only run is one)
-    DeviceOutcome       what one model did on one device: output, top-5, latency, upload, check
+    DeviceOutcome       what one model did on one device: output, top-5, latency (with its samples and the
+                        conditions it was measured under), upload, check
     RunSummary          a run: its BuildSummary + its DeviceOutcome (+ the verdict against earlier runs)
     PairResult          one (device, model) pair of a fleet: its RunSummary, or why it has none
     FleetSummary        a fleet run: every PairResult and the builds' counts
@@ -139,6 +140,48 @@ class CheckResult:
         }
 
 
+@dataclass(frozen=True)
+class Load:
+    """How busy a machine was when a run was timed (each None where it could not tell).
+
+    Attributes:
+        loadavg: the 1, 5 and 15 minute load averages.
+        affinity: the CPUs the timing process may run on.
+        cpus: the CPUs the machine has.
+    """
+
+    loadavg: tuple[float, float, float] | None = None
+    affinity: tuple[int, ...] | None = None
+    cpus: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"loadavg": list(self.loadavg) if self.loadavg is not None else None,
+                "affinity": list(self.affinity) if self.affinity is not None else None, "cpus": self.cpus}
+
+
+@dataclass(frozen=True)
+class Conditions:
+    """What a run was timed under: the device's TVM threads and how busy the device and this host were.
+
+    Attributes:
+        threads: the threads of the device's TVM thread pool during timing (``runtime.NumThreads``); None: the
+            device could not tell.
+        threads_requested: what ``--threads`` asked for (None: the pool as the device had it).
+        device: the device's load; None for a device that cannot tell (a stock ``rpc_server``).
+        host: this machine's load (the same machine as the device for the embedded server).
+    """
+
+    threads: int | None = None
+    threads_requested: int | None = None
+    device: Load | None = None
+    host: Load | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"threads": self.threads, "threads_requested": self.threads_requested,
+                "device": self.device.as_dict() if self.device is not None else None,
+                "host": self.host.as_dict() if self.host is not None else None}
+
+
 # -- one run ----------------------------------------------------------------------------------------------------------
 
 
@@ -192,6 +235,9 @@ class DeviceOutcome:
         device_identity: what the device reported about itself (triple, TVM version, host, GPU).
         stages: what each device-side stage did (reference, upload, load, set-input, run, check, postprocess).
         check: None without the check (``--no-check``).
+        name: the device's name in the run history (a fleet's device name, ``--device-name``); None: its
+            address without what changes between runs (:func:`pipeline.store.ledger.device_name`).
+        conditions: what the latency was measured under (threads, load).
     """
 
     device: str
@@ -203,6 +249,8 @@ class DeviceOutcome:
     latency: Latency
     upload: Upload
     check: CheckResult | None
+    name: str | None = None
+    conditions: Conditions | None = None
 
 
 @dataclass(frozen=True)
@@ -244,24 +292,44 @@ class RunSummary:
 
     @property
     def series(self) -> str:
-        """The series of runs whose latency is comparable (:func:`pipeline.store.ledger.series_of`)."""
+        """The series of runs of this very build and device (:func:`pipeline.store.ledger.series_of`)."""
         from pipeline.store.ledger import series_of
 
         return series_of(self.build.build_key, self.outcome.device, self.outcome.device_identity,
                          self.outcome.input_shape)
 
+    @property
+    def device_name(self) -> str:
+        """The device's name in the run history: its given name, else its address (``embedded`` for the
+        embedded server)."""
+        from pipeline.store.ledger import device_name
+
+        return self.outcome.name or device_name(self.outcome.device)
+
+    @property
+    def lineage(self) -> str:
+        """The lineage this run is judged in: every run of this model on this device, target and input,
+        whatever build it used (:func:`pipeline.store.ledger.lineage_of`)."""
+        from pipeline.store.ledger import lineage_of
+
+        return lineage_of(self.build.model, self.device_name, self.build.target, self.outcome.input_shape)
+
     def as_json(self) -> dict[str, Any]:
         """The ``--json`` object of a run."""
         b, o, latency = self.build, self.outcome, self.outcome.latency
         return {
-            "run_id": self.run_id, "series": self.series,
+            "run_id": self.run_id, "series": self.series, "lineage": self.lineage,
             "model": b.model, "model_digest": b.model_digest, "weights": b.weights,
             "target": b.target, "opt_level": b.opt_level, "tune_trials": b.tune_trials,
             "tuning_key": b.tuning_key, "import_key": b.import_key, "build_key": b.build_key,
             "library_key": b.library_key, "artifact": b.artifact, "library_bytes": b.library_bytes,
-            "gpu_code": b.gpu_code, "device": o.device, "device_identity": o.device_identity, "image": o.image,
+            "gpu_code": b.gpu_code, "device": o.device, "device_name": self.device_name,
+            "device_identity": o.device_identity, "image": o.image,
             "stages": self.stages, "top5": [entry.as_dict() for entry in o.top5],
-            "latency_ms": latency.as_dict(), "timing": {"number": latency.number, "repeat": latency.repeat},
+            "latency_ms": latency.as_dict(), "latency_samples_ms": list(latency.samples_ms),
+            "timing": {"number": latency.number, "repeat": latency.repeat,
+                       "threads": o.conditions.threads if o.conditions is not None else None},
+            "conditions": o.conditions.as_dict() if o.conditions is not None else None,
             "upload": o.upload.as_dict(),
             "check": o.check.as_dict() if o.check is not None else None,
             "regression": self.regression.as_dict() if self.regression is not None else None,
@@ -324,6 +392,7 @@ class PairResult:
             "check": summary.check.as_dict() if summary is not None and summary.check is not None else None,
             "regression": summary.regression.as_dict() if summary is not None and summary.regression else None,
             "error": self.error, "error_type": self.error_type, "build_key": self.build_key, "run_id": self.run_id,
+            "lineage": summary.lineage if summary is not None else None,
             "device_address": self.device_address, "started": self.started, "finished": self.finished,
             "seconds": self.seconds,
         }

@@ -274,7 +274,7 @@ def device_chain(
 def run_one(plan: RunPlan, stamp: RunStamp, prepare: Callable[[], Prepared], fleet_run: str | None = None) -> RunSummary:
     """One model on one device: start the device, [preflight a GPU device], ``prepare`` (compile and reference,
     or find what a fleet prepared), then the device chain, check, postprocess and report (judged against the
-    series, recorded in the ledger with ``fleet_run``).
+    lineage, recorded in the ledger with ``fleet_run``).
 
     Every failure is recorded in the ledger with ``plan``'s keys before it is raised. A failed check is not
     raised: the summary says so (``summary.passed``) and the caller decides.
@@ -306,10 +306,10 @@ def run_one(plan: RunPlan, stamp: RunStamp, prepare: Callable[[], Prepared], fle
             device=on.device, device_identity=on.identity, image=str(req.image),
             input_shape=tuple(req.model.input_shape), stages=stages, top5=prediction.top, latency=result.latency,
             upload=Upload(placement.remote_name, placement.bytes, placement.seconds, placement.reused),
-            check=checked,
+            check=checked, name=req.device_name, conditions=result.conditions,
         )
         summary = RunSummary(stamp, build_summary(plan.build, prepared.compiled, store), outcome)
-        return report_task(summary, store, fleet_run=fleet_run)
+        return report_task(summary, store, fleet_run=fleet_run, gate=req.fail_on_regression)
     except (Exception, KeyboardInterrupt) as exc:
         record_failure(req, plan, stamp, exc, fleet_run=fleet_run)
         raise

@@ -61,6 +61,41 @@ def make_tiny_onnx(path: Path, seed: int = 0, classes: int = 10) -> Path:
     return path
 
 
+def make_conv_onnx(path: Path, channels: int = 32, seed: int = 0) -> Path:
+    """A small ONNX classifier whose speed the schedules decide: two 3x3 convolutions of ``channels`` channels on
+    1x3x32x32, then GlobalAveragePool + Gemm. Without schedules (``--schedules none``) it is several times slower
+    than with the rule-based ones (docs/history.md has the figures): a change no noise hides."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(seed)
+    c = channels
+    weights = {
+        "w1": rng.standard_normal((c, 3, 3, 3)).astype(np.float32) * 0.1, "b1": np.zeros(c, np.float32),
+        "w2": rng.standard_normal((c, c, 3, 3)).astype(np.float32) * 0.1, "b2": np.zeros(c, np.float32),
+        "fw": rng.standard_normal((10, c)).astype(np.float32), "fb": np.zeros(10, np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["data", "w1", "b1"], ["c1"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"]),
+        helper.make_node("GlobalAveragePool", ["r2"], ["g"]),
+        helper.make_node("Flatten", ["g"], ["f"]),
+        helper.make_node("Gemm", ["f", "fw", "fb"], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes, "conv", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, 10])],
+        initializer=[numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, path)
+    return path
+
+
 def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run ``python -m flows.resnet_remote ARGS`` in a fresh process from the repository root."""
     full_env = {**os.environ, **(env or {})}

@@ -1,5 +1,6 @@
 """What a device can tell about itself over an open session: :func:`probe`, :func:`device_triple`, and the
-checks built on it: :func:`device_arch`, :func:`check_versions`.
+checks built on it: :func:`device_arch`, :func:`check_versions`; and what a run is timed under:
+:func:`set_threads` (the device's TVM thread pool), :func:`device_threads`, :func:`device_load`, :func:`host_load`.
 
 Every question is one bounded remote call (:meth:`RemoteSession.call`). What a server cannot answer is None,
 never an error: a runtime-only server (``TVM_USE_RUNTIME_LIB=1``, or a device with only ``libtvm_runtime``)
@@ -14,7 +15,13 @@ register ``tvmrp.device_info`` (``pipeline/device/device_side/tvmrp_device.py``)
 machine, the GNU triple of the device's Python, the host name and the TVM, tvm-ffi and Python versions.
 :func:`probe` asks it first; its answer is untrusted data, parsed and clipped, never executed. They also
 register ``tvmrp.file_info`` (:func:`file_info`): the size and SHA-256 of a file on the device, which a stock
-server cannot tell without sending the whole file back.
+server cannot tell without sending the whole file back; and ``tvmrp.device_load`` (load averages, the CPUs the
+session may run on): :func:`device_load`.
+
+The thread pool: TVM's ``runtime.config_threadpool(mode, n)`` and ``runtime.NumThreads`` are registered by
+every TVM runtime, stock servers included. The pool is per process (each RPC session runs in its own) and
+never grows beyond what the process started with (``TVM_NUM_THREADS``, else half the logical CPUs on x86-64:
+1 on a 2-core host), so :func:`set_threads` answers what the device then uses.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.device.session import RemoteSession
 from pipeline.errors import DeviceLost, RemoteRunError, VersionSkew, clip
+from pipeline.results import Load
 from pipeline.targets import normalise_arch
 
 if TYPE_CHECKING:
@@ -40,11 +48,16 @@ __all__ = [
     "FileInfo",
     "check_versions",
     "device_arch",
+    "device_load",
+    "device_threads",
     "device_triple",
     "file_info",
+    "host_load",
     "local_tvm_version",
     "parse_device_info",
+    "parse_load",
     "probe",
+    "set_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,6 +74,11 @@ _LIB_INFO_FUNCTION = "support.GetLibInfo"
 _NOT_FOUND = "NOT-FOUND"
 #: Registered by the devices this project sets up (``pipeline/device/device_side/tvmrp_device.py``).
 DEVICE_INFO_FUNCTION = "tvmrp.device_info"
+DEVICE_LOAD_FUNCTION = "tvmrp.device_load"
+_CONFIG_THREADPOOL = "runtime.config_threadpool"
+_NUM_THREADS = "runtime.NumThreads"
+_AFFINITY_BIG = 1  # TVM's ThreadGroup::kBig: the pool's default mode (all cores of the highest frequency)
+_MAX_CPUS = 4096
 _DEVICE_INFO_LIMIT = 1 << 16  # bytes of JSON; the real answer is ~300
 #: Registered by the same devices: the size and SHA-256 of a file on the device.
 FILE_INFO_FUNCTION = "tvmrp.file_info"
@@ -419,3 +437,72 @@ def _version_from_lib_info(remote: RPCSession) -> str | None:
             return info[key][:100]
     commit = info.get("GIT_COMMIT_HASH", _NOT_FOUND)
     return None if commit == _NOT_FOUND else f"git {commit[:40]}"
+
+
+# -- what a run is timed under ---------------------------------------------------------------------------------------
+
+
+def set_threads(session: RemoteSession, threads: int) -> int | None:
+    """Set the device's TVM thread pool to ``threads`` for this session's process; return what it then uses
+    (None: it cannot tell).
+
+    Raises:
+        RemoteRunError: the device has no ``runtime.config_threadpool`` or refused it.
+        DeviceTimeout, DeviceLost: as for :meth:`RemoteSession.call`.
+    """
+    remote = session.remote
+
+    def configure() -> None:
+        function = _function(remote, _CONFIG_THREADPOOL)
+        if function is None:
+            raise RemoteRunError(f"{session.description} cannot set its TVM thread pool (no {_CONFIG_THREADPOOL})")
+        function(_AFFINITY_BIG, int(threads))
+
+    session.call("set threads", configure)
+    return device_threads(session)
+
+
+def device_threads(session: RemoteSession) -> int | None:
+    """The threads of the device's TVM thread pool in this session's process (``runtime.NumThreads``)."""
+    answer = _ask(session, "probe threads", _calling(session.remote, _NUM_THREADS))
+    return answer if isinstance(answer, int) and not isinstance(answer, bool) and answer > 0 else None
+
+
+def device_load(session: RemoteSession) -> Load | None:
+    """How busy the device is (``tvmrp.device_load``); None from a device that does not register it."""
+    answer = _ask(session, "probe load", _calling(session.remote, DEVICE_LOAD_FUNCTION))
+    return None if answer is None else parse_load(answer)
+
+
+def host_load() -> Load:
+    """How busy this machine is, as :func:`device_load` tells it of a device."""
+    from pipeline.device.device_side.tvmrp_device import load
+
+    return parse_load(json.dumps(load())) or Load()
+
+
+def parse_load(answer: object) -> Load | None:
+    """A ``tvmrp.device_load`` answer (untrusted JSON) as a :class:`Load`: wrong types and values dropped."""
+    text = str(answer)
+    if len(text) > _DEVICE_INFO_LIMIT:
+        return None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(data, dict):
+        return None
+
+    def number(x: Any) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and 0 <= x < 1e6
+
+    loadavg = data.get("loadavg")
+    affinity = data.get("affinity")
+    cpus = data.get("cpus")
+    return Load(
+        loadavg=tuple(round(float(x), 2) for x in loadavg)  # type: ignore[arg-type]
+        if isinstance(loadavg, list) and len(loadavg) == 3 and all(number(x) for x in loadavg) else None,
+        affinity=tuple(affinity) if isinstance(affinity, list) and len(affinity) <= _MAX_CPUS
+        and all(type(x) is int and 0 <= x < _MAX_CPUS for x in affinity) else None,
+        cpus=cpus if type(cpus) is int and 0 < cpus <= _MAX_CPUS else None,
+    )

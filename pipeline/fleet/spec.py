@@ -32,7 +32,9 @@ from typing import Any, Iterable
 
 from pipeline.device.spec import DeviceSpec, split_host_port
 from pipeline.errors import UsageError, clip
-from pipeline.planning.request import FLEET_DEVICE, FLEET_MODEL, FLEET_TOP, RunRequest, field_kind, request_fields
+from pipeline.planning.request import (
+    FLEET_DEVICE, FLEET_MODEL, FLEET_TOP, MAX_DEVICE_NAME, RunRequest, field_kind, request_fields,
+)
 from pipeline.store.s3 import S3Location, is_s3
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
@@ -64,10 +66,11 @@ class FleetDevice:
     """One device of the fleet.
 
     Attributes:
-        name: how the table names it (default: the key, or ``host:port``); unique in the fleet.
+        name: how the table and the run history name it (default: the key, or ``host:port``); unique in the
+            fleet; its runs' ``device_name``, so each device has its own lineages.
         target: the TVM target as written (``pipeline.targets.parse_target`` reads it).
         spec: where it is and how long to wait for it (validated).
-        fields: the :class:`RunRequest` fields this device sets (target, address, timeouts).
+        fields: the :class:`RunRequest` fields this device sets (target, address, timeouts, its name, threads).
         line: its line in the fleet file (None for an inline spec).
     """
 
@@ -361,12 +364,18 @@ def _device(node: _Node, field: str, shared: RunRequest, where: Where) -> FleetD
     name = _text(items.get("name"), f"{field}.name", where)
     if name is not None and not name.strip():
         raise where.error(items["name"], f"{field}.name", "is empty")
+    if name is not None and (len(name) > MAX_DEVICE_NAME or not all(ch.isprintable() for ch in name)):
+        raise where.error(items["name"], f"{field}.name", f"must be at most {MAX_DEVICE_NAME} printable characters")
     target = given["target"]
     if target is not None and not target.strip():
         raise where.error(items["target"], f"{field}.target", 'is empty: give a TVM target such as "llvm"')
     target = target or "llvm"
-    fields = {"host": host, "port": port, "tracker": tracker, "key": key, "target": target, **timeouts}
-    return FleetDevice(name or key or f"{host}:{port}", target, spec, fields, node.line)
+    name = name or key or f"{host}:{port}"
+    fields = {"host": host, "port": port, "tracker": tracker, "key": key, "target": target, **timeouts,
+              "device_name": name}
+    if given["threads"] is not None:
+        fields["threads"] = given["threads"]
+    return FleetDevice(name, target, spec, fields, node.line)
 
 
 def _check_unique_devices(devices: Iterable[FleetDevice], where: Where) -> None:

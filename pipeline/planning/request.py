@@ -24,9 +24,9 @@ import numpy as np
 
 from pipeline.device import DeviceSpec
 from pipeline.device.cache import check_directory
-from pipeline.errors import UsageError, clip
+from pipeline.errors import REGRESSION_EXIT_CODE, UsageError, clip
 from pipeline.image import DEFAULT_IMAGE, load_image
-from pipeline.latency import Timing
+from pipeline.latency import MAX_THREADS, Timing
 from pipeline.models import MODEL_NAMES, ModelSpec, ResolvedModel, resolve_model
 from pipeline.store import ENV_VAR, ArtifactStore
 from pipeline.targets import TargetInfo, check_opt_level, parse_target
@@ -40,6 +40,7 @@ LOCAL_RUNNER = "local"
 SCHEDULES = ("rules", "none")
 DEFAULT_SCHEDULES = "rules"
 MAX_TRIALS = 100_000
+MAX_DEVICE_NAME = 100
 
 #: Where a field may be given besides the command line of ``flows.resnet_remote``: the fleet file's top level
 #: (shared by every pair), one of its devices, one of its models; the accuracy tool's command line.
@@ -172,6 +173,10 @@ class RunRequest:
     allow_version_skew: bool = field(default=False, metadata=arg(
         "device", "use a device whose TVM is another minor version than this machine's (refused by default; "
         "another patch version only warns)", where=(FLEET_TOP, ACCURACY), action="store_true"))
+    device_name: str | None = field(default=None, metadata=arg(
+        "device", "the device's name in the run history, where runs are judged against the earlier runs of the "
+        "same model on the same device name, target and input (default: its address: embedded, HOST:PORT or "
+        "tracker HOST:PORT key=KEY; a fleet uses each device's name)", metavar="NAME"))
     device_retries: int = field(default=1, metadata=arg(
         "device", "fresh sessions to try when the device is lost mid-run; the embedded device is restarted",
         rule=Rule(0, 10), where=(FLEET_TOP, ACCURACY)))
@@ -184,6 +189,15 @@ class RunRequest:
     repeat: int | None = field(default=None, metadata=arg(
         "input and output", "latency samples (default: adaptive, at least 30 samples and 1 s of measuring after a "
         "warm-up, at most 60 s)", rule=Rule(1, 1_000_000), where=(FLEET_TOP,)))
+    threads: int | None = field(default=None, metadata=arg(
+        "input and output", "threads of the device's TVM thread pool, set over RPC before timing (default: as the "
+        "device starts it: TVM_NUM_THREADS, else half its logical CPUs on x86-64); 1 gives the steadiest numbers "
+        "on a busy host (docs/performance.md#stable-numbers)", rule=Rule(1, MAX_THREADS),
+        where=(FLEET_TOP, FLEET_DEVICE), metavar="N"))
+    fail_on_regression: bool = field(default=False, metadata=arg(
+        "input and output", f"exit with code {REGRESSION_EXIT_CODE} when the run is judged a latency regression "
+        "against the earlier runs of its lineage (a CI gate; docs/history.md)", where=(FLEET_TOP,),
+        action="store_true"))
     check: bool = field(default=True, metadata=arg(
         "check", "skip the reference output and the check", flag="--no-check", where=(FLEET_TOP,),
         action="store_false"))
@@ -223,6 +237,11 @@ def check_request(request: RunRequest) -> None:
             raise UsageError(f"{flag_of(f)} {problem} (got {clip(repr(value), 80)})")
     if request.tune_trials and request.tune_more:
         raise UsageError("give --tune-trials (a total) or --tune-more (trials added to the largest tuning), not both")
+    name = request.device_name
+    if name is not None and (not name.strip() or len(name) > MAX_DEVICE_NAME
+                             or not all(ch.isprintable() for ch in name)):
+        raise UsageError(f"--device-name must be 1 to {MAX_DEVICE_NAME} printable characters "
+                         f"(got {clip(repr(name), 80)})")
 
 
 @dataclass(frozen=True)
@@ -270,6 +289,10 @@ class ResolvedRequest:
     refresh: bool = False
     build_only: bool = False
     """Compile and export only: no device, no reference, no check."""
+    device_name: str | None = None
+    """The device's name in the run history (None: its address, ``pipeline.store.ledger.device_name``)."""
+    fail_on_regression: bool = False
+    """A run judged a regression fails with :class:`pipeline.errors.RegressionFound` (the CI gate)."""
 
 
 @dataclass
@@ -347,9 +370,11 @@ def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRe
         tune_runner=tune_runner, device=device,
         policy=DevicePolicy(device_cache, request.device_retries, request.allow_version_skew,
                             device_says=request.device_cache == "auto" and device.kind != "local"),
-        image=image, input=found.input(image, model), timing=Timing(number=request.number, repeat=request.repeat),
+        image=image, input=found.input(image, model),
+        timing=Timing(number=request.number, repeat=request.repeat, threads=request.threads),
         check=request.check, thresholds=thresholds, store=store, refresh=request.refresh,
-        build_only=request.build_only,
+        build_only=request.build_only, device_name=request.device_name.strip() if request.device_name else None,
+        fail_on_regression=request.fail_on_regression,
     )
 
 

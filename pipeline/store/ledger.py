@@ -4,9 +4,14 @@ Every run writes one (CLI runs with or without a Prefect server, deployment runs
 ``<store>/.runs/<id>.json``, written atomically (temporary file + rename), never pickled, read back as plain
 JSON and validated field by field. The id sorts by time: ``20261128T101500Z-3f2a9c``.
 
-A record's *series* is everything that changes the latency: the build key (so the model, target, opt_level
-and tuning), the device's identity (its name without an embedded server's port, and what it reports about
-itself) and the input shape. Regressions are judged within a series (:func:`pipeline.latency.judge`).
+A record's *lineage* is the model, the device's name, the target and the input shape: a nightly job's runs,
+whatever build each used. Every run is judged against the earlier runs of its lineage
+(:func:`pipeline.store.lineage.judge_record`). Its *series* is narrower: the build key (so the model, target,
+opt_level, tuning and TVM), the device's address and what it reports about itself, and the input shape: the
+runs of one build, whose drift is judged on its own.
+
+Records only gain fields (each with a default), so that every earlier record stays readable; ``format`` is
+bumped only by a change an older reader could not take.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -54,8 +60,15 @@ def device_name(description: str) -> str:
 
 
 def series_of(build_key: str, device: str, device_identity: str, input_shape: Iterable[int]) -> str:
-    """The series id (16 hex) of runs whose latency is comparable."""
+    """The series id (16 hex) of the runs of one build on one device."""
     ident = json.dumps([build_key, device_name(device), device_identity, list(input_shape)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def lineage_of(model: str, device: str, target: str, input_shape: Iterable[int]) -> str:
+    """The lineage id (16 hex) of the runs of ``model`` on the device named ``device`` (:func:`device_name` of
+    its address, or its given name), for ``target``, on an input of ``input_shape``: whatever build they used."""
+    ident = json.dumps(["lineage", model, device_name(device), target, list(input_shape)])
     return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
@@ -63,10 +76,12 @@ def series_of(build_key: str, device: str, device_identity: str, input_shape: It
 class RunRecord:
     """One run, as the ledger keeps it (JSON keys = attribute names).
 
-    ``status`` is ``passed`` (exit 0), ``failed`` (a stage or the check failed: exit 1), ``error`` (bad
-    usage: exit 2) or ``interrupted`` (exit 130). ``latency_ms`` holds mean, median, p90, p99, min, max,
-    std, cv; ``check`` the check's figures; ``regression`` the verdict against the series (see
-    :class:`pipeline.latency.Verdict`). Anything the run did not get to is null.
+    ``status`` is ``passed`` (exit 0, or 3 when ``--fail-on-regression`` failed it), ``failed`` (a stage or
+    the check failed: exit 1), ``error`` (bad usage: exit 2) or ``interrupted`` (exit 130). ``latency_ms``
+    holds mean, median, p90, p99, min, max, std, cv, and ``samples_ms`` the samples themselves; ``check`` the
+    check's figures; ``regression`` the verdict against the lineage (see :class:`pipeline.latency.Verdict`);
+    ``conditions`` what the latency was measured under (:class:`pipeline.results.Conditions`). Anything the
+    run did not get to is null.
     """
 
     id: str
@@ -103,6 +118,14 @@ class RunRecord:
     upload: dict[str, Any] | None = None
     schedules: str | None = None
     """The schedules the build applied: ``tuned``, ``rules`` or ``tvm-default`` (None: recorded before they were)."""
+    lineage: str | None = None
+    """The lineage id (:func:`lineage_of`; None: recorded before lineages were, see :attr:`lineage_id`)."""
+    device_name: str | None = None
+    """The device's name: a fleet's device name, ``--device-name``, else :attr:`device` (None: recorded before)."""
+    samples_ms: list[float] | None = None
+    """The latency samples (at most ``pipeline.latency.KEPT_SAMPLES``, evenly spaced in time order)."""
+    conditions: dict[str, Any] | None = None
+    """Threads and the load of the device and the host during timing (:class:`pipeline.results.Conditions`)."""
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -134,7 +157,34 @@ class RunRecord:
 
     @property
     def median_ms(self) -> float | None:
-        return None if not self.latency_ms else float(self.latency_ms["median"])
+        """The median latency; None when the record has none that is a positive, finite number."""
+        value = (self.latency_ms or {}).get("median")
+        return float(value) if isinstance(value, (int, float)) and math.isfinite(value) and value > 0 else None
+
+    @property
+    def name(self) -> str:
+        """The device's name (:attr:`device_name`, else :attr:`device`)."""
+        return self.device_name or self.device
+
+    @property
+    def lineage_id(self) -> str | None:
+        """The lineage: recorded, else derived from the record's fields (records written before lineages)."""
+        if self.lineage:
+            return self.lineage
+        if self.input_shape is None:
+            return None
+        return lineage_of(self.model, self.name, self.target, self.input_shape)
+
+    @property
+    def threads(self) -> int | None:
+        """The TVM threads the run was timed with (None: not recorded)."""
+        value = (self.conditions or {}).get("threads")
+        return value if type(value) is int else None
+
+    @property
+    def threads_requested(self) -> int | None:
+        value = (self.conditions or {}).get("threads_requested")
+        return value if type(value) is int else None
 
 
 def record_of(summary: RunSummary, status: str, exit_code: int, error: str | None, **context: Any) -> RunRecord:
@@ -147,7 +197,7 @@ def record_of(summary: RunSummary, status: str, exit_code: int, error: str | Non
         **{k: v for k, v in data.items() if k in names and k != "device"},
         id=summary.run_id, started=summary.started, finished=utc_now(), status=status, exit_code=exit_code,
         error=error, device=device_name(summary.outcome.device), input_shape=list(summary.outcome.input_shape),
-        samples=latency.repeat, number=latency.number, **context,
+        samples=latency.repeat, number=latency.number, samples_ms=list(latency.samples_ms) or None, **context,
     )
 
 
@@ -200,11 +250,16 @@ class Ledger:
     For a store in a bucket, records are written to the bucket as well, and :meth:`records` first copies the
     bucket's records this machine has not seen yet into the local directory (records never change once
     written: each is fetched once).
+
+    Attributes:
+        skipped: the files that :meth:`records` met and could not read as a record (name -> why), so that a
+            reader can say so once (:meth:`skipped_note`).
     """
 
     def __init__(self, directory: str | os.PathLike[str], store: ArtifactStore | None = None) -> None:
         self.directory = Path(directory)
         self._store = store
+        self.skipped: dict[str, str] = {}
 
     def write(self, record: RunRecord) -> Path:
         """Write ``record`` atomically.
@@ -253,7 +308,8 @@ class Ledger:
     def records(self, prefix: str = "") -> Iterator[RunRecord]:
         """Every readable record (whose id starts with ``prefix``), newest first.
 
-        Unreadable or foreign files are skipped (with a log line); only the files whose names match are read.
+        Unreadable or malformed files are skipped and noted in :attr:`skipped`; only the files whose names
+        match are read.
         """
         self._sync()
         names = sorted(_local_names(self.directory), reverse=True)
@@ -263,7 +319,18 @@ class Ledger:
             try:
                 yield RunRecord.from_json(json.loads(fs_read(self.directory / name, _MAX_RECORD)))
             except (OSError, ValueError, TypeError, RecursionError) as exc:
-                log.info("skipping the run record %s: %s", name, exc)
+                if name not in self.skipped:
+                    log.debug("skipping the run record %s: %s", name, exc)
+                self.skipped[name] = clip(exc, 120)
+
+    def skipped_note(self) -> str | None:
+        """One line on the records that could not be read, or None when there were none."""
+        if not self.skipped:
+            return None
+        name, why = next(iter(sorted(self.skipped.items())))
+        more = f" and {len(self.skipped) - 1} more" if len(self.skipped) > 1 else ""
+        return (f"skipped {len(self.skipped)} run record(s) in {self.directory} that are not valid records "
+                f"({name}: {why}{more})")
 
     def find(self, run_id: str) -> RunRecord:
         """The record whose id is ``run_id`` or starts with it (unique).
@@ -283,6 +350,18 @@ class Ledger:
         found = []
         for record in self.records():
             if record.series == series and record.id < before and record.status == "passed" and record.median_ms:
+                found.append(record)
+                if len(found) >= limit:
+                    break
+        return found[::-1]
+
+    def lineage_history(self, lineage: str, before: str, limit: int) -> list[RunRecord]:
+        """The ``limit`` newest passed runs of ``lineage`` older than the run ``before``, oldest first (runs
+        recorded before lineages were: by the lineage their fields give)."""
+        found = []
+        for record in self.records():
+            if (record.id < before and record.status == "passed" and record.median_ms
+                    and record.lineage_id == lineage):
                 found.append(record)
                 if len(found) >= limit:
                     break

@@ -1,4 +1,5 @@
-"""The latency trend of a series as a PNG: one point per run with its date, y from zero, a min-p90 band.
+"""The latency trend of a lineage as a PNG: one point per run with its date, y from zero, a min-p90 band, and
+a dashed line where the build changed, labelled with what changed.
 
 Pure PIL, no plotting library: the chart is small and must render the same on every machine.
 """
@@ -19,13 +20,15 @@ _BLUE, _RED, _GREY, _BAND = "#1f6feb", "#d1242f", "#999999", "#dbe9ff"
 
 @dataclass(frozen=True)
 class TrendPoint:
-    """One run of the series: when, its median, its min and p90 (the band), and whether it regressed."""
+    """One run of the lineage: when, its median, its min and p90 (the band), whether it regressed, and what
+    changed since the run before it (``schedules``, ``apache-tvm``...; None: the same build)."""
 
     when: dt.datetime | None
     median_ms: float
     low_ms: float
     high_ms: float
     regression: bool = False
+    change: str | None = None
 
 
 def _ms(value: float) -> str:
@@ -69,6 +72,7 @@ def draw_trend(points: Sequence[TrendPoint], title: str) -> bytes:
     band = [xy(i, p.high_ms) for i, p in enumerate(points)] + [xy(i, p.low_ms) for i, p in reversed(list(enumerate(points)))]
     if len(points) > 1:
         draw.polygon(band, fill=_BAND)
+    _build_changes(draw, points, xy, top, top + plot_h, small)
     medians = [xy(i, p.median_ms) for i, p in enumerate(points)]
     if len(medians) > 1:
         draw.line(medians, fill=_BLUE, width=2)
@@ -81,9 +85,24 @@ def draw_trend(points: Sequence[TrendPoint], title: str) -> bytes:
     x, y = medians[-1]
     draw.text((min(x + 8, width - right - 70), max(top, y - 18)), f"{_ms(points[-1].median_ms)} ms", fill=_RED, font=small)
     _date_labels(draw, points, xy, top + plot_h, small)
-    caption = f"median per run (line), min to p90 (band), last {len(points)} run(s); newest in red, regressions circled"
+    caption = (f"median per run (line), min to p90 (band), last {len(points)} run(s); newest in red, regressions "
+               "circled, build changes dashed")
     draw.text((left, height - 20), caption, fill="#333333", font=small)
     return png(image)
+
+
+def _build_changes(draw: Any, points: Sequence[TrendPoint], xy: Any, top: float, bottom: float, font: Any) -> None:
+    """A dashed vertical line before each run whose build changed, labelled with what changed."""
+    for i, point in enumerate(points):
+        if not point.change or i == 0:
+            continue
+        x = (xy(i - 1, 0)[0] + xy(i, 0)[0]) / 2
+        y = top
+        while y < bottom:
+            draw.line((x, y, x, min(y + 5, bottom)), fill=_GREY, width=1)
+            y += 9
+        draw.text((x + 3, top + 2), textwrap.shorten(point.change, width=24, placeholder="~"), fill="#555555",
+                  font=font)
 
 
 def _date_labels(draw: Any, points: Sequence[TrendPoint], xy: Any, baseline: float, font: Any) -> None:

@@ -1,11 +1,12 @@
 """A run rendered: the terminal report, the Prefect tables and markdown, from its typed values.
 
 * :func:`format_text`: what ``python -m flows.resnet_remote`` prints (a run, or a ``--build-only`` run);
-* :func:`summary_markdown`, :func:`top5_table`, :func:`latency_table`, :func:`trend_points`: the Prefect
-  artifacts of a run (``tasks.report`` publishes them);
-* :func:`series_title`, :func:`ui_key`: how the UI names a run's series.
+* :func:`summary_markdown`, :func:`top5_table`, :func:`latency_table`, :func:`lineage_rows`,
+  :func:`trend_points`: the Prefect artifacts of a run's lineage (``tasks.report`` publishes them);
+* :func:`lineage_title`, :func:`ui_key`: how the UI names a lineage (:func:`series_title`: a build of it).
 
-The ``--json`` objects are the values' own ``as_json`` (:mod:`pipeline.results`).
+Every value that came from outside (a model's file name, a device's answer, a label) is escaped
+(:mod:`pipeline.views.text`). The ``--json`` objects are the values' own ``as_json`` (:mod:`pipeline.results`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pipeline.results import BuildSummary, CheckResult, RunSummary, Upload
+from pipeline.results import BuildSummary, CheckResult, Conditions, RunSummary, Upload
 from pipeline.store.ledger import device_name
-from pipeline.views.history import target_short
+from pipeline.store.lineage import changes_between, same_setup
+from pipeline.views.history import conditions_line, started_at, target_short, verdict_text
+from pipeline.views.text import markdown_cell, printable
 
 if TYPE_CHECKING:
     from pipeline.latency import Latency
@@ -106,12 +109,19 @@ def format_build(build: BuildSummary) -> str:
     return "\n".join(lines)
 
 
+def format_conditions(conditions: Conditions | None) -> str:
+    """The report's ``Measured`` line: the device's TVM threads, and the load of the device and this host."""
+    return "Measured   " + conditions_line(conditions.as_dict() if conditions is not None else None)
+
+
 def format_text(summary: RunSummary | BuildSummary) -> str:
-    """The terminal report of a run (or of a ``--build-only`` run)."""
+    """The terminal report of a run (or of a ``--build-only`` run), control characters escaped."""
     if isinstance(summary, BuildSummary):
-        return format_build(summary)
+        return "\n".join(printable(line) for line in format_build(summary).splitlines())
     build, outcome = summary.build, summary.outcome
-    lines = header_lines(build, outcome.device) + [stages_line(summary.stages), format_upload(outcome.upload)]
+    device = outcome.device if not outcome.name else f"{outcome.name} ({outcome.device})"
+    lines = [f"Run        {summary.run_id}  (python -m flows.history show {summary.run_id})",
+             *header_lines(build, device), stages_line(summary.stages), format_upload(outcome.upload)]
     if build.tuning:
         lines.append(format_tuning(build.tuning))
     lines += [f"Note       {note}" for note in build.notes]
@@ -120,19 +130,37 @@ def format_text(summary: RunSummary | BuildSummary) -> str:
         lines.append(f"  {rank}.       {entry.index:>5}  {entry.prob:11.4f}  {entry.label}")
     lines.append(format_check(outcome.check))
     lines.append(format_latency(outcome.latency))
+    lines.append(format_conditions(outcome.conditions))
     if summary.regression is not None:
-        lines.append(f"Trend      {summary.regression.message} (series {summary.series})")
-    return "\n".join(lines)
+        lines.append(f"Trend      {summary.regression.message} (lineage {summary.lineage}, series {summary.series})")
+    return "\n".join(printable(line) for line in lines)
 
 
-# -- the Prefect artifacts of a run ----------------------------------------------------------------------------------
+# -- the Prefect artifacts of a run's lineage --------------------------------------------------------------------
+
+
+def _slug(text: str, limit: int) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+
+
+def device_label(name: str) -> str:
+    """A device's name, short: a tracker device by its key (``tracker H:P key=rpi4`` -> ``rpi4``)."""
+    match = re.fullmatch(r"tracker \S+ key=(.+)", name)
+    return match[1] if match else name
 
 
 def ui_key(summary: RunSummary) -> str:
-    """The lower-case-dashes suffix of the Prefect artifact keys of the run's series, e.g.
-    ``efficientnet-lite0-3f2a9c0d1e2b4a5c`` (Prefect keys allow lower-case letters, digits and dashes)."""
-    slug = re.sub(r"[^a-z0-9]+", "-", summary.build.model.lower()).strip("-")[:40] or "model"
-    return f"{slug}-{summary.series}"
+    """The lower-case-dashes suffix of the Prefect artifact keys of the run's lineage: its model, its device and
+    the start of its lineage id, e.g. ``efficientnet-lite0-embedded-3f2a9c`` (Prefect keys allow lower-case
+    letters, digits and dashes)."""
+    model = _slug(summary.build.model, 40) or "model"
+    device = _slug(device_label(summary.device_name), 40) or "device"
+    return f"{model}-{device}-{summary.lineage[:6]}"
+
+
+def lineage_title(summary: RunSummary) -> str:
+    """``efficientnet_lite0 on embedded @ llvm (x86_64-conda-linux-gnu)``: the lineage, for people."""
+    return f"{summary.build.model} on {summary.device_name} @ {target_short(summary.build.target)}"
 
 
 def series_title(summary: RunSummary) -> str:
@@ -144,7 +172,7 @@ def series_title(summary: RunSummary) -> str:
 
 def top5_table(summary: RunSummary) -> list[dict[str, Any]]:
     """Rows of the top-5 table: rank, class, label, probability."""
-    return [{"rank": rank, "class": e.index, "label": e.label, "probability": round(e.prob, 4)}
+    return [{"rank": rank, "class": e.index, "label": printable(e.label), "probability": round(e.prob, 4)}
             for rank, e in enumerate(summary.outcome.top5, 1)]
 
 
@@ -156,36 +184,92 @@ def latency_table(summary: RunSummary) -> list[dict[str, Any]]:
         {"statistic": "cv", "ms": round(lat.cv, 4), "repeat": lat.repeat, "number": lat.number}]
 
 
+def _short_changes(names: list[str]) -> str:
+    return ", ".join(dict.fromkeys(name.removeprefix("versions.") for name in names))
+
+
+def _record_changes(history: Sequence[RunRecord]) -> list[str | None]:
+    """For each run of ``history`` (oldest first), what changed since the run before it (None: nothing)."""
+    marks: list[str | None] = []
+    for i, record in enumerate(history):
+        previous = history[i - 1] if i else None
+        if previous is None or same_setup(previous, record):
+            marks.append(None)
+        else:
+            marks.append(_short_changes([c.field for c in changes_between(previous, record)]) or "build")
+    return marks
+
+
+def _this_change(summary: RunSummary) -> str | None:
+    verdict = summary.regression
+    if verdict is None or not verdict.changes:
+        return None
+    return _short_changes([c.field for c in verdict.changes])
+
+
 def trend_points(history: Sequence[RunRecord], summary: RunSummary) -> list[TrendPoint]:
-    """The trend chart's points: the series' earlier runs, then this one."""
+    """The trend chart's points: the lineage's earlier runs, then this one, each with what changed before it."""
     from pipeline.views.chart import TrendPoint
 
-    def point(when: str, lat: dict[str, float], regression: bool) -> TrendPoint:
-        return TrendPoint(dt.datetime.fromisoformat(when), lat["median"], lat["min"], lat["p90"], regression)
+    def point(when: dt.datetime, lat: dict[str, Any], regression: bool, change: str | None) -> TrendPoint:
+        return TrendPoint(when, lat["median"], lat.get("min", lat["median"]), lat.get("p90", lat["median"]),
+                          regression, change)
 
-    points = [point(r.started, r.latency_ms, bool((r.regression or {}).get("regression")))
-              for r in history if r.latency_ms and "p90" in r.latency_ms]
+    usable = [r for r in history if r.median_ms]
+    points = [point(started_at(r), r.latency_ms or {}, bool((r.regression or {}).get("regression") is True), change)
+              for r, change in zip(usable, _record_changes(usable))]
     this = summary.latency.as_dict()
-    return points + [point(summary.started, this, bool(summary.regression and summary.regression.regression))]
+    return points + [point(dt.datetime.fromisoformat(summary.started), this,
+                           bool(summary.regression and summary.regression.regression), _this_change(summary))]
 
 
-def summary_markdown(summary: RunSummary, chart_url: str) -> str:
-    """The markdown summary of a run: what was built, where it ran, each stage, the latency and its trend."""
+def lineage_rows(history: Sequence[RunRecord], summary: RunSummary) -> list[dict[str, Any]]:
+    """The lineage's last runs as table rows, newest first: date, run, build change, median, p90, verdict."""
+    usable = [r for r in history if r.median_ms]
+    rows = [{"date": f"{started_at(r):%Y-%m-%d %H:%M}", "run": r.id, "build change": printable(change or ""),
+             "median ms": round(float(r.median_ms or 0), 4), "p90 ms": _round((r.latency_ms or {}).get("p90")),
+             "verdict": verdict_text(r.regression)}
+            for r, change in zip(usable, _record_changes(usable))]
+    lat = summary.latency
+    rows.append({"date": f"{dt.datetime.fromisoformat(summary.started):%Y-%m-%d %H:%M}", "run": summary.run_id,
+                 "build change": printable(_this_change(summary) or ""), "median ms": round(lat.median, 4),
+                 "p90 ms": round(lat.p90, 4),
+                 "verdict": verdict_text(summary.regression.as_dict() if summary.regression else None)})
+    return rows[::-1]
+
+
+def _round(value: Any) -> float | None:
+    return round(float(value), 4) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def summary_markdown(summary: RunSummary, chart_url: str, runs: Sequence[dict[str, Any]] = ()) -> str:
+    """The markdown summary of a run and its lineage: what was built, where it ran, each stage, the latency and
+    the verdict, the lineage's last runs (``runs``: :func:`lineage_rows`) and its trend chart."""
     build, outcome, lat, stages = summary.build, summary.outcome, summary.latency, summary.stages
-    verdict = summary.regression.message if summary.regression else "first run of this series"
+    verdict = summary.regression.message if summary.regression else "first run of this lineage"
+    m = markdown_cell
     lines = [
-        f"# {series_title(summary)}", "", "| | |", "|---|---|",
-        f"| Model | `{build.model}` (digest `{build.model_digest[:16]}`) |",
-        f"| Target | `{build.target}` |", f"| opt_level | {build.opt_level} |",
-        f"| Build key | `{build.build_key}` |", f"| Library | `{build.artifact}` |",
-        f"| Device | {outcome.device} ({outcome.device_identity}) |", f"| Run | `{summary.run_id}` |",
+        f"# {m(lineage_title(summary))}", "", "| | |", "|---|---|",
+        f"| Model | `{m(build.model)}` (digest `{m(build.model_digest[:16])}`) |",
+        f"| Target | `{m(build.target)}` |", f"| opt_level | {build.opt_level} |",
+        f"| Schedules | {m(build.schedules)} |", f"| Tuning trials | {build.tune_trials} |",
+        f"| Build key | `{m(build.build_key)}` |", f"| Library | `{m(build.artifact)}` |",
+        f"| Device | {m(summary.device_name)}: {m(outcome.device)} ({m(outcome.device_identity)}) |",
+        f"| Run | `{summary.run_id}` |", f"| Lineage | `{summary.lineage}` (series `{summary.series}`) |",
         "", "## Stages", "", "| stage | status |", "|---|---|",
         *(f"| {name} | {'**cached**' if status == 'cached' else status} |" for name, status in stages.items()),
         "", f"Cached (not rebuilt): {', '.join(n for n, s in stages.items() if s == 'cached') or 'none'}.",
         "", "## Latency", "",
         f"Median **{lat.median:.4g} ms** (mean {lat.mean:.4g}, p90 {lat.p90:.4g}, p99 {lat.p99:.4g}, min "
-        f"{lat.min:.4g}, max {lat.max:.4g}, CV {lat.cv * 100:.1f}%, {lat.repeat} samples); {verdict}.",
-        "", f"![median latency per run]({chart_url})",
+        f"{lat.min:.4g}, max {lat.max:.4g}, CV {lat.cv * 100:.1f}%, {lat.repeat} samples); {m(verdict)}.",
+        "", f"Measured under: {m(conditions_line(outcome.conditions.as_dict() if outcome.conditions else None))}.",
     ]
-    lines += ["", *(f"> {note}" for note in build.notes)] if build.notes else []
+    if runs:
+        columns = ("date", "run", "build change", "median ms", "p90 ms", "verdict")
+        lines += ["", "## Last runs of this lineage", "", "| " + " | ".join(columns) + " |",
+                  "|---|---|---|---:|---:|---|",
+                  *("| " + " | ".join(m("-" if row.get(c) is None else row.get(c)) for c in columns) + " |"
+                    for row in runs)]
+    lines += ["", f"![median latency per run]({chart_url})"]
+    lines += ["", *(f"> {m(note)}" for note in build.notes)] if build.notes else []
     return "\n".join(lines) + "\n"

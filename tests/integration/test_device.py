@@ -424,6 +424,25 @@ def test_probe__embedded_server_tells_who_it_is(server: EmbeddedServer) -> None:
     assert check_versions(info) is None
 
 
+def test_threads_and_load__set_over_rpc_on_any_server_load_told_by_ours(stack: Stack, server: EmbeddedServer) -> None:
+    """``runtime.config_threadpool``/``runtime.NumThreads`` work on a stock server too; the pool never grows past
+    what its process started with. Only a device we start tells its load (``tvmrp.device_load``)."""
+    from pipeline.device.probe import device_load, device_threads, set_threads
+
+    host, port = stack.stock.wait_ready()
+    with open_session(DeviceSpec(host=host, port=port)) as session:
+        started = device_threads(session)
+        assert isinstance(started, int) and started >= 1
+        assert set_threads(session, 1) == 1
+        assert set_threads(session, started + 8) == started  # TVM_NUM_THREADS / half the CPUs: the most it has
+        assert device_load(session) is None
+    host, port = server.address
+    with open_session(DeviceSpec(host=host, port=port, connect_timeout=60)) as session:
+        load = device_load(session)
+    assert load is not None and len(load.loadavg) == 3 and load.cpus == os.cpu_count()
+    assert load.affinity and set(load.affinity) <= set(range(os.cpu_count()))
+
+
 def test_embedded_server__identity_reaches_every_interpreter(tmp_path: Path) -> None:
     """``identify=True`` puts the device side first on PYTHONPATH and keeps the caller's entries after it;
     ``identify=False`` leaves the environment as it is (and neither passes on a bundle's directory)."""

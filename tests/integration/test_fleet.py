@@ -12,6 +12,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
 
@@ -55,7 +56,8 @@ def test_fleet__three_devices_by_two_models_builds_once_and_fails_only_the_missi
           - {models[0].name}
           - {{model: {models[1]}}}
     """))
-    proc = run_fleet(fleet_file, store_root, prefect_api)
+    junit = tmp_path / "out.xml"
+    proc = run_fleet(fleet_file, store_root, prefect_api, "--junit", str(junit))
     assert proc.returncode == 1, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-4000:]}"
     first = last_json(proc)
     results = {(r["device"], r["model"]): r for r in first["results"]}
@@ -90,11 +92,27 @@ def test_fleet__three_devices_by_two_models_builds_once_and_fails_only_the_missi
     errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
     assert errors and errors[-1].startswith("Error: 2 of 6 pairs failed (m0.onnx on ghost, m1.onnx on ghost); the first: Tracker ") and "Traceback" not in proc.stderr
 
-    # Every pair is in the ledger, under the fleet run, as a single run would be.
+    # Every pair is in the ledger, under the fleet run, as a single run would be, named by its fleet device name.
     records = ledger(store_root, first["fleet_run"])
     assert sorted((r["status"], r["id"] in {x["run_id"] for x in first["results"]}) for r in records) == \
         [("failed", True)] * 2 + [("passed", True)] * 4
     assert all(r["flow_run_id"] == first["flow_run_id"] for r in records)
+    assert sorted(r["device_name"] for r in records) == ["bench-b"] * 2 + ["fleet-a"] * 2 + ["ghost"] * 2
+    found = subprocess.run([sys.executable, "-m", "flows.history", "--device", "bench-b", "--json", "--artifacts",
+                            str(store_root)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    bench = json.loads(found.stdout)["runs"]
+    assert found.returncode == 0 and sorted(r["model"] for r in bench) == ["m0.onnx", "m1.onnx"]
+    assert all(r["device_name"] == "bench-b" and r["device"].endswith("key=fleet-b") for r in bench)
+    assert len({r["lineage"] for r in records if r["status"] == "passed"}) == 4  # one per (device, model)
+
+    # The JUnit file: one test case per pair; the two pairs of the missing key are failures.
+    root = ElementTree.parse(junit).getroot()
+    (suite,) = root.findall("testsuite")
+    cases = suite.findall("testcase")
+    assert root.tag == "testsuites" and suite.get("tests") == "6" and suite.get("failures") == "2"
+    assert [(c.get("classname"), c.get("name")) for c in cases] == [
+        (f"fleet.{d}", m) for d in ("fleet-a", "bench-b", "ghost") for m in ("m0.onnx", "m1.onnx")]
+    assert [f.get("type") for c in cases for f in c.findall("failure")] == ["DeviceUnavailable"] * 2
 
     # The fleet run's Prefect artifacts: the table and the markdown summary.
     from prefect.client.orchestration import get_client

@@ -38,7 +38,8 @@ def _artifacts(client, flow_run_id) -> dict[str, object]:
 
     by_run = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]))
     found = client.read_artifacts(artifact_filter=by_run)
-    return {a.key.rsplit("-", 1)[0]: a for a in found}  # "latency-trend-tiny-onnx-<hash>" -> "latency-trend-tiny-onnx"
+    # "summary-tiny-onnx-<device>-<lineage>" -> "summary-tiny-onnx-<device>"
+    return {a.key.rsplit("-", 1)[0]: a for a in found}
 
 
 def test_stack__up_is_idempotent_and_status_reports_everything(stack):
@@ -109,26 +110,30 @@ def test_stack__nightly_runs_on_the_worker_and_second_run_is_cached(stack, night
 def test_stack__run_artifacts_are_readable_through_the_api(stack, nightly_runs):
     with stack.client() as client:
         first, second = _artifacts(client, nightly_runs.first), _artifacts(client, nightly_runs.second)
-    ours = {"summary-tiny-onnx", "top5-tiny-onnx", "latency-tiny-onnx", "latency-trend-tiny-onnx"}
+    lineage = f"tiny-onnx-{stack.device_key}"  # the lineage's key: model and device (a tracker device by its key)
+    ours = {f"{kind}-{lineage}" for kind in ("summary", "runs", "top5", "latency", "latency-trend")}
     assert ours <= set(second) and ours <= set(first)
     assert all(KEY.match(second[name].key) for name in ours)
 
-    summary = second["summary-tiny-onnx"]
+    summary = second[f"summary-{lineage}"]
     assert summary.type == "markdown"
     text = summary.data
     assert "tiny.onnx" in text and f"key={stack.device_key}" in text and "opt_level | 3" in text
     assert "Cached (not rebuilt): import-model, build, export-library" in text
-    assert "Cached (not rebuilt): none." in first["summary-tiny-onnx"].data
+    assert "Cached (not rebuilt): none." in first[f"summary-{lineage}"].data
     assert all(f"| {stage} | **cached** |" in text for stage in COMPILE)
-    assert "against the median of the previous 1 run(s)" in text
+    assert "previous 1 run(s) of this build" in text and "## Last runs of this lineage" in text
     assert "](data:image/png;base64," in text  # the chart, rendered inside the markdown
+    runs = json.loads(second[f"runs-{lineage}"].data)
+    assert [row["run"] for row in runs][:1] and set(runs[0]) == {"date", "run", "build change", "median ms", "p90 ms",
+                                                                 "verdict"}
 
-    top5 = json.loads(second["top5-tiny-onnx"].data)
-    assert second["top5-tiny-onnx"].type == "table" and [row["rank"] for row in top5] == [1, 2, 3, 4, 5]
-    latency = {row["statistic"]: row["ms"] for row in json.loads(second["latency-tiny-onnx"].data)}
+    top5 = json.loads(second[f"top5-{lineage}"].data)
+    assert second[f"top5-{lineage}"].type == "table" and [row["rank"] for row in top5] == [1, 2, 3, 4, 5]
+    latency = {row["statistic"]: row["ms"] for row in json.loads(second[f"latency-{lineage}"].data)}
     assert set(latency) == {"mean", "median", "p90", "p99", "min", "max", "std", "cv"} and latency["median"] > 0
 
-    trend = second["latency-trend-tiny-onnx"]
+    trend = second[f"latency-trend-{lineage}"]
     assert trend.type == "image" and "last 2 runs" in trend.description
     url = json.loads(trend.data) if trend.data.startswith('"') else trend.data
     assert base64.b64decode(url.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"

@@ -149,7 +149,8 @@ def test_ui__flow_run_page_shows_the_run_and_its_cached_task_runs(stack, nightly
     browser.screenshot(shots / "flow-run-task-runs.png")
 
     browser.click_text("Artifacts")
-    browser.wait_for_text("summary-tiny-onnx", "top5-tiny-onnx", "latency-tiny-onnx", "latency-trend-tiny-onnx")
+    browser.wait_for_text(*(f"{kind}-tiny-onnx-{stack.device_key}-" for kind in ("summary", "runs", "top5", "latency",
+                                                                                  "latency-trend")))
     browser.screenshot(shots / "flow-run-artifacts.png")
 
 

@@ -265,3 +265,90 @@ def test_parse_fleet__the_store_may_be_named_a_bucket_or_a_directory_of_the_file
     assert parse_fleet(text.format("store"), base=tmp_path).shared.artifacts == str(tmp_path / "store")
     with pytest.raises(UsageError, match=r"^fleet.yaml:3: artifacts: 's3://Team/x': 'Team' is not a bucket name"):
         parse_fleet(text.format("s3://Team/x"))
+def test_parse_fleet__device_names_and_threads_reach_each_pairs_request(tmp_path):
+    text = textwrap.dedent("""\
+        tracker: 127.0.0.1:9190
+        threads: 2
+        devices:
+          - {key: dev-a, target: llvm}
+          - {key: dev-b, target: llvm, name: bench-b, threads: 1}
+          - {host: 10.0.0.5, port: 9090}
+        models: [efficientnet_lite0]
+    """)
+    spec = parse_fleet(text)
+    requests = [spec.request(device, spec.models[0]) for device in spec.devices]
+    assert [r.device_name for r in requests] == ["dev-a", "bench-b", "10.0.0.5:9090"]
+    assert [r.threads for r in requests] == [2, 1, 2]
+    with pytest.raises(UsageError, match=r"^fleet.yaml:3: devices\[0\].name: must be at most 100 printable"):
+        parse_fleet("tracker: 1.2.3.4:9\ndevices:\n  - {key: a, name: \"x\\e[2J\"}\nmodels: [m]\n")
+    with pytest.raises(UsageError, match=r"^fleet.yaml:1: threads: must be a whole number from 1 to 1024, not 0$"):
+        parse_fleet("threads: 0\ndevices: [{host: h, port: 1}]\nmodels: [m]\n")
+
+
+def _verdict(decision: str, change: float, changes=()) -> Verdict:
+    from pipeline.latency import Change
+
+    return Verdict(decision == "regression", change, 1.0, 0.1, 3, f"{decision} {change}", decision, (change - 0.2,
+                   change + 0.2), "bootstrap", "previous build" if changes else "same build",
+                   tuple(Change(*c) for c in changes))
+
+
+def test_format_text__marks_inconclusive_and_build_changes_as_the_history_does_and_escapes_names():
+    noisy = _result("a", "m0", summary=make_summary(regression=_verdict("inconclusive", 1.083)))
+    changed = _result("b\x1b[2J", "m1\r", summary=make_summary(regression=_verdict(
+        "regression", 1.4, [("schedules", "rules", "tvm-default")])))
+    summary = FleetSummary("20260101T000000Z-000000", "fleet.yaml", (noisy, changed), BuildCounts(ran=2), 3.0)
+    text, markdown = format_text(summary), format_markdown(summary)
+    assert "+108.3% inconclusive" in text and "REGRESSION +140.0% [schedules]" in text and "1 regressed" in text
+    assert "\x1b" not in text + markdown and "\r" not in text + markdown
+    assert "b\\x1b[2J" in text and "m1\\r" in text
+
+
+def test_format_junit__one_case_per_pair_failures_for_stages_checks_and_regressions():
+    import xml.etree.ElementTree as ET
+
+    from pipeline.views.fleet import format_junit
+
+    failed_check = CheckResult(0.5, 0.5, 0.9, 20.0, False, False, False, "max abs diff 0.5 > 1e-4", Thresholds())
+    summary = FleetSummary("20260101T020000Z-000000", "lab.yaml", (
+        _result("a", "m0"),
+        _result("a", "m1", summary=make_summary(regression=_verdict("regression", 1.4, [("schedules", "rules", "x")]))),
+        _result("ghost\x07", "m0", summary=None, error="no device for key 'ghost'\x1b[31m",
+                error_type="DeviceUnavailable"),
+        _result("b", "m0", error="check failed: max abs diff 0.5", error_type="CheckFailed",
+                summary=make_summary(check=failed_check)),
+    ), BuildCounts(ran=2), 12.5)
+    text = format_junit(summary)
+    root = ET.fromstring(text.encode())  # valid XML: control characters escaped
+    assert text.startswith('<?xml version="1.0" encoding="UTF-8"?>') and root.tag == "testsuites"
+    (suite,) = root
+    assert suite.tag == "testsuite" and suite.get("tests") == "4" and suite.get("failures") == "3"
+    assert suite.get("errors") == "0" and suite.get("timestamp") == "2026-01-01T02:00:00"
+    assert suite.get("time") == "12.500"
+    cases = suite.findall("testcase")
+    assert [(c.get("classname"), c.get("name")) for c in cases] == [
+        ("fleet.a", "m0"), ("fleet.a", "m1"), ("fleet.ghost\\x07", "m0"), ("fleet.b", "m0")]
+    assert all(set(c.attrib) == {"classname", "name", "time"} and float(c.get("time")) >= 0 for c in cases)
+    kinds = [[(f.get("type"), f.get("message")[:12]) for f in c.findall("failure")] for c in cases]
+    assert kinds == [[], [("LatencyRegression", "regression 1")], [("DeviceUnavailable", "no device fo")],
+                     [("CheckFailed", "check failed")]]
+    assert "\\x1b[31m" in cases[2].find("failure").get("message")
+    assert all(c.find("system-out") is not None and "run 20260101T000000Z-abcdef" in c.find("system-out").text
+               for c in cases)
+
+
+def test_raise_if_failed__a_failed_pair_is_exit_1_a_regression_exit_3_only_when_asked():
+    from flows.fleet import raise_if_failed
+    from pipeline.errors import FleetFailed, RegressionFound
+
+    verdict = _verdict("regression", 1.4, [("schedules", "r", "x")])
+    regressed = _result("a", "m1", summary=make_summary(regression=verdict))
+    ghost = _result("ghost", "m0", summary=None, error="no device", error_type="DeviceUnavailable")
+    both = FleetSummary("20260101T000000Z-000000", "f.yaml", (_result("a", "m0"), regressed, ghost), BuildCounts(), 1.0)
+    only = FleetSummary("20260101T000000Z-000000", "f.yaml", (_result("a", "m0"), regressed), BuildCounts(), 1.0)
+    with pytest.raises(FleetFailed, match=r"^1 of 3 pairs failed \(m0 on ghost\)") as failed:
+        raise_if_failed(both, fail_on_regression=True)
+    assert failed.value.exit_code == 1 and failed.value.summary is both
+    raise_if_failed(only)  # a regression alone fails nothing unless asked
+    with pytest.raises(RegressionFound, match=r"^latency regression in 1 of 2 pairs \(--fail-on-regression\): m1 on a"):
+        raise_if_failed(only, fail_on_regression=True)

@@ -155,8 +155,10 @@ def test_format_table__one_line_per_run_with_marks():
     assert header.split()[:3] == ["id", "started", "(UTC)"] and "median ms" in header and "build" in header
     assert len(lines) == 3
     assert lines[0].startswith(slow.id) and "2026-11-28 12:00" in lines[0] and "REGRESSION +30.0%" in lines[0]
-    assert "152.6" in lines[0] and "157.2" in lines[0] and "2.0%" in lines[0] and "abababababab" in lines[0]
-    assert "llvm (x86_64-conda-linux-gnu)" in lines[0] and "passed" in lines[0]
+    assert "152.6" in lines[0] and "157.2" in lines[0] and "161.8" in lines[0] and "abababab" in lines[0]  # p99
+    assert "llvm (x86_64-conda-linux-gnu)" in lines[0] and "passed" in lines[0] and "0.27.0.post1" in lines[0]
+    for column in ("schedules", "opt", "trials", "tvm", "p99 ms", "verdict"):
+        assert column in header, column
     assert "FAILED" in lines[1] and "+1.2%" in lines[1]
     assert "failed" in lines[2] and "10.0.0.7:9090" in lines[2]
 
@@ -326,7 +328,7 @@ def test_cli_compare__text_and_json(capsys, store_root, ledger):
         assert field in differs, field
     assert "tune_trials  0 -> 64" in differs and "opt_level" not in differs
     assert "Latency A  mean" in out and "Latency B  mean" in out
-    assert "median 117.4 -> 80.1 ms: faster by 31.8%" in out and "different series" in out
+    assert "median 117.4 -> 80.1 ms: faster by 31.8%" in out and "different builds" in out
     code, out, _ = history(capsys, store_root, "compare", a.id, b.id, "--json")
     data = json.loads(out)
     assert code == 0 and data["latency"]["beyond_noise"]
@@ -377,3 +379,109 @@ def test_compare__names_the_schedules_of_two_untuned_builds(capsys, store_root, 
     assert (c.differences[0].a, c.differences[0].b) == ("tvm-default", "rules")
     code, out, _ = history(capsys, store_root, "show", b.id)
     assert code == 0 and "tuning none (schedules: rules)" in out
+
+
+# -- untrusted records: malformed ones skipped, control characters escaped ---------------------------------------
+
+CONTROL = "\x1b[2J\x1b]0;pwned\x07\rX\u202e\x9b"
+
+
+def _raw(ledger: Ledger, run_id: str, **changes) -> None:
+    """Write a record file as JSON, bypassing RunRecord (what another writer could leave in a shared store)."""
+    data = {**record(NOW).as_json(), "id": run_id, **changes}
+    ledger.directory.mkdir(parents=True, exist_ok=True)
+    (ledger.directory / f"{run_id}.json").write_text(json.dumps(data))
+
+
+def _raw_controls(text: str, allowed: str = "\n") -> list[str]:
+    return sorted({repr(ch) for ch in text if (ord(ch) < 32 or 0x7f <= ord(ch) < 0xa0 or ch == "\u202e")
+                   and ch not in allowed})
+
+
+def test_cli__a_ledger_of_wrong_types_and_control_characters_never_breaks_the_output(capsys, store_root, ledger):
+    _raw(ledger, "20261128T090000Z-000001", check="yes")
+    _raw(ledger, "20261128T090000Z-000002", regression=5)
+    _raw(ledger, "20261128T090000Z-000003", versions=["tvm", "0.27"])
+    (ledger.directory / "20261128T090000Z-000004.json").write_text("{not json")
+    (ledger.directory / "20261128T090000Z-000005.json").write_text("[" * 100_000)  # deeper than json can nest
+    nasty = record(NOW - dt.timedelta(hours=2), model=f"m{CONTROL}.onnx", device=f"d{CONTROL}", target=f"t{CONTROL}",
+                   device_name=f"n{CONTROL}", error=f"boom{CONTROL}\nline two", image=CONTROL, schedules=CONTROL,
+                   device_identity=CONTROL, stages={CONTROL: CONTROL}, versions={"apache-tvm": CONTROL},
+                   check={"passed": "yes", "max_abs_diff": "x", "reason": CONTROL},
+                   regression={"change": "big", "regression": "yes", "message": CONTROL, "interval": ["a"],
+                               "changes": [{"field": CONTROL, "a": [1], "b": {"x": CONTROL}}],
+                               "baseline_runs": [CONTROL]},
+                   conditions={"threads": "8", "device": 5, "host": {"loadavg": ["x"], "affinity": [CONTROL]}},
+                   latency_ms={"median": float("nan"), "p90": float("inf")}, samples_ms=[float("nan"), -1.0])
+    plain = record(NOW - dt.timedelta(hours=1))
+    write(ledger, nasty, plain)
+    outputs = []
+    for args in [(), ("--csv",), ("--markdown",), ("--json",), ("show", nasty.id), ("show", "latest"),
+                 ("compare", nasty.id, plain.id), ("compare", plain.id, nasty.id), ("compare", "previous", "latest"),
+                 ("show", "20261128T090000Z-000001"), ("--device", CONTROL)]:
+        code, out, err = history(capsys, store_root, *args)
+        assert code in (0, 2) and "Traceback" not in out + err, (args, out, err)
+        assert not _raw_controls(out, "\n\r" if "--csv" in args else "\n"), (args, out)
+        assert not _raw_controls(err), (args, err)
+        # One warning at most; a list reads every file (`show ID` reads only the files that match).
+        warnings = err.count("Warning: skipped")
+        assert warnings == 1 if not args or args[0].startswith("--") else warnings <= 1, (args, err)
+        assert warnings == 0 or "Warning: skipped 5 run record(s) in " in err, err
+        outputs.append((code, out))
+    assert [code for code, _ in outputs] == [0] * 8 + [2, 2, 0]  # no earlier run in the lineage; no such run
+    table = outputs[0][1]
+    assert "m\\x1b[2J\\x1b]0;~X\\u202e" in table and nasty.id in table and plain.id in table
+    csv_rows = list(csv.DictReader(io.StringIO(outputs[1][1], newline="")))
+    assert len(csv_rows) == 2 and csv_rows[1]["error"].startswith("boom\\x1b[2J")
+    assert "\nline two" in csv_rows[1]["error"]
+    assert outputs[4][1].count("\nError      boom") == 1 and "\n           line two" in outputs[4][1]
+
+
+def test_format_csv__guards_formulas_also_after_spaces():
+    rows = list(csv.DictReader(io.StringIO(format_csv([record(model="  =1+1", image=" @SUM(A1)", schedules="-2")]),
+                                           newline="")))
+    assert rows[0]["model"] == "'  =1+1" and rows[0]["image"] == "' @SUM(A1)" and rows[0]["schedules"] == "'-2"
+    assert rows[0]["opt_level"] == "3"  # numbers stay numbers
+
+
+# -- fleet device names, lineages and the shortcuts -------------------------------------------------------------
+
+
+def test_cli_list__a_fleet_device_by_its_name_and_names_not_cut_alike(capsys, store_root, ledger):
+    a = record(NOW - dt.timedelta(hours=1), device="tracker 127.0.0.1:9170 key=dev-a", device_name="dev-a")
+    b = record(NOW, device="tracker 127.0.0.1:9170 key=dev-b", device_name="dev-b")
+    single = record(NOW - dt.timedelta(hours=2), device="tracker 127.0.0.1:9170 key=dev-c")
+    write(ledger, a, b, single)
+    code, out, _ = history(capsys, store_root, "--device", "dev-b", "--json")
+    assert code == 0 and [r["id"] for r in json.loads(out)["runs"]] == [b.id]
+    code, out, _ = history(capsys, store_root, "--device", "key=dev-c", "--json")  # its address still matches
+    assert [r["id"] for r in json.loads(out)["runs"]] == [single.id]
+    code, out, _ = history(capsys, store_root)
+    devices = [line.split("  ")[4] for line in out.splitlines()[1:]]
+    assert [d.strip() for d in re.split(r"\s{2,}", out.splitlines()[3])][4] == "tracker 127.0.0.1:9170 key=dev-c"
+    assert "dev-a" in out and "dev-b" in out and len(set(devices)) == 3
+
+
+def test_cli__lineage_and_series_filters_and_compare_shortcuts(capsys, store_root, ledger):
+    first = record(NOW - dt.timedelta(hours=3))
+    other = record(NOW - dt.timedelta(hours=2), model="resnet18_v2")
+    second = record(NOW - dt.timedelta(hours=1), build_key="cd" * 32, schedules="tvm-default",
+                    latency_ms=latency(250.0))
+    newest = record(NOW, model="resnet18_v2", build_key="ee" * 32)
+    write(ledger, first, other, second, newest)
+    code, out, _ = history(capsys, store_root, "--lineage", first.lineage_id[:6], "--json")
+    assert code == 0 and [r["id"] for r in json.loads(out)["runs"]] == [second.id, first.id]
+    code, out, _ = history(capsys, store_root, "--series", second.series, "--json")
+    assert [r["id"] for r in json.loads(out)["runs"]] == [second.id]
+    code, out, _ = history(capsys, store_root, "compare", "previous", "latest", "--json")
+    data = json.loads(out)
+    assert code == 0 and (data["a"], data["b"]) == (other.id, newest.id)  # latest: the newest; previous: its lineage's
+    code, out, _ = history(capsys, store_root, "--model", "efficientnet", "compare", "latest", "previous")
+    assert code == 0 and out.startswith(f"A          {first.id}") and f"B          {second.id}" in out
+    assert "schedules" in out.split("Same")[0] and "slower by 112.9%" in out
+    code, _, err = history(capsys, store_root, "compare", "previous", first.id)
+    assert code == 2 and f"run {first.id} is the first of its lineage" in err
+    code, _, err = history(capsys, store_root, "compare", "previous", "previous")
+    assert code == 2 and "previous means the run before the other run named" in err
+    code, out, _ = history(capsys, store_root, "show", "latest", "--model", "efficient")
+    assert code == 0 and out.startswith(f"Run        {second.id}") and f"Lineage    {second.lineage_id}" in out

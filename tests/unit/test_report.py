@@ -61,7 +61,7 @@ def test_top5_table__ranks_and_rounds():
 
 
 def test_judge__compares_with_the_median_of_the_previous_runs():
-    assert judge(100.0, []).message == "first run of this series"
+    assert judge(100.0, []).message == "first run of this lineage"
     verdict = judge(125.0, [100.0, 102.0, 100.0])
     assert verdict.message.startswith("REGRESSION: +25.0% against the median of the previous 3 run(s)")
 
@@ -132,3 +132,86 @@ def test_while_waiting__shows_a_long_call_only(caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert any(m.startswith("a slow call: 0% (") and "s so far" in m for m in messages)
     assert messages[-1] == "a slow call: 100%"
+
+
+def test_format_text__names_the_run_id_what_it_was_measured_under_and_escapes_labels():
+    from pipeline.results import Conditions, Load
+
+    conditions = Conditions(threads=1, threads_requested=1, device=Load((0.52, 0.4, 0.33), (0,), 2),
+                            host=Load((1.5, 1.0, 0.5), (0, 1), 2))
+    text = format_text(_summary(run_id="20261128T020000Z-abcdef", conditions=conditions, model="m\x1b[2J.onnx"))
+    lines = text.splitlines()
+    assert lines[0] == "Run        20261128T020000Z-abcdef  (python -m flows.history show 20261128T020000Z-abcdef)"
+    assert ("Measured   threads 1 (asked 1); device load 0.52 0.40 0.33, CPUs 0 of 2; host load 1.50 1.00 0.50, "
+            "CPUs 0-1 of 2") in lines
+    assert "\x1b" not in text and "m\\x1b[2J.onnx" in text
+    assert "Measured   not recorded" in format_text(_summary())
+
+
+def test_ui_key__one_readable_key_per_lineage_model_and_device():
+    embedded, fleet = _summary(), _summary(name="bench-b", device="tracker 127.0.0.1:9190 key=fleet-b")
+    tracker = _summary(device="tracker 127.0.0.1:9190 key=rpi4")
+    assert re.fullmatch(r"efficientnet-lite0-embedded-[0-9a-f]{6}", ui_key(embedded))
+    assert re.fullmatch(r"efficientnet-lite0-bench-b-[0-9a-f]{6}", ui_key(fleet))
+    assert re.fullmatch(r"efficientnet-lite0-rpi4-[0-9a-f]{6}", ui_key(tracker))
+    assert ui_key(_summary(build_key="cd" * 32, schedules="tvm-default")) == ui_key(embedded)  # same lineage
+    assert ui_key(_summary(target='{"kind":"llvm","mcpu":"znver4"}')) != ui_key(embedded)
+
+
+def test_lineage_rows_and_trend_points__mark_the_build_change():
+    import dataclasses
+
+    from pipeline.latency import Change, Verdict
+    from pipeline.store.ledger import record_of
+    from pipeline.views.run import lineage_rows, trend_points
+
+    earlier = [record_of(_summary(run_id=f"20261128T0{h}0000Z-abcdef"), "passed", 0, None, versions={})
+               for h in (1, 2)]
+    earlier[1] = dataclasses.replace(earlier[1], started="2026-11-28T03:00:00+00:00")
+    verdict = Verdict(True, 1.4, 118.97, 0.1, 2, "REGRESSION: +140.0% ...", "regression", (1.2, 1.6), "bootstrap",
+                      "previous build", (Change("schedules", "rules", "tvm-default"),))
+    now = _summary(run_id="20261128T040000Z-abcdef", build_key="cd" * 32, schedules="tvm-default", regression=verdict)
+    rows = lineage_rows(earlier, now)
+    assert [r["run"] for r in rows] == ["20261128T040000Z-abcdef", *(r.id for r in reversed(earlier))]
+    assert rows[0]["build change"] == "schedules" and rows[0]["verdict"] == "REGRESSION +140.0% [schedules]"
+    assert rows[1]["build change"] == "" and set(rows[0]) == {"date", "run", "build change", "median ms", "p90 ms",
+                                                               "verdict"}
+    points = trend_points(earlier, now)
+    assert [p.change for p in points] == [None, None, "schedules"] and points[-1].regression
+    assert _png_size(draw_trend(points, "x")) == SIZE
+    markdown = summary_markdown(now, "data:image/png;base64,AAAA", rows)
+    assert "## Last runs of this lineage" in markdown
+    assert "| 20261128T040000Z-abcdef | schedules | 118.97 | 121.06 | REGRESSION +140.0% [schedules] |" in markdown
+
+
+def test_printable__escapes_every_control_format_and_separator_character():
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from pipeline.views.text import markdown_cell, printable
+
+    @settings(max_examples=200, deadline=None, database=None)
+    @given(st.text())
+    def check(text):
+        import unicodedata
+
+        for out in (printable(text), markdown_cell(text)):
+            assert not any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in out)
+        assert printable(text) == text or any(unicodedata.category(ch) in ("Cc", "Cf", "Zl", "Zp") for ch in text)
+        assert "\n" not in printable(text) and ("|" not in markdown_cell(text).replace("\\|", ""))
+
+    check()
+    assert printable("a\x1b[2J\r\u202eb") == "a\\x1b[2J\\r\\u202eb" and printable("x\ny", keep_newlines=True) == "x\ny"
+    assert markdown_cell("a|b`<script>") == "a\\|b\\`&lt;script&gt;"
+
+
+def test_parse_load__takes_only_well_formed_figures():
+    from pipeline.device.probe import host_load, parse_load
+
+    good = parse_load('{"loadavg": [0.5, 0.25, 0.125], "affinity": [0, 1], "cpus": 2}')
+    assert good.loadavg == (0.5, 0.25, 0.12) and good.affinity == (0, 1) and good.cpus == 2
+    bad = parse_load('{"loadavg": ["x", 1, 2], "affinity": [true, -1], "cpus": 0}')
+    assert bad.loadavg is None and bad.affinity is None and bad.cpus is None
+    assert parse_load("not json") is None and parse_load("[1]") is None and parse_load("x" * 100_000) is None
+    here = host_load()
+    assert here.cpus and here.affinity and len(here.loadavg) == 3

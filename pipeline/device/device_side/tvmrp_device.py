@@ -1,5 +1,5 @@
-"""Device side: makes a TVM RPC device tell who it is (the global function ``tvmrp.device_info``) and what a
-file it holds is (``tvmrp.file_info``).
+"""Device side: makes a TVM RPC device tell who it is (the global function ``tvmrp.device_info``), what a file it
+holds is (``tvmrp.file_info``) and how busy it is (``tvmrp.device_load``).
 
 A stock TVM 0.27 ``rpc_server`` registers no function that reports TVM's version (``support.GetLibInfo`` is
 gone), and a runtime-only one (what a device bundle serves) not even the architecture (the triple functions
@@ -10,7 +10,7 @@ its ``sitecustomize`` calls :func:`install` in every Python process of the devic
 
 :func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the functions
 right after ``tvm_ffi`` has loaded (a Python that never imports TVM never loads it; under qemu that import
-alone takes ~10 s). Both answer a JSON object (:func:`describe`, :func:`describe_file`), read by the client's
+alone takes ~10 s). Each answers a JSON object (:func:`describe`, :func:`describe_file`, :func:`load`), read by the client's
 ``pipeline.device.probe``. ``tvmrp.file_info`` exists because TVM's server offers no way to see what an upload
 wrote (its ``upload`` ignores a failed write: a full disk leaves a short file and no error): the client compares
 the size and SHA-256 of a library on the device with what it sent before loading it. It tells nothing a client
@@ -34,6 +34,7 @@ FILE_FUNCTION = "tvmrp.file_info"
 SUPERVISED_ENV = "TVMRP_DEVICE_SUPERVISED"
 #: The exit code of a server process whose listening thread died.
 LISTENER_DIED = 70
+LOAD_FUNCTION = "tvmrp.device_load"
 #: Version of the JSON layout :func:`describe` answers; a client ignores fields it does not know.
 SCHEMA = 1
 #: The environment variable that names the device bundle's directory (set by its start-device.sh).
@@ -156,9 +157,27 @@ def exit_when_the_listener_dies() -> None:
         pass
 
 
+def load() -> dict:
+    """How busy this machine is, as seen from the calling process (never raises; an unknown field is None).
+
+    Keys: ``loadavg`` (the 1, 5 and 15 minute load averages), ``affinity`` (the CPUs this process may run on,
+    ``sched_getaffinity``), ``cpus`` (``os.cpu_count()``). The client uses it for its own host too.
+    """
+    return {
+        "loadavg": _guarded(lambda: [round(x, 2) for x in os.getloadavg()]),
+        "affinity": _guarded(lambda: sorted(os.sched_getaffinity(0))),
+        "cpus": _guarded(os.cpu_count),
+    }
+
+
+def device_load() -> str:
+    """:func:`load` as JSON: the body of the global function ``tvmrp.device_load``."""
+    return json.dumps(load(), sort_keys=True)
+
+
 def install() -> None:
-    """Registers ``tvmrp.device_info`` and ``tvmrp.file_info`` now if ``tvm_ffi`` is loaded, else right after its
-    import; under a supervisor, :func:`exit_when_the_listener_dies`. Never raises."""
+    """Registers ``tvmrp.device_info``, ``tvmrp.file_info`` and ``tvmrp.device_load`` now if ``tvm_ffi`` is
+    loaded, else right after its import; under a supervisor, :func:`exit_when_the_listener_dies`. Never raises."""
     exit_when_the_listener_dies()
     try:
         module = sys.modules.get("tvm_ffi")
@@ -171,7 +190,7 @@ def install() -> None:
 
 
 def _register(module) -> None:
-    for name, function in ((FUNCTION, device_info), (FILE_FUNCTION, file_info)):
+    for name, function in ((FUNCTION, device_info), (FILE_FUNCTION, file_info), (LOAD_FUNCTION, device_load)):
         try:
             module.register_global_func(name, function, override=True)
         except Exception:  # noqa: BLE001
