@@ -7,9 +7,10 @@ and :func:`verify` checks every MAC and digest.
 
 What ``gc`` keeps (:func:`plan_gc`), everything else of the store's artifacts being removed:
 
-- what any run in the ledger used within ``keep_days`` (the ledger's build, library and tuning keys), and the
-  latest build of every *lineage* (model, weights, target, opt_level, schedules and tuning budget: what a user
-  asks for), however old;
+- what any run in the ledger used within ``keep_days`` (the ledger's build, library and tuning keys), and,
+  however old, the latest build of every *lineage* (a model on a device, for a target and input:
+  :func:`pipeline.store.ledger.lineage_of`, what nightly runs are judged against) and of every *recipe* (model,
+  weights, target, opt_level, schedules and tuning budget: what a user asks to build, on any device);
 - what those need: a library's build, a build's tuning, and the imported module (same model and TVM) and the
   reference outputs of its model;
 - every tuning, unless ``tunings`` (they cost minutes to hours to redo; ``--tune-more`` continues them);
@@ -291,14 +292,14 @@ def _stamp(record: RunRecord) -> float:
         return 0.0
 
 
-def lineage(record: RunRecord) -> tuple[Any, ...]:
-    """What a user asks to build, without the versions that make its key change: the builds of one lineage
+def recipe(record: RunRecord) -> tuple[Any, ...]:
+    """What a user asks to build, without the versions that make its key change: the builds of one recipe
     replace each other."""
     return (record.model, record.weights, record.target, record.opt_level, record.schedules, record.tune_trials)
 
 
 def live_keys(records: list[RunRecord], policy: Policy, now: float) -> dict[str, str]:
-    """The keys the ledger names as used recently, or as the latest build of a lineage: key -> why."""
+    """The keys the ledger names as used recently, or as the latest build of a lineage or a recipe: key -> why."""
     keep: dict[str, str] = {}
     latest: set[tuple[Any, ...]] = set()
     for record in records:  # newest first
@@ -308,10 +309,12 @@ def live_keys(records: list[RunRecord], policy: Policy, now: float) -> dict[str,
         if now - _stamp(record) <= policy.keep_days * DAY:
             for k in keys:
                 keep.setdefault(k, "recent run")
-        if lineage(record) not in latest:
-            latest.add(lineage(record))
-            for k in keys:
-                keep.setdefault(k, "latest of a lineage")
+        for why, group in (("latest of a lineage", ("lineage", record.lineage_id)),
+                           ("latest of a recipe", ("recipe", *recipe(record)))):
+            if group not in latest:
+                latest.add(group)
+                for k in keys:
+                    keep.setdefault(k, why)
     return keep
 
 
