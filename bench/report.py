@@ -236,7 +236,8 @@ def _shared(sh: dict[str, Any], lat: dict[str, Any]) -> list[str]:
         f"store's tunings for this target: {tunings}. The build is one cold build + export in a fresh store "
         f"holding the imported module and those tunings; the latency in this process, 2 threads.",
         "",
-        "| build | ms per image | vs onnxruntime | max abs diff vs onnxruntime | build + export, s | kernels: from tunings, rules, unscheduled |",
+        "| build | ms per image | vs onnxruntime | max abs diff vs onnxruntime | build + export, s | "
+        "kernels: from tunings, rules, unscheduled |",
         "|---|---|---|---|---|---|",
     ]
     for label, row in rows.items():
@@ -244,7 +245,8 @@ def _shared(sh: dict[str, Any], lat: dict[str, Any]) -> list[str]:
         kernels = ""
         if sources:
             tuned = "; ".join(f"{t['kernels']} from {t['model']} ({t['trials']} trials)" for t in sources["tunings"])
-            kernels = f"{tuned or 'none'}; {sources['rules']} rules; {sources['unscheduled']} unscheduled (of {sources['kernels']})"
+            kernels = (f"{tuned or 'none'}; {sources['rules']} rules; {sources['unscheduled']} unscheduled "
+                       f"(of {sources['kernels']})")
         elif "build_s" in row:
             kernels = "all from the rules"
         build = f"{row['build_s']:.0f}" if "build_s" in row else ""

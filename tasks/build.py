@@ -119,8 +119,8 @@ def build(
     if (tuning is not None) != ("tuning" in stage.inputs) or (tuning is not None and stage.inputs["tuning"] != tuning.key):
         raise BuildError(f"the build plan {stage.key[:16]} does not name the tuning it is given; plan the build again")
     if stage.inputs.get("records", []) != sorted(t.key for t in shared):
-        raise BuildError(f"the build plan {stage.key[:16]} does not name the shared tunings it is given; plan the build "
-                         "again")
+        raise BuildError(f"the build plan {stage.key[:16]} does not name the shared tunings it is given; plan the "
+                         "build again")
     return ensure_artifact(store, stage, BUILD, produce, refresh)
 
 

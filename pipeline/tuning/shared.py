@@ -95,7 +95,9 @@ def shared_tunings(store: ArtifactStore, target: TargetInfo) -> tuple[SharedTuni
         if not _FAMILY_FILE.fullmatch(name):
             continue
         inputs = indexed_inputs(store, name[: -len(".json")])
-        if inputs is None or any(inputs.get(k) != v for k, v in want.items()) or not isinstance(inputs.get("model"), str):
+        if inputs is None or any(inputs.get(k) != v for k, v in want.items()):
+            continue
+        if not isinstance(inputs.get("model"), str):
             continue
         try:
             tunings = family_tunings(store, inputs)
@@ -143,8 +145,10 @@ def _mean_secs(record: Any) -> float:
     return sum(times) / len(times) if times else math.inf
 
 
-def apply_shared(mod: tvm.IRModule, target: TargetInfo, store: ArtifactStore, tuning: Artifact | None,
-                 shared: Sequence[SharedTuning], rules: bool, own_model: str = "") -> tuple[tvm.IRModule, TuningSources]:
+def apply_shared(
+    mod: tvm.IRModule, target: TargetInfo, store: ArtifactStore, tuning: Artifact | None,
+    shared: Sequence[SharedTuning], rules: bool, own_model: str = "",
+) -> tuple[tvm.IRModule, TuningSources]:
     """``mod`` (as imported) with, on each kernel, its own tuning's record, else the best shared record for its
     workload, else (``rules``) a schedule from MetaSchedule's rules; ready to compile.
 
@@ -254,7 +258,8 @@ def parse_sources(data: bytes) -> TuningSources | None:
     for item in raw["tunings"][:1000]:
         if not isinstance(item, dict):
             return None
-        key, model, trials, count = item.get("tuning"), item.get("model"), _count(item.get("trials")), _count(item.get("kernels"))
+        key, model = item.get("tuning"), item.get("model")
+        trials, count = _count(item.get("trials")), _count(item.get("kernels"))
         if not (isinstance(key, str) and re.fullmatch(r"[0-9a-f]{64}", key) and isinstance(model, str)
                 and trials is not None and count is not None):
             return None

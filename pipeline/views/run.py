@@ -109,7 +109,8 @@ def format_sources(sources: TuningSources) -> str:
         parts.append(f"{sources.unscheduled} unscheduled")
     shared = sum(1 for s in sources.tunings if not s.own and s.kernels)
     return (f"Records    {sources.kernels} kernels: {', '.join(parts) or 'none scheduled'}; records shared from "
-            f"{shared} of the store's {sources.considered} other tuning(s) for this target (--shared-tunings off: none)")
+            f"{shared} of the store's {sources.considered} other tuning(s) for this target "
+            "(--shared-tunings off: none)")
 
 
 def format_build(build: BuildSummary) -> str:
