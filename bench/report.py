@@ -227,7 +227,7 @@ def _shared(sh: dict[str, Any], lat: dict[str, Any]) -> list[str]:
     rows, ort_ms = sh["rows"], sh["rows"]["onnxruntime"]["latency"]["median"]
     tunings = ", ".join(f"{t['model']} ({t['trials']} trials)" for t in sh["tunings"]) or "none"
     lines = [
-        f"## 3d. Shared tuning records: {sh['model']} after ResNet-18's tuning",
+        "## 3d. Shared tuning records: ResNet-34 v2 after ResNet-18's tuning",
         "",
         f"A second model, ResNet-34 v2 (MXNet's model zoo, random weights: the same convolution shapes as ResNet-18, "
         f"more of them), built untuned for `{sh['target']}` in the store that holds the tunings of section 3. "
