@@ -1,5 +1,6 @@
 """ResNet-18 v2 for the engines TVM is measured against (bench section 3): the same ONNX graph and weights
-that the pipeline imports, for onnxruntime, and the same architecture written in torch."""
+that the pipeline imports, for onnxruntime, and the same architecture written in torch; ResNet-34 v2, the second
+model of section 3d (built after ResNet-18's tuning, with its shared records)."""
 
 from __future__ import annotations
 
@@ -22,13 +23,22 @@ def resnet_onnx(model: Any, path: Path) -> Path:
         net.hybridize()
         net(mx.nd.zeros(_mxnet.INPUT_SHAPE))
         net.export(str(work / "r"))
-        graph = _mxnet._load_symbol_json(work / "r-symbol.json")
-        params = _mxnet._load_params(work / "r-0000.params")
-        _mxnet._fix_gamma_to_one(graph, params)
-        mx.onnx.export_model(
-            mx.sym.load(str(work / "r-symbol.json")), {k.split(":", 1)[-1]: v for k, v in params.items()},
-            [_mxnet.INPUT_SHAPE], [np.float32], str(path),
-        )
+        return mxnet_onnx(work / "r-symbol.json", work / "r-0000.params", path)
+
+
+def mxnet_onnx(symbol: Path, params_file: Path, path: Path) -> Path:
+    """The same ONNX graph and weights that the pipeline imports for MXNet export files (mx2onnx)."""
+    import mxnet as mx
+
+    from pipeline.models import _mxnet
+
+    graph = _mxnet._load_symbol_json(symbol)
+    params = _mxnet._load_params(params_file)
+    _mxnet._fix_gamma_to_one(graph, params)
+    mx.onnx.export_model(
+        mx.sym.load(str(symbol)), {k.split(":", 1)[-1]: v for k, v in params.items()},
+        [_mxnet.INPUT_SHAPE], [np.float32], str(path),
+    )
     # mx2onnx also lists every weight as a graph input, which makes onnxruntime treat them as variables
     # (no constant folding of BatchNorm, no prepacking): keep only the real input, as a fair baseline.
     import onnx
@@ -39,6 +49,23 @@ def resnet_onnx(model: Any, path: Path) -> Path:
         graph.graph.input.remove(value)
     onnx.save(graph, str(path))
     return path
+
+
+def resnet34_export(directory: Path, seed: int = 0) -> Path:
+    """ResNet-34 v2 of MXNet's model zoo with random weights (``resnet18_v2 --weights random``'s recipe and seed),
+    exported as MXNet export files in ``directory``; returns ``resnet34_v2-symbol.json``. The same convolution
+    shapes as ResNet-18 v2, more of them (3, 4, 6, 3 blocks per stage instead of 2 each)."""
+    import mxnet as mx
+    from mxnet.gluon.model_zoo import vision
+
+    from pipeline.models import _mxnet
+
+    net = vision.resnet34_v2(pretrained=False)
+    _mxnet._init_random(net, seed)
+    net.hybridize()
+    net(mx.nd.zeros(_mxnet.INPUT_SHAPE))
+    net.export(str(directory / "resnet34_v2"))
+    return directory / "resnet34_v2-symbol.json"
 
 
 def torch_resnet18_v2() -> Any:

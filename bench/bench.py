@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/bench.py [--repeats 5] [--budgets 64,256] [--out bench/RESULTS.md]
 
-Five measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken in this one process:
+The measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken in this one process:
 
 1. warm flow vs plain script: ``resnet_remote`` (all builds cached, a persistent Prefect server that this
    script starts on a free 127.0.0.1 port with its own PREFECT_HOME, and stops at the end) against a plain
@@ -16,6 +16,11 @@ Five measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken
    budget (tuned artifacts are reused from the store; the tuning time is the one recorded in the tuning
    artifact), onnxruntime on the same ONNX graph and weights, torch (the same architecture written in torch,
    random weights), as ratios to onnxruntime. TVM runs in this process on ``tvm.cpu()``.
+3d. shared tuning records: a second model, ResNet-34 v2 (random weights, the same convolution shapes as ResNet-18),
+   built untuned after ResNet-18's tunings for ``llvm -mcpu=native``: with the store's tuning records shared
+   (``--shared-tunings on``, the default) and without (the rules alone); latency, onnxruntime on the same graph,
+   one cold build + export each (a fresh store holding the imported module and the shared tunings), and how many
+   kernels came from which tuning.
 4. the untuned default: the demo (efficientnet_lite0) and resnet18_v2 @ ``llvm`` built with the rule-based
    schedules (``schedules="rules"``, the default) and without (``"none"``, TVM's default pipeline, the default
    before): build + export seconds (fresh store each, the imported module given) and ms per image in this
@@ -50,7 +55,7 @@ from typing import Any, Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from baselines import resnet_onnx, torch_resnet18_v2  # noqa: E402 - bench/ is sys.path[0]
+from baselines import mxnet_onnx, resnet34_export, resnet_onnx, torch_resnet18_v2  # noqa: E402 - bench/ is sys.path[0]
 from report import FLOW_MODEL, FLOW_TARGET, RESNET, TUNED_TARGET, render  # noqa: E402
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -432,6 +437,52 @@ def bench_untuned(store_root: str, repeats: int) -> dict[str, Any]:
     return rows
 
 
+def bench_shared(store_root: str, repeats: int) -> dict[str, Any]:
+    """Section 3d: a second model, ResNet-34 v2, built after ResNet-18's tuning: with the store's tuning records
+    shared (``--shared-tunings on``, the default) and without (``off``: the rules alone), untuned both."""
+    import onnxruntime as ort
+
+    from pipeline.models import ModelSpec, resolve_model
+    from pipeline.planning.plan import plan_build
+    from pipeline.store import ArtifactStore
+    from pipeline.store.layout import LIBRARY_FILE
+    from pipeline.targets import parse_target
+    from pipeline.tuning.shared import shared_tunings
+    from tasks.chains import compile_chain, run_plain, tuning_sources
+
+    target, store = parse_target(TUNED_TARGET), ArtifactStore(store_root)
+    tunings = shared_tunings(store, target)
+    with tempfile.TemporaryDirectory(prefix="bench-shared-") as tmp:
+        symbol = resnet34_export(Path(tmp))
+        model = resolve_model(ModelSpec(str(symbol)))
+        x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+        onnx_path = mxnet_onnx(symbol, Path(tmp) / "resnet34_v2-0000.params", Path(tmp) / "r34.onnx")
+        session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        expected = session.run(None, {name: x})[0]
+        run_ort = lambda: session.run(None, {name: x})  # noqa: E731
+        rows: dict[str, Any] = {"onnxruntime": {"latency": timed(run_ort, repeats, number_for(run_ort)), "diff": 0.0}}
+        for label, shared in (("rules, no shared records (--shared-tunings off)", ()),
+                              ("rules + the store's shared records (--shared-tunings on)", tunings)):
+            plan = plan_build(model, target, 3, shared=shared)
+            compiled = compile_chain(plan, store, False, run=run_plain)
+            # The build's cost, once: a fresh store holding the imported module and the shared tunings.
+            with tempfile.TemporaryDirectory(prefix="bench-shared-build-") as fresh:
+                for key in [compiled.module.key, *(t.key for t in plan.shared)]:
+                    shutil.copytree(store.path(key), ArtifactStore(fresh).path(key))
+                start = time.perf_counter()
+                compile_chain(plan, ArtifactStore(fresh), False, run=run_plain)
+                build_s = time.perf_counter() - start
+            run_tvm, out = library_runner(store.file(compiled.library, LIBRARY_FILE), x)
+            sources = tuning_sources(plan, compiled.build, store)
+            rows[label] = {"latency": timed(run_tvm, repeats, number_for(run_tvm), warmup=1),
+                           "diff": float(np.abs(out - expected).max()), "build_s": build_s,
+                           "build_key": plan.build.key, "sources": sources.as_dict() if sources else None}
+            log.info("shared %s: %.2f ms, build %.0f s", label, rows[label]["latency"]["median"] * 1e3, build_s)
+    return {"model": model.name, "target": TUNED_TARGET, "rows": rows,
+            "tunings": [{"tuning": t.key, "model": t.model, "trials": t.trials} for t in tunings]}
+
+
 def bench_cold_build(store_root: str, repeats: int) -> dict[str, Any]:
     """Section 2: build + export-library as Prefect tasks in a flow, in a fresh store, vs plain TVM."""
     import tvm
@@ -516,6 +567,8 @@ def main(argv: list[str] | None = None) -> int:
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log.info("machine: %s", results["machine"])
     results["latency"] = bench_latency(store_root, budgets, args.repeats)
+    results["shared"] = bench_shared(store_root, args.repeats)
+    log.info("shared tuning records done")
     results["untuned"] = bench_untuned(store_root, args.repeats)
     log.info("untuned builds done")
     from pipeline.models import ModelSpec, resolve_model

@@ -35,6 +35,7 @@ def render(results: dict[str, Any], command: str) -> str:
         _latency(results["latency"], ort_ms),
         _tuning(results["latency"], ort_ms),
         *([_untuned(results["untuned"], ort_ms)] if "untuned" in results else []),
+        *([_shared(results["shared"], results["latency"])] if "shared" in results else []),
         _upload(results["upload"], mb),
     )
     return "\n".join(line for section in sections for line in section)
@@ -218,6 +219,44 @@ def _untuned(un: dict[str, Any], ort_ms: float) -> list[str]:
     if resnet:
         lines += ["", f"ResNet-18 v2 with the rules: {resnet['latency']['median'] / ort_ms:.1f}x onnxruntime "
                   "(section 3 has the rows with `-mcpu=native` and after tuning)."]
+    lines.append("")
+    return lines
+
+
+def _shared(sh: dict[str, Any], lat: dict[str, Any]) -> list[str]:
+    rows, ort_ms = sh["rows"], sh["rows"]["onnxruntime"]["latency"]["median"]
+    tunings = ", ".join(f"{t['model']} ({t['trials']} trials)" for t in sh["tunings"]) or "none"
+    lines = [
+        "## 3d. Shared tuning records: ResNet-34 v2 after ResNet-18's tuning",
+        "",
+        f"A second model, ResNet-34 v2 (MXNet's model zoo, random weights: the same convolution shapes as ResNet-18, "
+        f"more of them), built untuned for `{sh['target']}` in the store that holds the tunings of section 3. "
+        f"With `--shared-tunings on` (the default) the build applies to each kernel the best record any tuning of "
+        f"the store measured for its workload, and the rules' schedule to the rest; `off` is the rules alone. The "
+        f"store's tunings for this target: {tunings}. The build is one cold build + export in a fresh store "
+        f"holding the imported module and those tunings; the latency in this process, 2 threads.",
+        "",
+        "| build | ms per image | vs onnxruntime | max abs diff vs onnxruntime | build + export, s | "
+        "kernels: from tunings, rules, unscheduled |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, row in rows.items():
+        sources = row.get("sources")
+        kernels = ""
+        if sources:
+            tuned = "; ".join(f"{t['kernels']} from {t['model']} ({t['trials']} trials)" for t in sources["tunings"])
+            kernels = (f"{tuned or 'none'}; {sources['rules']} rules; {sources['unscheduled']} unscheduled "
+                       f"(of {sources['kernels']})")
+        elif "build_s" in row:
+            kernels = "all from the rules"
+        build = f"{row['build_s']:.0f}" if "build_s" in row else ""
+        lines.append(f"| {label} | {fmt(row['latency'], 1e3, 2)} | {row['latency']['median'] / ort_ms:.2f}x | "
+                     f"{row['diff']:.1e} | {build} | {kernels} |")
+    tuned = [row for row in lat.values() if "tuning_s" in row]
+    if tuned:
+        best = min(tuned, key=lambda row: row["latency"]["median"])
+        lines += ["", f"For comparison, ResNet-18 v2 tuned with {best['trials']} trials: "
+                  f"{best['latency']['median'] * 1e3:.2f} ms (section 3)."]
     lines.append("")
     return lines
 

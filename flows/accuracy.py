@@ -68,7 +68,8 @@ def evaluate(req: ResolvedRequest, images: Sequence[LabelledImage]) -> AccuracyS
             "accuracy mode needs an ImageNet classifier"
         )
     inputs = tuple(load_image(image.path, model.preprocess, model.input_shape) for image in images)
-    plan = plan_build(model, req.target, req.opt_level, req.tune_trials, req.tune_runner, req.schedules)
+    plan = plan_build(model, req.target, req.opt_level, req.tune_trials, req.tune_runner, req.schedules,
+                      req.shared)
     with Device(req.device) as device:  # the embedded server starts now and imports TVM while we compile
         if req.target.device == "cuda":
             preflight(device, req.target, req.policy.allow_version_skew)

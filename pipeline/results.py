@@ -182,6 +182,52 @@ class Conditions:
                 "host": self.host.as_dict() if self.host is not None else None}
 
 
+@dataclass(frozen=True)
+class TuningSource:
+    """A tuning whose records a build applied, and to how many of its kernels.
+
+    Attributes:
+        tuning: the tuning's artifact key. model: the name of the model it tuned. trials: its budget.
+        kernels: the build's kernels scheduled from its records. own: the build's own tuning (``--tune-trials``),
+            else a tuning of the store shared with the build (:mod:`pipeline.tuning.shared`).
+    """
+
+    tuning: str
+    model: str
+    trials: int
+    kernels: int
+    own: bool = False
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TuningSources:
+    """Where the schedules of a build with shared tuning records came from, kernel by kernel.
+
+    Attributes:
+        kernels: the build's kernels (its prepared module's functions).
+        rules: kernels scheduled by MetaSchedule's rules, no search (an untuned build's default).
+        tunings: the tunings that scheduled at least one kernel, the build's own first, then by kernels.
+        considered: the shared tunings the build could draw on (its key names them).
+    """
+
+    kernels: int
+    rules: int
+    tunings: tuple[TuningSource, ...]
+    considered: int
+
+    @property
+    def unscheduled(self) -> int:
+        """Kernels built as written: no record, or a schedule that does not replay on them."""
+        return max(0, self.kernels - self.rules - sum(t.kernels for t in self.tunings))
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"kernels": self.kernels, "rules": self.rules, "unscheduled": self.unscheduled,
+                "considered": self.considered, "tunings": [t.as_dict() for t in self.tunings]}
+
+
 # -- one run ----------------------------------------------------------------------------------------------------------
 
 
@@ -194,6 +240,8 @@ class BuildSummary:
         schedules: what the build applies: ``tuned``, ``rules`` or ``tvm-default`` (``BuildPlan.applied``).
         gpu_code: for a GPU target, what the library holds: ``cubin`` (machine code), ``ptx`` or ``source``.
         tuning: what the tuning the build applies did (``tasks.tune.read_summary``); None untuned.
+        tuning_sources: which tunings scheduled how many kernels, for a build that shares other tunings'
+            records (:mod:`pipeline.tuning.shared`); None for one that does not.
     """
 
     model: str
@@ -213,6 +261,7 @@ class BuildSummary:
     stages: dict[str, str]
     tuning: dict[str, Any] | None = None
     notes: tuple[str, ...] = ()
+    tuning_sources: TuningSources | None = None
 
     def as_json(self) -> dict[str, Any]:
         """The ``--json`` object of a ``--build-only`` run."""
@@ -223,6 +272,7 @@ class BuildSummary:
             "library_key": self.library_key, "artifact": self.artifact, "library_bytes": self.library_bytes,
             "gpu_code": self.gpu_code, "stages": dict(self.stages), "schedules": self.schedules,
             "tuning": self.tuning, "notes": list(self.notes),
+            "tuning_sources": self.tuning_sources.as_dict() if self.tuning_sources is not None else None,
         }
 
 
@@ -334,6 +384,7 @@ class RunSummary:
             "check": o.check.as_dict() if o.check is not None else None,
             "regression": self.regression.as_dict() if self.regression is not None else None,
             "tuning": b.tuning, "schedules": b.schedules, "notes": list(b.notes),
+            "tuning_sources": b.tuning_sources.as_dict() if b.tuning_sources is not None else None,
         }
 
 

@@ -9,7 +9,10 @@ docs/performance.md#reading-the-benchmarks). Keyed (by the plan) by model digest
 opt_level, TVM version, our build code version and the tuning's key; an untuned CPU build applies schedules
 from MetaSchedule's rules without search (:mod:`pipeline.tuning.rules`: several times faster than TVM's
 unscheduled default, for a longer build and no measurement; measurements:
-docs/performance.md#the-untuned-default-rule-based-schedules), and its key names them.
+docs/performance.md#the-untuned-default-rule-based-schedules), and its key names them. A CPU build that applies
+MetaSchedule's schedules also applies the best records of the store's other tunings for the same target to the
+kernels its own schedules leave (:mod:`pipeline.tuning.shared`; ``--shared-tunings``), and its key names those
+tunings.
 
 A CUDA target is compiled by :func:`pipeline.cuda.builder.compile_cuda` in a subprocess that makes TVM's CUDA
 runtime load on this GPU-less machine, so the kernels are compiled to GPU machine code (cubin) here, once
@@ -28,8 +31,9 @@ from prefect import task
 from pipeline.errors import BuildError, StoreError
 from pipeline.planning.plan import StageKey
 from pipeline.store import Artifact, ArtifactStore
-from pipeline.store.layout import BUILD, MODULE_FILE, OBJECTS_FILE
+from pipeline.store.layout import BUILD, MODULE_FILE, OBJECTS_FILE, TUNING_SOURCES_FILE
 from pipeline.targets import TargetInfo
+from pipeline.tuning.shared import SharedTuning
 from tasks._cache import Built, ensure_artifact
 
 # TVM's compiler is not safe for two compiles at once in one process (two threads fail with "nested op_tag
@@ -56,6 +60,7 @@ def build(
     store: ArtifactStore,
     refresh: bool = False,
     tuning: Artifact | None = None,
+    shared: tuple[SharedTuning, ...] = (),
 ) -> Built:
     """Compile the imported module and store the target's object files under ``stage.key`` (``plan.build``).
 
@@ -65,6 +70,10 @@ def build(
     Args:
         tuning: a ``tune`` artifact whose MetaSchedule database is applied before compiling; its key is
             part of the build key (the plan's ``build`` of a tuned run).
+        shared: the store's tunings whose records the build applies where its own schedules leave a kernel
+            (``plan.shared``; their keys are the build key's ``records``): the build then also stores
+            ``tuning_sources.json``, which tunings scheduled how many kernels
+            (:func:`pipeline.tuning.shared.apply_shared`).
 
     Raises:
         BuildError: TVM failed to compile the module for the target.
@@ -82,7 +91,13 @@ def build(
         mod = tvm.ir.load_json(text.decode())
         try:
             with _COMPILE_LOCK:  # applying schedules compiles too (constant folding)
-                if tuning is not None:
+                if shared:
+                    from pipeline.tuning.shared import apply_shared, sources_json
+
+                    mod, sources = apply_shared(mod, target, store, tuning, shared, rules="schedules" in stage.inputs,
+                                                own_model=str(module.inputs.get("name") or ""))
+                    (directory / TUNING_SOURCES_FILE).write_bytes(sources_json(sources))
+                elif tuning is not None:
                     from pipeline.tuning import apply_tuning
 
                     mod = apply_tuning(mod, tuning, store)
@@ -103,6 +118,9 @@ def build(
 
     if (tuning is not None) != ("tuning" in stage.inputs) or (tuning is not None and stage.inputs["tuning"] != tuning.key):
         raise BuildError(f"the build plan {stage.key[:16]} does not name the tuning it is given; plan the build again")
+    if stage.inputs.get("records", []) != sorted(t.key for t in shared):
+        raise BuildError(f"the build plan {stage.key[:16]} does not name the shared tunings it is given; plan the "
+                         "build again")
     return ensure_artifact(store, stage, BUILD, produce, refresh)
 
 

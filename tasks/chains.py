@@ -29,11 +29,21 @@ from pipeline.errors import DeviceError, DeviceLost, KeptCopyFailed, StoreError,
 from pipeline.latency import Timing
 from pipeline.planning.plan import BuildPlan, RunPlan, StageKey
 from pipeline.planning.request import DevicePolicy
-from pipeline.results import COMPILE_STAGES, BuildSummary, CheckResult, DeviceOutcome, RunStamp, RunSummary, Upload
+from pipeline.results import (
+    COMPILE_STAGES,
+    BuildSummary,
+    CheckResult,
+    DeviceOutcome,
+    RunStamp,
+    RunSummary,
+    TuningSources,
+    Upload,
+)
 from pipeline.store import Artifact, ArtifactStore
 from pipeline.store.fs import real_directory
-from pipeline.store.layout import LIBRARY_FILE
+from pipeline.store.layout import LIBRARY_FILE, TUNING_SOURCES_FILE
 from pipeline.targets import TargetInfo
+from pipeline.tuning.shared import parse_sources
 from tasks._cache import run_cached
 from tasks._live import opened
 from tasks.build import build_task
@@ -84,7 +94,7 @@ def compile_chain(plan: BuildPlan, store: ArtifactStore, refresh: bool, run: Sta
         tuning, stages["tune"] = run(tune_task, store, plan.tune, False, module=module, target=plan.target,
                                      trials=plan.tune_trials, runner=plan.tune.extra["runner"])
     build, stages["build"] = run(build_task, store, plan.build, refresh, module=module, target=plan.target,
-                                 opt_level=plan.opt_level, tuning=tuning)
+                                 opt_level=plan.opt_level, tuning=tuning, shared=plan.shared)
     library, stages["export-library"] = run(export_library_task, store, plan.library, refresh, build=build,
                                             target=plan.target, toolchain=plan.toolchain)
     return Compiled(module, tuning, build, library, stages)
@@ -102,6 +112,23 @@ RULES_NOTE = (
 _NOTES = {"tuned": (), "rules": (RULES_NOTE,), "tvm-default": (UNTUNED_NOTE,)}
 
 
+def tuning_sources(plan: BuildPlan, build: Artifact, store: ArtifactStore) -> TuningSources | None:
+    """Which tunings scheduled how many kernels of ``build``, for a build that shares the store's tuning records
+    (its ``tuning_sources.json``, verified); None for another build, or when the file is missing or not valid
+    (logged)."""
+    if not plan.shared:
+        return None
+    try:
+        sources = parse_sources(store.read_verified(build.key, TUNING_SOURCES_FILE)[0])
+    except StoreError as exc:
+        sources, why = None, str(exc)
+    else:
+        why = "it is not valid"
+    if sources is None:
+        log.warning("build %s: which tunings scheduled its kernels is unknown (%s)", build.key[:16], why)
+    return sources
+
+
 def build_summary(plan: BuildPlan, compiled: Compiled, store: ArtifactStore) -> BuildSummary:
     """What the compile chain of ``plan`` gave (``compiled``), as the report shows it."""
     model, library = plan.model, store.file(compiled.library, LIBRARY_FILE)
@@ -115,7 +142,7 @@ def build_summary(plan: BuildPlan, compiled: Compiled, store: ArtifactStore) -> 
         gpu_code=library_gpu_code(library) if plan.target.device == "cuda" else None,
         stages={name: compiled.stages.get(name, "skipped") for name in COMPILE_STAGES},
         tuning=read_summary(compiled.tuning, store) if compiled.tuning is not None else None,
-        notes=(*model.notes, *notes),
+        notes=(*model.notes, *notes), tuning_sources=tuning_sources(plan, compiled.build, store),
     )
 
 

@@ -68,7 +68,8 @@ def build_on_deployment(pair: FleetPair, deployment: str, timeout: float) -> Com
     what = f"{req.model.name} for {pair.device.target!r}"
     parameters = {
         "model": entry.source, "weights": entry.weights, "seed": entry.seed, "target": pair.device.target,
-        "opt_level": req.opt_level, "tune_trials": req.tune_trials, "schedules": req.schedules, "build_only": True,
+        "opt_level": req.opt_level, "tune_trials": req.tune_trials, "schedules": req.schedules,
+        "shared_tunings": req.shared_tunings, "build_only": True,
         "artifacts": req.store.location,
     }
     try:

@@ -80,12 +80,13 @@ def tune_family(inputs: dict[str, Any]) -> str:
 
 def build_inputs(
     model_digest: str, target: str, opt_level: int, tuning: str | None = None, gpu_toolchain: str | None = None,
-    schedules: str | None = None,
+    schedules: str | None = None, records: list[str] | None = None,
 ) -> dict[str, Any]:
     """What determines a compiled build: model content, canonical target, opt_level, TVM and our code, the
     key of the tuning database it applies, for an untuned CPU build the rule-based schedules it applies
-    (:func:`pipeline.tuning.rules.rules_inputs`) and, for a GPU target, the GPU compiler (NVRTC, CUDA headers)
-    that made its machine code (each absent when not used, so keys without them are unchanged)."""
+    (:func:`pipeline.tuning.rules.rules_inputs`), the keys of other tunings whose records it may draw on
+    (``records``, sorted: :mod:`pipeline.tuning.shared`) and, for a GPU target, the GPU compiler (NVRTC, CUDA
+    headers) that made its machine code (each absent when not used, so keys without them are unchanged)."""
     inputs = {
         "stage": "build",
         "model": model_digest,
@@ -100,6 +101,8 @@ def build_inputs(
         inputs["gpu_toolchain"] = gpu_toolchain
     if schedules is not None:
         inputs["schedules"] = schedules
+    if records:
+        inputs["records"] = sorted(records)
     return inputs
 
 

@@ -7,7 +7,8 @@ flow, the fleet, the accuracy tool, the bench and the tests all share one chain 
 
     import-model  key_of(model digest, TVM, import code)
     tune          key_of(model digest, canonical target, trials, cores, schedule space, TVM, code)
-    build         key_of(model digest, canonical target, opt_level, TVM, code [, tune key | rule-based schedules])
+    build         key_of(model digest, canonical target, opt_level, TVM, code [, tune key | rule-based schedules]
+                         [, the keys of the store's other tunings it shares records of])
     export        key_of(build key, linker identity, export code)
     reference     key_of(model digest, input digest, framework version, code)
 """
@@ -27,6 +28,7 @@ from pipeline.targets import TargetInfo, Toolchain, toolchain_for
 
 if TYPE_CHECKING:
     from pipeline.planning.request import ResolvedRequest
+    from pipeline.tuning.shared import SharedTuning
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class BuildPlan:
     Attributes:
         tune: None when ``tune_trials`` is 0 (no tuning; the build key then has no tuning part).
         toolchain: the linker of the library (a missing cross compiler fails at planning, before compiling).
+        shared: the store's other tunings whose records the build applies to the kernels its own schedules
+            leave (:mod:`pipeline.tuning.shared`; their keys are the build key's ``records``); () for none.
     """
 
     model: ResolvedModel
@@ -71,6 +75,7 @@ class BuildPlan:
     tune: StageKey | None
     build: StageKey
     library: StageKey
+    shared: tuple[SharedTuning, ...] = ()
 
     @property
     def schedules(self) -> str | None:
@@ -88,7 +93,7 @@ class BuildPlan:
 
 def plan_build(
     model: ResolvedModel, target: TargetInfo, opt_level: int, tune_trials: int = 0, tune_runner: str = "local",
-    schedules: str = DEFAULT_SCHEDULES,
+    schedules: str = DEFAULT_SCHEDULES, shared: tuple[SharedTuning, ...] = (),
 ) -> BuildPlan:
     """The keys of the compile chain.
 
@@ -98,6 +103,9 @@ def plan_build(
             tune stage then continues from the largest tuning of the same family, found in the store.
         tune_runner: where tuning measures (recorded in the tuning manifest, not hashed).
         schedules: ``"rules"`` (default) or ``"none"``: what an untuned CPU build applies.
+        shared: the store's tunings the build may share records of (``ResolvedRequest.shared``:
+            :func:`pipeline.tuning.shared.shared_tunings`). Only a CPU build that applies MetaSchedule's
+            schedules (tuned, or the rules) shares them: ``schedules="none"`` is TVM's own pipeline.
 
     Raises:
         ExportError: the target needs a cross compiler that is not installed.
@@ -112,7 +120,8 @@ def plan_build(
         from pipeline import tuning
 
         tune = StageKey.of(
-            tuning.tune_inputs(model.digest, target, tune_trials), **tuning.tune_manifest_extra(target, tune_runner)
+            tuning.tune_inputs(model.digest, target, tune_trials), name=model.name,
+            **tuning.tune_manifest_extra(target, tune_runner),
         )
     gpu_toolchain = None
     if target.device == "cuda":
@@ -124,11 +133,17 @@ def plan_build(
         from pipeline.tuning.rules import rules_inputs
 
         rules = rules_inputs(target)
+    if target.device != "cpu" or (tune is None and rules is None):
+        shared = ()
+    elif tune is not None:
+        shared = tuple(t for t in shared if t.model_digest != model.digest)  # its own tuning applies
     build = StageKey.of(keys.build_inputs(
-        model.digest, target.canonical, opt_level, tune.key if tune is not None else None, gpu_toolchain, rules
+        model.digest, target.canonical, opt_level, tune.key if tune is not None else None, gpu_toolchain, rules,
+        [t.key for t in shared],
     ))
     library = StageKey.of(keys.export_inputs(build.key, toolchain.identity))
-    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library)
+    return BuildPlan(model, target, opt_level, tune_trials, toolchain, imported, tune, build, library,
+                     tuple(sorted(shared, key=lambda t: t.key)))
 
 
 def plan_reference(model: ResolvedModel, data: np.ndarray) -> StageKey:
@@ -153,5 +168,6 @@ def plan_run(req: ResolvedRequest) -> RunPlan:
     Raises:
         ExportError, CudaToolchainMissing: as :func:`plan_build`.
     """
-    build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner, req.schedules)
+    build = plan_build(req.model, req.target, req.opt_level, req.tune_trials, req.tune_runner, req.schedules,
+                       req.shared)
     return RunPlan(req, build, plan_reference(req.model, req.input) if req.check and not req.build_only else None)

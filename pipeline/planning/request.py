@@ -32,6 +32,9 @@ from pipeline.store import ENV_VAR, ArtifactStore
 from pipeline.targets import TargetInfo, check_opt_level, parse_target
 from pipeline.thresholds import Thresholds, thresholds_for
 
+if typing.TYPE_CHECKING:
+    from pipeline.tuning.shared import SharedTuning
+
 DEFAULT_MODEL = "efficientnet_lite0"
 DEFAULT_TARGET = "llvm"
 LOCAL_RUNNER = "local"
@@ -39,6 +42,8 @@ LOCAL_RUNNER = "local"
 #: :mod:`pipeline.tuning.rules`) or ``none`` (TVM's default pipeline, no schedules).
 SCHEDULES = ("rules", "none")
 DEFAULT_SCHEDULES = "rules"
+#: ``--shared-tunings``: apply the records of the store's other tunings for the target (:mod:`pipeline.tuning.shared`).
+SHARED_TUNINGS = ("on", "off")
 MAX_TRIALS = 100_000
 MAX_DEVICE_NAME = 100
 
@@ -132,6 +137,13 @@ class RunRequest:
         "rules, no search (ResNet-18 ~5x, EfficientNet-Lite0 ~2.4x faster than none, for ~25-35 s more build "
         "time, once); none: TVM's default pipeline, no schedules. Tuned and GPU builds ignore it",
         rule=Rule(choices=SCHEDULES), where=(FLEET_TOP, ACCURACY), choices=SCHEDULES))
+    shared_tunings: str = field(default="on", metadata=arg(
+        "build", "on (default): a CPU build that applies MetaSchedule's schedules (tuned, or the rules) also applies, "
+        "to every kernel its own tuning does not cover, the best record any tuning in the store measured for the "
+        "same kernel shape, target, cores and schedule space, whichever model it tuned; the build key names those "
+        "tunings, and the run says how many kernels came from which (docs/performance.md#shared-tuning-records). "
+        "off: only the build's own schedules", rule=Rule(choices=SHARED_TUNINGS), where=(FLEET_TOP, ACCURACY),
+        choices=SHARED_TUNINGS))
     tune_on: str = field(default="host", metadata=arg(
         "build", "measure tuning candidates on this host, or on the --tracker/--key device",
         rule=Rule(choices=("host", "device")), where=(ACCURACY,), choices=("host", "device")))
@@ -293,6 +305,11 @@ class ResolvedRequest:
     """The device's name in the run history (None: its address, ``pipeline.store.ledger.device_name``)."""
     fail_on_regression: bool = False
     """A run judged a regression fails with :class:`pipeline.errors.RegressionFound` (the CI gate)."""
+    shared_tunings: str = "on"
+    """``--shared-tunings`` as given."""
+    shared: tuple[SharedTuning, ...] = ()
+    """With ``shared_tunings`` on, the store's tunings for the target, one per model
+    (:func:`pipeline.tuning.shared.shared_tunings`); the plan picks those the build shares."""
 
 
 @dataclass
@@ -303,6 +320,7 @@ class Resolutions:
     models: dict[ModelSpec, ResolvedModel] = field(default_factory=dict)
     inputs: dict[tuple[Any, ...], np.ndarray] = field(default_factory=dict)
     stores: dict[str | None, ArtifactStore] = field(default_factory=dict)
+    tunings: dict[tuple[ArtifactStore, str], tuple[SharedTuning, ...]] = field(default_factory=dict)
 
     def model(self, spec: ModelSpec) -> ResolvedModel:
         if spec not in self.models:
@@ -314,6 +332,14 @@ class Resolutions:
         if key not in self.inputs:
             self.inputs[key] = load_image(image, model.preprocess, model.input_shape)
         return self.inputs[key]
+
+    def shared_tunings(self, store: ArtifactStore, target: TargetInfo) -> tuple[SharedTuning, ...]:
+        key = (store, target.canonical)
+        if key not in self.tunings:
+            from pipeline.tuning.shared import shared_tunings
+
+            self.tunings[key] = shared_tunings(store, target)
+        return self.tunings[key]
 
     def store(self, artifacts: str | None) -> ArtifactStore:
         if artifacts not in self.stores:
@@ -364,6 +390,9 @@ def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRe
     if target.device == "cuda" and tune_trials and request.tune_on != "device":
         raise UsageError("tuning a CUDA build measures on the GPU: add --tune-on device with --tracker/--key of a "
                          "GPU device, or leave --tune-trials out (the default build applies TVM's GPU schedules)")
+    shared = ()
+    if request.shared_tunings == "on" and target.device == "cpu" and (tune_trials or request.schedules == "rules"):
+        shared = found.shared_tunings(store, target)
     image = Path(request.image).expanduser() if request.image else DEFAULT_IMAGE
     return ResolvedRequest(
         model=model, target=target, opt_level=opt_level, schedules=request.schedules, tune_trials=tune_trials,
@@ -374,7 +403,7 @@ def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRe
         timing=Timing(number=request.number, repeat=request.repeat, threads=request.threads),
         check=request.check, thresholds=thresholds, store=store, refresh=request.refresh,
         build_only=request.build_only, device_name=request.device_name.strip() if request.device_name else None,
-        fail_on_regression=request.fail_on_regression,
+        fail_on_regression=request.fail_on_regression, shared_tunings=request.shared_tunings, shared=shared,
     )
 
 

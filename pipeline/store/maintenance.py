@@ -11,8 +11,8 @@ What ``gc`` keeps (:func:`plan_gc`), everything else of the store's artifacts be
   however old, the latest build of every *lineage* (a model on a device, for a target and input:
   :func:`pipeline.store.ledger.lineage_of`, what nightly runs are judged against) and of every *recipe* (model,
   weights, target, opt_level, schedules and tuning budget: what a user asks to build, on any device);
-- what those need: a library's build, a build's tuning, and the imported module (same model and TVM) and the
-  reference outputs of its model;
+- what those need: a library's build, a build's tuning and the tunings whose records it shares, and the
+  imported module (same model and TVM) and the reference outputs of its model;
 - every tuning, unless ``tunings`` (they cost minutes to hours to redo; ``--tune-more`` continues them);
 - what a running flow may be using: anything created or used (for a local root: any run that read it marks its
   manifest) within ``grace`` seconds, and any key whose lock (this machine's ``flock``, or a lease in the bucket)
@@ -319,8 +319,8 @@ def live_keys(records: list[RunRecord], policy: Policy, now: float) -> dict[str,
 
 
 def _needed(found: list[Entry], keep: dict[str, str]) -> None:
-    """Add to ``keep`` what the kept entries need: a library's build, a build's tuning, its model's imported module
-    (same TVM) and reference outputs."""
+    """Add to ``keep`` what the kept entries need: a library's build, a build's tuning and the tunings it shares
+    records of, its model's imported module (same TVM) and reference outputs."""
     by_key = {e.key: e for e in found}
     for key in [k for k in keep if k in by_key and by_key[k].kind == "library"]:
         build = by_key[key].inputs.get("build")
@@ -328,9 +328,10 @@ def _needed(found: list[Entry], keep: dict[str, str]) -> None:
             keep.setdefault(build, "needed")
     builds = [by_key[k] for k in keep if k in by_key and by_key[k].kind == "build"]
     for build in builds:
-        tuning = build.inputs.get("tuning")
-        if isinstance(tuning, str):
-            keep.setdefault(tuning, "needed")
+        records = build.inputs.get("records")
+        for tuning in [build.inputs.get("tuning"), *(records if isinstance(records, list) else [])]:
+            if isinstance(tuning, str):
+                keep.setdefault(tuning, "needed")
     models = {(b.inputs.get("model"), b.inputs.get("tvm")) for b in builds}
     digests = {m for m, _ in models}
     for entry in found:

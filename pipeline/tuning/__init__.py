@@ -29,6 +29,8 @@ The modules, one per concern:
 * :mod:`~pipeline.tuning.apply`: preparing a module, applying a database to it for the build;
 * :mod:`~pipeline.tuning.rules`: the untuned default build's schedules: one per kernel from MetaSchedule's
   rules, nothing measured;
+* :mod:`~pipeline.tuning.shared`: the records of the store's other tunings for the same target, applied to the
+  kernels a build shares with their models (``--shared-tunings``);
 * :mod:`~pipeline.tuning.search`: :func:`run_tuning`, its builder and runner, continuing a database;
 * :mod:`~pipeline.tuning.session` and :mod:`~pipeline.tuning.hooks`: the run's state and MetaSchedule's hooks
   that share it (progress, the budget, skipping what was measured before);

@@ -47,8 +47,10 @@ def prepare(mod: tvm.IRModule, target: tvm.target.Target, space: TuningSpace) ->
         return tvm.transform.Sequential(passes)(mod)
 
 
-def _finish(mod: tvm.IRModule, target: tvm.target.Target, database_dir: Path, space: TuningSpace) -> tvm.IRModule:
-    """Apply the database in ``database_dir`` to a prepared module (then the weight prepacking)."""
+def _finish(mod: tvm.IRModule, target: tvm.target.Target, database_dir: Path, space: TuningSpace,
+            aside_out: list[Any] | None = None) -> tvm.IRModule:
+    """Apply the database in ``database_dir`` to a prepared module (then the weight prepacking); the kernels
+    built unscheduled because their task's schedule does not replay on them are added to ``aside_out``."""
     import tvm
     from tvm import relax
     from tvm.s_tir import meta_schedule as ms
@@ -60,6 +62,8 @@ def _finish(mod: tvm.IRModule, target: tvm.target.Target, database_dir: Path, sp
     with target, database:
         # Kernels whose task's schedule does not replay on them are set aside, built unscheduled, and put back.
         aside = _unappliable(mod, target, database)
+        if aside_out is not None:
+            aside_out.extend(aside)
         kept = mod.clone() if aside else mod
         for gv in aside:
             del kept[gv]

@@ -4,7 +4,8 @@ Tunings that differ only in their budget form a *family* (:func:`family_key`); t
 in the store's tuning index, ``<store>/.tuning/<family>.json`` (:func:`remember_tuning`; for a store in a bucket,
 the bucket's object, read and written under the family's lock, which is a lease there). A larger budget continues from the largest
 verified database of its family (:func:`find_base`). ``--tune-more N`` is that largest budget + N
-(:func:`resolve_trials`).
+(:func:`resolve_trials`). The index also records the family's key inputs, so that the builds of other models
+find the tunings made for their target (:mod:`pipeline.tuning.shared`).
 """
 
 from __future__ import annotations
@@ -66,8 +67,20 @@ def _read_index(store: ArtifactStore, family: str) -> dict[int, str]:
         return {}
 
 
+def indexed_inputs(store: ArtifactStore, family: str) -> dict[str, Any] | None:
+    """The key inputs of the family ``family`` as its index records them (a tuning's inputs without the budget),
+    if they hash to ``family``; None for an index without them (written before they were recorded) or unreadable."""
+    try:
+        data = json.loads(store.read_entry(_index_path(store, family)))
+        inputs = data.get("inputs") if data.get("version") == _INDEX_VERSION else None
+        return inputs if isinstance(inputs, dict) and keys.key_of(inputs) == family else None
+    except (OSError, ValueError, TypeError, AttributeError, StoreError):
+        return None
+
+
 def remember_tuning(store: ArtifactStore, inputs: dict[str, Any], key: str) -> None:
-    """Add the tuning ``key`` (of key inputs ``inputs``) to its family's index ``<store>/.tuning/<family>.json``.
+    """Add the tuning ``key`` (of key inputs ``inputs``) to its family's index ``<store>/.tuning/<family>.json``,
+    which also records the family's inputs (what other models' builds look for: :mod:`pipeline.tuning.shared`).
 
     Written atomically under the family's lock. Never raises: without the index a larger budget starts over
     instead of continuing.
@@ -76,10 +89,11 @@ def remember_tuning(store: ArtifactStore, inputs: dict[str, Any], key: str) -> N
         trials, family = int(inputs["trials"]), keys.tune_family(inputs)
         with store.lock(family):
             entries = _read_index(store, family)
-            if entries.get(trials) == key:
+            if entries.get(trials) == key and indexed_inputs(store, family) is not None:
                 return
             entries[trials] = key
             text = json.dumps({"version": _INDEX_VERSION, "family": family,
+                               "inputs": {k: v for k, v in inputs.items() if k != "trials"},
                                "tunings": {str(t): k for t, k in sorted(entries.items())}}, indent=2)
             store.write_entry(_index_path(store, family), text.encode())
     except (OSError, KeyError, ValueError, TypeError, StoreError) as exc:

@@ -23,14 +23,14 @@ import logging
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.targets import TargetInfo
 from pipeline.tuning.apply import _finish, prepare
 from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
 from pipeline.store.layout import RECORD_FILE, WORKLOAD_FILE
 from pipeline.tuning.search import _light_tensor_intrin, _register_missing_rules
-from pipeline.tuning.space import space_for, tuning_num_cores, tuning_target
+from pipeline.tuning.space import TuningSpace, space_for, tuning_num_cores, tuning_target
 
 if TYPE_CHECKING:
     import tvm
@@ -56,10 +56,7 @@ def schedule_with_rules(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
     """
     from tvm.s_tir import meta_schedule as ms
 
-    start = time.perf_counter()
     space = space_for(target)
-    _light_tensor_intrin(target.arch)
-    _register_missing_rules()
     tvm_target = tuning_target(target, tuning_num_cores(target))
     prepared = prepare(mod, tvm_target, space)
     with tempfile.TemporaryDirectory(prefix="tvmrp-rules-") as work, _meta_schedule_logs(None):
@@ -67,10 +64,34 @@ def schedule_with_rules(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
             path_workload=str(Path(work) / WORKLOAD_FILE), path_tuning_record=str(Path(work) / RECORD_FILE),
             module_equality=space.equality,
         )
+        commit_rule_schedules(prepared, target, tvm_target, space, database)
+        return _finish(prepared, tvm_target, Path(work), space)
+
+
+def commit_rule_schedules(prepared: tvm.IRModule, target: TargetInfo, tvm_target: tvm.target.Target,
+                          space: TuningSpace, database: Any) -> int:
+    """Draw one schedule from the rules for every task of the ``prepared`` module that ``database`` holds no
+    workload of, and commit it there (a record with a stand-in run time: nothing is measured).
+
+    Each task draws from its own seed whether or not the others are drawn, so a task's schedule is the same
+    with and without records for the other tasks (:mod:`pipeline.tuning.shared`). A task for which no draw
+    passes the rules' postprocessors is left unscheduled (logged).
+
+    Returns:
+        The number of tasks drawn.
+    """
+    from tvm.s_tir import meta_schedule as ms
+
+    start = time.perf_counter()
+    _light_tensor_intrin(target.arch)
+    _register_missing_rules()
+    with _meta_schedule_logs(None):
         tasks = ms.relax_integration.extract_tasks(prepared, tvm_target, module_equality=space.equality)
-        unscheduled = []
+        drawn, unscheduled = 0, []
         for task, seed in zip(tasks, ms.utils.fork_seed(_SEED, n=len(tasks))):
             kernel = task.dispatched[0]
+            if database.has_workload(kernel):
+                continue  # scheduled already (a measured record)
             schedule = _draw(kernel, task, seed)
             if schedule is None:
                 unscheduled.append(task.task_name)
@@ -81,13 +102,13 @@ def schedule_with_rules(mod: tvm.IRModule, target: TargetInfo) -> tvm.IRModule:
                 args_info=ms.arg_info.ArgInfo.from_prim_func(kernel["main"]),
             )
             database.commit_tuning_record(record)
-        if unscheduled:
-            log.warning("build: no rule-based schedule for %d kernel(s) (%s); they are built unscheduled",
-                        len(unscheduled), ", ".join(unscheduled[:5]))
-        scheduled = _finish(prepared, tvm_target, Path(work), space)
+            drawn += 1
+    if unscheduled:
+        log.warning("build: no rule-based schedule for %d kernel(s) (%s); they are built unscheduled",
+                    len(unscheduled), ", ".join(unscheduled[:5]))
     log.info("build: %d kernels scheduled by MetaSchedule's rules, no search (%.1f s)",
-             len(tasks) - len(unscheduled), time.perf_counter() - start)
-    return scheduled
+             drawn, time.perf_counter() - start)
+    return drawn
 
 
 def _draw(kernel: tvm.IRModule, task: object, seed: int) -> object | None:

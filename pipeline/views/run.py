@@ -16,7 +16,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pipeline.results import BuildSummary, CheckResult, Conditions, RunSummary, Upload
+from pipeline.results import BuildSummary, CheckResult, Conditions, RunSummary, TuningSources, Upload
 from pipeline.store.ledger import device_name
 from pipeline.store.lineage import changes_between, same_setup
 from pipeline.views.history import conditions_line, started_at, target_short, verdict_text
@@ -99,9 +99,25 @@ def format_tuning(tuning: dict[str, Any]) -> str:
     return line
 
 
+def format_sources(sources: TuningSources) -> str:
+    """The report's ``Records`` line: which tunings scheduled how many of the build's kernels."""
+    parts = [f"{s.kernels} from {'its own tuning' if s.own else 'the tuning of ' + s.model} {s.tuning[:16]} "
+             f"({s.trials} trials)" for s in sources.tunings]
+    if sources.rules:
+        parts.append(f"{sources.rules} from the rules")
+    if sources.unscheduled:
+        parts.append(f"{sources.unscheduled} unscheduled")
+    shared = sum(1 for s in sources.tunings if not s.own and s.kernels)
+    return (f"Records    {sources.kernels} kernels: {', '.join(parts) or 'none scheduled'}; records shared from "
+            f"{shared} of the store's {sources.considered} other tuning(s) for this target "
+            "(--shared-tunings off: none)")
+
+
 def format_build(build: BuildSummary) -> str:
     """The report of a ``--build-only`` run."""
     lines = header_lines(build, "none (--build-only)") + [stages_line(build.stages)]
+    if build.tuning_sources is not None:
+        lines.append(format_sources(build.tuning_sources))
     gpu = f", GPU code: {build.gpu_code}" if build.gpu_code else ""
     lines.append(f"Library    {build.artifact}  ({build.library_bytes / 1e6:.1f} MB{gpu})")
     lines.append(f"Keys       build {build.build_key}  library {build.library_key}")
@@ -124,6 +140,8 @@ def format_text(summary: RunSummary | BuildSummary) -> str:
              *header_lines(build, device), stages_line(summary.stages), format_upload(outcome.upload)]
     if build.tuning:
         lines.append(format_tuning(build.tuning))
+    if build.tuning_sources is not None:
+        lines.append(format_sources(build.tuning_sources))
     lines += [f"Note       {note}" for note in build.notes]
     lines.append("Top-5      class  probability  label")
     for rank, entry in enumerate(outcome.top5, 1):
