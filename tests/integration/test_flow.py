@@ -42,13 +42,14 @@ def test_flow__second_run_in_new_process_is_cached_but_device_stages_run(prefect
     assert second["upload"]["reused"] is True and second["upload"]["mb_per_s"] is None
     assert second["upload"]["remote_name"] == first["upload"]["remote_name"]
 
-    # The kept copy vanished on the device: the load fails, the run says so, uploads again and passes.
+    # The kept copy vanished on the device: the device's file check says so before loading, the run uploads
+    # again and passes.
     Path(second["upload"]["remote_name"]).unlink()
     proc = run_cli("--model", str(tiny_onnx), "--artifacts", str(store_root), "--json", "--repeat", "2",
                    env={"PREFECT_API_URL": prefect_api})
     assert proc.returncode == 0, proc.stderr[-4000:]
     third = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert "did not load" in proc.stderr and "upload it again" in proc.stderr
+    assert "cannot be read there" in proc.stderr and "uploading the library again" in proc.stderr
     assert third["upload"]["reused"] is False and third["check"]["passed"]
     assert Path(third["upload"]["remote_name"]).exists()
 

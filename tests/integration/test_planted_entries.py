@@ -105,6 +105,7 @@ def test_planted_entries__never_run_and_the_next_run_passes_rebuilt(prefect_api,
         manifest_path.write_text(json.dumps({**manifest, "version": 1}))
     third, stderr = cli(prefect_api, store_root, tiny_onnx, machine_b)
     assert all(third["stages"][stage] == "ran" for stage in COMPILED), third["stages"]
-    lines = [line for line in stderr.splitlines() if "WARNING" in line]
+    # One warning about the store; the latency trend of a 0.03 ms model may warn too, on a busy machine.
+    lines = [line for line in stderr.splitlines() if "WARNING" in line and "latency trend" not in line]
     assert len(lines) == 1 and "written before its entries were authenticated" in lines[0], stderr[-3000:]
     assert third["top5"] == first["top5"] and not any(proof.exists() for proof in proofs)
