@@ -63,6 +63,9 @@ TUNING_LOG_FILE = "tuning.log"
 """MetaSchedule's own log of a tuning."""
 OBJECTS_FILE = "build.tar"
 """The compiled object files of a build, in a plain tar (linked by the export stage)."""
+KERNELS_FILE = "kernels.json"
+"""What a CPU build's kernels compute: each one's FLOPs per call (``pipeline.profiling``); absent from GPU builds
+and from builds made before it was recorded."""
 LIBRARY_FILE = "model.so"
 """The linked library a device loads."""
 REFERENCE_FILE = "reference.npy"
@@ -70,7 +73,7 @@ REFERENCE_FILE = "reference.npy"
 
 RELAX_IR = ArtifactKind("relax-ir", (MODULE_FILE,))
 TUNING = ArtifactKind("tuning", (*TUNING_DATABASE_FILES, TUNING_REPORT_FILE, TUNING_LOG_FILE))
-BUILD = ArtifactKind("build", (OBJECTS_FILE,))
+BUILD = ArtifactKind("build", (OBJECTS_FILE, KERNELS_FILE))
 LIBRARY = ArtifactKind("library", (LIBRARY_FILE,))
 REFERENCE = ArtifactKind("reference", (REFERENCE_FILE,))
 KINDS = {kind.name: kind for kind in (RELAX_IR, TUNING, BUILD, LIBRARY, REFERENCE)}
