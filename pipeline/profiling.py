@@ -59,6 +59,8 @@ _NAME_LIMIT = 200
 _ARG_LIMIT = 32
 _DIM_LIMIT = 16
 _KERNELS_LIMIT = 16 << 20
+#: Kernels a profile keeps one by one (its JSON and the ledger record stay small); the rest are one entry.
+MAX_KERNELS = 500
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,11 @@ def summarize(times: CallTimes, flops: Mapping[str, float] | None = None) -> Pro
             gflop_per_s=total_flops / (ms / 1e3) / 1e9 if total_flops and ms > 0 else None,
         ))
     rows.sort(key=lambda k: (-k.ms, k.name))
+    if len(rows) > MAX_KERNELS:
+        rest = rows[MAX_KERNELS - 1:]
+        ms = sum(k.ms for k in rest)
+        rows = [*rows[:MAX_KERNELS - 1], KernelTime(f"({len(rest)} more kernels)", sum(k.calls for k in rest), ms,
+                                                     ms / total_ms if total_ms > 0 else 0.0)]
     glue = sorted((BuiltinTime(name, calls, ms) for name, (calls, ms, _) in builtins.items()),
                   key=lambda b: (-b.ms, b.name))
     return Profile(kernels=tuple(rows), glue_ms=glue_ms, total_ms=total_ms, kernels_ms=kernels_ms,
@@ -310,7 +317,7 @@ def _count(value: Any) -> bool:
 
 def kernel_flops(store: ArtifactStore, build: Artifact) -> dict[str, float] | None:
     """The FLOPs per call of each kernel of ``build`` (its ``kernels.json``); None when the build has none (a GPU
-    build, or one made before builds recorded their kernels) or it cannot be read."""
+    build) or it cannot be read."""
     from pipeline.store.layout import KERNELS_FILE
 
     if not any(entry.name == KERNELS_FILE for entry in build.files):

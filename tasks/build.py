@@ -17,8 +17,7 @@ per build key, instead of by every device at every load; the GPU compiler's iden
 
 A CPU build also records what its kernels compute, in ``kernels.json`` (each kernel's FLOPs per call, counted by
 TVM over the kernels it compiled: :func:`pipeline.profiling.recording_pipeline`; the code compiled is the same),
-which ``--profile`` reports as GFLOP/s. A build stored before it was recorded lacks the file (its profile shows
-no FLOPs; ``--refresh`` rebuilds it); the key does not change, since the library does not.
+which ``--profile`` reports as GFLOP/s (``BUILD_CODE_VERSION`` 3 on).
 """
 
 from __future__ import annotations
