@@ -18,7 +18,7 @@ from pipeline.device.probe import parse_memory
 from pipeline.errors import RemoteRunError, UsageError
 from pipeline.latency import Timing
 from pipeline.profiling import (
-    MAX_SECONDS, MIN_SAMPLES, CallTime, CallTimes, kernels_json, parse_answer, parse_kernels, repeats_for, summarize,
+    MAX_KERNELS, MAX_SECONDS, MIN_SAMPLES, kernels_json, parse_answer, parse_kernels, repeats_for, summarize,
 )
 from pipeline.results import DeviceFacts, Profile
 from pipeline.store import ArtifactStore
@@ -101,6 +101,14 @@ def test_summarize__kernels_timed_longer_than_the_inference_leave_no_glue_and_sa
     profile = summarize(parse_answer(answer([("k", 0.02), ("j", 0.02)], plain_ms=0.03)))
     assert profile.glue_ms == 0.0 and profile.total_ms == pytest.approx(0.04)
     assert "overstated by the instrument" in profile.note and not profile.flops_known
+
+
+def test_summarize__keeps_the_slowest_kernels_one_by_one_and_the_rest_as_one():
+    profile = summarize(parse_answer(answer([(f"k{i}", 0.001 * (i + 1)) for i in range(MAX_KERNELS + 100)],
+                                            plain_ms=200.0)))
+    assert len(profile.kernels) == MAX_KERNELS and profile.kernels[0].name == f"k{MAX_KERNELS + 99}"
+    assert profile.kernels[-1].name == "(101 more kernels)" and profile.kernels[-1].calls == 101
+    assert sum(k.share for k in profile.kernels) + profile.glue_share == pytest.approx(1.0)
 
 
 def test_repeats_for__repeat_given_else_adaptive_within_bounds():

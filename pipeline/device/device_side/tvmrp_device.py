@@ -204,6 +204,9 @@ def device_memory() -> str:
 
 #: Most calls one inference may make for :func:`profile` to keep (ResNet-18: ~200).
 PROFILE_CALL_LIMIT = 20_000
+#: :func:`profile` alternates uninstrumented and instrumented inferences in this many rounds (load that comes
+#: and goes weighs on both alike; each round of the time evaluator costs one warm-up inference).
+PROFILE_ROUNDS = 10
 _CPU = 1  # DLPack's kDLCPU
 
 
@@ -212,25 +215,28 @@ def profile(vm, device_type: int, device_id: int, repeat: int, max_seconds: floa
 
     Where the VM lives, so that no network sits inside a timing. ``vm`` is the VM module (what
     ``relax.VirtualMachine(...).module`` is on the client: an RPC argument arrives here as the module itself)
-    with its input set (``set_input``). One inference first records each call's function name and arguments;
-    then, ``repeat`` times (fewer once ``max_seconds`` have passed, at least once), an inference without
-    instrumentation (its wall time) alternates with one whose every call is timed by the VM's instrument
-    (``set_instrument``: a function called before and after each ``Call`` instruction). On a GPU (``device_type``
-    other than CPU) the device is synchronised before each clock reading. The instrument is removed afterwards,
-    also on error.
+    with its input set (``set_input``). One inference first records each call's function name and arguments.
+    Then, in :data:`PROFILE_ROUNDS` rounds (fewer once ``max_seconds`` have passed, at least one), ``repeat``
+    uninstrumented inferences in all are timed as a run's latency is (TVM's time evaluator: a C++ loop after a
+    warm-up call; a Python loop where the runtime lacks it), and as many inferences whose every call is timed by
+    the VM's instrument (``set_instrument``: a function called before and after each ``Call`` instruction). On a
+    GPU (``device_type`` other than CPU) the device is synchronised before each clock reading. The instrument is
+    removed afterwards, also on error.
 
     Returns:
-        ``schema``; ``repeat`` (inferences of each kind timed); ``calls`` (one inference's calls in order:
+        ``schema``; ``repeat`` (instrumented inferences timed); ``calls`` (one inference's calls in order:
         ``name``, ``args`` (``[shape, dtype]`` of each tensor argument, else the argument's type name) and
-        ``ms``, the median of its times); ``plain_ms`` (the median wall time of an uninstrumented inference);
-        ``instrumented_ms`` (of an instrumented one); or ``error`` (why not).
+        ``ms``, the median of its times); ``plain_ms`` (the median time of an uninstrumented inference);
+        ``instrumented_ms`` (the median wall time of an instrumented one); or ``error`` (why not).
     """
+    import struct
     from time import perf_counter_ns as clock
 
     import tvm_ffi
 
     invoke = vm.get_function("invoke_stateful")
     set_instrument = vm.get_function("set_instrument")
+    evaluator = tvm_ffi.get_global_func("runtime.RPCTimeEvaluator", allow_missing=True)
     if int(device_type) == _CPU:
         def sync():
             return None
@@ -240,6 +246,21 @@ def profile(vm, device_type: int, device_id: int, repeat: int, max_seconds: floa
 
         def sync():
             stream_sync(device, 0)
+
+    def uninstrumented(count):
+        """``count`` uninstrumented inferences' times (ns)."""
+        if evaluator is not None:
+            blob = evaluator(vm, "invoke_stateful", int(device_type), int(device_id), 1, count, 0, 100, 0, 1, 0,
+                             "")("main")
+            return [seconds * 1e9 for seconds in struct.unpack("@" + "d" * count, bytes(blob))]
+        times = []
+        for _ in range(count):
+            sync()
+            start = clock()
+            invoke("main")
+            sync()
+            times.append(clock() - start)
+        return times
 
     names, times, started = [], [], [0]
 
@@ -268,30 +289,29 @@ def profile(vm, device_type: int, device_id: int, repeat: int, max_seconds: floa
                                                 f"{PROFILE_CALL_LIMIT} are profiled)"}
         plain, instrumented, per_call = [], [], [[] for _ in first]
         deadline = clock() + max(0.0, float(max_seconds)) * 1e9
-        for _ in range(max(1, int(repeat))):
+        repeat = max(1, int(repeat))
+        chunk = -(-repeat // PROFILE_ROUNDS)
+        while len(instrumented) < repeat and (not instrumented or clock() < deadline):
+            count = min(chunk, repeat - len(instrumented))
             set_instrument(None)
-            sync()
-            start = clock()
-            invoke("main")
-            sync()
-            plain.append(clock() - start)
+            plain += uninstrumented(count)
             set_instrument(timing)
-            names.clear()
-            times.clear()
-            start = clock()
-            invoke("main")
-            instrumented.append(clock() - start)
-            if len(times) != len(first) or any(n != c["name"] for n, c in zip(names, first)):
-                return {"schema": SCHEMA, "error": "the calls of an inference differ from one inference to the next"}
-            for slot, t in zip(per_call, times):
-                slot.append(t)
-            if clock() > deadline:
-                break
+            for _ in range(count):
+                names.clear()
+                times.clear()
+                start = clock()
+                invoke("main")
+                instrumented.append(clock() - start)
+                if len(times) != len(first) or any(n != c["name"] for n, c in zip(names, first)):
+                    return {"schema": SCHEMA,
+                            "error": "the calls of an inference differ from one inference to the next"}
+                for slot, t in zip(per_call, times):
+                    slot.append(t)
     finally:
         set_instrument(None)
     for call, slot in zip(first, per_call):
         call["ms"] = _median(slot) / 1e6
-    return {"schema": SCHEMA, "repeat": len(plain), "calls": first, "plain_ms": _median(plain) / 1e6,
+    return {"schema": SCHEMA, "repeat": len(instrumented), "calls": first, "plain_ms": _median(plain) / 1e6,
             "instrumented_ms": _median(instrumented) / 1e6}
 
 
