@@ -80,3 +80,22 @@ def test_profile_vm__a_local_vm_as_the_bench_holds_one(built):
     assert {k.name for k in profile.kernels} >= {k for k in kernel_flops(store, build) if "conv2d" in k and
                                                  k.endswith("_prepacked")}
     vm.invoke_stateful("main")  # the instrument is gone again
+
+
+def test_profile__a_stock_server_runs_without_and_says_why(built):
+    """A stock rpc_server: the run stage gives no profile and no peak memory, says why, and the run goes on."""
+    from pipeline.device import EmbeddedServer
+
+    model, store, target, _, library = built
+    x = np.zeros(model.input_shape, np.float32)
+    with EmbeddedServer(identify=False) as stock:
+        host, port = stock.wait_ready()
+        with Device(DeviceSpec(host=host, port=port, connect_timeout=60)) as device, device.session() as session, \
+                opened(session) as ref:
+            loaded = load(upload(ref, library, store, target.arch), store)
+            result = run(set_input(loaded, x), Timing(repeat=3), profile=True)
+    assert result.calls is None and result.peak_memory_bytes is None and result.latency.repeat == 3
+    assert result.first_inference_ms > 0 and loaded.load_seconds > 0
+    (note,) = result.notes
+    assert note.startswith("profiling needs a device started from the bundle (or the embedded/emulated device): ")
+    assert "does not register tvmrp.profile" in note

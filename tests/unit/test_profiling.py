@@ -172,6 +172,9 @@ def test_profile__json_keys_round_trip_and_report_lines():
     assert "On device  load 95.2 ms  first inference 130 ms  peak memory 312.4 MB (its session process)  library " \
            "21.4 MB" in text
     assert "Profile    3 ms per inference on the device (median of 20)" in text
+    stock = make_summary(notes=("profiling needs a device started from the bundle (...)",))
+    assert "\nNote       profiling needs a device started from the bundle (...)" in format_text(stock)
+    assert stock.as_json()["notes"][-1].startswith("profiling needs") and stock.as_json()["profile"] is None
     lines = profile_lines(PROFILE)
     assert lines[2].split()[:4] == ["fused_conv2d_add_relu", "2", "0.8000", "26.7%"] and "5.0" in lines[2]
     assert "(5 more kernels)" in lines[-2] and lines[-1].lstrip().startswith("glue (VM builtins")
