@@ -5,8 +5,9 @@ before and after every ``Call`` instruction, in the runtime-only TVM too. The de
 register ``tvmrp.profile`` (``pipeline/device/device_side/tvmrp_device.py``), which times each call of
 inferences there, where the VM lives, so no network sits inside a timing; a stock ``rpc_server`` does not, and
 its runs have no profile (:data:`NOT_REGISTERED`). The device answers, per call of one inference in order, its
-function's name, its arguments' shapes and the median of its times over the repetitions, and the median wall
-time of an uninstrumented inference measured between the instrumented ones (:class:`CallTimes`).
+function's name, its arguments' shapes and the median of its times over the repetitions, and the median time of
+an uninstrumented inference, timed as a run's latency is (TVM's time evaluator) in rounds that alternate with the
+instrumented inferences (:class:`CallTimes`).
 
 :func:`summarize` groups the calls into a :class:`pipeline.results.Profile`: a *kernel* is any function the VM
 calls that is not one of its own builtins (``vm.builtin.*``: allocations, shape checks, tuples, reshapes), i.e.
@@ -45,8 +46,8 @@ if TYPE_CHECKING:
 PROFILE_FUNCTION = "tvmrp.profile"
 #: Calls whose name starts so are the VM's own builtins: glue, not kernels.
 BUILTIN_PREFIX = "vm."
-#: The run's ``--profile`` repeats an instrumented inference (and an uninstrumented one between each) at least
-#: this many times and for at least this long, at most for :data:`MAX_SECONDS` (as the latency's adaptive timing).
+#: The run's ``--profile`` times an instrumented inference (and as many uninstrumented ones) at least this many
+#: times and for at least this long, at most for :data:`MAX_SECONDS` (as the latency's adaptive timing).
 MIN_SAMPLES = 10
 MIN_SECONDS = 1.0
 MAX_SECONDS = 30.0
@@ -75,8 +76,9 @@ class CallTime:
 
 @dataclass(frozen=True)
 class CallTimes:
-    """What the device timed (``tvmrp.profile``): each call of one inference, in order; the median wall time of
-    an uninstrumented inference (``plain_ms``) and of an instrumented one; how many of each were timed."""
+    """What the device timed (``tvmrp.profile``): each call of one inference, in order; the median time of an
+    uninstrumented inference (``plain_ms``) and the median wall time of an instrumented one; how many
+    instrumented inferences were timed."""
 
     calls: tuple[CallTime, ...]
     plain_ms: float
@@ -177,7 +179,7 @@ def parse_answer(answer: object, device: str = "the device") -> CallTimes:
     if not isinstance(data, dict):
         raise refuse("something that is not a JSON object")
     if isinstance(data.get("error"), str):
-        raise RemoteRunError(f"{device} could not profile the model: {clip(printable_text(data['error']), 200)}")
+        raise RemoteRunError(f"{device} could not profile the model: {clip(_printable(data['error']), 200)}")
     calls, plain, instrumented, repeat = (data.get(k) for k in ("calls", "plain_ms", "instrumented_ms", "repeat"))
     if (not isinstance(calls, list) or len(calls) > _CALL_LIMIT or not _time(plain) or not _time(instrumented)
             or type(repeat) is not int or repeat < 1):
@@ -189,11 +191,12 @@ def parse_answer(answer: object, device: str = "the device") -> CallTimes:
             raise refuse("a call that has no name or time")
         args = call.get("args")
         shapes = tuple(s for s in (_shape(a) for a in (args if isinstance(args, list) else [])[:_ARG_LIMIT]) if s)
-        parsed.append(CallTime(printable_text(name)[:_NAME_LIMIT], shapes, float(ms)))
+        parsed.append(CallTime(_printable(name)[:_NAME_LIMIT], shapes, float(ms)))
     return CallTimes(tuple(parsed), float(plain), float(instrumented), repeat)
 
 
-def printable_text(text: str) -> str:
+def _printable(text: str) -> str:
+    """``text`` with every character that is not printable replaced by ``?`` (names from a device)."""
     return "".join(ch if ch.isprintable() else "?" for ch in text)
 
 
@@ -210,7 +213,7 @@ def _shape(arg: Any) -> str | None:
     if len(dims) > _DIM_LIMIT or not all(type(d) is int and 0 <= d < 1 << 40 for d in dims):
         return None
     text = "x".join(map(str, dims)) or "scalar"
-    return text if dtype == "float32" else f"{text}:{printable_text(dtype)[:16]}"
+    return text if dtype == "float32" else f"{text}:{_printable(dtype)[:16]}"
 
 
 # -- grouping ---------------------------------------------------------------------------------------------------------

@@ -72,10 +72,10 @@ def _gflops(kernel: KernelTime) -> str:
 def profile_lines(profile: Profile, top: int = TOP_KERNELS) -> list[str]:
     """The profile for a terminal: a header line, the ``top`` kernels, the rest summed, and the glue."""
     p = profile
+    kernels_share = p.kernels_ms / p.total_ms * 100 if p.total_ms else 0.0
     lines = [
-        f"{p.total_ms:.4g} ms per inference on the device (median of {p.repeat}): kernels {p.kernels_ms:.4g} ms "
-        f"({p.kernels_ms / p.total_ms * 100 if p.total_ms else 0:.1f}%), glue {p.glue_ms:.4g} ms "
-        f"({p.glue_share * 100:.1f}%); {len(p.kernels)} kernels",
+        (f"{p.total_ms:.4g} ms per inference on the device (median of {p.repeat}): kernels {p.kernels_ms:.4g} ms "
+         f"({kernels_share:.1f}%), glue {p.glue_ms:.4g} ms ({p.glue_share * 100:.1f}%); {len(p.kernels)} kernels"),
         f"  {'kernel':<{_NAME_WIDTH}} {'calls':>5} {'ms':>9} {'share':>6} {'GFLOP/s':>8}  shapes",
     ]
     for kernel in p.kernels[:top]:
@@ -113,8 +113,8 @@ def profile_markdown(profile: Profile, top: int = TOP_KERNELS) -> list[str]:
     """The run summary's section on the profile (markdown lines)."""
     p, m = profile, markdown_cell
     lines = ["## Where the time goes", "",
-             f"{p.total_ms:.4g} ms per inference on the device: kernels {p.kernels_ms:.4g} ms, glue {p.glue_ms:.4g} ms "
-             f"({p.glue_share * 100:.1f}%), median of {p.repeat} instrumented inferences.", "",
+             (f"{p.total_ms:.4g} ms per inference on the device: kernels {p.kernels_ms:.4g} ms, glue "
+              f"{p.glue_ms:.4g} ms ({p.glue_share * 100:.1f}%), median of {p.repeat} instrumented inferences."), "",
              "| kernel | calls | ms | share | GFLOP/s |", "|---|---:|---:|---:|---:|"]
     lines += [f"| `{m(k.name)}` | {k.calls} | {k.ms:.4f} | {k.share * 100:.1f}% | {_gflops(k)} |" for k in p.kernels[:top]]
     lines.append(f"| glue | | {p.glue_ms:.4f} | {p.glue_share * 100:.1f}% | |")
@@ -199,10 +199,10 @@ def format_kernel_changes(comparison: KernelComparison, top: int = 15) -> list[s
     faster = sum(k.changed and k.delta_ms < 0 and k.a_ms is not None and k.b_ms is not None for k in c.kernels)
     only_a = sum(k.b_ms is None for k in c.kernels)
     only_b = sum(k.a_ms is None for k in c.kernels)
-    lines = [f"Kernels    total {c.a.total_ms:.4g} -> {c.b.total_ms:.4g} ms ({move(c.a.total_ms, c.b.total_ms)}), "
-             f"kernels {c.a.kernels_ms:.4g} -> {c.b.kernels_ms:.4g} ms, glue {c.a.glue_ms:.4g} -> {c.b.glue_ms:.4g} ms; "
-             f"{slower} kernel(s) slower, {faster} faster (beyond {CHANGE:.0%} of their time and "
-             f"{CHANGE_OF_TOTAL:.1%} of A's inference), {only_a} only in A, {only_b} only in B"]
+    lines = [(f"Kernels    total {c.a.total_ms:.4g} -> {c.b.total_ms:.4g} ms ({move(c.a.total_ms, c.b.total_ms)}), "
+              f"kernels {c.a.kernels_ms:.4g} -> {c.b.kernels_ms:.4g} ms, glue {c.a.glue_ms:.4g} -> "
+              f"{c.b.glue_ms:.4g} ms; {slower} kernel(s) slower, {faster} faster (beyond {CHANGE:.0%} of their time "
+              f"and {CHANGE_OF_TOTAL:.1%} of A's inference), {only_a} only in A, {only_b} only in B")]
     shown = [k for k in c.kernels if k.changed][:top]
     if shown:
         lines.append(f"  {'kernel':<{_NAME_WIDTH}} {'A ms':>9} {'B ms':>9} {'change':>8}")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from support import compile_all, make_conv_onnx
+
 from pipeline.device import Device, DeviceSpec
 from pipeline.latency import Timing
 from pipeline.models import ModelSpec, resolve_model

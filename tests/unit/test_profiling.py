@@ -11,6 +11,7 @@ import json
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import make_summary
 
 from flows.history import main
 from pipeline.device.device_side import tvmrp_device
@@ -18,7 +19,14 @@ from pipeline.device.probe import parse_memory
 from pipeline.errors import RemoteRunError, UsageError
 from pipeline.latency import Timing
 from pipeline.profiling import (
-    MAX_KERNELS, MAX_SECONDS, MIN_SAMPLES, kernels_json, parse_answer, parse_kernels, repeats_for, summarize,
+    MAX_KERNELS,
+    MAX_SECONDS,
+    MIN_SAMPLES,
+    kernels_json,
+    parse_answer,
+    parse_kernels,
+    repeats_for,
+    summarize,
 )
 from pipeline.results import DeviceFacts, Profile
 from pipeline.store import ArtifactStore
@@ -26,7 +34,6 @@ from pipeline.store.ledger import RunRecord
 from pipeline.views.history import CSV_COLUMNS, compare, format_comparison, format_csv, format_run
 from pipeline.views.profile import CHANGE, kernel_changes, profile_lines
 from pipeline.views.run import format_text
-from support import make_summary
 
 FAST = settings(max_examples=100, deadline=None, database=None)
 JSON = st.recursive(

@@ -1,5 +1,7 @@
 """Device side: makes a TVM RPC device tell who it is (the global function ``tvmrp.device_info``), what a file it
-holds is (``tvmrp.file_info``) and how busy it is (``tvmrp.device_load``).
+holds is (``tvmrp.file_info``), how busy it is (``tvmrp.device_load``), how much memory its session took
+(``tvmrp.device_memory``), and where an inference's time goes (``tvmrp.profile``: every call of the Relax VM
+timed where the VM lives).
 
 A stock TVM 0.27 ``rpc_server`` registers no function that reports TVM's version (``support.GetLibInfo`` is
 gone), and a runtime-only one (what a device bundle serves) not even the architecture (the triple functions
@@ -10,12 +12,14 @@ its ``sitecustomize`` calls :func:`install` in every Python process of the devic
 
 :func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the functions
 right after ``tvm_ffi`` has loaded (a Python that never imports TVM never loads it; under qemu that import
-alone takes ~10 s). Each answers a JSON object (:func:`describe`, :func:`describe_file`, :func:`load`), read by the client's
-``pipeline.device.probe``. ``tvmrp.file_info`` exists because TVM's server offers no way to see what an upload
-wrote (its ``upload`` ignores a failed write: a full disk leaves a short file and no error): the client compares
-the size and SHA-256 of a library on the device with what it sent before loading it. It tells nothing a client
-could not already learn with the server's ``download``. Standard library and ``tvm_ffi`` only; nothing here may
-break the interpreter, so every step is guarded.
+alone takes ~10 s). Each answers a JSON object (:func:`describe`, :func:`describe_file`, :func:`load`,
+:func:`memory`, :func:`profile`), read by the client's ``pipeline.device.probe`` and ``pipeline.profiling``.
+``tvmrp.file_info`` exists because TVM's server offers no way to see what an upload wrote (its ``upload``
+ignores a failed write: a full disk leaves a short file and no error): the client compares the size and SHA-256
+of a library on the device with what it sent before loading it. It tells nothing a client could not already
+learn with the server's ``download``. ``tvmrp.profile`` runs only the VM the client passes it, with the input
+the client set. Standard library and ``tvm_ffi`` only; nothing here may break the interpreter, so every step is
+guarded.
 """
 
 from __future__ import annotations
