@@ -33,7 +33,7 @@ from pipeline.store import ArtifactStore
 from pipeline.store.ledger import RunRecord
 from pipeline.views.history import CSV_COLUMNS, compare, format_comparison, format_csv, format_run
 from pipeline.views.profile import CHANGE, kernel_changes, profile_lines
-from pipeline.views.run import format_text
+from pipeline.views.run import format_text, summary_markdown
 
 FAST = settings(max_examples=100, deadline=None, database=None)
 JSON = st.recursive(
@@ -179,6 +179,9 @@ def test_profile__json_keys_round_trip_and_report_lines():
     assert "On device  load 95.2 ms  first inference 130 ms  peak memory 312.4 MB (its session process)  library " \
            "21.4 MB" in text
     assert "Profile    3 ms per inference on the device (median of 20)" in text
+    markdown = summary_markdown(summary, "data:image/png;base64,")
+    assert "## Where the time goes" in markdown and "| `fused_conv2d_add_relu` | 2 | 0.8000 | 26.7% | 5.0 |" in markdown
+    assert "On the device: load 95.2 ms" in markdown and "| glue | | 1.3660 | 45.5% | |" in markdown
     stock = make_summary(notes=("profiling needs a device started from the bundle (...)",))
     assert "\nNote       profiling needs a device started from the bundle (...)" in format_text(stock)
     assert stock.as_json()["notes"][-1].startswith("profiling needs") and stock.as_json()["profile"] is None
