@@ -16,8 +16,8 @@ host's.
 Besides the latency the stage notes the first (cold) inference's time, as this client times that remote call,
 and after everything the peak resident memory of the device's session process (devices that tell it). With
 ``profile`` it then times every call of inferences on the device (:func:`pipeline.profiling.profile_remote`:
-:func:`pipeline.profiling.repeats_for` of them, at most 30 s), a device that cannot (a stock rpc_server) says
-so in the result's ``notes`` and the run goes on.
+:func:`pipeline.profiling.repeats_for` of them, at most 30 s); when the device cannot (a stock rpc_server) or
+could not profile the model, the result's ``notes`` say why and the run goes on.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.device import RemoteSession
 from pipeline.device.probe import device_load, device_memory, device_threads, host_load, set_threads
-from pipeline.errors import RemoteRunError
+from pipeline.errors import DeviceLost, RemoteRunError, one_line
 from pipeline.latency import Latency, Timing, latency_of
 from pipeline.profiling import NOT_REGISTERED, CallTimes, profile_remote, repeats_for
 from pipeline.results import Conditions
@@ -82,7 +82,8 @@ def run(inputs: InputSet, timing: Timing | None = Timing(), profile: bool = Fals
     not timed, e.g. each image of an accuracy run) and, with ``profile``, time each of its calls on the device.
 
     Raises:
-        DeviceTimeout / RemoteRunError: the device did not answer in time or failed (profiling included).
+        DeviceTimeout / RemoteRunError: the device did not answer in time or failed (a profile that fails is a
+            note, unless the device was lost).
     """
     session = session_of(inputs.loaded.session)
     vm = get(inputs.loaded.vm)
@@ -109,14 +110,28 @@ def run(inputs: InputSet, timing: Timing | None = Timing(), profile: bool = Fals
         rest = timing.samples_for(first_sample[0] / 1e3) - 1
         samples = first_sample + (session.call("run", measure, rest) if rest > 0 else [])
     latency = latency_of(samples, timing.number)
-    calls, notes = None, ()
-    if profile:
-        calls = profile_remote(session, vm, inputs.loaded.device_kind, repeats_for(timing, latency.median))
-        if calls is None:
-            notes = (NOT_REGISTERED.format(device=session.description),)
-            log.warning("--profile: %s", notes[0])
+    calls, notes = (_profile(session, vm, inputs.loaded.device_kind, repeats_for(timing, latency.median))
+                    if profile else (None, ()))
     return RunResult(np.asarray(output), latency, time.perf_counter() - start, conditions, first_ms,
                      device_memory(session), calls, notes)
+
+
+def _profile(session: RemoteSession, vm: object, device_kind: str,
+             repeat: int) -> tuple[CallTimes | None, tuple[str, ...]]:
+    """What the device timed of every call, or None and why not: a device that cannot profile (a stock
+    rpc_server) or could not profile this model is said in a note, and the run goes on; a lost device is not."""
+    try:
+        calls = profile_remote(session, vm, device_kind, repeat)
+    except DeviceLost:
+        raise
+    except RemoteRunError as exc:
+        note = f"no profile: {one_line(exc)}"
+    else:
+        if calls is not None:
+            return calls, ()
+        note = NOT_REGISTERED.format(device=session.description)
+    log.warning("--profile: %s", note)
+    return None, (note,)
 
 
 def _apply_threads(session: RemoteSession, threads: int) -> int | None:

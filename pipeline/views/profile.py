@@ -116,7 +116,8 @@ def profile_markdown(profile: Profile, top: int = TOP_KERNELS) -> list[str]:
              (f"{p.total_ms:.4g} ms per inference on the device: kernels {p.kernels_ms:.4g} ms, glue "
               f"{p.glue_ms:.4g} ms ({p.glue_share * 100:.1f}%), median of {p.repeat} instrumented inferences."), "",
              "| kernel | calls | ms | share | GFLOP/s |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| `{m(k.name)}` | {k.calls} | {k.ms:.4f} | {k.share * 100:.1f}% | {_gflops(k)} |" for k in p.kernels[:top]]
+    lines += [f"| `{m(k.name)}` | {k.calls} | {k.ms:.4f} | {k.share * 100:.1f}% | {_gflops(k)} |"
+              for k in p.kernels[:top]]
     lines.append(f"| glue | | {p.glue_ms:.4f} | {p.glue_share * 100:.1f}% | |")
     return lines
 
@@ -207,8 +208,10 @@ def format_kernel_changes(comparison: KernelComparison, top: int = 15) -> list[s
     if shown:
         lines.append(f"  {'kernel':<{_NAME_WIDTH}} {'A ms':>9} {'B ms':>9} {'change':>8}")
     for k in shown:
-        change = k.change
-        mark = "only A" if k.b_ms is None else "only B" if k.a_ms is None else f"{change * 100:+.1f}%" if change is not None else "-"
+        if k.b_ms is None or k.a_ms is None:
+            mark = "only A" if k.b_ms is None else "only B"
+        else:
+            mark = f"{k.change * 100:+.1f}%" if k.change is not None else "-"
         lines.append(f"  {_cut(printable(k.name), _NAME_WIDTH):<{_NAME_WIDTH}} {cell(k.a_ms):>9} {cell(k.b_ms):>9} "
                      f"{mark:>8}")
     hidden = len(c.changed) - len(shown)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -527,6 +528,7 @@ def test_profile_and_memory__told_by_ours_not_by_a_stock_server(stack: Stack, se
     leaves the VM as it was; a stock server registers neither it nor ``tvmrp.device_memory``."""
     from pipeline.device.probe import device_memory
     from pipeline.profiling import profile_remote, summarize
+    from tasks import run as run_stage
 
     lib, inputs, expected = tiny_lib
 
@@ -557,3 +559,9 @@ def test_profile_and_memory__told_by_ours_not_by_a_stock_server(stack: Stack, se
         session.call("run", vm.invoke_stateful, "main")  # the instrument is gone: the VM runs as before
         np.testing.assert_allclose(session.call("get", lambda: vm.get_outputs("main").numpy()), expected, rtol=1e-5)
         assert device_memory(session) > 50 << 20  # a Python process with TVM's runtime loaded
+        # Not a VM: the device answers why, and a run takes that as a note, not as its failure.
+        not_a_vm = types.SimpleNamespace(module=session.call("load", session.remote.load_module, lib.name))
+        with pytest.raises(RemoteRunError, match="could not profile the model: .*invoke_stateful"):
+            profile_remote(session, not_a_vm, "cpu", 3)
+        calls, notes = run_stage._profile(session, not_a_vm, "cpu", 3)
+        assert calls is None and len(notes) == 1 and notes[0].startswith("no profile: ")
