@@ -3,13 +3,14 @@
     python -m flows.history [--model M] [--device D] [--target T] [--lineage ID] [--series ID] [--last N]
                             [--since DATE] [--json|--csv|--markdown]
     python -m flows.history show RUN [--json]
-    python -m flows.history compare RUN_A RUN_B [--json]          (RUN: an id, a prefix, latest or previous)
+    python -m flows.history compare RUN_A RUN_B [--kernels] [--json]  (RUN: an id, a prefix, latest or previous)
 
 Every ``python -m flows.resnet_remote`` run writes one record (``<store>/.runs/``, see :mod:`pipeline.store.ledger`);
 this reads the same store: ``--artifacts DIR``, else ``$TVMRP_ARTIFACTS``, else ``artifacts/``. RUN is a run
 id or a unique prefix of one; ``latest`` is the newest run (of those the list's filters keep), ``previous``
 the run before the other one in its lineage (``compare previous latest``: the newest run against the one
-before it). Records that are not valid records are skipped, with one warning on stderr. Exit codes: 0 ok (an
+before it). ``compare --kernels`` also compares the two runs' profiles kernel by kernel (both recorded with
+``--profile``). Records that are not valid records are skipped, with one warning on stderr. Exit codes: 0 ok (an
 empty ledger too), 2 bad usage (unknown or ambiguous run, bad date). Plain Python, no Prefect and no TVM: it
 answers in a fraction of a second. The renderings are :mod:`pipeline.views.history`.
 """
@@ -73,6 +74,9 @@ def build_parser() -> Parser:
     diff.add_argument("run_a", metavar="RUN_A", help="the run to compare against: a run id or a unique prefix, or "
                       "previous (the run before RUN_B in its lineage) or latest")
     diff.add_argument("run_b", metavar="RUN_B", help="the run compared: the same forms (compare previous latest)")
+    diff.add_argument("--kernels", action="store_true",
+                      help="also compare the runs' profiles kernel by kernel: which kernels got slower or faster, "
+                           "and the glue (both runs recorded with --profile)")
     _add_common(diff, command=True)
     _add_filters(diff, command=True)
     return p
@@ -170,7 +174,7 @@ def _command(ledger: Ledger, args: argparse.Namespace) -> Output:
         b = _resolve(ledger, args, args.run_b, args.run_a)
         if PREVIOUS in (args.run_a, args.run_b) or LATEST in (args.run_a, args.run_b):
             a, b = sorted((a, b), key=lambda r: r.id)  # with the shortcuts A is the older run
-        comparison = compare(a, b)
+        comparison = compare(a, b, kernels=args.kernels)
         return Output(json.dumps(comparison.as_json(), indent=1) if args.json else format_comparison(comparison))
     return _list(ledger, args)
 

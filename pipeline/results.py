@@ -2,7 +2,8 @@
 
     BuildSummary        a compile chain's outcome (a --build-only run is one)
     DeviceOutcome       what one model did on one device: output, top-5, latency (with its samples and the
-                        conditions it was measured under), upload, check
+                        conditions it was measured under), upload, check, the device's facts (load, first
+                        inference, peak memory) and, with --profile, where an inference's time goes (Profile)
     RunSummary          a run: its BuildSummary + its DeviceOutcome (+ the verdict against earlier runs)
     PairResult          one (device, model) pair of a fleet: its RunSummary, or why it has none
     FleetSummary        a fleet run: every PairResult and the builds' counts
@@ -228,6 +229,149 @@ class TuningSources:
                 "considered": self.considered, "tunings": [t.as_dict() for t in self.tunings]}
 
 
+@dataclass(frozen=True)
+class DeviceFacts:
+    """What the device showed of the model besides its latency (each None where it could not tell).
+
+    Attributes:
+        load_ms: loading the library and creating its VM on the device (``load_module`` + the VM), as this
+            client timed the two remote calls.
+        first_inference_ms: the first (cold) inference after the load, as this client timed the remote call.
+        peak_memory_bytes: the peak resident memory of the device's session process (Linux ``VmHWM``: TVM's
+            runtime and Python included) after the run; None for a device that cannot tell (a stock rpc_server).
+        library_bytes: the library's size.
+    """
+
+    load_ms: float | None = None
+    first_inference_ms: float | None = None
+    peak_memory_bytes: int | None = None
+    library_bytes: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"load_ms": self.load_ms, "first_inference_ms": self.first_inference_ms,
+                "peak_memory_bytes": self.peak_memory_bytes, "library_bytes": self.library_bytes}
+
+
+@dataclass(frozen=True)
+class KernelTime:
+    """One kernel of a profile (:mod:`pipeline.profiling`): its calls in one inference and their time.
+
+    Attributes:
+        name: the kernel as the VM calls it (a compiled function's name).
+        calls: how many times one inference calls it.
+        ms: the time of those calls in one inference (the sum of each call's median over the repetitions).
+        share: of the profile's ``total_ms``.
+        shapes: the tensor arguments of its first call (``1x56x56x64``; ``:dtype`` when not float32).
+        flops: floating-point operations of those calls (None: unknown); gflop_per_s: flops / ms.
+    """
+
+    name: str
+    calls: int
+    ms: float
+    share: float
+    shapes: tuple[str, ...] = ()
+    flops: float | None = None
+    gflop_per_s: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "calls": self.calls, "ms": self.ms, "share": self.share,
+                "shapes": list(self.shapes), "flops": self.flops, "gflop_per_s": self.gflop_per_s}
+
+
+@dataclass(frozen=True)
+class BuiltinTime:
+    """One of the VM's builtins in a profile: its calls in one inference and their timed sum (the instrument's
+    own cost included: an upper bound)."""
+
+    name: str
+    calls: int
+    ms: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "calls": self.calls, "ms": self.ms}
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where the time of one inference goes, on the device (``--profile``; :mod:`pipeline.profiling`).
+
+    Attributes:
+        kernels: every kernel, slowest first.
+        glue_ms: the time of an inference beyond its kernels: the VM's builtins (allocations, shape checks) and its
+            own work between calls (``measured_ms - kernels_ms``, at least 0).
+        total_ms: ``kernels_ms + glue_ms``: what the shares are of (``measured_ms``, unless the kernels' timed
+            calls add up to more).
+        kernels_ms: the kernels' time.
+        measured_ms: the median of uninstrumented inferences timed on the device between the instrumented ones.
+        instrumented_ms: the median of the instrumented inferences (the instrument's own cost included).
+        repeat: inferences of each kind timed.
+        builtins: the VM builtins' timed calls, slowest first (part of the glue; upper bounds).
+        flops_known: the build recorded its kernels' FLOPs.
+        note: what to know when reading it (kernels overstated by the instrument), or None.
+    """
+
+    kernels: tuple[KernelTime, ...]
+    glue_ms: float
+    total_ms: float
+    kernels_ms: float
+    measured_ms: float
+    instrumented_ms: float
+    repeat: int
+    builtins: tuple[BuiltinTime, ...] = ()
+    flops_known: bool = False
+    note: str | None = None
+
+    @property
+    def glue_share(self) -> float:
+        return self.glue_ms / self.total_ms if self.total_ms > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """The ``profile`` object of a run's JSON and ledger record."""
+        return {"kernels": [k.as_dict() for k in self.kernels], "glue_ms": self.glue_ms, "total_ms": self.total_ms,
+                "kernels_ms": self.kernels_ms, "glue_share": self.glue_share, "measured_ms": self.measured_ms,
+                "instrumented_ms": self.instrumented_ms, "repeat": self.repeat,
+                "builtins": [b.as_dict() for b in self.builtins], "flops_known": self.flops_known, "note": self.note}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Profile | None:
+        """A ``profile`` object read back (a ledger record: untrusted), or None when it is not one. Text is kept
+        as it is (renderings escape it); kernels without a name or a time are dropped."""
+        if not isinstance(data, dict):
+            return None
+        numbers = [data.get(k) for k in ("glue_ms", "total_ms")]
+        if not all(_finite(x) for x in numbers) or not isinstance(data.get("kernels"), list):
+            return None
+
+        def number(value: Any, default: float | None = None) -> float | None:
+            return float(value) if _finite(value) else default
+
+        def count(value: Any) -> int:
+            return value if type(value) is int and value >= 0 else 0
+
+        kernels = tuple(
+            KernelTime(name=k["name"], calls=count(k.get("calls")), ms=float(k["ms"]),
+                       share=number(k.get("share"), 0.0) or 0.0,
+                       shapes=tuple(str(s) for s in k.get("shapes", []) if isinstance(s, str))
+                       if isinstance(k.get("shapes"), list) else (),
+                       flops=number(k.get("flops")), gflop_per_s=number(k.get("gflop_per_s")))
+            for k in data["kernels"] if isinstance(k, dict) and isinstance(k.get("name"), str) and _finite(k.get("ms")))
+        builtins = tuple(BuiltinTime(b["name"], count(b.get("calls")), float(b["ms"]))
+                         for b in data.get("builtins") or [] if isinstance(b, dict)
+                         and isinstance(b.get("name"), str) and _finite(b.get("ms"))) \
+            if isinstance(data.get("builtins"), list) else ()
+        total = float(data["total_ms"])
+        return cls(kernels=kernels, glue_ms=float(data["glue_ms"]), total_ms=total,
+                   kernels_ms=number(data.get("kernels_ms"), sum(k.ms for k in kernels)) or 0.0,
+                   measured_ms=number(data.get("measured_ms"), total) or 0.0,
+                   instrumented_ms=number(data.get("instrumented_ms"), total) or 0.0,
+                   repeat=count(data.get("repeat")), builtins=builtins, flops_known=data.get("flops_known") is True,
+                   note=data["note"] if isinstance(data.get("note"), str) else None)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 # -- one run ----------------------------------------------------------------------------------------------------------
 
 
@@ -288,6 +432,9 @@ class DeviceOutcome:
         name: the device's name in the run history (a fleet's device name, ``--device-name``); None: its
             address without what changes between runs (:func:`pipeline.store.ledger.device_name`).
         conditions: what the latency was measured under (threads, load).
+        facts: load time, first inference, peak memory, library size (None: a summary made without them).
+        profile: where an inference's time goes (``--profile``; None without it, or on a device that cannot).
+        notes: what the device stages want the user to know (e.g. why there is no profile).
     """
 
     device: str
@@ -301,6 +448,9 @@ class DeviceOutcome:
     check: CheckResult | None
     name: str | None = None
     conditions: Conditions | None = None
+    facts: DeviceFacts | None = None
+    profile: Profile | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -383,8 +533,10 @@ class RunSummary:
             "upload": o.upload.as_dict(),
             "check": o.check.as_dict() if o.check is not None else None,
             "regression": self.regression.as_dict() if self.regression is not None else None,
-            "tuning": b.tuning, "schedules": b.schedules, "notes": list(b.notes),
+            "tuning": b.tuning, "schedules": b.schedules, "notes": [*b.notes, *o.notes],
             "tuning_sources": b.tuning_sources.as_dict() if b.tuning_sources is not None else None,
+            "device_facts": (o.facts or DeviceFacts(library_bytes=o.upload.bytes)).as_dict(),
+            "profile": o.profile.as_dict() if o.profile is not None else None,
         }
 
 

@@ -17,6 +17,10 @@ tunings.
 A CUDA target is compiled by :func:`pipeline.cuda.builder.compile_cuda` in a subprocess that makes TVM's CUDA
 runtime load on this GPU-less machine, so the kernels are compiled to GPU machine code (cubin) here, once
 per build key, instead of by every device at every load; the GPU compiler's identity is then part of the key.
+
+A CPU build also records what its kernels compute, in ``kernels.json`` (each kernel's FLOPs per call, counted by
+TVM over the kernels it compiled: :func:`pipeline.profiling.recording_pipeline`; the code compiled is the same),
+which ``--profile`` reports as GFLOP/s (``BUILD_CODE_VERSION`` 3 on).
 """
 
 from __future__ import annotations
@@ -30,8 +34,9 @@ from prefect import task
 
 from pipeline.errors import BuildError, StoreError
 from pipeline.planning.plan import StageKey
+from pipeline.profiling import kernels_json, recording_pipeline
 from pipeline.store import Artifact, ArtifactStore
-from pipeline.store.layout import BUILD, MODULE_FILE, OBJECTS_FILE, TUNING_SOURCES_FILE
+from pipeline.store.layout import BUILD, KERNELS_FILE, MODULE_FILE, OBJECTS_FILE, TUNING_SOURCES_FILE
 from pipeline.targets import TargetInfo
 from pipeline.tuning.shared import SharedTuning
 from tasks._cache import Built, ensure_artifact
@@ -105,8 +110,9 @@ def build(
                     from pipeline.tuning.rules import schedule_with_rules
 
                     mod = schedule_with_rules(mod, target)
+                flops: dict[str, float] = {}
                 with tvm.transform.PassContext(opt_level=opt_level):
-                    executable = tvm.compile(mod, target=target.tvm_target())
+                    executable = tvm.compile(mod, target=target.tvm_target(), relax_pipeline=recording_pipeline(flops))
         except (StoreError, BuildError):
             raise
         except Exception as exc:
@@ -115,6 +121,7 @@ def build(
                 f"{str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__}"
             ) from exc
         executable.export_library(str(directory / OBJECTS_FILE), fcompile=write_tar)
+        (directory / KERNELS_FILE).write_bytes(kernels_json(flops))
 
     if (tuning is not None) != ("tuning" in stage.inputs) or (tuning is not None and stage.inputs["tuning"] != tuning.key):
         raise BuildError(f"the build plan {stage.key[:16]} does not name the tuning it is given; plan the build again")

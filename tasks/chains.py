@@ -29,10 +29,12 @@ from pipeline.errors import DeviceError, DeviceLost, KeptCopyFailed, StoreError,
 from pipeline.latency import Timing
 from pipeline.planning.plan import BuildPlan, RunPlan, StageKey
 from pipeline.planning.request import DevicePolicy
+from pipeline.profiling import kernel_flops, summarize
 from pipeline.results import (
     COMPILE_STAGES,
     BuildSummary,
     CheckResult,
+    DeviceFacts,
     DeviceOutcome,
     RunStamp,
     RunSummary,
@@ -195,6 +197,7 @@ class DeviceJob:
     Attributes:
         inputs: set and run one after another on the loaded library; the first is timed as ``timing`` says.
         timing: None: no input is timed (each runs once).
+        profile: after timing the first input, time every call of its inference (``--profile``).
     """
 
     library: Artifact
@@ -202,6 +205,7 @@ class DeviceJob:
     inputs: tuple[np.ndarray, ...]
     timing: Timing | None
     policy: DevicePolicy
+    profile: bool = False
 
 
 @dataclass(frozen=True)
@@ -262,7 +266,8 @@ def device_chain(
                 uploaded = upload_task(ref, job.library, store, target.arch, device_cache, reuse, target.gpu_arch,
                                        policy.allow_version_skew, device_says)
                 loaded = load_task(uploaded, store)
-                results = tuple(run_task(set_input_task(loaded, data), job.timing if i == 0 else None)
+                results = tuple(run_task(set_input_task(loaded, data), job.timing if i == 0 else None,
+                                         job.profile and i == 0 and job.timing is not None)
                                 for i, data in enumerate(job.inputs))
                 checked = check(results[0].output) if check is not None else None
                 if checked is not None and not checked.passed and uploaded.reused:
@@ -313,7 +318,7 @@ def run_one(plan: RunPlan, stamp: RunStamp, prepare: Callable[[], Prepared], fle
             if req.target.device == "cuda":
                 preflight(device, req.target, req.policy.allow_version_skew)  # before a compile of many seconds
             prepared = prepare()
-            job = DeviceJob(prepared.compiled.library, req.target, (req.input,), req.timing, req.policy)
+            job = DeviceJob(prepared.compiled.library, req.target, (req.input,), req.timing, req.policy, req.profile)
             check = None
             if prepared.reference is not None:
                 reference = load_reference(prepared.reference.artifact, store)
@@ -329,11 +334,19 @@ def run_one(plan: RunPlan, stamp: RunStamp, prepare: Callable[[], Prepared], fle
         prediction = postprocess_task(req.model, result.output, result.latency)
         stages["postprocess"] = "ran"
         placement = on.loaded.placement
+        load_s = on.loaded.load_seconds
+        facts = DeviceFacts(load_ms=load_s * 1e3 if load_s is not None else None,
+                            first_inference_ms=result.first_inference_ms,
+                            peak_memory_bytes=result.peak_memory_bytes, library_bytes=placement.bytes)
+        profile = None
+        if result.calls is not None:
+            profile = summarize(result.calls, kernel_flops(store, prepared.compiled.build))
         outcome = DeviceOutcome(
             device=on.device, device_identity=on.identity, image=str(req.image),
             input_shape=tuple(req.model.input_shape), stages=stages, top5=prediction.top, latency=result.latency,
             upload=Upload(placement.remote_name, placement.bytes, placement.seconds, placement.reused),
-            check=checked, name=req.device_name, conditions=result.conditions,
+            check=checked, name=req.device_name, conditions=result.conditions, facts=facts, profile=profile,
+            notes=result.notes,
         )
         summary = RunSummary(stamp, build_summary(plan.build, prepared.compiled, store), outcome)
         return report_task(summary, store, fleet_run=fleet_run, gate=req.fail_on_regression)

@@ -7,8 +7,9 @@
   ``efficientnet-lite0-embedded-3f2a9c``), so that the UI's Artifacts page keeps one history per lineage:
   ``summary-<key>`` (markdown: the run, its verdict, the lineage's last runs, the trend chart), ``runs-<key>``
   (table: date, build change, median, p90, verdict of the last runs), ``latency-trend-<key>`` (image: build
-  changes marked), ``top5-<key>`` and ``latency-<key>`` (tables). It never fails the run: a store or API
-  problem is logged as a warning.
+  changes marked), ``top5-<key>`` and ``latency-<key>`` (tables), and with ``--profile`` ``profile-<key>`` (a
+  table: every kernel's calls, time, share, GFLOP/s and shapes, then the glue). It never fails the run: a
+  store or API problem is logged as a warning.
 * :func:`record_failure`: the ledger record of a run that failed before it had a summary, from its plan.
 
 What the artifacts show is rendered by :mod:`pipeline.views.run`.
@@ -32,6 +33,7 @@ from pipeline.store import ArtifactStore
 from pipeline.store.ledger import RunRecord, device_name, lineage_of, record_of
 from pipeline.store.lineage import judge_record
 from pipeline.views.chart import data_url, draw_trend
+from pipeline.views.profile import profile_rows
 from pipeline.views.text import printable
 from pipeline.views.run import (
     latency_table, lineage_rows, lineage_title, summary_markdown, top5_table, trend_points, ui_key,
@@ -112,7 +114,8 @@ def record_failure(req: ResolvedRequest, plan: RunPlan | None, stamp: RunStamp, 
 
 
 def publish_artifacts(summary: RunSummary, history: list[RunRecord]) -> None:
-    """Create the artifacts of the run's lineage in the current flow run (summary, runs, trend, top-5, latency).
+    """Create the artifacts of the run's lineage in the current flow run (summary, runs, trend, top-5, latency,
+    profile).
 
     Never raises: a failure (the API unreachable, say) is logged as a warning.
     """
@@ -124,6 +127,9 @@ def publish_artifacts(summary: RunSummary, history: list[RunRecord]) -> None:
         create_table_artifact(rows, key=f"runs-{key}", description=f"The last runs of {title}")
         create_table_artifact(latency_table(summary), key=f"latency-{key}", description=f"Latency (ms) of {title}")
         create_table_artifact(top5_table(summary), key=f"top5-{key}", description=f"Top-5 of {title}")
+        if summary.outcome.profile is not None:
+            create_table_artifact(profile_rows(summary.outcome.profile), key=f"profile-{key}",
+                                  description=f"Where an inference's time goes, kernel by kernel: {title}")
         points = trend_points(history, summary)
         chart = data_url(draw_trend(points, f"Median latency (ms): {title}"))
         create_image_artifact(chart, key=f"latency-trend-{key}", description=f"Median latency of the last {len(points)} runs")

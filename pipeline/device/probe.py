@@ -15,8 +15,9 @@ register ``tvmrp.device_info`` (``pipeline/device/device_side/tvmrp_device.py``)
 machine, the GNU triple of the device's Python, the host name and the TVM, tvm-ffi and Python versions.
 :func:`probe` asks it first; its answer is untrusted data, parsed and clipped, never executed. They also
 register ``tvmrp.file_info`` (:func:`file_info`): the size and SHA-256 of a file on the device, which a stock
-server cannot tell without sending the whole file back; and ``tvmrp.device_load`` (load averages, the CPUs the
-session may run on): :func:`device_load`.
+server cannot tell without sending the whole file back; ``tvmrp.device_load`` (load averages, the CPUs the
+session may run on): :func:`device_load`; ``tvmrp.device_memory`` (the session process's peak resident memory):
+:func:`device_memory`; and ``tvmrp.profile`` (every call of an inference timed: :mod:`pipeline.profiling`).
 
 The thread pool: TVM's ``runtime.config_threadpool(mode, n)`` and ``runtime.NumThreads`` are registered by
 every TVM runtime, stock servers included. The pool is per process (each RPC session runs in its own) and
@@ -49,6 +50,7 @@ __all__ = [
     "check_versions",
     "device_arch",
     "device_load",
+    "device_memory",
     "device_threads",
     "device_triple",
     "file_info",
@@ -75,6 +77,7 @@ _NOT_FOUND = "NOT-FOUND"
 #: Registered by the devices this project sets up (``pipeline/device/device_side/tvmrp_device.py``).
 DEVICE_INFO_FUNCTION = "tvmrp.device_info"
 DEVICE_LOAD_FUNCTION = "tvmrp.device_load"
+DEVICE_MEMORY_FUNCTION = "tvmrp.device_memory"
 _CONFIG_THREADPOOL = "runtime.config_threadpool"
 _NUM_THREADS = "runtime.NumThreads"
 _AFFINITY_BIG = 1  # TVM's ThreadGroup::kBig: the pool's default mode (all cores of the highest frequency)
@@ -472,6 +475,26 @@ def device_load(session: RemoteSession) -> Load | None:
     """How busy the device is (``tvmrp.device_load``); None from a device that does not register it."""
     answer = _ask(session, "probe load", _calling(session.remote, DEVICE_LOAD_FUNCTION))
     return None if answer is None else parse_load(answer)
+
+
+def device_memory(session: RemoteSession) -> int | None:
+    """The peak resident memory (bytes) of the device's session process so far (``tvmrp.device_memory``: Linux
+    ``VmHWM``); None from a device that cannot tell (a stock rpc_server, a system without ``/proc``)."""
+    answer = _ask(session, "probe memory", _calling(session.remote, DEVICE_MEMORY_FUNCTION))
+    return None if answer is None else parse_memory(answer)
+
+
+def parse_memory(answer: object) -> int | None:
+    """The ``peak_rss_bytes`` of a ``tvmrp.device_memory`` answer (untrusted JSON); None when it has none."""
+    text = str(answer)
+    if len(text) > _DEVICE_INFO_LIMIT:
+        return None
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    peak = data.get("peak_rss_bytes") if isinstance(data, dict) else None
+    return peak if type(peak) is int and 0 < peak < 1 << 50 else None
 
 
 def host_load() -> Load:

@@ -13,7 +13,7 @@ from importlib import metadata
 from typing import Any
 
 IMPORT_CODE_VERSION = "1"
-BUILD_CODE_VERSION = "2"  # 2: build.tar is a plain tar (TVM gzips it)
+BUILD_CODE_VERSION = "3"  # 2: build.tar is a plain tar (TVM gzips it); 3: kernels.json (FLOPs)
 EXPORT_CODE_VERSION = "1"
 TUNE_CODE_VERSION = "1"
 REFERENCE_CODE_VERSION = "1"

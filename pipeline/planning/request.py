@@ -206,6 +206,11 @@ class RunRequest:
         "device starts it: TVM_NUM_THREADS, else half its logical CPUs on x86-64); 1 gives the steadiest numbers "
         "on a busy host (docs/performance.md#stable-numbers)", rule=Rule(1, MAX_THREADS),
         where=(FLEET_TOP, FLEET_DEVICE), metavar="N"))
+    profile: bool = field(default=False, metadata=arg(
+        "input and output", "after the latency samples, time every kernel call of an inference on the device and "
+        "report the kernels that take the time, with their share and GFLOP/s, and the glue between them (devices "
+        "started from the bundle, the embedded and the emulated device; docs/performance.md#where-the-time-goes-"
+        "--profile)", where=(FLEET_TOP,), action="store_true"))
     fail_on_regression: bool = field(default=False, metadata=arg(
         "input and output", f"exit with code {REGRESSION_EXIT_CODE} when the run is judged a latency regression "
         "against the earlier runs of its lineage (a CI gate; docs/history.md)", where=(FLEET_TOP,),
@@ -310,6 +315,8 @@ class ResolvedRequest:
     shared: tuple[SharedTuning, ...] = ()
     """With ``shared_tunings`` on, the store's tunings for the target, one per model
     (:func:`pipeline.tuning.shared.shared_tunings`); the plan picks those the build shares."""
+    profile: bool = False
+    """Time every kernel call of an inference after the latency samples (:mod:`pipeline.profiling`)."""
 
 
 @dataclass
@@ -404,6 +411,7 @@ def resolve(request: RunRequest, found: Resolutions | None = None) -> ResolvedRe
         check=request.check, thresholds=thresholds, store=store, refresh=request.refresh,
         build_only=request.build_only, device_name=request.device_name.strip() if request.device_name else None,
         fail_on_regression=request.fail_on_regression, shared_tunings=request.shared_tunings, shared=shared,
+        profile=request.profile,
     )
 
 

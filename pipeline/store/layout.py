@@ -66,6 +66,8 @@ OBJECTS_FILE = "build.tar"
 TUNING_SOURCES_FILE = "tuning_sources.json"
 """Which tunings scheduled how many kernels of a build that shares the store's tuning records (only such a build
 has it): :class:`pipeline.results.TuningSources`."""
+KERNELS_FILE = "kernels.json"
+"""What a CPU build's kernels compute: each one's FLOPs per call (``pipeline.profiling``); absent from GPU builds."""
 LIBRARY_FILE = "model.so"
 """The linked library a device loads."""
 REFERENCE_FILE = "reference.npy"
@@ -73,7 +75,7 @@ REFERENCE_FILE = "reference.npy"
 
 RELAX_IR = ArtifactKind("relax-ir", (MODULE_FILE,))
 TUNING = ArtifactKind("tuning", (*TUNING_DATABASE_FILES, TUNING_REPORT_FILE, TUNING_LOG_FILE))
-BUILD = ArtifactKind("build", (OBJECTS_FILE, TUNING_SOURCES_FILE))
+BUILD = ArtifactKind("build", (OBJECTS_FILE, TUNING_SOURCES_FILE, KERNELS_FILE))
 LIBRARY = ArtifactKind("library", (LIBRARY_FILE,))
 REFERENCE = ArtifactKind("reference", (REFERENCE_FILE,))
 KINDS = {kind.name: kind for kind in (RELAX_IR, TUNING, BUILD, LIBRARY, REFERENCE)}

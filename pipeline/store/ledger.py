@@ -80,8 +80,9 @@ class RunRecord:
     the check failed: exit 1), ``error`` (bad usage: exit 2) or ``interrupted`` (exit 130). ``latency_ms``
     holds mean, median, p90, p99, min, max, std, cv, and ``samples_ms`` the samples themselves; ``check`` the
     check's figures; ``regression`` the verdict against the lineage (see :class:`pipeline.latency.Verdict`);
-    ``conditions`` what the latency was measured under (:class:`pipeline.results.Conditions`). Anything the
-    run did not get to is null.
+    ``conditions`` what the latency was measured under (:class:`pipeline.results.Conditions`);
+    ``device_facts`` and ``profile`` what the device showed besides the latency. Anything the run did not get
+    to is null.
     """
 
     id: str
@@ -126,6 +127,11 @@ class RunRecord:
     """The latency samples (at most ``pipeline.latency.KEPT_SAMPLES``, evenly spaced in time order)."""
     conditions: dict[str, Any] | None = None
     """Threads and the load of the device and the host during timing (:class:`pipeline.results.Conditions`)."""
+    device_facts: dict[str, Any] | None = None
+    """Load time, first inference, peak memory and library size (:class:`pipeline.results.DeviceFacts`; None:
+    recorded before they were, or the run failed before)."""
+    profile: dict[str, Any] | None = None
+    """Where an inference's time went (``--profile``: :class:`pipeline.results.Profile`); None without it."""
     format: int = FORMAT
     extra: dict[str, Any] = field(default_factory=dict)
 

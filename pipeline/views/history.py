@@ -29,7 +29,9 @@ from pipeline.latency import (
     CONFIDENCE, MIN_BOOTSTRAP_SAMPLES, MIN_CHANGE, NOISY_SPREAD, Measured, percentile, percentile_to_judge,
 )
 from pipeline.store.ledger import RunRecord
+from pipeline.results import Profile
 from pipeline.store.lineage import spread
+from pipeline.views.profile import KernelComparison, facts_line, format_kernel_changes, kernel_changes, profile_lines
 from pipeline.views.text import csv_text, markdown_cell, printable
 
 LATENCY_FIELDS = ("mean", "median", "p90", "p99", "min", "max", "std", "cv")
@@ -282,6 +284,7 @@ CSV_COLUMNS = (
     "error", "flow_run_id", "fleet_run", "versions",
     "lineage", "device_name", "schedules", "threads", "verdict", "regression_interval_low",
     "regression_interval_high", "regression_against", "regression_changes", "host_loadavg_1m", "device_loadavg_1m",
+    "load_ms", "first_inference_ms", "peak_memory_bytes", "profile_total_ms", "profile_glue_ms",
 )
 
 
@@ -316,6 +319,8 @@ def csv_row(record: RunRecord) -> dict[str, Any]:
     r = record
     verdict = r.regression if isinstance(r.regression, dict) else {}
     check = r.check if isinstance(r.check, dict) else {}
+    facts = r.device_facts if isinstance(r.device_facts, dict) else {}
+    profile = r.profile if isinstance(r.profile, dict) else {}
     row: dict[str, Any] = {name: getattr(r, name) for name in CSV_COLUMNS if hasattr(r, name)}
     row.update({f"latency_{name}_ms": _latency(r, name) for name in LATENCY_FIELDS if name != "cv"})
     low, high = _interval(verdict)
@@ -332,6 +337,8 @@ def csv_row(record: RunRecord) -> dict[str, Any]:
         regression_against=verdict.get("against"),
         regression_changes="; ".join(_changed_names(verdict)) or None,
         host_loadavg_1m=_loadavg_1m(r.conditions, "host"), device_loadavg_1m=_loadavg_1m(r.conditions, "device"),
+        **{key: _number(facts.get(key)) for key in ("load_ms", "first_inference_ms", "peak_memory_bytes")},
+        profile_total_ms=_number(profile.get("total_ms")), profile_glue_ms=_number(profile.get("glue_ms")),
     )
     return row
 
@@ -421,6 +428,14 @@ def verdict_lines(verdict: Any) -> list[str]:
     return lines
 
 
+def _profile_lines(data: Any) -> list[str]:
+    """A record's profile (``--profile``), or nothing."""
+    profile = Profile.from_dict(data)
+    if profile is None:
+        return []
+    return [f"{'Profile' if i == 0 else '':<11}{line}" for i, line in enumerate(profile_lines(profile))]
+
+
 def format_run(record: RunRecord) -> str:
     """Everything the ledger keeps about one run, for people (control characters escaped)."""
     r = record
@@ -440,6 +455,8 @@ def format_run(record: RunRecord) -> str:
         "Stages     " + (", ".join(f"{name} {status}" for name, status in r.stages.items()) or "-"),
         f"Latency    {latency_line(r.latency_ms, r.samples)}",
         f"Measured   {conditions_line(r.conditions)}",
+        f"On device  {facts_line(r.device_facts)}",
+        *_profile_lines(r.profile),
         f"Check      {_check_line(r.check)}",
         *(f"{'Verdict' if i == 0 else '':<11}{line}" for i, line in enumerate(verdict)),
         "Versions   " + ", ".join(f"{k} {v}" for k, v in sorted(r.versions.items())),
@@ -553,11 +570,14 @@ class Comparison:
     differences: tuple[Difference, ...]
     same: tuple[str, ...]
     latency: LatencyChange
+    kernels: KernelComparison | None = None
+    """Each kernel's time in both runs (``compare --kernels``; None: not asked)."""
 
     def as_json(self) -> dict[str, Any]:
-        """The ``compare --json`` object."""
+        """The ``compare --json`` object (with ``kernels`` when compared by kernel)."""
         lat = self.latency
-        return {
+        extra = {"kernels": self.kernels.as_dict()} if self.kernels is not None else {}
+        return {**extra,
             "a": self.a.id, "b": self.b.id,
             "differences": [{"field": d.field, "a": d.a, "b": d.b} for d in self.differences],
             "same": list(self.same),
@@ -575,9 +595,22 @@ def _condition(record: RunRecord, path: str) -> Any:
     return value
 
 
-def compare(a: RunRecord, b: RunRecord) -> Comparison:
+def compare(a: RunRecord, b: RunRecord, kernels: bool = False) -> Comparison:
     """What differs between runs ``a`` and ``b`` (:data:`COMPARED_FIELDS`, each version, each of
-    :data:`COMPARED_CONDITIONS`), and B's latency change."""
+    :data:`COMPARED_CONDITIONS`), and B's latency change; with ``kernels``, each kernel's time in both runs'
+    profiles (:func:`pipeline.views.profile.kernel_changes`).
+
+    Raises:
+        UsageError: ``kernels`` and a run has no profile (it ran without ``--profile``).
+    """
+    compared = None
+    if kernels:
+        profiles = [Profile.from_dict(r.profile) for r in (a, b)]
+        missing = [f"{name} ({r.id})" for name, r, p in zip("AB", (a, b), profiles) if p is None]
+        if missing:
+            raise UsageError(f"--kernels compares the runs' profiles, and run {' and '.join(missing)} has none: "
+                             "record one with python -m flows.resnet_remote ... --profile")
+        compared = kernel_changes(profiles[0], profiles[1])  # type: ignore[arg-type]
     pairs = [(name, getattr(a, name), getattr(b, name)) for name in COMPARED_FIELDS]
     pairs = [(name, a.lineage_id, b.lineage_id) if name == "lineage" else (name, x, y) for name, x, y in pairs]
     va, vb = a.versions or {}, b.versions or {}
@@ -585,7 +618,8 @@ def compare(a: RunRecord, b: RunRecord) -> Comparison:
     pairs += [(f"conditions.{path}", _condition(a, path), _condition(b, path)) for path in COMPARED_CONDITIONS]
     differences = tuple(Difference(name, x, y) for name, x, y in pairs if x != y)
     same = tuple(name for name, x, y in pairs if x == y)
-    return Comparison(a, b, differences, same, latency_change(a.latency_ms, b.latency_ms, a.samples_ms, b.samples_ms))
+    return Comparison(a, b, differences, same, latency_change(a.latency_ms, b.latency_ms, a.samples_ms, b.samples_ms),
+                      compared)
 
 
 def _value(value: Any, field: str = "") -> str:
@@ -622,6 +656,8 @@ def format_comparison(comparison: Comparison) -> str:
         lines.append(f"Change     median {medians} ms: {c.latency.message}")
     else:
         lines.append(f"Change     {c.latency.message}")
+    if c.kernels is not None:
+        lines += format_kernel_changes(c.kernels)
     if c.a.lineage_id != c.b.lineage_id:
         lines.append("Note       different lineages (model, device, target or input): not the same measurement")
     elif c.a.series != c.b.series:

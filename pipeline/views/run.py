@@ -20,6 +20,7 @@ from pipeline.results import BuildSummary, CheckResult, Conditions, RunSummary, 
 from pipeline.store.ledger import device_name
 from pipeline.store.lineage import changes_between, same_setup
 from pipeline.views.history import conditions_line, started_at, target_short, verdict_text
+from pipeline.views.profile import facts_line, profile_lines, profile_markdown
 from pipeline.views.text import markdown_cell, printable
 
 if TYPE_CHECKING:
@@ -149,6 +150,10 @@ def format_text(summary: RunSummary | BuildSummary) -> str:
     lines.append(format_check(outcome.check))
     lines.append(format_latency(outcome.latency))
     lines.append(format_conditions(outcome.conditions))
+    lines.append("On device  " + facts_line(outcome.facts))
+    if outcome.profile is not None:
+        lines += [f"{'Profile' if i == 0 else '':<11}{line}" for i, line in enumerate(profile_lines(outcome.profile))]
+    lines += [f"Note       {note}" for note in outcome.notes]
     if summary.regression is not None:
         lines.append(f"Trend      {summary.regression.message} (lineage {summary.lineage}, series {summary.series})")
     return "\n".join(printable(line) for line in lines)
@@ -281,7 +286,10 @@ def summary_markdown(summary: RunSummary, chart_url: str, runs: Sequence[dict[st
         f"Median **{lat.median:.4g} ms** (mean {lat.mean:.4g}, p90 {lat.p90:.4g}, p99 {lat.p99:.4g}, min "
         f"{lat.min:.4g}, max {lat.max:.4g}, CV {lat.cv * 100:.1f}%, {lat.repeat} samples); {m(verdict)}.",
         "", f"Measured under: {m(conditions_line(outcome.conditions.as_dict() if outcome.conditions else None))}.",
+        "", f"On the device: {m(facts_line(outcome.facts))}.",
     ]
+    if outcome.profile is not None:
+        lines += ["", *profile_markdown(outcome.profile)]
     if runs:
         columns = ("date", "run", "build change", "median ms", "p90 ms", "verdict")
         lines += ["", "## Last runs of this lineage", "", "| " + " | ".join(columns) + " |",
@@ -289,5 +297,6 @@ def summary_markdown(summary: RunSummary, chart_url: str, runs: Sequence[dict[st
                   *("| " + " | ".join(m("-" if row.get(c) is None else row.get(c)) for c in columns) + " |"
                     for row in runs)]
     lines += ["", f"![median latency per run]({chart_url})"]
-    lines += ["", *(f"> {m(note)}" for note in build.notes)] if build.notes else []
+    notes = (*build.notes, *outcome.notes)
+    lines += ["", *(f"> {m(note)}" for note in notes)] if notes else []
     return "\n".join(lines) + "\n"

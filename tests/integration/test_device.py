@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -520,3 +521,47 @@ def _open_within(spec: DeviceSpec, deadline: float) -> RemoteSession:
                 raise
             time.sleep(0.2)
     pytest.fail("no session within 100 tries")
+
+
+def test_profile_and_memory__told_by_ours_not_by_a_stock_server(stack: Stack, server: EmbeddedServer, tiny_lib) -> None:
+    """``tvmrp.profile`` takes the remote VM as an RPC argument and times each of its calls where it lives, then
+    leaves the VM as it was; a stock server registers neither it nor ``tvmrp.device_memory``."""
+    from pipeline.device.probe import device_memory
+    from pipeline.profiling import profile_remote, summarize
+    from tasks import run as run_stage
+
+    lib, inputs, expected = tiny_lib
+
+    def loaded(session: RemoteSession):
+        rlib = session.call("load", session.remote.load_module, session.upload(lib))
+        dev = session.device()
+        vm = session.call("load", relax.VirtualMachine, rlib, dev)
+        tensors = [session.call("set_input", tvm.runtime.tensor, a, dev) for a in inputs]
+        session.call("set_input", vm.set_input, "main", *tensors)
+        return vm
+
+    host, port = stack.stock.wait_ready()
+    with open_session(DeviceSpec(host=host, port=port)) as session:
+        assert profile_remote(session, loaded(session), "cpu", 5) is None
+        assert device_memory(session) is None
+    host, port = server.address
+    with open_session(DeviceSpec(host=host, port=port, connect_timeout=60)) as session:
+        vm = loaded(session)
+        times = profile_remote(session, vm, "cpu", 50)
+        assert times is not None and times.repeat == 50 and times.plain_ms > 0
+        names = [call.name for call in times.calls]
+        assert any(name.startswith("vm.builtin.alloc") for name in names)
+        kernels = [call for call in times.calls if not call.name.startswith("vm.")]
+        assert kernels and ("2x3", "3x4", "2x4") in {call.shapes for call in kernels}  # the matmul, by its shapes
+        profile = summarize(times)
+        assert {k.name for k in profile.kernels} == {call.name for call in kernels}
+        assert profile.total_ms == pytest.approx(profile.kernels_ms + profile.glue_ms)
+        session.call("run", vm.invoke_stateful, "main")  # the instrument is gone: the VM runs as before
+        np.testing.assert_allclose(session.call("get", lambda: vm.get_outputs("main").numpy()), expected, rtol=1e-5)
+        assert device_memory(session) > 50 << 20  # a Python process with TVM's runtime loaded
+        # Not a VM: the device answers why, and a run takes that as a note, not as its failure.
+        not_a_vm = types.SimpleNamespace(module=session.call("load", session.remote.load_module, lib.name))
+        with pytest.raises(RemoteRunError, match="could not profile the model: .*invoke_stateful"):
+            profile_remote(session, not_a_vm, "cpu", 3)
+        calls, notes = run_stage._profile(session, not_a_vm, "cpu", 3)
+        assert calls is None and len(notes) == 1 and notes[0].startswith("no profile: ")

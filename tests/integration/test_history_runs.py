@@ -1,6 +1,7 @@
-"""flows/history.py on real runs: three runs of a tiny model, read back with ``python -m flows.history`` in a
-fresh process (list, CSV, compare) without importing Prefect or TVM. (The ledger and its renderings on records
-built in code: tests/unit/test_history.py.)
+"""flows/history.py on real runs: three runs of a tiny model (two with ``--profile``), read back with
+``python -m flows.history`` in a fresh process (list, CSV, show, compare, compare --kernels) without importing
+Prefect or TVM. (The ledger and its renderings on records built in code: tests/unit/test_history.py,
+test_profiling.py.)
 """
 
 from __future__ import annotations
@@ -24,9 +25,11 @@ def history_cli(*args: str) -> subprocess.CompletedProcess:
 def test_history__three_real_runs_listed_compared_and_exported(prefect_api, store_root, tiny_onnx):
     env = {"PREFECT_API_URL": prefect_api}
     common = ("--model", str(tiny_onnx), "--artifacts", str(store_root), "--repeat", "5")
-    for extra in ((), ("--opt-level", "2"), ("--tune-trials", "4")):
+    for extra in (("--profile",), ("--opt-level", "2"), ("--tune-trials", "4", "--profile")):
         proc = run_cli(*common, *extra, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
+        assert ("\nProfile    " in proc.stdout) == ("--profile" in extra), proc.stdout
+        assert "\nOn device  load " in proc.stdout and "peak memory" in proc.stdout
 
     started = time.perf_counter()
     proc = history_cli("--json", "--artifacts", str(store_root))
@@ -40,6 +43,15 @@ def test_history__three_real_runs_listed_compared_and_exported(prefect_api, stor
         assert 0 < r["latency_ms"]["median"] <= r["latency_ms"]["p90"] <= r["latency_ms"]["p99"]
         assert r["latency_ms"]["cv"] >= 0
     assert seconds < 5, seconds  # no Prefect, no TVM: well under a second here, with slack for a busy machine
+    for r in runs:
+        facts = r["device_facts"]
+        assert facts["load_ms"] > 0 and facts["first_inference_ms"] > 0 and facts["peak_memory_bytes"] > 50 << 20
+        assert facts["library_bytes"] == r["upload"]["bytes"]
+    assert runs[1]["profile"] is None
+    for r in (runs[0], runs[2]):
+        profile = r["profile"]
+        assert profile["kernels"] and profile["total_ms"] == profile["kernels_ms"] + profile["glue_ms"]
+        assert {"name", "calls", "ms", "share", "shapes", "flops", "gflop_per_s"} <= profile["kernels"][0].keys()
 
     proc = history_cli("--csv", "--artifacts", str(store_root))
     rows = list(csv.DictReader(io.StringIO(proc.stdout, newline="")))
@@ -54,6 +66,15 @@ def test_history__three_real_runs_listed_compared_and_exported(prefect_api, stor
     proc = history_cli("compare", first, second, "--artifacts", str(store_root))
     assert proc.returncode == 0 and re.search(r"\n(Differs    | {11})opt_level +3 -> 2\n", proc.stdout), proc.stdout
     assert re.search(r"\nChange     (median|p10) ", proc.stdout), proc.stdout
+
+    proc = history_cli("show", first, "--artifacts", str(store_root))
+    assert proc.returncode == 0 and "\nOn device  load " in proc.stdout and "\nProfile    " in proc.stdout
+    assert re.search(r"\n {13}kernel +calls +ms +share +GFLOP/s +shapes\n", proc.stdout), proc.stdout
+    tuned = runs[0]["id"]
+    proc = history_cli("compare", first, tuned, "--kernels", "--artifacts", str(store_root))
+    assert proc.returncode == 0 and "\nKernels    total " in proc.stdout, proc.stdout + proc.stderr
+    proc = history_cli("compare", first, second, "--kernels", "--artifacts", str(store_root))
+    assert proc.returncode == 2 and "has none: record one with" in proc.stderr, proc.stderr
 
     heavy = "{'prefect', 'tvm', 'numpy', 'torch'}"
     proc = subprocess.run([sys.executable, "-c", "import sys, flows.history; "

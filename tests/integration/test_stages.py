@@ -20,7 +20,7 @@ from pipeline.planning.plan import plan_build
 from pipeline.store import ArtifactStore
 from pipeline.targets import parse_target
 from tasks._live import opened
-from pipeline.store.layout import LIBRARY_FILE, MODULE_FILE, OBJECTS_FILE
+from pipeline.store.layout import KERNELS_FILE, LIBRARY_FILE, MODULE_FILE, OBJECTS_FILE
 from tasks.build import build
 from tasks.export_library import extract_objects, link
 from tasks.load import load
@@ -37,7 +37,7 @@ def test_compile_stages__produce_verified_artifacts_and_reuse_them(tiny_onnx, st
     store = ArtifactStore(store_root)
     assert imported.built and built.built and library.built
     assert {f.name for f in imported.artifact.files} == {MODULE_FILE}
-    assert {f.name for f in built.artifact.files} == {OBJECTS_FILE}
+    assert {f.name for f in built.artifact.files} == {OBJECTS_FILE, KERNELS_FILE}
     assert {f.name for f in library.artifact.files} == {LIBRARY_FILE}
     assert built.artifact.inputs["opt_level"] == 3 and built.artifact.inputs["target"] == target.canonical
     so = store.file(library.artifact, LIBRARY_FILE)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -42,11 +44,30 @@ def test_demo__efficientnet_lite0_says_cat_then_is_cached(prefect_api, demo_stor
     assert second["top5"][0]["class"] == first["top5"][0]["class"]
 
 
-def test_demo__human_output_lists_top5_and_latency(demo_store):
-    proc = run_cli("--model", "efficientnet_lite0", "--artifacts", str(demo_store), "--repeat", "2", timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+def test_demo__human_output_lists_top5_latency_and_where_the_time_goes(demo_store):
+    """With ``--profile`` (adaptive timing, one TVM thread): the top kernels, whose times and the glue add up to the median
+    latency within 10 %, their GFLOP/s, and the device's facts."""
+    seen = []
+    for _ in range(2):  # a shared host's load may move one of the two medians; not two runs' in a row
+        proc = run_cli("--model", "efficientnet_lite0", "--artifacts", str(demo_store), "--profile", "--json",
+                       "--threads", "1", timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        profile, median = summary["profile"], summary["latency_ms"]["median"]
+        seen.append(f"latency median {median:.2f} ms; profile total {profile['total_ms']:.2f} ms = kernels "
+                    f"{profile['kernels_ms']:.2f} + glue {profile['glue_ms']:.2f} ({profile['repeat']} repeats)")
+        if abs(profile["total_ms"] - median) <= 0.10 * median:
+            break
+    print(f"demo: {'; then '.join(seen)}; top kernel {profile['kernels'][0]['name']} "
+          f"{profile['kernels'][0]['share']:.1%}; facts {summary['device_facts']}")
     assert "Egyptian cat" in proc.stdout or "tabby" in proc.stdout
     assert "Latency    mean" in proc.stdout and "median" in proc.stdout
+    assert "\nProfile    " in proc.stdout and "\nOn device  load " in proc.stdout
+    assert abs(profile["total_ms"] - median) <= 0.10 * median, seen
+    assert len(profile["kernels"]) > 20 and profile["flops_known"]
+    assert all(k["gflop_per_s"] > 0 for k in profile["kernels"][:5] if "conv2d" in k["name"])
+    facts = summary["device_facts"]
+    assert facts["load_ms"] > 0 and facts["first_inference_ms"] > 0 and facts["peak_memory_bytes"] > 100 << 20
 
 
 def test_demo__resnet18_v2_random_matches_mxnet(prefect_api, demo_store):

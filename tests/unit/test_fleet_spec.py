@@ -285,6 +285,17 @@ def test_parse_fleet__device_names_and_threads_reach_each_pairs_request(tmp_path
         parse_fleet("threads: 0\ndevices: [{host: h, port: 1}]\nmodels: [m]\n")
 
 
+def test_parse_fleet__profile_is_a_fleet_wide_option():
+    text = "profile: {}\ndevices: [{{host: h, port: 1}}]\nmodels: [efficientnet_lite0]\n"
+    spec = parse_fleet(text.format("true"))
+    assert spec.request(spec.devices[0], spec.models[0]).profile is True
+    assert parse_fleet(text.format("false")).shared.profile is False
+    with pytest.raises(UsageError, match=r"^fleet.yaml:1: profile: must be true or false"):
+        parse_fleet(text.format("3"))
+    with pytest.raises(UsageError, match=r"devices\[0\].profile: unknown key"):
+        parse_fleet("devices: [{host: h, port: 1, profile: true}]\nmodels: [m]\n")
+
+
 def _verdict(decision: str, change: float, changes=()) -> Verdict:
     from pipeline.latency import Change
 

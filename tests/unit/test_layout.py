@@ -44,7 +44,7 @@ def test_store_layout__declared_in_one_module():
 
 def test_store_layout__artifact_file_names_declared_once():
     """Each artifact file name is assigned as a constant in one module only."""
-    names = ("module.json", "build.tar", "model.so", "reference.npy", "tuning.json", "tuning.log",
+    names = ("module.json", "build.tar", "kernels.json", "model.so", "reference.npy", "tuning.json", "tuning.log",
              "database_workload.json", "database_tuning_record.json")
     owners: dict[str, list[str]] = {name: [] for name in names}
     for path in [*(REPO / "pipeline").rglob("*.py"), *(REPO / "tasks").glob("*.py"), *(REPO / "flows").glob("*.py")]:

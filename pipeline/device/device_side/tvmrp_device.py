@@ -1,5 +1,7 @@
 """Device side: makes a TVM RPC device tell who it is (the global function ``tvmrp.device_info``), what a file it
-holds is (``tvmrp.file_info``) and how busy it is (``tvmrp.device_load``).
+holds is (``tvmrp.file_info``), how busy it is (``tvmrp.device_load``), how much memory its session took
+(``tvmrp.device_memory``), and where an inference's time goes (``tvmrp.profile``: every call of the Relax VM
+timed where the VM lives).
 
 A stock TVM 0.27 ``rpc_server`` registers no function that reports TVM's version (``support.GetLibInfo`` is
 gone), and a runtime-only one (what a device bundle serves) not even the architecture (the triple functions
@@ -10,12 +12,14 @@ its ``sitecustomize`` calls :func:`install` in every Python process of the devic
 
 :func:`install` costs nothing until ``tvm_ffi`` is imported: a one-shot import hook registers the functions
 right after ``tvm_ffi`` has loaded (a Python that never imports TVM never loads it; under qemu that import
-alone takes ~10 s). Each answers a JSON object (:func:`describe`, :func:`describe_file`, :func:`load`), read by the client's
-``pipeline.device.probe``. ``tvmrp.file_info`` exists because TVM's server offers no way to see what an upload
-wrote (its ``upload`` ignores a failed write: a full disk leaves a short file and no error): the client compares
-the size and SHA-256 of a library on the device with what it sent before loading it. It tells nothing a client
-could not already learn with the server's ``download``. Standard library and ``tvm_ffi`` only; nothing here may
-break the interpreter, so every step is guarded.
+alone takes ~10 s). Each answers a JSON object (:func:`describe`, :func:`describe_file`, :func:`load`,
+:func:`memory`, :func:`profile`), read by the client's ``pipeline.device.probe`` and ``pipeline.profiling``.
+``tvmrp.file_info`` exists because TVM's server offers no way to see what an upload wrote (its ``upload``
+ignores a failed write: a full disk leaves a short file and no error): the client compares the size and SHA-256
+of a library on the device with what it sent before loading it. It tells nothing a client could not already
+learn with the server's ``download``. ``tvmrp.profile`` runs only the VM the client passes it, with the input
+the client set. Standard library and ``tvm_ffi`` only; nothing here may break the interpreter, so every step is
+guarded.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ SUPERVISED_ENV = "TVMRP_DEVICE_SUPERVISED"
 #: The exit code of a server process whose listening thread died.
 LISTENER_DIED = 70
 LOAD_FUNCTION = "tvmrp.device_load"
+PROFILE_FUNCTION = "tvmrp.profile"
+MEMORY_FUNCTION = "tvmrp.device_memory"
 #: Version of the JSON layout :func:`describe` answers; a client ignores fields it does not know.
 SCHEMA = 1
 #: The environment variable that names the device bundle's directory (set by its start-device.sh).
@@ -175,9 +181,175 @@ def device_load() -> str:
     return json.dumps(load(), sort_keys=True)
 
 
+def memory() -> dict:
+    """This process's memory, as Linux tells it in ``/proc/self/status`` (never raises; an unknown field is
+    None): ``peak_rss_bytes`` (``VmHWM``, the largest resident set so far) and ``rss_bytes`` (``VmRSS``).
+
+    The session's process holds the Python interpreter, TVM's runtime and the model: its peak is what the
+    device needs in all. (Under qemu-user these are the emulator's figures, the guest's memory included.)
+    """
+    fields = {"VmHWM": None, "VmRSS": None}
+    try:
+        with open("/proc/self/status", "rb") as f:
+            for line in f.read(1 << 16).decode("ascii", "replace").splitlines():
+                name, _, value = line.partition(":")
+                parts = value.split()
+                if name in fields and len(parts) == 2 and parts[1] == "kB" and parts[0].isdigit():
+                    fields[name] = int(parts[0]) * 1024
+    except Exception:  # noqa: BLE001 - not Linux, or no /proc: the device cannot tell
+        pass
+    return {"peak_rss_bytes": fields["VmHWM"], "rss_bytes": fields["VmRSS"]}
+
+
+def device_memory() -> str:
+    """:func:`memory` as JSON: the body of the global function ``tvmrp.device_memory``."""
+    return json.dumps(memory(), sort_keys=True)
+
+
+#: Most calls one inference may make for :func:`profile` to keep (ResNet-18: ~200).
+PROFILE_CALL_LIMIT = 20_000
+#: :func:`profile` alternates uninstrumented and instrumented inferences in this many rounds (load that comes
+#: and goes weighs on both alike; each round of the time evaluator costs one warm-up inference).
+PROFILE_ROUNDS = 10
+_CPU = 1  # DLPack's kDLCPU
+
+
+def profile(vm, device_type: int, device_id: int, repeat: int, max_seconds: float) -> dict:
+    """Time every call one inference of the Relax VM ``vm`` makes (its kernels and the VM's builtins).
+
+    Where the VM lives, so that no network sits inside a timing. ``vm`` is the VM module (what
+    ``relax.VirtualMachine(...).module`` is on the client: an RPC argument arrives here as the module itself)
+    with its input set (``set_input``). One inference first records each call's function name and arguments.
+    Then, in :data:`PROFILE_ROUNDS` rounds (fewer once ``max_seconds`` have passed, at least one), ``repeat``
+    uninstrumented inferences in all are timed as a run's latency is (TVM's time evaluator: a C++ loop after a
+    warm-up call; a Python loop where the runtime lacks it), and as many inferences whose every call is timed by
+    the VM's instrument (``set_instrument``: a function called before and after each ``Call`` instruction). On a
+    GPU (``device_type`` other than CPU) the device is synchronised before each clock reading. The instrument is
+    removed afterwards, also on error.
+
+    Returns:
+        ``schema``; ``repeat`` (instrumented inferences timed); ``calls`` (one inference's calls in order:
+        ``name``, ``args`` (``[shape, dtype]`` of each tensor argument, else the argument's type name) and
+        ``ms``, the median of its times); ``plain_ms`` (the median time of an uninstrumented inference);
+        ``instrumented_ms`` (the median wall time of an instrumented one); or ``error`` (why not).
+    """
+    import struct
+    from time import perf_counter_ns as clock
+
+    import tvm_ffi
+
+    invoke = vm.get_function("invoke_stateful")
+    set_instrument = vm.get_function("set_instrument")
+    evaluator = tvm_ffi.get_global_func("runtime.RPCTimeEvaluator", allow_missing=True)
+    if int(device_type) == _CPU:
+        def sync():
+            return None
+    else:
+        stream_sync = tvm_ffi.get_global_func("runtime.Device_StreamSync")
+        device = tvm_ffi.device(int(device_type), int(device_id))
+
+        def sync():
+            stream_sync(device, 0)
+
+    def uninstrumented(count):
+        """``count`` uninstrumented inferences' times (ns)."""
+        if evaluator is not None:
+            blob = evaluator(vm, "invoke_stateful", int(device_type), int(device_id), 1, count, 0, 100, 0, 1, 0,
+                             "")("main")
+            return [seconds * 1e9 for seconds in struct.unpack("@" + "d" * count, bytes(blob))]
+        times = []
+        for _ in range(count):
+            sync()
+            start = clock()
+            invoke("main")
+            sync()
+            times.append(clock() - start)
+        return times
+
+    names, times, started = [], [], [0]
+
+    def timing(func, name, before, ret, *args):
+        if before:
+            names.append(name)
+            sync()
+            started[0] = clock()
+        else:
+            sync()
+            times.append(clock() - started[0])
+        return 0
+
+    first = []
+
+    def recording(func, name, before, ret, *args):
+        if before:
+            first.append({"name": str(name), "args": [_argument(a) for a in args]})
+        return 0
+
+    try:
+        set_instrument(recording)
+        invoke("main")
+        if len(first) > PROFILE_CALL_LIMIT:
+            return {"schema": SCHEMA, "error": f"one inference makes {len(first)} calls (at most "
+                                                f"{PROFILE_CALL_LIMIT} are profiled)"}
+        plain, instrumented, per_call = [], [], [[] for _ in first]
+        deadline = clock() + max(0.0, float(max_seconds)) * 1e9
+        repeat = max(1, int(repeat))
+        chunk = -(-repeat // PROFILE_ROUNDS)
+        while len(instrumented) < repeat and (not instrumented or clock() < deadline):
+            count = min(chunk, repeat - len(instrumented))
+            set_instrument(None)
+            plain += uninstrumented(count)
+            set_instrument(timing)
+            for _ in range(count):
+                names.clear()
+                times.clear()
+                start = clock()
+                invoke("main")
+                instrumented.append(clock() - start)
+                if len(times) != len(first) or any(n != c["name"] for n, c in zip(names, first)):
+                    return {"schema": SCHEMA,
+                            "error": "the calls of an inference differ from one inference to the next"}
+                for slot, t in zip(per_call, times):
+                    slot.append(t)
+    finally:
+        set_instrument(None)
+    for call, slot in zip(first, per_call):
+        call["ms"] = _median(slot) / 1e6
+    return {"schema": SCHEMA, "repeat": len(instrumented), "calls": first, "plain_ms": _median(plain) / 1e6,
+            "instrumented_ms": _median(instrumented) / 1e6}
+
+
+def profile_json(vm, device_type: int, device_id: int, repeat: int, max_seconds: float) -> str:
+    """:func:`profile` as JSON: the body of the global function ``tvmrp.profile``. An error is the answer's
+    ``error``, not an exception (the VM is left without an instrument either way)."""
+    try:
+        answer = profile(vm, device_type, device_id, repeat, max_seconds)
+    except Exception as exc:  # noqa: BLE001 - the answer says what went wrong
+        answer = {"schema": SCHEMA, "error": f"{type(exc).__name__}: {exc}"[:300]}
+    return json.dumps(answer, sort_keys=True)
+
+
+def _argument(value):
+    """A call's argument as plain data: ``[shape, dtype]`` of a tensor, else its type's name."""
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (str, bytes)):
+        try:
+            return [[int(d) for d in shape], str(value.dtype)]
+        except Exception:  # noqa: BLE001
+            pass
+    return type(value).__name__
+
+
+def _median(values):
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
 def install() -> None:
-    """Registers ``tvmrp.device_info``, ``tvmrp.file_info`` and ``tvmrp.device_load`` now if ``tvm_ffi`` is
-    loaded, else right after its import; under a supervisor, :func:`exit_when_the_listener_dies`. Never raises."""
+    """Registers ``tvmrp.device_info``, ``tvmrp.file_info``, ``tvmrp.device_load``, ``tvmrp.device_memory`` and
+    ``tvmrp.profile`` now if ``tvm_ffi`` is loaded, else right after its import; under a supervisor,
+    :func:`exit_when_the_listener_dies`. Never raises."""
     exit_when_the_listener_dies()
     try:
         module = sys.modules.get("tvm_ffi")
@@ -190,7 +362,8 @@ def install() -> None:
 
 
 def _register(module) -> None:
-    for name, function in ((FUNCTION, device_info), (FILE_FUNCTION, file_info), (LOAD_FUNCTION, device_load)):
+    for name, function in ((FUNCTION, device_info), (FILE_FUNCTION, file_info), (LOAD_FUNCTION, device_load),
+                           (PROFILE_FUNCTION, profile_json), (MEMORY_FUNCTION, device_memory)):
         try:
             module.register_global_func(name, function, override=True)
         except Exception:  # noqa: BLE001
