@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from prefect import flow
+from prefect.states import Completed, Failed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
 from flows._cli import Parser, run_command
@@ -43,7 +44,7 @@ from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, Pipeline
 from pipeline.fleet.plan import FleetPair, ResolvedFleet, resolve_fleet
 from pipeline.fleet.spec import FleetSpec, fleet_from_mapping, load_fleet
 from pipeline.results import BuildCounts, FleetSummary, PairResult, RunStamp
-from pipeline.views.fleet import format_markdown, format_text, table_rows
+from pipeline.views.fleet import format_markdown, format_text, state_message, table_rows
 from tasks.chains import Compiled, Prepared, Reference
 from tasks.fleet import compile_task, in_store, not_run, pair_task, reference_once_task, remote_build_task
 from tasks.report import flow_run_id
@@ -69,7 +70,7 @@ def load_spec(fleet_file: str = FLEET_FILE, spec: dict[str, Any] | None = None) 
     return fleet_from_mapping(spec) if spec is not None else load_fleet(fleet_file)
 
 
-def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dict[str, Any] | None = None) -> FleetSummary:
+def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dict[str, Any] | None = None) -> Any:
     """Run every model of the fleet file on every device of it; each distinct compilation once.
 
     Args:
@@ -79,11 +80,13 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
         spec: the fleet file's content as a mapping, instead of ``fleet_file``.
 
     Returns:
-        The run's summary (``--json``): every pair's result and the builds' counts.
+        The run's summary (``--json``): every pair's result and the builds' counts (to Prefect: the flow run's
+        final state, whose message counts the pairs passed and failed).
 
     Raises:
         UsageError: the fleet file is wrong (file, line and field named), before anything runs.
-        FleetFailed: some pairs failed; the others completed. It carries the summary.
+        FleetFailed: some pairs failed; the others completed. It carries the summary (the flow run ends
+            ``Failed`` with the counts in its message).
     """
     clock = time.perf_counter()
     fleet_run = RunStamp.new().id
@@ -105,9 +108,10 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
     if not summary.passed:
         failed = summary.failed
         names = ", ".join(f"{r.model} on {r.device}" for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
-        raise FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names}); the first: {failed[0].error}",
-                          summary)
-    return summary
+        error = FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names}); the first: "
+                            f"{failed[0].error}", summary)
+        return Failed(message=state_message(summary), data=error)
+    return Completed(message=state_message(summary), data=summary)
 
 
 fleet = flow(name="fleet", flow_run_name=_run_name, log_prints=False)(_fleet)

@@ -23,13 +23,22 @@ import os
 from typing import Any, Sequence
 
 from prefect import flow
+from prefect.states import Completed, Failed
 
-from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
-from pipeline.errors import PipelineError
+from flows._cli import (
+    Parser,
+    add_request_arguments,
+    recorded_run,
+    request_fields,
+    request_signature,
+    run_command,
+    run_stamp,
+)
+from pipeline.errors import CheckFailed, PipelineError
 from pipeline.planning.plan import plan_run
 from pipeline.planning.request import DEFAULT_MODEL, DEFAULT_TARGET, RunRequest, resolve_once, resolved_in_advance
-from pipeline.results import BuildSummary, RunStamp, RunSummary
-from pipeline.views.run import format_text
+from pipeline.results import BuildSummary, RunSummary
+from pipeline.views.run import format_text, state_message
 from tasks.chains import build_summary, compile_chain, prepare_here, run_one
 from tasks.check import raise_if_failed
 from tasks.report import record_failure
@@ -51,17 +60,20 @@ def _run_name() -> str:
     return f"{model}@{p.get('target', DEFAULT_TARGET)} on {device}"
 
 
-def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
+def _resnet_remote(**parameters: Any) -> Any:
     """Import, compile (cached), export (cached), upload, load, set the input, run and time a model.
 
     Returns:
         The run summary (its JSON form is ``--json``: model, digests, keys, stages ran/cached, top-5, latency),
-        or with ``build_only`` the build summary.
+        or with ``build_only`` the build summary: to Prefect, the flow run's final state, whose message is the
+        result in one line (median, check, top-1), as the UI's run list, ``prefect flow-run inspect`` and
+        ``--watch`` show it; to a caller of the flow, the summary itself.
 
     Raises:
-        CheckFailed: the device's output failed the check (the summary rides on the exception).
+        CheckFailed: the device's output failed the check (the summary rides on the exception; the flow run
+            ends ``Failed`` with the result in its message).
     """
-    stamp = RunStamp.new()
+    stamp = run_stamp()  # the command line's, when it started this run: it records what Prefect lost
     req = resolve_once(RunRequest(**parameters))
     try:
         plan = plan_run(req)
@@ -70,11 +82,15 @@ def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
             record_failure(req, None, stamp, exc)
         raise
     if req.build_only:
-        return build_summary(plan.build, compile_chain(plan.build, req.store, req.refresh), req.store)
+        built = build_summary(plan.build, compile_chain(plan.build, req.store, req.refresh), req.store)
+        return Completed(message=state_message(built), data=built)
     summary = run_one(plan, stamp, lambda: prepare_here(plan))
     if summary.check is not None:
-        raise_if_failed(summary.check, req.model.name, summary)  # the flow run fails; the summary rides on it
-    return summary
+        try:
+            raise_if_failed(summary.check, req.model.name, summary)
+        except CheckFailed as failed:  # the flow run fails with the result in its message; the caller gets the error
+            return Failed(message=state_message(summary), data=failed)
+    return Completed(message=state_message(summary), data=summary)
 
 
 _resnet_remote.__signature__ = request_signature(RunRequest, RunSummary | BuildSummary)  # type: ignore[attr-defined]
@@ -98,8 +114,11 @@ def build_parser() -> Parser:
 
 def _execute(args: Any) -> RunSummary | BuildSummary:
     parameters = request_fields(args, RunRequest)
-    with resolved_in_advance(RunRequest(**parameters)):  # fails fast on bad input, before Prefect starts
-        return resnet_remote(**parameters)
+    with resolved_in_advance(RunRequest(**parameters)) as req:  # fails fast on bad input, before Prefect starts
+        if req.build_only:
+            return resnet_remote(**parameters)
+        with recorded_run(req):  # a run that Prefect could not create or finish is in the ledger all the same
+            return resnet_remote(**parameters)
 
 
 def _show(summary: RunSummary | BuildSummary, as_json: bool) -> None:
