@@ -292,27 +292,22 @@ def _profile_api_url() -> bool:
 
 
 def _start_local_server_early(argv: Sequence[str]) -> None:
-    """Ask for the local Prefect server on a thread, before the heavy imports: a server that must be started
-    (seconds) starts beside them. Only when the run will want it (no ``PREFECT_API_URL`` in the environment or
-    the Prefect profile, ``TVMRP_PREFECT_SERVER`` not ``temporary``); :func:`prefect_api` decides again with
-    Prefect's settings and takes the result."""
+    """Find or start the local Prefect server before the heavy imports, when the run will want it (no
+    ``PREFECT_API_URL`` in the environment or the Prefect profile, ``TVMRP_PREFECT_SERVER`` not ``temporary``):
+    a server that must be started (seconds) starts beside those imports. Its address goes into this process's
+    environment, where Prefect reads it when imported (cheaper than changing Prefect's settings later, and the
+    run's child processes inherit it); :func:`prefect_api` waits for it to answer."""
     if {"-h", "--help"} & set(argv) or "PREFECT_API_URL" in os.environ or _profile_api_url():
         return
     try:
         if _server_mode() != "local":
             return
-    except UsageError:
-        return  # said by prefect_api, as the command's error
-
-    def start() -> None:
-        try:
-            _EARLY_SERVER["server"] = _announce(local_server())
-        except BaseException as exc:  # noqa: BLE001 - handed to prefect_api
-            _EARLY_SERVER["error"] = exc
-
-    thread = threading.Thread(target=start, name="local-prefect-server", daemon=True)
-    _EARLY_SERVER["thread"] = thread
-    thread.start()
+        server = _announce(local_server())  # returns at once; a server it starts is waited for later
+    except PipelineError as exc:  # said by prefect_api, as the command's error
+        _EARLY_SERVER["error"] = exc
+        return
+    _EARLY_SERVER["server"] = server
+    os.environ["PREFECT_API_URL"] = server.api_url
 
 
 def _announce(server: LocalServer) -> LocalServer:
@@ -328,17 +323,8 @@ def _announce(server: LocalServer) -> LocalServer:
     return server
 
 
-def _local_server() -> LocalServer:
-    """The local server the early thread found or started, or one found or started now; waited for (bounded)."""
-    thread = _EARLY_SERVER.pop("thread", None)
-    if thread is None:
-        server = _announce(local_server())
-    else:
-        while thread.is_alive():  # bounded by the stack's lock timeout; Ctrl-C still lands here
-            thread.join(0.1)
-        if "error" in _EARLY_SERVER:
-            raise _EARLY_SERVER.pop("error")
-        server = _EARLY_SERVER.pop("server")
+def _ready(server: LocalServer) -> LocalServer:
+    """``server`` once it answers (a bounded wait when it is starting)."""
     try:
         return server.ready()
     except StackError as exc:
@@ -356,18 +342,24 @@ def prefect_api() -> Iterator[str | None]:
     The configured one (``PREFECT_API_URL``, environment or profile); else, with ``TVMRP_PREFECT_SERVER``
     ``temporary``, Prefect's temporary server for this run (no history); else the local stack's server
     (:func:`pipeline.local_stack.local_server`: the running one, or one started now that stays for later runs,
-    so every run is in the UI).
+    so every run is in the UI), found or started by :func:`start_early` when the command line began.
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
+    if "error" in _EARLY_SERVER:
+        raise _EARLY_SERVER.pop("error")
+    early = _EARLY_SERVER.pop("server", None)
     configured = PREFECT_API_URL.value()
+    if early is not None and configured == early.api_url:
+        yield _ready(early).api_url
+        return
     if configured:
         yield configured
         return
     if _server_mode() == "temporary":
         yield None
         return
-    server = _local_server()
+    server = _ready(_announce(local_server()))
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
 
