@@ -214,6 +214,9 @@ def start_early(argv: Sequence[str], embedded_device: bool) -> None:
     after them, and a warm run waits less (measurements: docs/performance.md#command-line-start-up)."""
     _watch_children()
     _start_local_server_early(argv)
+    from pipeline.lean_import import defer_relax
+
+    defer_relax()  # a run with cached builds never executes tvm.relax (pipeline/lean_import.py)
     if embedded_device and not {"--host", "--tracker", "--build-only", "-h", "--help"} & set(argv):
         from pipeline.device import prestart_embedded_server
 
@@ -302,12 +305,24 @@ def _start_local_server_early(argv: Sequence[str]) -> None:
     try:
         if _server_mode() != "local":
             return
-        server = _announce(local_server())  # returns at once; a server it starts is waited for later
+        server = _find_local_server()  # returns at once; a server it starts is waited for later
     except PipelineError as exc:  # said by prefect_api, as the command's error
         _EARLY_SERVER["error"] = exc
         return
     _EARLY_SERVER["server"] = server
     os.environ["PREFECT_API_URL"] = server.api_url
+
+
+def _find_local_server() -> LocalServer:
+    """:func:`pipeline.local_stack.local_server`, announced; a stack directory it cannot use is a one-line
+    error."""
+    try:
+        return _announce(local_server())
+    except OSError as exc:
+        raise OrchestrationError(
+            f"the local Prefect server cannot be started: {clip(exc)}. Set TVMRP_STACK_DIR to a writable "
+            f"directory, PREFECT_API_URL to use another server, or {SERVER_ENV}=temporary"
+        ) from exc
 
 
 def _announce(server: LocalServer) -> LocalServer:
@@ -359,7 +374,7 @@ def prefect_api() -> Iterator[str | None]:
     if _server_mode() == "temporary":
         yield None
         return
-    server = _ready(_announce(local_server()))
+    server = _ready(_find_local_server())
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
 

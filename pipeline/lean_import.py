@@ -15,9 +15,13 @@ as numpy arrays).
 
 ``import tvm`` also imports ``tvm.relax``, the Python side of the Relax compiler (its passes, frontends and
 pipelines: about half of ``import tvm``, 0.5 s of a warm run here). A run whose builds are cached never uses it:
-it parses its target (``tvm.target``) and drives the device (``tvm.rpc``, ``tvm.runtime.vm``). :func:`import_tvm`
-imports ``tvm.relax`` lazily (:class:`importlib.util.LazyLoader`): the module is in place, and the first use of
-any of its attributes or submodules (a build, a tuning, a frontend) executes it, as ``import tvm`` would have.
+it parses its target (``tvm.target``) and drives the device (``tvm.rpc``, ``tvm.runtime.vm``). In a process that
+asked for it first (:func:`defer_relax`: the command lines), :func:`import_tvm` imports ``tvm.relax`` lazily
+(:class:`importlib.util.LazyLoader`): the module is in place, and the first use of any of its attributes or
+submodules executes it, as ``import tvm`` would have. What compiles takes TVM from :func:`compiler_tvm`, which
+executes it first: TVM gives an object its Python class when the object reaches Python, so a Relax function
+loaded (``tvm.ir.load_json``) before ``tvm.relax`` ran would not be a ``relax.Function`` (``tvm.compile`` would
+then take the module for a TIR one).
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ import importlib.util
 import sys
 from typing import Any
 
-__all__ = ["LazyRelax", "TorchBlocker", "import_tvm"]
+__all__ = ["LazyRelax", "TorchBlocker", "compiler_tvm", "defer_relax", "import_tvm"]
+
+_DEFER_RELAX = False
 
 
 class TorchBlocker(importlib.abc.MetaPathFinder):
@@ -53,14 +59,20 @@ class LazyRelax(importlib.abc.MetaPathFinder):
         return spec
 
 
+def defer_relax() -> None:
+    """Let :func:`import_tvm` leave ``tvm.relax`` to its first use, in this process (before TVM is imported)."""
+    global _DEFER_RELAX
+    _DEFER_RELAX = True
+
+
 def import_tvm() -> Any:
-    """``import tvm`` without importing torch, unless either is imported already, and with ``tvm.relax`` loaded on
-    first use; returns the module."""
+    """``import tvm`` without importing torch, unless either is imported already (after :func:`defer_relax`, with
+    ``tvm.relax`` executed on first use); returns the module."""
     if "tvm" in sys.modules:
         import tvm
 
         return tvm
-    finders: list[importlib.abc.MetaPathFinder] = [LazyRelax()]
+    finders: list[importlib.abc.MetaPathFinder] = [LazyRelax()] if _DEFER_RELAX else []
     if "torch" not in sys.modules:
         finders.append(TorchBlocker())
     sys.meta_path[:0] = finders
@@ -69,4 +81,11 @@ def import_tvm() -> Any:
     finally:
         for finder in finders:
             sys.meta_path.remove(finder)
+    return tvm
+
+
+def compiler_tvm() -> Any:
+    """TVM for compiling: :func:`import_tvm` with ``tvm.relax`` executed (see the module's docstring)."""
+    tvm = import_tvm()
+    getattr(tvm.relax, "Function")  # the first attribute access executes a deferred module
     return tvm

@@ -85,7 +85,9 @@ def tune(
         name = str(module.inputs.get("name") or "the model")
         what = f"tuning {name} ({trials} trials{f', {base.trials} reused' if base is not None else ''})"
         with Progress(PROGRESS_KEY, what) as progress:  # before importing TVM: shows within a second
-            import tvm
+            from pipeline.lean_import import compiler_tvm
+
+            tvm = compiler_tvm()  # tvm.relax executed before the module is loaded (pipeline/lean_import.py)
 
             if store.get(module.key) is None:
                 raise StoreError(f"the imported module {module.key} vanished from the store; run again")
