@@ -537,6 +537,24 @@ def _orchestration_error(failure: BaseException, api_url: str | None = None) -> 
     )
 
 
+def exit_command(code: int) -> typing.NoReturn:
+    """End a command line's process with ``code`` (its ``__main__``: ``exit_command(main())``).
+
+    A finished run (:func:`run_command` returned) ends without the interpreter's teardown, which took 0.3-0.4 s
+    of a 3.4 s warm run here (the modules of Prefect and TVM torn down one by one, TVM's native destructors):
+    by then the device is stopped, the ledger record written and synced, Prefect's logs and events sent and its
+    temporary server stopped; the standard streams and logging handlers are flushed here, and the lifeline ends
+    whatever is left, as at any exit. An interrupted run (130) exits as usual: Prefect's exit handlers still
+    send what it had not.
+    """
+    if code == 130:
+        sys.exit(code)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
 def _fail(exc: PipelineError, verbose: bool) -> int:
     if verbose:
         log.error("run failed", exc_info=exc)

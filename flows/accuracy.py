@@ -29,7 +29,7 @@ from typing import Any, Sequence
 from prefect import flow
 from prefect.states import Completed, Failed
 
-from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
+from flows._cli import Parser, add_request_arguments, exit_command, request_fields, request_signature, run_command
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, UsageError
 from pipeline.labelled import DEFAULT_LABELLED_DIR, LabelledImage, load_labelled_set
@@ -174,4 +174,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())

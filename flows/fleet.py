@@ -38,7 +38,7 @@ from prefect import flow
 from prefect.states import Completed, Failed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows._cli import Parser, run_command
+from flows._cli import Parser, exit_command, run_command
 from pipeline.device import tracker_summary
 from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError, one_line
 from pipeline.fleet.plan import FleetPair, ResolvedFleet, resolve_fleet
@@ -386,4 +386,4 @@ if __name__ == "__main__":
     # another process.
     from flows.fleet import main as _main
 
-    sys.exit(_main())
+    exit_command(_main())

@@ -28,6 +28,7 @@ from prefect.states import Completed, Failed
 from flows._cli import (
     Parser,
     add_request_arguments,
+    exit_command,
     recorded_run,
     request_fields,
     request_signature,
@@ -133,4 +134,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())
