@@ -422,7 +422,8 @@ def local_server(cfg: Config | None = None, timeout: float = SERVER_TIMEOUT_S) -
         StackError: the stack's lock stayed taken for :data:`LOCK_TIMEOUT_S`.
     """
     cfg = (cfg or Config.from_env()).on_server_port()
-    proc = running(cfg, "server")
+    found = read(cfg, "server")  # read only: outside the lock, a stale record is not ours to remove
+    proc = found.process() if found is not None else None
     if proc is not None and server_healthy(cfg, timeout=0.5):
         return LocalServer(cfg, proc.pid, started=False)
     with locked(cfg, LOCK_TIMEOUT_S):
