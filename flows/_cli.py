@@ -361,12 +361,15 @@ def prefect_api() -> Iterator[str | None]:
     """
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    if "error" in _EARLY_SERVER:
-        raise _EARLY_SERVER.pop("error")
     early = _EARLY_SERVER.pop("server", None)
     configured = PREFECT_API_URL.value()
+    if "error" in _EARLY_SERVER:
+        _PENDING[:] = [_EARLY_SERVER.pop("error")]
+        yield None
+        return
     if early is not None and configured == early.api_url:
-        yield _ready(early).api_url
+        _PENDING[:] = [early]
+        yield early.api_url
         return
     if configured:
         yield configured
@@ -374,9 +377,32 @@ def prefect_api() -> Iterator[str | None]:
     if _server_mode() == "temporary":
         yield None
         return
-    server = _ready(_find_local_server())
+    try:
+        server = _find_local_server()
+    except PipelineError as exc:
+        _PENDING[:] = [exc]
+        yield None
+        return
+    _PENDING[:] = [server]
     with temporary_settings(updates={PREFECT_API_URL: server.api_url}):
         yield server.api_url
+
+
+_PENDING: list[Any] = []
+"""The local server :func:`prefect_api` chose and nobody waited for yet, or why there is none."""
+
+
+def wait_for_api() -> None:
+    """Wait (bounded) until the local server that :func:`prefect_api` chose answers; raise the reason when there
+    is none (:class:`OrchestrationError`). Nothing to do after the first call, nor for any other server. The
+    command calls it before its flow (:func:`run_command`, or :func:`recorded_run`, which records the failure
+    as the run's)."""
+    if not _PENDING:
+        return
+    pending = _PENDING.pop()
+    if isinstance(pending, BaseException):
+        raise pending
+    _ready(pending)
 
 
 _STAMP: contextvars.ContextVar[Any] = contextvars.ContextVar("tvmrp_stamp", default=None)
@@ -406,6 +432,7 @@ def recorded_run(req: Any) -> Iterator[Any]:
     stamp = RunStamp.new()
     token = _STAMP.set(stamp)
     try:
+        wait_for_api()  # a local server that does not start is this run's failure, recorded below
         yield stamp
     except (Exception, KeyboardInterrupt) as exc:
         failure = _prefect_api_failure(exc)
@@ -445,11 +472,17 @@ def run_command(
     execute: Callable[[argparse.Namespace], Any],
     show: Callable[[Any, bool], None],
     uses_prefect: bool = True,
+    records_runs: bool = False,
 ) -> int:
     """Parse ``argv``, run ``execute(args)`` and ``show(result, as_json)`` it; return the exit code.
 
     ``execute`` raises :class:`PipelineError` for every failure a user can meet. An error that carries the
     run's summary (``exc.summary``: a failed check, a fleet with failed pairs) still shows it, then the error.
+
+    Args:
+        records_runs: ``execute`` waits for the Prefect API itself (:func:`wait_for_api`, in
+            :func:`recorded_run`), so that a local server that does not start is recorded as its run's failure;
+            otherwise it is waited for here, before ``execute``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = "--verbose" in argv
@@ -460,6 +493,7 @@ def run_command(
     signal.signal(signal.SIGTERM, _interrupt)
     _watch_children()
     as_json = False
+    _PENDING.clear()
     earlier = _temporary_servers()
     settle = functools.partial(_settle_prefect, earlier) if uses_prefect else (lambda: None)
     api_url = None
@@ -472,6 +506,8 @@ def run_command(
                 _quiet_console()
         with cli_prefect_settings() if uses_prefect else contextlib.nullcontext(), \
                 prefect_api() if uses_prefect else contextlib.nullcontext() as api_url:
+            if uses_prefect and not records_runs:
+                wait_for_api()
             result = execute(args)
     except PipelineError as exc:
         settle()

@@ -34,6 +34,7 @@ from flows._cli import (
     request_signature,
     run_command,
     run_stamp,
+    wait_for_api,
 )
 from pipeline.errors import CheckFailed, PipelineError
 from pipeline.planning.plan import plan_run
@@ -117,8 +118,9 @@ def _execute(args: Any) -> RunSummary | BuildSummary:
     parameters = request_fields(args, RunRequest)
     with resolved_in_advance(RunRequest(**parameters)) as req:  # fails fast on bad input, before Prefect starts
         if req.build_only:
+            wait_for_api()
             return resnet_remote(**parameters)
-        with recorded_run(req):  # a run that Prefect could not create or finish is in the ledger all the same
+        with recorded_run(req):  # a run that Prefect could not start or finish is in the ledger all the same
             return resnet_remote(**parameters)
 
 
@@ -130,7 +132,7 @@ def _show(summary: RunSummary | BuildSummary, as_json: bool) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage failed, 130 interrupted)."""
-    return run_command(argv, build_parser(), _execute, _show)
+    return run_command(argv, build_parser(), _execute, _show, records_runs=True)
 
 
 if __name__ == "__main__":

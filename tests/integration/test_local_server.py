@@ -147,3 +147,19 @@ def test_opt_out__a_temporary_server_that_does_not_start_ends_with_one_error_lin
     new = [r for r in ArtifactStore(tiny_store).ledger.records() if r.id not in before]
     assert len(new) == 1 and new[0].status == "failed" and "temporary server" in new[0].error
     assert new[0].build_key is not None  # planned by the command line: the record names the build
+
+
+def test_default_path__a_local_server_that_does_not_start_ends_with_one_error_line_and_a_record(
+        fresh_local_stack: LocalStack, tiny_store, tiny_models):
+    env = {**fresh_local_stack.env, "PREFECT_API_DATABASE_CONNECTION_URL": "nosuchdriver://nowhere"}  # it exits
+    before = {r.id for r in ArtifactStore(tiny_store).ledger.records()}
+    proc = subprocess.run([sys.executable, "-m", "flows.resnet_remote", "--model", tiny_models["onnx"], "--artifacts",
+                           str(tiny_store), "--no-check"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    lines = proc.stderr.rstrip().splitlines()
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[-1].startswith("Error: the local Prefect server did not start: the Prefect server exited"), lines[-1]
+    assert str(fresh_local_stack.home / "logs" / "server.log") in lines[-1]
+    new = [r for r in ArtifactStore(tiny_store).ledger.records() if r.id not in before]
+    assert len(new) == 1 and new[0].status == "failed" and "did not start" in new[0].error
+    assert fresh_local_stack.server_record() is None  # the server that exited left no record behind
