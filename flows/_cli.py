@@ -405,6 +405,28 @@ def wait_for_api() -> None:
     _ready(pending)
 
 
+def result_state(message: str, data: Any, failed: bool = False) -> Any:
+    """A flow run's final state: ``Completed`` (``data`` its result) or ``Failed`` (``data`` the error a caller
+    of the flow gets), ``message`` the result in one line, as the UI and ``prefect flow-run inspect`` show it.
+
+    ``prefect deployment run --watch`` prints events, not state messages: the same line is also the name of
+    the event ``tvmrp.run.completed`` (``tvmrp.run.failed``), which Prefect relates to the flow run, so the
+    watch prints it just before the run's end (and the UI's event feed lists it).
+    """
+    from prefect.states import Completed, Failed
+
+    try:
+        from prefect.events import emit_event
+        from prefect.runtime import flow_run
+
+        emit_event(event="tvmrp.run.failed" if failed else "tvmrp.run.completed",
+                   resource={"prefect.resource.id": f"tvmrp.flow-run.{flow_run.id}",
+                             "prefect.resource.name": clip(message, 300)})
+    except Exception as exc:  # noqa: BLE001 - the run's result matters more than its event
+        log.debug("could not emit the run's result event: %s", exc)
+    return (Failed if failed else Completed)(message=message, data=data)
+
+
 _STAMP: contextvars.ContextVar[Any] = contextvars.ContextVar("tvmrp_stamp", default=None)
 
 

@@ -27,9 +27,16 @@ import logging
 from typing import Any, Sequence
 
 from prefect import flow
-from prefect.states import Completed, Failed
 
-from flows._cli import Parser, add_request_arguments, exit_command, request_fields, request_signature, run_command
+from flows._cli import (
+    Parser,
+    add_request_arguments,
+    exit_command,
+    request_fields,
+    request_signature,
+    result_state,
+    run_command,
+)
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, UsageError
 from pipeline.labelled import DEFAULT_LABELLED_DIR, LabelledImage, load_labelled_set
@@ -124,8 +131,8 @@ def _accuracy(images: str | None = None, fail_on_check: bool = True, **parameter
             + failure_message(first.check, f"{summary.build.model} on {first.file}"),
             first.check.as_dict(), summary,
         )
-        return Failed(message=state_message(summary), data=error)
-    return Completed(message=state_message(summary), data=summary)
+        return result_state(state_message(summary), error, failed=True)
+    return result_state(state_message(summary), summary)
 
 
 _request = request_signature(RunRequest, AccuracySummary)

@@ -35,10 +35,9 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
 
 from prefect import flow
-from prefect.states import Completed, Failed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows._cli import Parser, exit_command, run_command
+from flows._cli import Parser, exit_command, result_state, run_command
 from pipeline.device import tracker_summary
 from pipeline.errors import DeviceUnavailable, FleetFailed, PairFailed, PipelineError, StoreError, one_line
 from pipeline.fleet.plan import FleetPair, ResolvedFleet, resolve_fleet
@@ -110,8 +109,8 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
         names = ", ".join(f"{r.model} on {r.device}" for r in failed[:5]) + (", ..." if len(failed) > 5 else "")
         error = FleetFailed(f"{len(failed)} of {len(summary.results)} pairs failed ({names}); the first: "
                             f"{failed[0].error}", summary)
-        return Failed(message=state_message(summary), data=error)
-    return Completed(message=state_message(summary), data=summary)
+        return result_state(state_message(summary), error, failed=True)
+    return result_state(state_message(summary), summary)
 
 
 fleet = flow(name="fleet", flow_run_name=_run_name, log_prints=False)(_fleet)

@@ -23,7 +23,6 @@ import os
 from typing import Any, Sequence
 
 from prefect import flow
-from prefect.states import Completed, Failed
 
 from flows._cli import (
     Parser,
@@ -31,6 +30,7 @@ from flows._cli import (
     exit_command,
     recorded_run,
     request_fields,
+    result_state,
     request_signature,
     run_command,
     run_stamp,
@@ -85,14 +85,14 @@ def _resnet_remote(**parameters: Any) -> Any:
         raise
     if req.build_only:
         built = build_summary(plan.build, compile_chain(plan.build, req.store, req.refresh), req.store)
-        return Completed(message=state_message(built), data=built)
+        return result_state(state_message(built), built)
     summary = run_one(plan, stamp, lambda: prepare_here(plan))
     if summary.check is not None:
         try:
             raise_if_failed(summary.check, req.model.name, summary)
         except CheckFailed as failed:  # the flow run fails with the result in its message; the caller gets the error
-            return Failed(message=state_message(summary), data=failed)
-    return Completed(message=state_message(summary), data=summary)
+            return result_state(state_message(summary), failed, failed=True)
+    return result_state(state_message(summary), summary)
 
 
 _resnet_remote.__signature__ = request_signature(RunRequest, RunSummary | BuildSummary)  # type: ignore[attr-defined]

@@ -253,8 +253,10 @@ def port_open(port: int) -> bool:
 
 
 def _port_free(port: int) -> bool:
-    """True if this process could listen on ``port`` of 127.0.0.1 now."""
+    """True if a server could listen on ``port`` of 127.0.0.1 now. As servers do (uvicorn among them), with
+    ``SO_REUSEADDR``: the closed connections of a server stopped a moment ago (TIME_WAIT) do not take it."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((HOST, port))
         except OSError:
