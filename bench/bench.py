@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                 log.info("flow done")
                 from processes import bench_processes  # bench/ is sys.path[0] when run as a script
 
-                results["processes"] = bench_processes(store_root, api, FLOW_MODEL, FLOW_TARGET, args.repeats)
+                results["processes"] = bench_processes(store_root, FLOW_MODEL, FLOW_TARGET, args.repeats)
                 log.info("whole processes done")
                 results["cold"] = bench_cold_build(store_root, args.repeats)
                 log.info("cold build done")

@@ -28,7 +28,15 @@ from typing import Any, Sequence
 
 from prefect import flow
 
-from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
+from flows._cli import (
+    Parser,
+    add_request_arguments,
+    exit_command,
+    request_fields,
+    request_signature,
+    result_state,
+    run_command,
+)
 from pipeline.device import Device
 from pipeline.errors import CheckFailed, UsageError
 from pipeline.labelled import DEFAULT_LABELLED_DIR, LabelledImage, load_labelled_set
@@ -37,7 +45,7 @@ from pipeline.planning.plan import plan_build, plan_reference
 from pipeline.planning.request import ACCURACY, ResolvedRequest, RunRequest, request_fields as accuracy_fields
 from pipeline.planning.request import resolve_once, resolved_in_advance
 from pipeline.results import AccuracySummary, ImageResult, Upload
-from pipeline.views.accuracy import format_accuracy
+from pipeline.views.accuracy import format_accuracy, state_message
 from tasks._cache import run_cached
 from tasks.accuracy import accuracy, hit
 from tasks.chains import DeviceJob, build_summary, compile_chain, device_chain, preflight
@@ -103,12 +111,15 @@ def evaluate(req: ResolvedRequest, images: Sequence[LabelledImage]) -> AccuracyS
     )
 
 
-def _accuracy(images: str | None = None, fail_on_check: bool = True, **parameters: Any) -> AccuracySummary:
+def _accuracy(images: str | None = None, fail_on_check: bool = True, **parameters: Any) -> Any:
     """The accuracy of the compiled model on a device against its own framework, over a labelled set.
+
+    Returns the summary (to Prefect: the flow run's final state, whose message is top-1, top-5 and the checks).
 
     Args:
         images: a directory with labels.json and its images (default: ``data/labelled/``).
-        fail_on_check: raise :class:`CheckFailed` when an image fails the check (the summary rides on it).
+        fail_on_check: raise :class:`CheckFailed` when an image fails the check (the summary rides on it; the
+            flow run ends ``Failed`` with the accuracy in its message).
         parameters: :class:`RunRequest` fields (those of :data:`OPTIONS`).
     """
     labelled = load_labelled_set(images)
@@ -116,12 +127,13 @@ def _accuracy(images: str | None = None, fail_on_check: bool = True, **parameter
     failed = [image for image in summary.images if not image.check.passed]
     if failed and fail_on_check:
         first = failed[0]
-        raise CheckFailed(
+        error = CheckFailed(
             f"{len(failed)} of {len(summary.images)} images failed the check; first, "
             + failure_message(first.check, f"{summary.build.model} on {first.file}"),
             first.check.as_dict(), summary,
         )
-    return summary
+        return result_state(state_message(summary), error, failed=True)
+    return result_state(state_message(summary), summary)
 
 
 _request = request_signature(RunRequest, AccuracySummary)
@@ -170,4 +182,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())

@@ -41,7 +41,7 @@ from typing import Any, Iterator, Sequence
 from prefect import flow
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
-from flows._cli import Parser, run_command
+from flows._cli import Parser, exit_command, result_state, run_command
 from pipeline.device import tracker_summary
 from pipeline.errors import (
     DeviceUnavailable, FleetFailed, PairFailed, PipelineError, RegressionFound, StoreError, UsageError, clip, one_line,
@@ -49,7 +49,7 @@ from pipeline.errors import (
 from pipeline.fleet.plan import FleetPair, ResolvedFleet, resolve_fleet
 from pipeline.fleet.spec import FleetSpec, fleet_from_mapping, load_fleet
 from pipeline.results import BuildCounts, FleetSummary, PairResult, RunStamp
-from pipeline.views.fleet import format_junit, format_markdown, format_text, table_rows
+from pipeline.views.fleet import format_junit, format_markdown, format_text, state_message, table_rows
 from tasks.chains import Compiled, Prepared, Reference
 from tasks.fleet import compile_task, in_store, not_run, pair_task, reference_once_task, remote_build_task
 from tasks.report import flow_run_id
@@ -76,7 +76,7 @@ def load_spec(fleet_file: str = FLEET_FILE, spec: dict[str, Any] | None = None) 
 
 
 def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dict[str, Any] | None = None,
-           fail_on_regression: bool = False) -> FleetSummary:
+           fail_on_regression: bool = False) -> Any:
     """Run every model of the fleet file on every device of it; each distinct compilation once.
 
     Args:
@@ -89,13 +89,15 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
             regression (as the fleet file's ``fail_on_regression: true``).
 
     Returns:
-        The run's summary (``--json``): every pair's result and the builds' counts.
+        The run's summary (``--json``): every pair's result and the builds' counts (to Prefect: the flow run's
+        final state, whose message counts the pairs passed and failed).
 
     Raises:
         UsageError: the fleet file is wrong (file, line and field named), before anything runs.
-        FleetFailed: some pairs failed; the others completed. It carries the summary.
+        FleetFailed: some pairs failed; the others completed. It carries the summary (the flow run ends
+            ``Failed`` with the counts in its message).
         RegressionFound: every pair passed, some regressed, and the run was asked to fail on that. It carries the
-            summary.
+            summary (the flow run ends ``Failed`` too).
     """
     clock = time.perf_counter()
     fleet_run = RunStamp.new().id
@@ -115,8 +117,11 @@ def _fleet(fleet_file: str = FLEET_FILE, artifacts: str | None = None, spec: dic
                 "devices": round(done - compiled, 3)},
     )
     _publish(summary)
-    raise_if_failed(summary, fleet_spec.shared.fail_on_regression)
-    return summary
+    try:
+        raise_if_failed(summary, fleet_spec.shared.fail_on_regression)
+    except (FleetFailed, RegressionFound) as error:  # the flow run fails with the counts in its message
+        return result_state(state_message(summary), error, failed=True)
+    return result_state(state_message(summary), summary)
 
 
 def raise_if_failed(summary: FleetSummary, fail_on_regression: bool = False) -> None:
@@ -459,4 +464,4 @@ if __name__ == "__main__":
     # another process.
     from flows.fleet import main as _main
 
-    sys.exit(_main())
+    exit_command(_main())

@@ -24,12 +24,23 @@ from typing import Any, Sequence
 
 from prefect import flow
 
-from flows._cli import Parser, add_request_arguments, request_fields, request_signature, run_command
-from pipeline.errors import PipelineError, RegressionFound
+from flows._cli import (
+    Parser,
+    add_request_arguments,
+    exit_command,
+    recorded_run,
+    request_fields,
+    result_state,
+    request_signature,
+    run_command,
+    run_stamp,
+    wait_for_api,
+)
+from pipeline.errors import CheckFailed, PipelineError, RegressionFound
 from pipeline.planning.plan import plan_run
 from pipeline.planning.request import DEFAULT_MODEL, DEFAULT_TARGET, RunRequest, resolve_once, resolved_in_advance
-from pipeline.results import BuildSummary, RunStamp, RunSummary
-from pipeline.views.run import format_text
+from pipeline.results import BuildSummary, RunSummary
+from pipeline.views.run import format_text, state_message
 from tasks.chains import build_summary, compile_chain, prepare_here, run_one
 from tasks.check import raise_if_failed
 from tasks.report import record_failure
@@ -51,19 +62,22 @@ def _run_name() -> str:
     return f"{model}@{p.get('target', DEFAULT_TARGET)} on {device}"
 
 
-def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
+def _resnet_remote(**parameters: Any) -> Any:
     """Import, compile (cached), export (cached), upload, load, set the input, run and time a model.
 
     Returns:
         The run summary (its JSON form is ``--json``: model, digests, keys, stages ran/cached, top-5, latency),
-        or with ``build_only`` the build summary.
+        or with ``build_only`` the build summary: to Prefect, the flow run's final state, whose message is the
+        result in one line (median, check, top-1), as the UI's run list, ``prefect flow-run inspect`` and
+        ``--watch`` show it; to a caller of the flow, the summary itself.
 
     Raises:
-        CheckFailed: the device's output failed the check (the summary rides on the exception).
+        CheckFailed: the device's output failed the check (the summary rides on the exception; the flow run
+            ends ``Failed`` with the result in its message).
         RegressionFound: ``fail_on_regression`` and the run was judged a latency regression (exit code 3; the
-            summary rides on it).
+            summary rides on it; the flow run ends ``Failed``).
     """
-    stamp = RunStamp.new()
+    stamp = run_stamp()  # the command line's, when it started this run: it records what Prefect lost
     req = resolve_once(RunRequest(**parameters))
     try:
         plan = plan_run(req)
@@ -72,14 +86,19 @@ def _resnet_remote(**parameters: Any) -> RunSummary | BuildSummary:
             record_failure(req, None, stamp, exc)
         raise
     if req.build_only:
-        return build_summary(plan.build, compile_chain(plan.build, req.store, req.refresh), req.store)
+        built = build_summary(plan.build, compile_chain(plan.build, req.store, req.refresh), req.store)
+        return result_state(state_message(built), built)
     summary = run_one(plan, stamp, lambda: prepare_here(plan))
     if summary.check is not None:
-        raise_if_failed(summary.check, req.model.name, summary)  # the flow run fails; the summary rides on it
+        try:
+            raise_if_failed(summary.check, req.model.name, summary)
+        except CheckFailed as failed:  # the flow run fails with the result in its message; the caller gets the error
+            return result_state(state_message(summary), failed, failed=True)
     verdict = summary.regression
     if req.fail_on_regression and verdict is not None and verdict.regression:
-        raise RegressionFound(f"latency regression (--fail-on-regression): {verdict.message}", summary)
-    return summary
+        regressed = RegressionFound(f"latency regression (--fail-on-regression): {verdict.message}", summary)
+        return result_state(state_message(summary), regressed, failed=True)
+    return result_state(state_message(summary), summary)
 
 
 _resnet_remote.__signature__ = request_signature(RunRequest, RunSummary | BuildSummary)  # type: ignore[attr-defined]
@@ -103,8 +122,12 @@ def build_parser() -> Parser:
 
 def _execute(args: Any) -> RunSummary | BuildSummary:
     parameters = request_fields(args, RunRequest)
-    with resolved_in_advance(RunRequest(**parameters)):  # fails fast on bad input, before Prefect starts
-        return resnet_remote(**parameters)
+    with resolved_in_advance(RunRequest(**parameters)) as req:  # fails fast on bad input, before Prefect starts
+        if req.build_only:
+            wait_for_api()
+            return resnet_remote(**parameters)
+        with recorded_run(req):  # a run that Prefect could not start or finish is in the ledger all the same
+            return resnet_remote(**parameters)
 
 
 def _show(summary: RunSummary | BuildSummary, as_json: bool) -> None:
@@ -116,8 +139,8 @@ def _show(summary: RunSummary | BuildSummary, as_json: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit code (0 ok, 2 bad usage/input, 1 a stage failed, 3 a latency
     regression with --fail-on-regression, 130 interrupted)."""
-    return run_command(argv, build_parser(), _execute, _show)
+    return run_command(argv, build_parser(), _execute, _show, records_runs=True)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_command(main())

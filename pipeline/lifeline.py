@@ -8,9 +8,10 @@ closed it) or the watched process is gone, it ends every remembered process that
 process groups they lead: SIGTERM, ``--grace`` seconds, SIGKILL. Then it exits.
 
 It remembers descendants while they are descendants: a process orphaned later (its parent died) is still
-ended, because it was seen under the watched process before. It never signals itself, and nothing it did not
+ended, because it was seen under the watched process before. It never signals itself, nothing it did not
 see below the watched process (PR_SET_PDEATHSIG would not do: it fires when the spawning *thread* exits and
-does not reach grandchildren).
+does not reach grandchildren), nor a process the watched one started to outlive it
+(:func:`pipeline.processes.detached`: the local Prefect server), checked again just before the end.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import time
 
 import psutil
 
-from pipeline.processes import StopResult, is_alive, leads_group, terminate, with_descendants
+from pipeline.processes import StopResult, is_alive, is_detached_from, leads_group, terminate, with_descendants
 
 MAX_REMEMBERED = 4096  # a bound on memory; far more than one run ever starts
 KILL_WAIT_S = 2.0
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     os.close(args.ready_fd)
     reason = watch(parent, args.fd, remembered, args.poll)
     started = time.monotonic()
-    result = end_remembered(remembered, args.grace)
+    result = end_remembered(remembered, args.grace, args.parent)
     _log(
         f"{reason}: signalled {result.signalled} remaining process(es), killed {result.killed}, "
         f"{len(result.survivors)} survived, in {time.monotonic() - started:.2f} s"
@@ -75,15 +76,22 @@ def remember(parent: psutil.Process, remembered: dict[int, psutil.Process]) -> N
         return
     me = os.getpid()
     for child in descendants:
-        if child.pid != me and child.pid not in remembered and len(remembered) < MAX_REMEMBERED:
+        if (child.pid != me and child.pid not in remembered and len(remembered) < MAX_REMEMBERED
+                and not is_detached_from(child, parent.pid)):
             remembered[child.pid] = child
 
 
-def end_remembered(remembered: dict[int, psutil.Process], grace: float) -> StopResult:
-    """Ends the remembered processes still running, their descendants and the process groups they lead."""
+def end_remembered(remembered: dict[int, psutil.Process], grace: float, parent: int | None = None) -> StopResult:
+    """Ends the remembered processes still running, their descendants and the process groups they lead; not
+    those started to outlive ``parent`` (seen between their fork and their exec, before their environment
+    said so)."""
     procs = {pid: proc for pid, proc in remembered.items() if is_alive(proc)}
+    if parent is not None:
+        procs = {pid: proc for pid, proc in procs.items() if not is_detached_from(proc, parent)}
     groups = {pid for pid, proc in procs.items() if leads_group(proc)}
     procs = with_descendants(procs, groups)
+    if parent is not None:
+        procs = {pid: proc for pid, proc in procs.items() if not is_detached_from(proc, parent)}
     return terminate(procs, groups, grace=grace, kill_wait=KILL_WAIT_S)
 
 

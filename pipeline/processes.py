@@ -11,13 +11,19 @@ happen in a container whose init does not reap.
 :class:`Lifeline` covers the case the tree cannot: our own process killed with SIGKILL (OOM killer, a CI
 timeout) leaves its children running, among them servers in sessions of their own and processes others
 spawned for us (TVM's ``popen_worker``, Prefect's temporary ``uvicorn`` server). A lifeline is a small
-watchdog process (:mod:`pipeline.lifeline`) that remembers our descendants and ends them when we die.
+watchdog process (:mod:`pipeline.lifeline`) that remembers our descendants and ends them when we die. A process
+meant to outlive us (the local Prefect server a command line starts for the next runs too) is started with
+:data:`DETACHED_ENV` set to our pid in its environment (:func:`detached`): the lifeline leaves it alone.
+
+:class:`PidRecord` is the pid file of a process a script or a command line started and others must find
+again (the local stack's components, the emulated aarch64 device).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import select
@@ -26,21 +32,26 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Self
+from typing import Self, TypeVar
 
 import psutil
 
 __all__ = [
+    "DETACHED_ENV",
     "Lifeline",
+    "PidRecord",
     "StopResult",
+    "detached",
     "is_alive",
     "leads_group",
     "live_group_members",
+    "read_record",
     "same_process",
     "start_lifeline",
     "stop_process_tree",
     "terminate",
     "with_descendants",
+    "write_record",
 ]
 
 logger = logging.getLogger(__name__)
@@ -240,6 +251,27 @@ def _reap(popen: subprocess.Popen[bytes] | None, timeout: float) -> None:
 
 # ----------------------------------------------------------------------------------------- lifeline
 
+DETACHED_ENV = "TVMRP_DETACHED_FROM"
+"""An environment variable naming the pid of a process whose lifeline must not end this one (see
+:func:`detached`)."""
+
+
+def detached(env: dict[str, str]) -> dict[str, str]:
+    """``env`` for a child meant to outlive this process: this process's lifeline leaves it and its descendants
+    running when this process ends (the local Prefect server, kept for the next runs). The value is our pid, so
+    a variable inherited from a shell never exempts the children of another process."""
+    return {**env, DETACHED_ENV: str(os.getpid())}
+
+
+def is_detached_from(proc: psutil.Process, pid: int) -> bool:
+    """True if ``proc`` was started by :func:`detached` from process ``pid`` (or descends from one that was:
+    children inherit the environment)."""
+    try:
+        return proc.environ().get(DETACHED_ENV) == str(pid)
+    except psutil.Error:
+        return False
+
+
 
 class Lifeline:
     """A watchdog that ends every descendant of this process within about 2 s after this process dies.
@@ -397,3 +429,43 @@ def _wait_ready(fd: int, proc: subprocess.Popen[bytes], timeout: float) -> None:
         if not chunk:
             raise OSError(f"the lifeline watchdog {proc.pid} exited before it was ready (code {proc.poll()})")
         received += chunk
+
+
+# ---------------------------------------------------------------------------------------------- pid files
+
+
+@dataclasses.dataclass(frozen=True)
+class PidRecord:
+    """A process a script or a command line started, in a pid file: enough to find it again and never to hit
+    another (a pid the kernel has since given to another process is never taken for ours)."""
+
+    name: str
+    pid: int
+    create_time: float
+
+    def process(self) -> psutil.Process | None:
+        """The live process, or None when it is gone or its pid now belongs to another process."""
+        try:
+            proc = psutil.Process(self.pid)
+        except psutil.Error:
+            return None
+        return proc if same_process(proc, self.create_time) and is_alive(proc) else None
+
+
+R = TypeVar("R", bound=PidRecord)
+
+
+def read_record(cls: type[R], path: Path) -> R | None:
+    """The record in ``path``, or None if it is missing or unreadable."""
+    try:
+        return cls(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def write_record(path: Path, record: PidRecord) -> None:
+    """Write ``record`` to ``path`` atomically (a temporary file renamed into place)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(record)))
+    tmp.replace(path)

@@ -50,11 +50,10 @@ sys.path.insert(0, str(REPO))  # pipeline, also without the editable install
 
 import psutil  # noqa: E402
 from _aarch64_provision import Config, DeviceScriptError, locked, provision, read_stamp  # noqa: E402
-from _pidfile import PidRecord, read_record, write_record  # noqa: E402 - this directory is sys.path[0]
 
 from pipeline.device import EmbeddedServer, TrackerProcess, split_host_port, tracker_summary  # noqa: E402
 from pipeline.errors import DeviceUnavailable, PipelineError  # noqa: E402
-from pipeline.processes import stop_process_tree  # noqa: E402
+from pipeline.processes import PidRecord, read_record, stop_process_tree, write_record  # noqa: E402
 
 HOST = "127.0.0.1"
 DEFAULT_KEY = "aarch64-qemu"

@@ -83,9 +83,10 @@ def build(
     Raises:
         BuildError: TVM failed to compile the module for the target.
     """
-    import tvm
+    from pipeline.lean_import import compiler_tvm
 
     def produce(directory: Path) -> None:
+        tvm = compiler_tvm()  # tvm.relax executed before the module is loaded (pipeline/lean_import.py)
         if target.device == "cuda":  # GPU machine code, compiled here once (pipeline/cuda/builder.py)
             from pipeline.cuda.builder import compile_cuda
 

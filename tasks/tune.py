@@ -10,11 +10,15 @@ A budget larger than an existing tuning of the same family (model, target, cores
 continues from the largest such database, found through the store's tuning index
 (:func:`pipeline.tuning.find_base`), and measures only the difference. Progress (tasks, trials, the best
 estimate so far) shows from the start of the stage through :class:`tasks.progress.Progress`.
+
+An interrupted tuning (Ctrl-C, SIGTERM) keeps what it measured: stored and indexed as a tuning of that many
+trials (:func:`keep_measured`), so that ``--tune-more N`` (or a larger ``--tune-trials``) continues from it.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 from pathlib import Path
@@ -30,6 +34,8 @@ from pipeline.store.layout import MODULE_FILE, TUNING, TUNING_DATABASE_FILES, TU
 from pipeline.tuning.result import checked_summary
 from pipeline.tuning import (
     LOCAL_RUNNER,
+    TuningInterrupted,
+    TuningReport,
     check_request,
     find_base,
     remember_tuning,
@@ -38,6 +44,8 @@ from pipeline.tuning import (
 )
 from tasks._cache import Built, ensure_artifact
 from tasks.progress import Progress
+
+log = logging.getLogger(__name__)
 
 PROGRESS_KEY = "tuning-progress"
 
@@ -68,7 +76,8 @@ def tune(
     Raises:
         UsageError: bad ``trials`` or ``runner``.
         BuildError: tuning failed.
-        KeyboardInterrupt: SIGINT or SIGTERM while tuning (MetaSchedule's workers are ended; nothing is stored).
+        KeyboardInterrupt: SIGINT or SIGTERM while tuning (MetaSchedule's workers are ended; the trials measured
+            so far are stored as a tuning of that many trials, :func:`keep_measured`).
     """
     check_request(trials, runner)
 
@@ -77,14 +86,21 @@ def tune(
         name = str(module.inputs.get("name") or "the model")
         what = f"tuning {name} ({trials} trials{f', {base.trials} reused' if base is not None else ''})"
         with Progress(PROGRESS_KEY, what) as progress:  # before importing TVM: shows within a second
-            import tvm
+            from pipeline.lean_import import compiler_tvm
+
+            tvm = compiler_tvm()  # tvm.relax executed before the module is loaded (pipeline/lean_import.py)
 
             # Read once and checked against the authenticated manifest: what TVM parses is what was verified.
             text, _ = store.read_verified(module.key, MODULE_FILE)
             mod = tvm.ir.load_json(text.decode())
             with tempfile.TemporaryDirectory(prefix="tvmrp-tune-") as work:
-                report = run_tuning(mod, target, trials, Path(work), runner, tuning_num_cores(target), base=base,
-                                    progress=progress.update, log_file=directory / TUNING_LOG_FILE)
+                try:
+                    report = run_tuning(mod, target, trials, Path(work), runner, tuning_num_cores(target),
+                                        base=base, progress=progress.update, log_file=directory / TUNING_LOG_FILE)
+                except TuningInterrupted as interrupted:
+                    if interrupted.partial is not None:
+                        keep_measured(store, stage, interrupted.partial, Path(work), directory / TUNING_LOG_FILE)
+                    raise
                 for file_name in TUNING_DATABASE_FILES:
                     source = Path(work) / file_name
                     if not source.exists():
@@ -97,6 +113,32 @@ def tune(
     built = ensure_artifact(store, stage, TUNING, produce, refresh)
     remember_tuning(store, stage.inputs, built.artifact.key)  # also a tuning made before the index existed
     return built
+
+
+def keep_measured(store: ArtifactStore, stage: StageKey, report: TuningReport, work: Path, log_file: Path) -> None:
+    """Store what an interrupted tuning measured (its database in ``work``, ``report.trials`` trials) as the tuning
+    of that many trials of ``stage``'s family, and index it, so that a larger budget continues from it. Never
+    raises: without it the next run measures those trials again."""
+    kept = StageKey.of({**stage.inputs, "trials": report.trials}, **stage.extra)
+
+    def produce(directory: Path) -> None:
+        for file_name in TUNING_DATABASE_FILES:
+            shutil.copyfile(work / file_name, directory / file_name)
+        if log_file.is_file():
+            shutil.copyfile(log_file, directory / TUNING_LOG_FILE)
+        else:
+            (directory / TUNING_LOG_FILE).write_text("")
+        (directory / TUNING_REPORT_FILE).write_text(json.dumps(report.as_dict(), indent=2, sort_keys=True))
+
+    try:
+        built = ensure_artifact(store, kept, TUNING, produce)
+        remember_tuning(store, kept.inputs, built.artifact.key)
+    except Exception as exc:  # noqa: BLE001 - the interrupt is what the run reports
+        log.warning("tune: the %d trials measured before the interrupt could not be kept: %s", report.trials_new, exc)
+        return
+    log.warning("tune: interrupted after %d of %d new trials: kept as a tuning of %d trials (%s); --tune-more N "
+                "continues from it", report.trials_new, (report.interrupted_budget or report.trials) - report.trials_reused,
+                report.trials, built.artifact.key[:16])
 
 
 def read_report(tuning: Artifact, store: ArtifactStore) -> dict[str, Any]:

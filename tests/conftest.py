@@ -9,7 +9,10 @@ the marker of its directory; ``gpu`` and ``slow`` are set per test.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +20,35 @@ from pathlib import Path
 import pytest
 
 from fixtures_models import SOURCES
-from support import REPO, make_tiny_onnx, run_cli  # noqa: F401 - re-exported for older imports
+from support import REPO, free_port, make_tiny_onnx, run_cli  # noqa: F401 - re-exported for older imports
 
 # No network here: keep Prefect from phoning home, for this process and every server it starts.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# A command line without PREFECT_API_URL uses the local Prefect server and leaves it running for the next runs
+# (pipeline/local_stack.py). The tests opt out (a temporary server per run, as before) unless they mean that
+# path: then they use a stack of their own (``local_stack``, ``fresh_local_stack`` in integration/conftest.py),
+# which they stop. Should one forget, it finds no user's stack: the stack directory and port point at a
+# directory of this session (checked and emptied at its end, ``_no_local_server_left``), never .stack/ or 4200.
+os.environ["TVMRP_PREFECT_SERVER"] = "temporary"
+_GUARD_STACK = Path(tempfile.mkdtemp(prefix="tvmrp-test-stack-"))
+os.environ["TVMRP_STACK_DIR"] = str(_GUARD_STACK)
+os.environ["TVMRP_STACK_PORT"] = str(free_port())
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_local_server_left():
+    """No test leaves the local server running where a test that forgot its own stack would have started it."""
+    yield
+    record = _GUARD_STACK / "run" / "server.json"
+    left = json.loads(record.read_text()) if record.is_file() else None
+    if left is not None:
+        from pipeline import local_stack
+
+        local_stack.stop(local_stack.Config.from_env(), "server")
+    shutil.rmtree(_GUARD_STACK, ignore_errors=True)
+    if left is not None:
+        pytest.fail(f"a test started the local Prefect server without a stack of its own: {left}")
 
 
 @pytest.fixture(scope="session")

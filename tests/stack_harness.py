@@ -100,6 +100,8 @@ class NightlyRuns:
     second: str
     parameters: dict[str, Any]
     deploy_output: str
+    watched: str = ""
+    """What ``prefect deployment run ... --watch`` printed for the second run."""
 
 
 @pytest.fixture(scope="session")
@@ -152,4 +154,4 @@ def nightly_runs(stack: Stack, tmp_path_factory) -> NightlyRuns:
             f"worker log:\n{(stack.home / 'logs' / 'worker.log').read_text()[-4000:]}"
         )
         ids.append(match.group(1))
-    return NightlyRuns(str(deployment.id), ids[0], ids[1], parameters, deployed.stdout)
+    return NightlyRuns(str(deployment.id), ids[0], ids[1], parameters, deployed.stdout, proc.stdout)

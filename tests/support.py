@@ -7,12 +7,14 @@ On ``sys.path`` through pytest's ``pythonpath`` setting (pyproject.toml), so eve
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import select
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +225,82 @@ def fill_disk(disk):
                     break
     finally:
         os.close(fd)
+
+
+@dataclasses.dataclass
+class LocalStack:
+    """A stack directory and port of the tests' own (never a user's ``.stack/`` or port 4200), and the command
+    lines' default path through it: no ``PREFECT_API_URL``, no ``TVMRP_PREFECT_SERVER`` opt-out, so the first
+    run starts the local Prefect server there and later runs use it. :meth:`down` stops whatever runs there."""
+
+    home: Path
+    port: int
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "TVMRP_PREFECT_SERVER")}
+        return {**env, "TVMRP_STACK_DIR": str(self.home), "TVMRP_STACK_PORT": str(self.port)}
+
+    def argv(self, module: str, *args: str) -> list[str]:
+        return [sys.executable, "-m", module, *args]
+
+    def cli(self, *args: str, module: str = "flows.resnet_remote", timeout: float = 600) -> subprocess.CompletedProcess:
+        """``python -m MODULE ARGS`` (default: the single run) through the default path."""
+        return subprocess.run(self.argv(module, *args), cwd=REPO, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def stack(self, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
+        """``scripts/stack ARGS`` on this stack."""
+        return subprocess.run([str(REPO / "scripts" / "stack"), *args], cwd=REPO, env=self.env, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def server_record(self) -> dict | None:
+        """The server's pid record, or None."""
+        try:
+            return json.loads((self.home / "run" / "server.json").read_text())
+        except (OSError, ValueError):
+            return None
+
+    @property
+    def api_url(self) -> str:
+        record = self.server_record()
+        return f"http://127.0.0.1:{(record or {}).get('port') or self.port}/api"
+
+    def down(self) -> None:
+        """Stop everything of this stack (``scripts/stack down``) and check that nothing of it runs any more."""
+        import psutil
+
+        records = [json.loads(p.read_text()) for p in (self.home / "run").glob("*.json")] if self.home.is_dir() else []
+        procs = []
+        for record in records:
+            try:
+                proc = psutil.Process(record["pid"])
+                procs += [proc, *proc.children(recursive=True)]
+            except psutil.Error:
+                pass
+        if records:
+            done = self.stack("down", timeout=120)
+            assert done.returncode == 0, done.stdout + done.stderr
+        _, alive = psutil.wait_procs(procs, timeout=10)
+        for proc in alive:  # never leave one behind, whatever the assertion says
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        assert not alive, f"left running: {[p.pid for p in alive]}"
+
+
+def start_local_stack(home: Path) -> LocalStack:
+    """A :class:`LocalStack` in ``home`` on a free port; nothing started yet."""
+    home.mkdir(parents=True, exist_ok=True)
+    return LocalStack(home, free_port())
+
+
+def wait_until(predicate, timeout: float, step: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(step)
+    return True

@@ -58,6 +58,7 @@ from pipeline.tuning.result import (
     format_latency,
     has_converged,
 )
+from pipeline.tuning.interrupt import TuningInterrupted
 from pipeline.tuning.search import run_tuning
 from pipeline.tuning.space import (
     DEFAULT_SPACE,
@@ -81,6 +82,7 @@ __all__ = [
     "MAX_TRIALS",
     "SPACE",
     "BaseTuning",
+    "TuningInterrupted",
     "TuningReport",
     "TuningSpace",
     "apply_tuning",

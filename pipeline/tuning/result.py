@@ -27,6 +27,8 @@ class TuningReport:
         base: the key of the tuning continued from, or None.
         history: ``{trials, estimated_ms, seconds}`` of every run of the chain that led here, oldest first.
         converged: the last two increments improved the estimate by less than 1 % in total.
+        interrupted_budget: for the trials an interrupted run had measured, kept as a tuning of that many
+            (``trials``): the budget that run had (None: a run that finished).
     """
 
     trials: int
@@ -42,6 +44,7 @@ class TuningReport:
     base: str | None
     history: list[dict[str, Any]]
     converged: bool
+    interrupted_budget: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

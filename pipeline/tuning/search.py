@@ -8,6 +8,7 @@ its worker processes are ended however the run ends (:mod:`pipeline.tuning.inter
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,7 +21,13 @@ from pipeline.errors import BuildError, UsageError
 from pipeline.targets import TargetInfo
 from pipeline.tuning.apply import prepare
 from pipeline.tuning.family import BaseTuning
-from pipeline.tuning.interrupt import _noting_interrupts, _own_workers
+from pipeline.tuning.interrupt import (
+    TuningInterrupted,
+    _interruptible,
+    _noting_interrupts,
+    _own_workers,
+    _workers_in_own_group,
+)
 from pipeline.tuning.logs import _MS_LOG, _meta_schedule_logs
 from pipeline.store.layout import RECORD_FILE, TUNING_DATABASE_FILES, WORKLOAD_FILE
 from pipeline.tuning.result import (
@@ -239,7 +246,9 @@ def run_tuning(
     Raises:
         UsageError: ``trials`` < 1 or a malformed ``runner``.
         BuildError: MetaSchedule failed.
-        KeyboardInterrupt: SIGINT or SIGTERM during the run; MetaSchedule's worker processes are ended.
+        TuningInterrupted: SIGINT or SIGTERM during the search; MetaSchedule's worker processes are ended, and
+            the database in ``work_dir`` holds what was measured, reported by the exception's ``partial``
+            as a tuning of that many trials. (A KeyboardInterrupt before the search started: nothing.)
     """
     check_request(trials, runner)
     reused = base.trials if base is not None else 0
@@ -266,7 +275,12 @@ def run_tuning(
             log.info("tune: continuing from %s: %d records taught to the cost model, %s",
                      base.key[:16], search.taught, search.session.estimate_text())
         search.session.report_progress()
-        _search(search, work_dir, runner, space, target)
+        try:
+            _search(search, work_dir, runner, space, target)
+        except KeyboardInterrupt as exc:
+            partial = _measured_so_far(search, work_dir, trials, base, time.perf_counter() - start, runner, cores,
+                                       space)
+            raise TuningInterrupted(str(exc), partial) from exc
         _, final_best = _known_candidates(search.database, search.mods, replay=False)
     return _report(search.session, final_best, work_dir, trials, base, time.perf_counter() - start, runner, cores,
                    space)
@@ -325,11 +339,14 @@ def _search(search: _Search, work_dir: Path, runner: str, space: TuningSpace, ta
     session, budget = search.session, search.session.budget
     # From here a signal is only noted (see _noting_interrupts), also while the builder's and runner's
     # constructors start their first workers.
-    with _noting_interrupts(session), _own_workers(session):
+    with _noting_interrupts(session), _workers_in_own_group(session), _own_workers(session):
         try:
-            inner_runner = _make_runner(runner)
+            # Their constructors start worker processes and wait for them (seconds: each imports TVM): waited
+            # for interruptibly, like the hooks' waits.
+            inner_runner = _interruptible(session, lambda: _make_runner(runner))
             session.pools.append(getattr(inner_runner, "pool", None))
-            builder = Builder(session, ms.builder.LocalBuilder(f_build=_f_build(), timeout_sec=_BUILD_TIMEOUT_S))
+            builder = Builder(session, _interruptible(
+                session, lambda: ms.builder.LocalBuilder(f_build=_f_build(), timeout_sec=_BUILD_TIMEOUT_S)))
             ms.tune.tune_tasks(
                 tasks=search.contexts,
                 task_weights=session.weights,
@@ -358,18 +375,38 @@ def _search(search: _Search, work_dir: Path, runner: str, space: TuningSpace, ta
             ) from exc
 
 
+def _measured_so_far(
+    search: _Search, work_dir: Path, budget: int, base: BaseTuning | None, seconds: float, runner: str,
+    cores: int, space: TuningSpace,
+) -> TuningReport | None:
+    """The report of what an interrupted run measured, as a tuning of that many trials (the reused ones and
+    the new ones whose results came back); None when it measured nothing new or cannot say."""
+    session = search.session
+    if session.measured <= 0:
+        return None
+    try:
+        _, best = _known_candidates(search.database, search.mods, replay=False)
+        trials = (base.trials if base is not None else 0) + min(session.measured, session.budget)
+        report = _report(session, best, work_dir, trials, base, seconds, runner, cores, space, finished=False)
+    except Exception as exc:  # noqa: BLE001 - an interrupt must not end in another error
+        log.warning("tune: what the interrupted tuning measured cannot be kept: %s", exc)
+        return None
+    return dataclasses.replace(report, interrupted_budget=budget, converged=False)
+
+
 def _report(
     session: _Session, best: dict[int, float], work_dir: Path, trials: int, base: BaseTuning | None,
-    seconds: float, runner: str, cores: int, space: TuningSpace,
+    seconds: float, runner: str, cores: int, space: TuningSpace, finished: bool = True,
 ) -> TuningReport:
-    """The report of a finished run (logged), ``best`` being each task's best latency over the whole database."""
+    """The report of a run (logged when ``finished``), ``best`` being each task's best latency over the whole
+    database."""
     tasks = report_tasks(session.names, session.weights, best)
     estimate = estimate_ms(tasks)
     records = sum(1 for _ in open(work_dir / RECORD_FILE)) if (work_dir / RECORD_FILE).exists() else 0
     history = [*(base.history if base is not None else ()),
                {"trials": trials, "estimated_ms": estimate, "seconds": round(seconds, 3)}]
     converged = has_converged(history)
-    log.info(
+    (log.info if finished else log.debug)(
         "tune: done in %.0f s, %d new trials (%d proposed again and skipped), %d records, estimated %s per "
         "inference%s", seconds, session.generated, session.skipped, records,
         format_latency(estimate / 1e3 if estimate is not None else None),

@@ -34,6 +34,7 @@ class _Session:
         self.per_task = [0] * len(names)  # candidates generated per task
         self.running: set[int] = set()  # tasks whose batch was sent and not yet joined
         self.interrupted: int | None = None  # the signal that interrupted the run
+        self.ending = False  # the run is over (done or interrupted): no new worker process starts
         self.helpers: list[threading.Thread] = []  # threads of :func:`pipeline.tuning.interrupt._interruptible`
         self.pools: list[Any] = []  # worker pools that live for the whole run (the local runner's)
         self.start = time.perf_counter()
@@ -67,4 +68,6 @@ class _Session:
     def report_progress(self) -> None:
         if self.progress is not None:
             done = min(self.generated, self.budget)
-            self.progress(done, self.budget, f"{done}/{self.budget} trials, {self.estimate_text()}")
+            # "recorded": in the database, what an interrupt keeps (a batch is recorded when its task is joined)
+            self.progress(done, self.budget,
+                          f"{done}/{self.budget} trials ({self.measured} recorded), {self.estimate_text()}")

@@ -11,6 +11,14 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "~"
 
 
+def state_message(summary: AccuracySummary) -> str:
+    """The accuracy run in one line (its flow run's final state message): top-1 and top-5, the checks."""
+    acc = summary.tvm
+    return (f"accuracy of {summary.build.model}: top-1 {acc.top1}/{acc.count} ({100 * acc.top1_rate:.1f}%), "
+            f"top-5 {acc.top5}/{acc.count} ({100 * acc.top5_rate:.1f}%), "
+            f"checks {'passed' if summary.checks_passed else 'FAILED'}")
+
+
 def format_accuracy(summary: AccuracySummary) -> str:
     """The terminal report of ``python -m flows.accuracy``."""
     lines = [

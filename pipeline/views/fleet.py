@@ -59,6 +59,11 @@ def _headline(summary: FleetSummary) -> str:
             + (f", {regressed} regressed" if regressed else "") + f" in {summary.seconds:.1f} s")
 
 
+def state_message(summary: FleetSummary) -> str:
+    """The fleet run in one line (its flow run's final state message): pairs passed and failed."""
+    return f"fleet {summary.source}: {_headline(summary)}"
+
+
 def format_text(summary: FleetSummary) -> str:
     """The terminal report: a headline, the builds, then the device x model table."""
     rows = [{k: (v.upper() if k == "status" and v == "failed" else v) for k, v in row.items()}

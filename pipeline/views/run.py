@@ -1,6 +1,7 @@
 """A run rendered: the terminal report, the Prefect tables and markdown, from its typed values.
 
 * :func:`format_text`: what ``python -m flows.resnet_remote`` prints (a run, or a ``--build-only`` run);
+* :func:`state_message`: the run in one line, the message of its Prefect flow run's final state;
 * :func:`summary_markdown`, :func:`top5_table`, :func:`latency_table`, :func:`lineage_rows`,
   :func:`trend_points`: the Prefect artifacts of a run's lineage (``tasks.report`` publishes them);
 * :func:`lineage_title`, :func:`ui_key`: how the UI names a lineage (:func:`series_title`: a build of it).
@@ -157,6 +158,22 @@ def format_text(summary: RunSummary | BuildSummary) -> str:
     if summary.regression is not None:
         lines.append(f"Trend      {summary.regression.message} (lineage {summary.lineage}, series {summary.series})")
     return "\n".join(printable(line) for line in lines)
+
+
+def state_message(summary: RunSummary | BuildSummary) -> str:
+    """The run in one line (median, check, top-1; a regression): its flow run's final state message, which the
+    UI, ``prefect flow-run inspect`` and ``prefect deployment run --watch`` show."""
+    if isinstance(summary, BuildSummary):
+        return (f"built {summary.model}: library {summary.library_key[:16]} ({summary.library_bytes / 1e6:.1f} MB), "
+                + ", ".join(f"{name} {status}" for name, status in summary.stages.items()))
+    check = summary.check
+    verdict = "check skipped" if check is None else "check passed" if check.passed else "check FAILED"
+    top = summary.outcome.top5[0] if summary.outcome.top5 else None
+    line = f"median {summary.latency.median:.3f} ms, {verdict}" + (f", top-1 {top.index} {top.label}" if top else "")
+    regression = summary.regression
+    if regression is not None and regression.regression and regression.change is not None:
+        line += f", REGRESSION {regression.change * 100:+.1f}%"
+    return line
 
 
 # -- the Prefect artifacts of a run's lineage --------------------------------------------------------------------

@@ -2,11 +2,17 @@
 
 ``server``: one embedded rpc_server on 127.0.0.1 per test module that asks for it, stopped with the module.
 test_device.py has its own ``server`` (one of its module's stack of servers), which overrides this one there.
+
+``local_stack``: the command lines' default path (no ``PREFECT_API_URL``: the local Prefect server, started by
+the first run that needs it) in a stack directory and on a port of the session's own, stopped at the end of the
+session; ``fresh_local_stack``: the same for one test, with nothing running yet.
 """
 
 from __future__ import annotations
 
 import pytest
+
+from support import LocalStack, start_local_stack
 
 
 @pytest.fixture(scope="module")
@@ -38,3 +44,20 @@ def small_disk(tmp_path):
     for path in mounts:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
+
+@pytest.fixture(scope="session")
+def local_stack(tmp_path_factory):
+    stack = start_local_stack(tmp_path_factory.mktemp("local-stack"))
+    try:
+        yield stack
+    finally:
+        stack.down()
+
+
+@pytest.fixture
+def fresh_local_stack(tmp_path) -> LocalStack:
+    stack = start_local_stack(tmp_path / "stack")
+    try:
+        yield stack
+    finally:
+        stack.down()

@@ -252,3 +252,39 @@ def test_lifeline__pipe_is_not_inherited() -> None:
     finally:
         cli.kill()
         cli.wait(timeout=10)
+
+
+_KEEPS_DETACHED = """
+import json, os, subprocess, sys, time
+from pipeline.processes import detached, start_lifeline
+
+lifeline = start_lifeline()
+ended = subprocess.Popen(["sleep", "300"], start_new_session=True)
+kept = subprocess.Popen(["sleep", "300"], start_new_session=True, env=detached(dict(os.environ)))
+time.sleep(1.0)  # a few listings of the watchdog: both seen as descendants
+print(json.dumps({"ended": ended.pid, "kept": kept.pid}), flush=True)
+time.sleep(300)
+"""
+
+
+def test_lifeline__leaves_a_child_started_to_outlive_the_run() -> None:
+    """The local Prefect server a command line starts for later runs too survives the command's SIGKILL; its
+    other children do not."""
+    proc = _start(_KEEPS_DETACHED)
+    procs: list[psutil.Process] = []
+    try:
+        pids = json.loads(_read_line(proc, timeout=60))
+        procs = _snapshot([pids["ended"], pids["kept"]])
+        assert len(procs) == 2
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        ended, kept = procs
+        _wait_all_gone([ended], within=10)
+        assert not _alive([ended]), "the lifeline left a child of the run running"
+        time.sleep(1.0)  # the watchdog is done by now
+        assert _alive([kept]), "the lifeline ended the child started to outlive the run"
+    finally:
+        _kill_all(procs)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)

@@ -413,8 +413,11 @@ def test_tune__a_signal_ends_the_tuning_as_an_interrupt_with_no_worker_left(tmp_
     assert "Traceback" not in text and "Segfault" not in text and "failed: RuntimeError" not in text
     _, alive = psutil.wait_procs(children, timeout=5)
     assert not alive, [p.pid for p in alive]
-    assert not (root / ".tuning").exists()  # no tuning was stored
-    assert not list(root.glob(".tmp/*"))  # nor half of one
+    # What was recorded before the signal, if anything, is kept as a tuning of that many trials; nothing else.
+    kept = [json.loads(p.read_text())["tunings"] for p in (root / ".tuning").glob("*.json")]
+    assert all(int(trials) < 64 for tunings in kept for trials in tunings), kept
+    assert ("kept as a tuning of" in text) == bool(kept)
+    assert not list(root.glob(".tmp/*"))  # no half of one
 
 
 def test_cli__a_larger_budget_tunes_only_the_difference(prefect_api, store_root, tiny_onnx):
@@ -439,3 +442,64 @@ def test_cli__a_larger_budget_tunes_only_the_difference(prefect_api, store_root,
     assert report["base"] == first["tuning_key"]
     assert (first["tuning"]["trials"], first["tuning"]["trials_reused"], first["tuning"]["trials_new"]) == (8, 0, 8)
     assert (second["tuning"]["trials"], second["tuning"]["trials_reused"], second["tuning"]["trials_new"]) == (16, 8, 8)
+
+
+# A terminal's Ctrl-C: exec'd with SIGINT at its default (a suite run in the background passes it down ignored).
+_AS_A_TERMINAL_STARTS_IT = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                            "os.execv(sys.executable, [sys.executable, '-m', 'flows.resnet_remote', *sys.argv[1:]])")
+
+
+def test_cli__ctrl_c_to_the_process_group_while_tuning__130_at_once_and_the_next_tune_more_reuses_the_trials(
+        local_stack, store_root, tiny_onnx):
+    """Ctrl-C as a terminal sends it: SIGINT to the whole foreground process group (the command line, its
+    embedded device, MetaSchedule's workers). The default path's local server runs in a session of its own."""
+    import re
+
+    import psutil
+
+    from support import wait_until
+
+    args = ["--model", str(tiny_onnx), "--artifacts", str(store_root), "--no-check", "--repeat", "2"]
+    proc = subprocess.Popen([sys.executable, "-c", _AS_A_TERMINAL_STARTS_IT, *args, "--tune-trials", "8"],
+                            cwd=REPO, env={**local_stack.env, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    lines: list[str] = []
+    recorded = threading.Event()
+
+    def read() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            found = re.search(r"\((\d+) recorded\)", line)
+            if found and int(found.group(1)) > 0:  # a search round joined: its trials are in the database
+                recorded.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        assert recorded.wait(300), "".join(lines)[-4000:]
+        server = psutil.Process(local_stack.server_record()["pid"])  # this run may have started it: it stays
+        kept_running = {server.pid, *(p.pid for p in server.children(recursive=True))}
+        tree = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.pid not in kept_running]
+        sent = time.monotonic()
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=60)
+        waited = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    reader.join(5)
+    text = "".join(lines)
+    assert code == 130 and waited < 5, f"exit {code} after {waited:.1f} s\n{text[-4000:]}"  # measured: ~1 s
+    assert text.rstrip().splitlines()[-1].startswith("Error: interrupted (signal 2)") and "Traceback" not in text
+    assert wait_until(lambda: not [p for p in tree if p.is_running() and p.status() != psutil.STATUS_ZOMBIE], 5)
+    found = re.search(r"kept as a tuning of (\d+) trials", text)
+    assert found, text[-4000:]  # 5 or more: the first round measured one trial of each of the 5 tasks
+    kept = int(found.group(1))
+    records = list(ArtifactStore(store_root).ledger.records())
+    assert [r.status for r in records] == ["interrupted"] and records[0].exit_code == 130
+
+    more = local_stack.cli(*args, "--tune-more", "1", "--json")
+    assert more.returncode == 0, more.stderr[-4000:]
+    tuning = json.loads(more.stdout.strip().splitlines()[-1])["tuning"]
+    assert (tuning["trials"], tuning["trials_reused"], tuning["trials_new"]) == (kept + 1, kept, 1)

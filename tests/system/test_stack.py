@@ -101,6 +101,10 @@ def test_stack__nightly_runs_on_the_worker_and_second_run_is_cached(stack, night
             assert run.name.startswith(f"{Path(nightly_runs.parameters['model']).name}@llvm on ") and stack.device_key in run.name
         first_states, second_states = _task_states(client, first.id), _task_states(client, second.id)
 
+    # The result in one line: the final state's message, and in `--watch` the event named by it (rich wraps lines).
+    assert second.state.message.startswith("median ") and "check passed, top-1 " in second.state.message
+    watched = " ".join(nightly_runs.watched.split())
+    assert f"tvmrp.run.completed * {second.state.message}" in watched, nightly_runs.watched[-2000:]
     assert set(STAGES) <= set(first_states) and set(first_states) == set(second_states)
     assert set(first_states.values()) == {"Completed"}, first_states  # everything built
     assert all(second_states[s] == "Cached" for s in COMPILE), second_states  # skipped
@@ -162,7 +166,8 @@ def test_stack__fleet_nightly_runs_on_the_worker_and_shows_its_table(stack, nigh
 
 
 def test_stack__a_cli_run_without_an_api_uses_the_running_stack(stack, nightly_runs):
-    """No PREFECT_API_URL: the command line finds the stack of its checkout and uses it (no temporary server)."""
+    """No PREFECT_API_URL: the command line finds the stack's server and uses it (no temporary server, no other
+    server started)."""
     env = {k: v for k, v in stack.env.items() if k != "PREFECT_API_URL"}  # the stack's settings, no API
     proc = subprocess.run(
         [sys.executable, "-m", "flows.resnet_remote", "--model", nightly_runs.parameters["model"], "--artifacts",
@@ -170,8 +175,8 @@ def test_stack__a_cli_run_without_an_api_uses_the_running_stack(stack, nightly_r
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"using the local stack's Prefect server at {stack.api_url}" in proc.stderr
-    assert "Starting temporary server" not in proc.stderr
+    assert f"View at {stack.ui_url}/runs/flow-run/" in proc.stderr  # Prefect's own line: the stack's UI
+    assert "Starting temporary server" not in proc.stderr and "started the local Prefect server" not in proc.stderr
     run_id = json.loads(proc.stdout.strip().splitlines()[-1])["run_id"]
     with stack.client() as client:
         assert any(run.state_name == "Completed" for run in client.read_flow_runs(limit=20))
