@@ -55,6 +55,10 @@ from typing import Any, Callable, Iterator
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.threads import default_threads_here  # noqa: E402
+
+default_threads_here()  # TVM's pool on every physical core, as onnxruntime and torch: before TVM's runtime starts
+
 from baselines import mxnet_onnx, resnet34_export, resnet_onnx, torch_resnet18_v2  # noqa: E402 - bench/ is sys.path[0]
 from report import FLOW_MODEL, FLOW_TARGET, RESNET, TUNED_TARGET, render  # noqa: E402
 
@@ -159,7 +163,7 @@ def compile_model(model: Any, target_text: str, store_root: str, trials: int = 0
     report = read_report(compiled.tuning, store) if compiled.tuning else None
     return {
         "target": target, "imported": compiled.module, "build_key": plan.build.key, "report": report,
-        "plan": plan, "library": store.file(compiled.library, LIBRARY_FILE),
+        "plan": plan, "library": store.file(compiled.library, LIBRARY_FILE), "build": compiled.build,
     }
 
 

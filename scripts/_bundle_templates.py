@@ -122,6 +122,15 @@ if [ -n "$libraries" ]; then
 else
   unset TVMRP_DEVICE_LIBRARY_CACHE
 fi
+# TVM's thread pool takes half the logical CPUs on x86-64 (two hardware threads per core assumed): where each
+# core runs one thread (most VMs) that idles half the cores. One thread per physical core, counted from sysfs,
+# unless TVM_NUM_THREADS or OMP_NUM_THREADS is set.
+if [ -z "${TVM_NUM_THREADS:-}" ] && [ -z "${OMP_NUM_THREADS:-}" ]; then
+  cores=$(cat /sys/devices/system/cpu/cpu[0-9]*/topology/thread_siblings_list 2>/dev/null | sort -u | wc -l)
+  if [ "${cores:-0}" -gt 0 ]; then
+    export TVM_NUM_THREADS="$cores"
+  fi
+fi
 export TVM_USE_RUNTIME_LIB=1
 export PYTHONUNBUFFERED=1
 export PYTHONNOUSERSITE=1

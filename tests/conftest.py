@@ -25,6 +25,10 @@ from support import REPO, free_port, make_tiny_onnx, run_cli  # noqa: F401 - re-
 # No network here: keep Prefect from phoning home, for this process and every server it starts.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+# TVM's pool with one thread in every process the tests start: the devices this project starts default to one
+# per physical core (pipeline/threads.py), which on a busy 2-core CI machine makes latencies noisier for nothing
+# the tests check. test_device.py's test_threads__* removes it to check that default.
+os.environ.setdefault("TVM_NUM_THREADS", "1")
 # A command line without PREFECT_API_URL uses the local Prefect server and leaves it running for the next runs
 # (pipeline/local_stack.py). The tests opt out (a temporary server per run, as before) unless they mean that
 # path: then they use a stack of their own (``local_stack``, ``fresh_local_stack`` in integration/conftest.py),

@@ -26,6 +26,7 @@ from pipeline.device.spec import split_host_port
 from pipeline.device.tracker import tracker_summary
 from pipeline.errors import DeviceUnavailable, UsageError
 from pipeline.processes import stop_process_tree
+from pipeline.threads import with_tvm_threads
 
 __all__ = ["EmbeddedServer", "TrackerProcess", "can_connect", "free_port", "start_tracker"]
 
@@ -79,7 +80,8 @@ class _ProcessGroup:
         return []
 
     def _environment(self) -> dict[str, str]:
-        return dict(os.environ, PYTHONUNBUFFERED="1")
+        # TVM's pool on every core, unless the user sized it (pipeline/threads.py).
+        return with_tvm_threads(dict(os.environ, PYTHONUNBUFFERED="1"))
 
     def _is_serving(self) -> bool:
         return can_connect(self._host, self._port, _PROBE_S)

@@ -15,7 +15,7 @@ from typing import Any
 IMPORT_CODE_VERSION = "1"
 BUILD_CODE_VERSION = "3"  # 2: build.tar is a plain tar (TVM gzips it); 3: kernels.json (FLOPs)
 EXPORT_CODE_VERSION = "1"
-TUNE_CODE_VERSION = "1"
+TUNE_CODE_VERSION = "2"  # 2: the local runner measures on every core (pipeline/threads.py)
 REFERENCE_CODE_VERSION = "1"
 
 #: The package whose forward pass is the reference for each model kind (see ``pipeline.models.reference_forward``).

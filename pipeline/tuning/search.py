@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import BuildError, UsageError
 from pipeline.targets import TargetInfo
+from pipeline.threads import default_threads_here
 from pipeline.tuning.apply import prepare
 from pipeline.tuning.family import BaseTuning
 from pipeline.tuning.interrupt import (
@@ -143,6 +144,9 @@ def _make_runner(runner: str) -> Any:
     tracker = _parse_runner(runner)
     evaluator = ms.runner.EvaluatorConfig(number=3, repeat=1, min_repeat_ms=100, enable_cpu_cache_flush=False)
     if tracker is None:
+        # Its workers measure with TVM's pool on every core (the schedules are made for them), not on the half
+        # of the logical CPUs TVM takes on x86-64 by default (pipeline/threads.py).
+        default_threads_here()
         return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=_RUN_TIMEOUT_S)
     host, port, key = tracker
     config = ms.runner.RPCConfig(

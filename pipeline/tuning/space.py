@@ -34,13 +34,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pipeline.planning import keys
 from pipeline.errors import UsageError
 from pipeline.targets import TargetInfo
+from pipeline.threads import physical_cores
 
 if TYPE_CHECKING:
     import tvm
@@ -104,13 +104,8 @@ def space_for(target: TargetInfo) -> TuningSpace:
 
 
 def default_num_cores() -> int:
-    """The physical cores of this machine (what the local runner measures on)."""
-    try:
-        import psutil
-
-        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
-    except ImportError:  # pragma: no cover - psutil is a locked dependency
-        return os.cpu_count() or 1
+    """The physical cores of this machine (what the local runner measures on, one TVM thread each)."""
+    return physical_cores()
 
 
 def tuning_num_cores(target: TargetInfo) -> int:

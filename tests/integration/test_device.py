@@ -444,6 +444,24 @@ def test_threads_and_load__set_over_rpc_on_any_server_load_told_by_ours(stack: S
     assert load.affinity and set(load.affinity) <= set(range(os.cpu_count()))
 
 
+def test_threads__a_device_we_start_runs_tvm_on_every_physical_core() -> None:
+    """TVM's own default halves the logical CPUs on x86-64 (1 thread on a 2-core VM); a device this project starts
+    gets one thread per physical core unless TVM_NUM_THREADS (or OMP_NUM_THREADS) says otherwise."""
+    from pipeline.device.probe import device_threads
+    from pipeline.threads import physical_cores
+
+    for env, expected in (({}, physical_cores()), ({"TVM_NUM_THREADS": "1"}, 1), ({"OMP_NUM_THREADS": "1"}, 1)):
+        with pytest.MonkeyPatch.context() as patch:
+            for name in ("TVM_NUM_THREADS", "OMP_NUM_THREADS"):
+                patch.delenv(name, raising=False)
+            for name, value in env.items():
+                patch.setenv(name, value)
+            with EmbeddedServer() as device:
+                host, port = device.wait_ready()
+                with open_session(DeviceSpec(host=host, port=port, connect_timeout=60)) as session:
+                    assert device_threads(session) == expected, env
+
+
 def test_embedded_server__identity_reaches_every_interpreter(tmp_path: Path) -> None:
     """``identify=True`` puts the device side first on PYTHONPATH and keeps the caller's entries after it;
     ``identify=False`` leaves the environment as it is (and neither passes on a bundle's directory)."""
