@@ -256,9 +256,9 @@ def render(r: dict[str, Any]) -> str:
     lines += [
         "",
         f"Per-kernel profiles with {cores} threads each: TVM's from `--profile`'s code "
-        "(`pipeline.profiling.profile_vm`, every kernel call timed through the VM's instrument; the glue is the measured median minus the kernels), "
-        "onnxruntime's from its own profiler (each node's `kernel_time`, the median over 30 runs; the rest of its "
-        "run time is its own glue).",
+        "(`pipeline.profiling.profile_vm`, every kernel call timed through the VM's instrument; the glue is the "
+        "measured median minus the kernels), onnxruntime's from its own profiler (each node's `kernel_time`, the "
+        "median over 30 runs; the rest of its run time is its own glue).",
         "",
         "| category | TVM, ms | onnxruntime, ms | TVM - onnxruntime, ms |",
         "|---|---|---|---|",

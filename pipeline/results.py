@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import hashlib
+import json
 import math
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,27 @@ COMPILE_STAGES = STAGES[:4]
 def utc_now(timespec: str = "seconds") -> str:
     """The current UTC time in ISO 8601."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec=timespec)
+
+
+# -- a run's identity in the history: its device's name, its series and its lineage ---------------------------------
+
+
+def device_name(description: str) -> str:
+    """A device's name without what changes between runs (an embedded server's port)."""
+    return "embedded" if description.startswith("embedded") else description
+
+
+def series_of(build_key: str, device: str, device_identity: str, input_shape: Iterable[int]) -> str:
+    """The series id (16 hex) of the runs of one build on one device."""
+    ident = json.dumps([build_key, device_name(device), device_identity, list(input_shape)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def lineage_of(model: str, device: str, target: str, input_shape: Iterable[int]) -> str:
+    """The lineage id (16 hex) of the runs of ``model`` on the device named ``device`` (:func:`device_name` of
+    its address, or its given name), for ``target``, on an input of ``input_shape``: whatever build they used."""
+    ident = json.dumps(["lineage", model, device_name(device), target, list(input_shape)])
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -430,7 +454,7 @@ class DeviceOutcome:
         stages: what each device-side stage did (reference, upload, load, set-input, run, check, postprocess).
         check: None without the check (``--no-check``).
         name: the device's name in the run history (a fleet's device name, ``--device-name``); None: its
-            address without what changes between runs (:func:`pipeline.store.ledger.device_name`).
+            address without what changes between runs (:func:`pipeline.results.device_name`).
         conditions: what the latency was measured under (threads, load).
         facts: load time, first inference, peak memory, library size (None: a summary made without them).
         profile: where an inference's time goes (``--profile``; None without it, or on a device that cannot).
@@ -492,9 +516,7 @@ class RunSummary:
 
     @property
     def series(self) -> str:
-        """The series of runs of this very build and device (:func:`pipeline.store.ledger.series_of`)."""
-        from pipeline.store.ledger import series_of
-
+        """The series of runs of this very build and device (:func:`series_of`)."""
         return series_of(self.build.build_key, self.outcome.device, self.outcome.device_identity,
                          self.outcome.input_shape)
 
@@ -502,16 +524,12 @@ class RunSummary:
     def device_name(self) -> str:
         """The device's name in the run history: its given name, else its address (``embedded`` for the
         embedded server)."""
-        from pipeline.store.ledger import device_name
-
         return self.outcome.name or device_name(self.outcome.device)
 
     @property
     def lineage(self) -> str:
         """The lineage this run is judged in: every run of this model on this device, target and input,
-        whatever build it used (:func:`pipeline.store.ledger.lineage_of`)."""
-        from pipeline.store.ledger import lineage_of
-
+        whatever build it used (:func:`lineage_of`)."""
         return lineage_of(self.build.model, self.device_name, self.build.target, self.outcome.input_shape)
 
     def as_json(self) -> dict[str, Any]:

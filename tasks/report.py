@@ -28,16 +28,22 @@ from prefect.cache_policies import NO_CACHE
 
 from pipeline.errors import REGRESSION_EXIT_CODE
 from pipeline.planning.keys import BUILD_CODE_VERSION, EXPORT_CODE_VERSION, IMPORT_CODE_VERSION
-from pipeline.results import RunStamp, RunSummary, utc_now
+from pipeline.results import RunStamp, RunSummary, device_name, lineage_of, utc_now
 from pipeline.store import ArtifactStore
-from pipeline.store.ledger import RunRecord, device_name, lineage_of, record_of
+from pipeline.store.ledger import RunRecord, record_of
 from pipeline.store.lineage import judge_record
 from pipeline.views.chart import data_url, draw_trend
 from pipeline.views.profile import profile_rows
-from pipeline.views.text import printable
 from pipeline.views.run import (
-    latency_table, lineage_rows, lineage_title, summary_markdown, top5_table, trend_points, ui_key,
+    latency_table,
+    lineage_rows,
+    lineage_title,
+    summary_markdown,
+    top5_table,
+    trend_points,
+    ui_key,
 )
+from pipeline.views.text import printable
 
 if TYPE_CHECKING:
     from pipeline.planning.plan import RunPlan

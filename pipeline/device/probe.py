@@ -21,8 +21,8 @@ session may run on): :func:`device_load`; ``tvmrp.device_memory`` (the session p
 
 The thread pool: TVM's ``runtime.config_threadpool(mode, n)`` and ``runtime.NumThreads`` are registered by
 every TVM runtime, stock servers included. The pool is per process (each RPC session runs in its own) and
-never grows beyond what the process started with (``TVM_NUM_THREADS``, else half the logical CPUs on x86-64:
-1 on a 2-core host), so :func:`set_threads` answers what the device then uses.
+never grows beyond what the process started with (``TVM_NUM_THREADS``, which the devices this project starts
+set to the physical cores, :mod:`pipeline.threads`; else half the logical CPUs on x86-64), so :func:`set_threads` answers what the device then uses.
 """
 
 from __future__ import annotations

@@ -203,7 +203,7 @@ class RunRequest:
         "warm-up, at most 60 s)", rule=Rule(1, 1_000_000), where=(FLEET_TOP,)))
     threads: int | None = field(default=None, metadata=arg(
         "input and output", "threads of the device's TVM thread pool, set over RPC before timing (default: as the "
-        "device starts it: TVM_NUM_THREADS, else half its logical CPUs on x86-64); 1 gives the steadiest numbers "
+        "device starts it: TVM_NUM_THREADS, one per physical core on the devices this project starts); 1 gives the steadiest numbers "
         "on a busy host (docs/performance.md#stable-numbers)", rule=Rule(1, MAX_THREADS),
         where=(FLEET_TOP, FLEET_DEVICE), metavar="N"))
     profile: bool = field(default=False, metadata=arg(
@@ -307,7 +307,7 @@ class ResolvedRequest:
     build_only: bool = False
     """Compile and export only: no device, no reference, no check."""
     device_name: str | None = None
-    """The device's name in the run history (None: its address, ``pipeline.store.ledger.device_name``)."""
+    """The device's name in the run history (None: its address, ``pipeline.results.device_name``)."""
     fail_on_regression: bool = False
     """A run judged a regression fails with :class:`pipeline.errors.RegressionFound` (the CI gate)."""
     shared_tunings: str = "on"

@@ -16,7 +16,6 @@ bumped only by a change an older reader could not take.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,10 +27,10 @@ import types
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Iterator, Union, get_args, get_origin, get_type_hints
 
 from pipeline.errors import StoreError, UsageError, clip
-from pipeline.results import utc_now
+from pipeline.results import device_name, lineage_of, utc_now
 from pipeline.store.fs import read_bytes as fs_read
 from pipeline.store.fs import real_directory
 
@@ -52,24 +51,6 @@ def _local_names(directory: Path) -> list[str]:
         return [entry.name for entry in os.scandir(directory) if entry.is_file(follow_symlinks=False)]
     except OSError:
         return []
-
-
-def device_name(description: str) -> str:
-    """A device's name without what changes between runs (an embedded server's port)."""
-    return "embedded" if description.startswith("embedded") else description
-
-
-def series_of(build_key: str, device: str, device_identity: str, input_shape: Iterable[int]) -> str:
-    """The series id (16 hex) of the runs of one build on one device."""
-    ident = json.dumps([build_key, device_name(device), device_identity, list(input_shape)])
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
-
-
-def lineage_of(model: str, device: str, target: str, input_shape: Iterable[int]) -> str:
-    """The lineage id (16 hex) of the runs of ``model`` on the device named ``device`` (:func:`device_name` of
-    its address, or its given name), for ``target``, on an input of ``input_shape``: whatever build they used."""
-    ident = json.dumps(["lineage", model, device_name(device), target, list(input_shape)])
-    return hashlib.sha256(ident.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

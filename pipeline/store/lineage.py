@@ -1,6 +1,6 @@
 """A run judged against its lineage: the earlier runs of the same model on the same device, target and input.
 
-A nightly job's runs form a lineage whatever build each used (:func:`pipeline.store.ledger.lineage_of`). Within
+A nightly job's runs form a lineage whatever build each used (:func:`pipeline.results.lineage_of`). Within
 it, the runs of one *setup* (one build on one device, its series; the same TVM threads and ``--number``) are
 the same measurement repeated (:func:`same_setup`). :func:`judge_record` judges a run:
 

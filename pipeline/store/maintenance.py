@@ -9,7 +9,7 @@ What ``gc`` keeps (:func:`plan_gc`), everything else of the store's artifacts be
 
 - what any run in the ledger used within ``keep_days`` (the ledger's build, library and tuning keys), and,
   however old, the latest build of every *lineage* (a model on a device, for a target and input:
-  :func:`pipeline.store.ledger.lineage_of`, what nightly runs are judged against) and of every *recipe* (model,
+  :func:`pipeline.results.lineage_of`, what nightly runs are judged against) and of every *recipe* (model,
   weights, target, opt_level, schedules and tuning budget: what a user asks to build, on any device);
 - what those need: a library's build, a build's tuning and the tunings whose records it shares, and the
   imported module (same model and TVM) and the reference outputs of its model;

@@ -17,8 +17,7 @@ import math
 import re
 from typing import TYPE_CHECKING, Any, Sequence
 
-from pipeline.results import BuildSummary, CheckResult, Conditions, RunSummary, TuningSources, Upload
-from pipeline.store.ledger import device_name
+from pipeline.results import BuildSummary, CheckResult, Conditions, RunSummary, TuningSources, Upload, device_name
 from pipeline.store.lineage import changes_between, same_setup
 from pipeline.views.history import conditions_line, started_at, target_short, verdict_text
 from pipeline.views.profile import facts_line, profile_lines, profile_markdown

@@ -18,14 +18,22 @@ import pytest
 
 from flows.history import main
 from pipeline.errors import UsageError
-from pipeline.views.history import (
-    CSV_COLUMNS, Selection, compare, format_csv, format_markdown, format_table, latency_change, parse_since,
-    select, target_short,
-)
 from pipeline.latency import judge
-from pipeline.results import RunStamp
+from pipeline.results import RunStamp, series_of
 from pipeline.store import ArtifactStore
-from pipeline.store.ledger import Ledger, RunRecord, series_of
+from pipeline.store.ledger import Ledger, RunRecord
+from pipeline.views.history import (
+    CSV_COLUMNS,
+    Selection,
+    compare,
+    format_csv,
+    format_markdown,
+    format_table,
+    latency_change,
+    parse_since,
+    select,
+    target_short,
+)
 
 TARGET = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-gnu"}'
 AARCH64 = '{"kind":"llvm","tag":"","keys":["arm_cpu","cpu"],"mtriple":"aarch64-linux-gnu","mattr":["+neon"]}'

@@ -12,12 +12,22 @@ import numpy as np
 import pytest
 
 from pipeline.latency import (
-    FASTER, FIRST, INCONCLUSIVE, PREVIOUS_BUILD, REGRESSION, SAME, SAME_BUILD, KEPT_SAMPLES, Measured, judge_runs,
-    kept_samples, latency_of,
+    FASTER,
+    FIRST,
+    INCONCLUSIVE,
+    KEPT_SAMPLES,
+    PREVIOUS_BUILD,
+    REGRESSION,
+    SAME,
+    SAME_BUILD,
+    Measured,
+    judge_runs,
+    kept_samples,
+    latency_of,
 )
-from pipeline.results import RunStamp
+from pipeline.results import RunStamp, lineage_of, series_of
 from pipeline.store import ArtifactStore
-from pipeline.store.ledger import RunRecord, lineage_of, series_of
+from pipeline.store.ledger import RunRecord
 from pipeline.store.lineage import changes_between, judge_record, same_setup
 
 TARGET = '{"kind":"llvm","tag":"","keys":["cpu"],"mtriple":"x86_64-conda-linux-gnu"}'
