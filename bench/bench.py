@@ -15,7 +15,10 @@ The measurements, each a median of ``--repeats`` (>= 5) with min-max, all taken 
 3. inference latency of ResNet-18 v2 (random weights, seed 0): TVM default build, TVM tuned with each
    budget (tuned artifacts are reused from the store; the tuning time is the one recorded in the tuning
    artifact), onnxruntime on the same ONNX graph and weights, torch (the same architecture written in torch,
-   random weights), as ratios to onnxruntime. TVM runs in this process on ``tvm.cpu()``.
+   random weights), as ratios to onnxruntime. TVM runs in this process on ``tvm.cpu()``, one thread per
+   physical core (``pipeline.threads``), as onnxruntime and torch.
+3p. where tuned TVM loses to onnxruntime: both engines with one thread and with every core, and the largest
+   budget's per-kernel profile against onnxruntime's own (``bench/profile_compare.py``, also run alone).
 3d. shared tuning records: a second model, ResNet-34 v2 (random weights, the same convolution shapes as ResNet-18),
    built untuned after ResNet-18's tunings for ``llvm -mcpu=native``: with the store's tuning records shared
    (``--shared-tunings on``, the default) and without (the rules alone); latency, onnxruntime on the same graph,
@@ -194,8 +197,6 @@ def bench_latency(store_root: str, budgets: list[int], repeats: int) -> dict[str
     """Section 3: ResNet-18 v2 inference latency of each engine, in this process, 2 threads each."""
     import onnxruntime as ort
     import torch
-    import tvm
-    from tvm import relax
 
     from pipeline.models import ModelSpec, resolve_model
 
@@ -406,7 +407,6 @@ def library_runner(library: Path, x: np.ndarray) -> tuple[Callable[[], Any], np.
 def bench_untuned(store_root: str, repeats: int) -> dict[str, Any]:
     """Section 5: the untuned default build, rule-based schedules vs none: build time and latency."""
     from pipeline.models import ModelSpec, resolve_model
-    from pipeline.planning.plan import plan_build
     from pipeline.store import ArtifactStore
     from pipeline.targets import parse_target
     from tasks.build import build
@@ -571,6 +571,11 @@ def main(argv: list[str] | None = None) -> int:
                                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     log.info("machine: %s", results["machine"])
     results["latency"] = bench_latency(store_root, budgets, args.repeats)
+    sys.modules.setdefault("bench", sys.modules[__name__])  # profile_compare imports this module's helpers
+    import profile_compare  # bench/ is sys.path[0] when run as a script
+
+    results["profile"] = profile_compare.measure(store_root, budgets, args.repeats, command.strip())
+    log.info("profiles done")
     results["shared"] = bench_shared(store_root, args.repeats)
     log.info("shared tuning records done")
     results["untuned"] = bench_untuned(store_root, args.repeats)
@@ -598,6 +603,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # first: the numbers survive a report that fails to render (bench/report.py renders them again)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     text = render(results, command.strip())
+    if "profile" in results:
+        text += "\n" + profile_compare.render(results["profile"])
     print(text)
     if args.out:
         Path(args.out).write_text(text)

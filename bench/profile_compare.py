@@ -144,6 +144,62 @@ def conv_key_tvm(shapes: tuple[str, ...]) -> str:
     return "?"
 
 
+def measure(store_root: str, budgets: list[int], repeats: int, command: str) -> dict[str, Any]:
+    """The section's numbers (tunings continued or reused from ``store_root``)."""
+    import numpy as np
+    import tvm
+    from tvm import relax
+
+    from pipeline.models import ModelSpec, resolve_model
+    from pipeline.profiling import kernel_flops, profile_vm
+    from pipeline.store import ArtifactStore
+
+    cores = physical_cores()
+    started = time.perf_counter()
+    results: dict[str, Any] = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                               "command": command, "cores": cores, "repeats": repeats, "rows": []}
+    model = resolve_model(ModelSpec(RESNET, weights="random"))
+    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
+    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
+        work = Path(tmp)
+        onnx_path = resnet_onnx(model, work / "r.onnx")
+        expected = None
+        for threads in (1, cores):
+            session = ort_session(onnx_path, threads)
+            name = session.get_inputs()[0].name
+            expected = session.run(None, {name: x})[0]
+            run = lambda s=session, n=name: s.run(None, {n: x})  # noqa: E731
+            results["rows"].append({"engine": "onnxruntime", "threads": threads,
+                                    "latency": timed(run, repeats, number_for(run))})
+            log.info("onnxruntime, %d thread(s): %.2f ms", threads, results["rows"][-1]["latency"]["median"] * 1e3)
+
+        vm, compiled = None, None
+        for budget in budgets:
+            compiled = compile_model(model, TUNED_TARGET, store_root, budget)
+            report = compiled["report"] or {}
+            vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled["library"])), tvm.cpu())
+            tx = tvm.runtime.tensor(x)
+            out = vm["main"](tx)
+            out = (out[0] if isinstance(out, (list, tuple)) else out).numpy()
+            for threads in (1, cores):
+                got = set_tvm_threads(threads)
+                run = lambda v=vm, t=tx: v["main"](t)  # noqa: E731
+                row = {"engine": f"TVM tuned, {budget} trials", "threads": got,
+                       "latency": timed(run, repeats, number_for(run)),
+                       "diff": float(np.abs(out - expected).max()), "tuning_s": report.get("seconds"),
+                       "trials_new": report.get("trials_new")}
+                results["rows"].append(row)
+                log.info("%s, %d thread(s): %.2f ms", row["engine"], got, row["latency"]["median"] * 1e3)
+        assert vm is not None and compiled is not None, "no budget"
+        set_tvm_threads(cores)
+        vm.set_input("main", tvm.runtime.tensor(x))
+        flops = kernel_flops(ArtifactStore(store_root), compiled["build"])
+        results["tvm_profile"] = profile_vm(vm, repeat=30, flops=flops).as_dict()
+        results["ort_profile"] = ort_profile(onnx_path, x, 30, work)
+    results["seconds"] = time.perf_counter() - started
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", default="256,1024")
@@ -156,63 +212,12 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("prefect", "httpx", "tvm", "pipeline", "tasks"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("tasks.tune").setLevel(logging.INFO)
-
-    import numpy as np
-
-    from pipeline.models import ModelSpec, resolve_model
-    from pipeline.profiling import kernel_flops, profile_vm
-    from pipeline.store import ArtifactStore, default_root
+    from pipeline.store import default_root
 
     store_root = str(Path(args.artifacts).resolve() if args.artifacts else default_root())
     budgets = [int(b) for b in args.budgets.split(",") if b.strip()]
-    cores = physical_cores()
-    started = time.perf_counter()
     command = "bench/profile_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    results: dict[str, Any] = {"machine": machine_line(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                               "command": command,
-                               "cores": cores, "repeats": args.repeats, "rows": []}
-    model = resolve_model(ModelSpec(RESNET, weights="random"))
-    x = np.random.default_rng(0).standard_normal(model.input_shape).astype(np.float32)
-    import tvm
-    from tvm import relax
-
-    with tempfile.TemporaryDirectory(prefix="bench-profile-") as tmp:
-        work = Path(tmp)
-        onnx_path = resnet_onnx(model, work / "r.onnx")
-        expected = None
-        for threads in (1, cores):
-            session = ort_session(onnx_path, threads)
-            name = session.get_inputs()[0].name
-            expected = session.run(None, {name: x})[0]
-            run = lambda s=session, n=name: s.run(None, {n: x})  # noqa: E731
-            results["rows"].append({"engine": "onnxruntime", "threads": threads,
-                                    "latency": timed(run, args.repeats, number_for(run))})
-            log.info("onnxruntime, %d thread(s): %.2f ms", threads, results["rows"][-1]["latency"]["median"] * 1e3)
-
-        vm = None
-        for budget in budgets:
-            compiled = compile_model(model, TUNED_TARGET, store_root, budget)
-            report = compiled["report"] or {}
-            vm = relax.VirtualMachine(tvm.runtime.load_module(str(compiled["library"])), tvm.cpu())
-            tx = tvm.runtime.tensor(x)
-            out = vm["main"](tx)
-            out = (out[0] if isinstance(out, (list, tuple)) else out).numpy()
-            for threads in (1, cores):
-                got = set_tvm_threads(threads)
-                run = lambda v=vm, t=tx: v["main"](t)  # noqa: E731
-                row = {"engine": f"TVM tuned, {budget} trials", "threads": got,
-                       "latency": timed(run, args.repeats, number_for(run)),
-                       "diff": float(np.abs(out - expected).max()), "tuning_s": report.get("seconds"),
-                       "trials_new": report.get("trials_new")}
-                results["rows"].append(row)
-                log.info("%s, %d thread(s): %.2f ms", row["engine"], got, row["latency"]["median"] * 1e3)
-        set_tvm_threads(cores)
-        vm.set_input("main", tvm.runtime.tensor(x))
-        flops = kernel_flops(ArtifactStore(store_root), compiled["build"]) if "build" in compiled else None
-        profile = profile_vm(vm, repeat=30, flops=flops)
-        results["tvm_profile"] = profile.as_dict()
-        results["ort_profile"] = ort_profile(onnx_path, x, 30, work)
-    results["seconds"] = time.perf_counter() - started
+    results = measure(store_root, budgets, args.repeats, command)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     text = render(results)
