@@ -427,8 +427,8 @@ def bench_untuned(store_root: str, repeats: int) -> dict[str, Any]:
                     root = Path(tmp) / "artifacts"
                     shutil.copytree(ArtifactStore(store_root).path(imported.key), ArtifactStore(root).path(imported.key))
                     start = time.perf_counter()
-                    built = build(imported, target, 3, plan.build, str(root))
-                    export_library(built.artifact, target, plan.toolchain, plan.library, str(root))
+                    built = build(imported, target, 3, plan.build, ArtifactStore(root))
+                    export_library(built.artifact, target, plan.toolchain, plan.library, ArtifactStore(root))
                     seconds.append(time.perf_counter() - start)
             run_tvm, outputs[schedules] = library_runner(compiled["library"], x)
             row = rows[f"{model.name} {schedules}"] = {
@@ -603,8 +603,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:  # first: the numbers survive a report that fails to render (bench/report.py renders them again)
         Path(args.json).write_text(json.dumps(results, indent=2, default=str))
     text = render(results, command.strip())
-    if "profile" in results:
-        text += "\n" + profile_compare.render(results["profile"])
     print(text)
     if args.out:
         Path(args.out).write_text(text)
