@@ -202,16 +202,24 @@ def file_info(session: RemoteSession, path: str) -> FileInfo | None:
     return info
 
 
-def parse_file_info(answer: object) -> FileInfo | None:
-    """A ``tvmrp.file_info`` answer (untrusted JSON) as a :class:`FileInfo`; None when it is not one."""
+def untrusted_object(answer: object, function: str) -> dict[str, Any] | None:
+    """A device's answer to ``function`` (untrusted JSON of at most 64 KiB) as a dict; None when it is longer,
+    not JSON, nested too deep for the parser, or not an object."""
     text = str(answer)
     if len(text) > _DEVICE_INFO_LIMIT:
+        logger.debug("ignoring a %d-character answer of %s", len(text), function)
         return None
     try:
         data = json.loads(text)
     except (ValueError, RecursionError):
         return None
-    if not isinstance(data, dict):
+    return data if isinstance(data, dict) else None
+
+
+def parse_file_info(answer: object) -> FileInfo | None:
+    """A ``tvmrp.file_info`` answer (untrusted JSON) as a :class:`FileInfo`; None when it is not one."""
+    data = untrusted_object(answer, FILE_INFO_FUNCTION)
+    if data is None:
         return None
 
     def count(key: str) -> int | None:
@@ -372,15 +380,8 @@ def parse_device_info(answer: object) -> dict[str, Any] | None:
         ``cuda``, ``runtime_only`` (bool or None) and ``library_cache`` (an absolute POSIX path of at most 1024
         printable characters, else None); None when the answer is not a JSON object.
     """
-    text = str(answer)
-    if len(text) > _DEVICE_INFO_LIMIT:
-        logger.debug("ignoring a %d-character answer of %s", len(text), DEVICE_INFO_FUNCTION)
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
+    data = untrusted_object(answer, DEVICE_INFO_FUNCTION)
+    if data is None:
         return None
     fields: dict[str, Any] = {}
     for key in ("machine", "triple", "hostname", "python", "tvm", "tvm_ffi", "bundle"):
@@ -486,14 +487,8 @@ def device_memory(session: RemoteSession) -> int | None:
 
 def parse_memory(answer: object) -> int | None:
     """The ``peak_rss_bytes`` of a ``tvmrp.device_memory`` answer (untrusted JSON); None when it has none."""
-    text = str(answer)
-    if len(text) > _DEVICE_INFO_LIMIT:
-        return None
-    try:
-        data = json.loads(text)
-    except (ValueError, RecursionError):
-        return None
-    peak = data.get("peak_rss_bytes") if isinstance(data, dict) else None
+    data = untrusted_object(answer, DEVICE_MEMORY_FUNCTION)
+    peak = data.get("peak_rss_bytes") if data is not None else None
     return peak if type(peak) is int and 0 < peak < 1 << 50 else None
 
 
@@ -506,14 +501,8 @@ def host_load() -> Load:
 
 def parse_load(answer: object) -> Load | None:
     """A ``tvmrp.device_load`` answer (untrusted JSON) as a :class:`Load`: wrong types and values dropped."""
-    text = str(answer)
-    if len(text) > _DEVICE_INFO_LIMIT:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(data, dict):
+    data = untrusted_object(answer, DEVICE_LOAD_FUNCTION)
+    if data is None:
         return None
 
     def number(x: Any) -> bool:

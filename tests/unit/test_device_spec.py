@@ -11,7 +11,14 @@ import math
 import pytest
 
 from pipeline.device import DeviceInfo, DeviceSpec, EmbeddedServer, open_session
-from pipeline.device.probe import check_versions, device_arch, parse_device_info
+from pipeline.device.probe import (
+    check_versions,
+    device_arch,
+    parse_device_info,
+    parse_file_info,
+    parse_load,
+    parse_memory,
+)
 from pipeline.errors import UsageError, VersionSkew
 
 pytest.importorskip("tvm")  # the version rule compares with the installed apache-tvm
@@ -166,3 +173,12 @@ def test_parse_device_info__untrusted_answer_stays_data() -> None:
     assert fields["cuda"] is None and fields["runtime_only"] is True and fields["bundle"] is None
     assert parse_device_info("[1, 2]") is None and parse_device_info("not json") is None
     assert parse_device_info(json.dumps({"machine": "x" * (1 << 17)})) is None
+
+
+def test_parse_answers__nesting_too_deep_for_the_parser_is_no_answer() -> None:
+    """Every probe's answer is untrusted: JSON nested past the parser's recursion limit (well inside the size
+    limit) is no answer, not a RecursionError out of the run."""
+    deep = "[" * 20000 + "]" * 20000
+    assert len(deep) < 1 << 16
+    for parse in (parse_device_info, parse_file_info, parse_load, parse_memory):
+        assert parse(deep) is None, parse.__name__
