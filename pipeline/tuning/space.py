@@ -103,15 +103,11 @@ def space_for(target: TargetInfo) -> TuningSpace:
     return GPU_SPACE if target.device == "cuda" else DEFAULT_SPACE
 
 
-def default_num_cores() -> int:
-    """The physical cores of this machine (what the local runner measures on, one TVM thread each)."""
-    return physical_cores()
-
-
 def tuning_num_cores(target: TargetInfo) -> int:
-    """Cores the schedules are made for: the target's ``num-cores`` if it has one, else this machine's."""
+    """Cores the schedules are made for: the target's ``num-cores`` if it has one, else this machine's physical
+    cores (what the local runner measures on, one TVM thread each: :mod:`pipeline.threads`)."""
     value = json.loads(target.canonical).get("num-cores")
-    return int(value) if value else default_num_cores()
+    return int(value) if value else physical_cores()
 
 
 def tracker_runner(tracker: str, key: str) -> str:
